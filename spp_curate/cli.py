@@ -1,0 +1,165 @@
+"""The ``spp-curate`` command line: thin; it parses options and calls the stages."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+
+from . import __version__
+from .config import STAGES, resolve_recipe
+from .errors import UserError
+
+app = typer.Typer(
+    name="spp-curate",
+    help="Build, curate and publish semantic positive pair datasets for self-supervised learning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+DirArg = typer.Argument(..., help="build directory (made by `spp-curate build`)")
+ForceOpt = typer.Option(False, "--force", help="run the stage even if its output is complete")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"spp-curate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Build, curate and publish semantic positive pair datasets for self-supervised learning."""
+
+
+def preflight(recipe) -> None:
+    """Cheap checks before any stage runs, so a wrong option fails in a second, not after indexing."""
+    from .curate.encoders import check_encoder
+
+    if recipe.root is not None and not Path(recipe.root).exists():
+        raise UserError(f"{recipe.root} does not exist", option="--root")
+    check_encoder(recipe.encoder)
+
+
+def _print_stage(stage: str, summary) -> None:
+    if summary is None:
+        err.print(f"[dim]{stage}: complete, skipped[/dim]")
+    else:
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in summary.items())
+        err.print(f"[green]{stage}[/green]: {shown}")
+
+
+def _print_result(build_dir: Path) -> None:
+    from .files import read_json
+
+    metrics = read_json(build_dir / "report" / "metrics.json")
+    manifest = read_json(build_dir / "release" / "manifest.json")
+    precision = metrics["precision"]
+    out.print(f"pairs: {metrics['pairs']:,} over {metrics['images']:,} images "
+              f"(precision {'n/a' if precision is None else f'{precision:.4f}'}, coverage {metrics['coverage']:.4f}, "
+              f"{metrics['quarantined']} quarantined)")
+    out.print(f"release: {build_dir / 'release'} ({manifest['counts']['shards']} shards)")
+    out.print(f"report:  {build_dir / 'report' / 'index.html'}")
+
+
+@app.command()
+def build(
+    source: str = typer.Option(..., help="fashion-mnist | imagefolder"),
+    root: Optional[Path] = typer.Option(None, help="where the source's files are"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="build directory [default: builds/<source>]"),
+    recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="a recipe YAML instead of manifests/<source>.yaml"),
+    encoder: Optional[str] = typer.Option(None, help="openclip:MODEL[:PRETRAINED]"),
+    image_size: Optional[int] = typer.Option(None, help="encoder input size override"),
+    category: Optional[str] = typer.Option(None, help="what 'same category' means: label | none"),
+    limit: Optional[int] = typer.Option(None, min=0, help="take the first N images in source order"),
+    split: Optional[str] = typer.Option(None, help="source split, e.g. train | test"),
+    k: Optional[int] = typer.Option(None, min=1, help="neighbours searched per image"),
+    min_similarity: Optional[float] = typer.Option(None, help="minimum cosine similarity of a pair"),
+    dup_threshold: Optional[float] = typer.Option(None, help="pairs at or above this similarity are near-duplicates"),
+    max_per_anchor: Optional[int] = typer.Option(None, min=1, help="pairs kept per anchor"),
+    mutual: Optional[bool] = typer.Option(None, "--mutual/--no-mutual", help="keep mutual neighbours only"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="images per encoder batch"),
+    workers: Optional[int] = typer.Option(None, min=0, help="decode processes [default: spare cores]"),
+    chunk_size: Optional[int] = typer.Option(None, min=1, help="images per embedding chunk (resume unit)"),
+    shard_size: Optional[str] = typer.Option(None, help="release shard size, e.g. 500MB"),
+    name: Optional[str] = typer.Option(None, help="release name"),
+    license: Optional[str] = typer.Option(None, help="license id for the dataset card"),
+    seed: Optional[int] = typer.Option(None, help="random seed"),
+    force: bool = typer.Option(False, "--force", help="rerun every stage"),
+) -> None:
+    """Build a release: index -> embed -> mine -> report -> export. Complete stages are skipped."""
+    from .stages import build as run_build
+
+    overrides = dict(root=str(root) if root else None, encoder=encoder, image_size=image_size, category=category,
+                     limit=limit, split=split, k=k, min_similarity=min_similarity, dup_threshold=dup_threshold,
+                     max_per_anchor=max_per_anchor, mutual=mutual, batch_size=batch_size, workers=workers,
+                     chunk_size=chunk_size, shard_size=shard_size, name=name, license=license, seed=seed)
+    recipe = resolve_recipe(source, overrides, str(recipe_file) if recipe_file else None)
+    preflight(recipe)
+    build_dir = out_dir or Path("builds") / recipe.source.split(":", 1)[0]
+    run_build(build_dir, recipe, force=force, on_stage=_print_stage)
+    _print_result(build_dir)
+
+
+def _stage_command(stage: str, doc: str) -> None:
+    def command(build_dir: Path = DirArg, force: bool = ForceOpt) -> None:
+        from .stages import load_recipe, run_stage
+
+        recipe = load_recipe(build_dir)
+        _print_stage(stage, run_stage(build_dir, recipe, stage, force=force))
+
+    command.__doc__ = doc
+    app.command(name=stage)(command)
+
+
+for _stage, _doc in zip(STAGES, (
+    "Index the source: decode every image once; bad ones go to quarantine.parquet.",
+    "Embed the indexed images into float16, L2-normalised chunks (resumable).",
+    "Mine semantic pairs with faiss kNN and the pair rules into pairs.parquet.",
+    "Write report/: metrics.json, pair grids, histograms, index.html.",
+    "Write release/: Parquet and WebDataset shards, dataset card, manifest.json.",
+)):
+    _stage_command(_stage, _doc)
+
+
+@app.command()
+def verify(release: Path = typer.Argument(..., help="release directory (holds manifest.json)")) -> None:
+    """Check every file of a release against manifest.json: bytes, sha256, rows, tar layout."""
+    from .export.manifest import verify_release
+
+    problems = verify_release(release)
+    if problems:
+        for problem in problems:
+            err.print(f"verify: {problem}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    out.print(f"{release}: ok")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: errors a user can fix print one line, never a traceback."""
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="spp-curate")
+    except UserError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        err.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err.print("aborted")
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The build recipe: one validated model, loaded from ``manifests/`` plus CLI overrides.
+
+A recipe names the source, the encoder and every mining and export knob. The
+file ``manifests/<source>.yaml`` holds the defaults for a source; options given
+on the command line override them. The resolved recipe is written to
+``DIR/build.yaml`` so that every stage can be rerun alone on a build directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+
+MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
+
+CATEGORY_MODES = ("label", "none")
+
+# Which recipe fields each stage's output depends on. A stage is complete when
+# its record carries the fingerprint of these fields (and of the stages before
+# it); change one of them and that stage and the ones after it run again.
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "index": ("source", "root", "split", "limit"),
+    "embed": ("encoder", "image_size"),
+    "mine": ("k", "category", "min_similarity", "dup_threshold", "max_per_anchor", "mutual", "seed"),
+    "report": ("grid_pairs",),
+    "export": ("name", "license", "shard_size", "description"),
+}
+STAGES: tuple[str, ...] = tuple(STAGE_FIELDS)
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Parse ``500MB``, ``64MiB``, ``1e6`` or an int into a byte count."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (use bytes or a unit, e.g. 500MB, 64MiB)")
+    unit = (match.group(2) or "").lower().rstrip("b")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+class Recipe(BaseModel):
+    """Everything that determines a build's output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="release name, used in the dataset card")
+    description: str = ""
+    license: str = "other"
+    source: str
+    root: str | None = None
+    split: str = "train"
+    limit: int | None = Field(default=None, ge=0)
+
+    encoder: str = "openclip:ViT-B-32"
+    image_size: int | None = Field(default=None, ge=8, description="override the encoder's input size")
+    batch_size: int = Field(default=128, ge=1)
+    workers: int | None = Field(default=None, ge=0, description="decode processes; None = one per spare core")
+    chunk_size: int = Field(default=50_000, ge=1, description="images per embedding chunk (the resume unit)")
+
+    k: int = Field(default=16, ge=1)
+    category: Literal["label", "none"] = "label"
+    min_similarity: float = Field(default=0.5, ge=-1.0, le=1.0)
+    dup_threshold: float = Field(default=0.985, ge=-1.0, le=1.0)
+    max_per_anchor: int = Field(default=2, ge=1)
+    mutual: bool = False
+    seed: int = 0
+
+    grid_pairs: int = Field(default=24, ge=1)
+
+    shard_size: int = Field(default=500 * 10**6, ge=1)
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_size(value)
+
+    def fingerprint(self, stage: str) -> str:
+        """Hash of the fields ``stage`` and every stage before it depend on."""
+        upto = STAGES[: STAGES.index(stage) + 1]
+        fields = {f: getattr(self, f) for s in upto for f in STAGE_FIELDS[s]}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _raise_validation(err: ValidationError) -> None:
+    first = err.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "recipe"
+    msg = first["msg"]
+    if first["type"] == "literal_error" and field == "category":
+        msg = f"got {first['input']!r}; accepted: {', '.join(CATEGORY_MODES)}"
+    elif first["type"] == "extra_forbidden":
+        raise UserError(f"unknown recipe field {field!r}") from None
+    else:
+        msg = f"{msg} (got {first.get('input')!r})"
+    raise UserError(msg, option=option_name(field)) from None
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in MANIFEST_DIR.glob("*.yaml"))
+
+
+def load_recipe_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}", option="--recipe") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}", option="--recipe") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of recipe fields", option="--recipe")
+    return data
+
+
+def resolve_recipe(source: str, overrides: dict[str, Any], recipe_file: str | None = None) -> Recipe:
+    """Merge a source's manifest (or ``recipe_file``) with non-None CLI overrides."""
+    from .curate.sources import SOURCE_KINDS  # local import: sources import config
+
+    kind = source.split(":", 1)[0]
+    if kind not in SOURCE_KINDS:
+        raise UserError(f"unknown source {source!r}; accepted: {', '.join(sorted(SOURCE_KINDS))}",
+                        option="--source")
+    if recipe_file:
+        base = load_recipe_file(recipe_file)
+    else:
+        manifest = MANIFEST_DIR / f"{kind}.yaml"
+        base = load_recipe_file(manifest) if manifest.exists() else {"name": kind}
+    merged = {**base, "source": source, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return Recipe(**merged)
+    except ValidationError as err:
+        _raise_validation(err)
+        raise  # unreachable
+
+
+def validate_recipe(data: dict[str, Any]) -> Recipe:
+    try:
+        return Recipe(**data)
+    except ValidationError as err:
+        _raise_validation(err)
+        raise

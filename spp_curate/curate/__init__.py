@@ -1,0 +1,1 @@
+"""Reading sources, indexing images and embedding them."""

@@ -1,0 +1,134 @@
+"""The embed stage: encode every indexed image into float16, L2-normalised chunks.
+
+``DIR/embeddings/`` holds ``chunk-00000.npy`` (float16, rows L2-normalised),
+``chunk-00000.ids.npy`` (the index ids of those rows) and, once every chunk
+is written, ``meta.json``. Chunk ``c`` always covers index rows
+``[c * chunk_size, (c + 1) * chunk_size)``, and each is written atomically,
+so a killed run resumes at the first missing chunk and produces the same
+files as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import Recipe
+from ..files import atomic_path, read_json, write_json
+from ..progress import stage_progress
+from .encoders import Encoder, load_encoder
+from .images import BadImage, decode_image
+from .sources import Source, auto_workers, open_source
+
+
+class _IndexedImages(Dataset):
+    """Rows of the index, decoded and preprocessed for the encoder."""
+
+    def __init__(self, source: Source, keys: list[str], preprocess, image_size: int) -> None:
+        self.source, self.keys, self.preprocess, self.image_size = source, keys, preprocess, image_size
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        try:
+            img = decode_image(self.source.read(self.keys[i]))
+            return self.preprocess(img), True
+        except (BadImage, OSError):
+            # The file changed since it was indexed; its row stays zero and is reported.
+            return torch.zeros(3, self.image_size, self.image_size), False
+
+
+def chunk_paths(emb_dir: Path, chunk: int) -> tuple[Path, Path]:
+    return emb_dir / f"chunk-{chunk:05d}.npy", emb_dir / f"chunk-{chunk:05d}.ids.npy"
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+
+def _encode_chunk(encoder: Encoder, loader: DataLoader, device: torch.device, bar, task) -> tuple[np.ndarray, np.ndarray]:
+    outs, oks = [], []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with torch.inference_mode(), autocast:
+        for images, ok in loader:
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            feats = encoder(images).float()
+            feats = torch.nn.functional.normalize(feats, dim=-1)
+            feats[~ok.to(device)] = 0.0
+            outs.append(feats.cpu().numpy().astype(np.float16))
+            oks.append(ok.numpy())
+            bar.update(task, advance=len(ok), quarantined=int(sum((~o).sum() for o in oks)))
+    return np.concatenate(outs), np.concatenate(oks)
+
+
+def embed_index(recipe: Recipe, build_dir: Path, device: str | None = None) -> dict[str, int]:
+    """Embed ``build_dir/index.parquet`` into ``build_dir/embeddings/``; resumes finished chunks."""
+    emb_dir = build_dir / "embeddings"
+    chunk_size = recipe.chunk_size
+    run_file = emb_dir / "run.json"
+    run = {"fingerprint": recipe.fingerprint("embed"), "chunk_size": chunk_size}
+    if emb_dir.exists() and (not run_file.exists() or read_json(run_file) != run):
+        shutil.rmtree(emb_dir)  # made by another encoder or chunking: nothing to reuse
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_file, run)
+
+    index = pq.read_table(build_dir / "index.parquet", columns=["id", "key"])
+    ids = index.column("id").to_numpy()
+    keys = index.column("key").to_pylist()
+    n_chunks = max(1, -(-len(ids) // chunk_size))
+    todo = [c for c in range(n_chunks) if not all(p.exists() for p in chunk_paths(emb_dir, c))]
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = load_encoder(recipe.encoder, recipe.image_size)
+    encoder.module.to(dev)
+    if dev.type == "cuda":
+        encoder.module.to(memory_format=torch.channels_last)
+    source = open_source(recipe)
+    workers = auto_workers() if recipe.workers is None else recipe.workers
+    done_before = (n_chunks - len(todo))
+    with stage_progress("embed", len(ids), quarantine=True) as (bar, task):
+        bar.update(task, completed=min(len(ids), done_before * chunk_size))
+        for c in todo:
+            lo, hi = c * chunk_size, min(len(ids), (c + 1) * chunk_size)
+            dataset = _IndexedImages(source, keys[lo:hi], encoder.preprocess, encoder.image_size)
+            loader = DataLoader(dataset, batch_size=recipe.batch_size, num_workers=workers,
+                                pin_memory=dev.type == "cuda", persistent_workers=False)
+            feats, _ = _encode_chunk(encoder, loader, dev, bar, task)
+            emb_path, ids_path = chunk_paths(emb_dir, c)
+            _save_npy(ids_path, ids[lo:hi].astype(np.int64))
+            _save_npy(emb_path, feats)
+    # Rows left zero are images that no longer decode; counted from the chunks so a resumed run sees them too.
+    failed = [int(i) for c in range(n_chunks) for i in _zero_rows(emb_dir, c)]
+    meta = {"encoder": encoder.spec, "dim": encoder.dim, "image_size": encoder.image_size,
+            "dtype": "float16", "normalized": "l2", "count": int(len(ids)), "chunks": n_chunks,
+            "chunk_size": chunk_size, "failed_ids": failed, "model": encoder.meta}
+    write_json(emb_dir / "meta.json", meta)
+    return {"embedded": int(len(ids)) - len(failed), "failed": len(failed)}
+
+
+def _zero_rows(emb_dir: Path, chunk: int) -> np.ndarray:
+    emb_path, ids_path = chunk_paths(emb_dir, chunk)
+    vecs = np.load(emb_path, mmap_mode="r")
+    return np.load(ids_path)[~np.asarray(vecs).any(axis=1)]
+
+
+def load_embeddings(build_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All embeddings as float32 ``(N, d)`` with their ids, in index order."""
+    emb_dir = build_dir / "embeddings"
+    meta = read_json(emb_dir / "meta.json")
+    vecs, ids = [], []
+    for c in range(meta["chunks"]):
+        emb_path, ids_path = chunk_paths(emb_dir, c)
+        vecs.append(np.load(emb_path).astype(np.float32))
+        ids.append(np.load(ids_path))
+    return np.concatenate(vecs), np.concatenate(ids)

@@ -1,0 +1,128 @@
+"""Encoders, named by one string, built by one function (open_clip's spirit).
+
+* ``openclip:MODEL`` - an open_clip image tower with random weights (tests, smoke runs).
+* ``openclip:MODEL:TAG`` - with pretrained weights ``TAG`` (see ``open_clip.list_pretrained()``),
+  fetched into the usual Hugging Face cache when online.
+* ``openclip:MODEL:/path/to/weights.bin`` - with a local weights file.
+* ``ssl:PATH`` - a checkpoint of the bundled trainer (not available yet).
+
+:func:`load_encoder` returns an :class:`Encoder`: a module mapping a batch of
+preprocessed images to features, the matching PIL preprocessing, and a
+description for ``embeddings/meta.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import UserError
+
+ENCODER_KINDS = ("openclip", "ssl")
+
+
+@dataclass
+class Encoder:
+    spec: str
+    module: torch.nn.Module
+    preprocess: Callable[[Any], torch.Tensor]
+    image_size: int
+    dim: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.module(batch)
+
+
+class _OpenCLIPImageTower(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+
+def parse_encoder(spec: str) -> tuple[str, list[str]]:
+    """Split ``kind:arg[:arg]`` and check the kind; raises :class:`UserError`."""
+    kind, _, rest = spec.partition(":")
+    if kind not in ENCODER_KINDS or not rest:
+        raise UserError(
+            f"unknown encoder {spec!r}; accepted: openclip:MODEL[:PRETRAINED] "
+            "(e.g. openclip:ViT-B-32:laion2b_s34b_b79k) or ssl:CHECKPOINT",
+            option="--encoder",
+        )
+    if kind == "openclip":
+        model, _, pretrained = rest.partition(":")
+        return kind, [model, pretrained] if pretrained else [model]
+    return kind, [rest]
+
+
+def check_encoder(spec: str) -> None:
+    """Validate an encoder string cheaply, before any stage runs."""
+    kind, args = parse_encoder(spec)
+    if kind == "openclip":
+        import open_clip
+
+        if args[0] not in open_clip.list_models():
+            close = [m for m in open_clip.list_models() if args[0].lower()[:5] in m.lower()][:5]
+            hint = f" (close: {', '.join(close)})" if close else " (see open_clip.list_models())"
+            raise UserError(f"unknown open_clip model {args[0]!r}{hint}", option="--encoder")
+    elif kind == "ssl":
+        raise UserError("ssl:CHECKPOINT encoders come with the reference trainer, which this version "
+                        "does not include yet; use openclip:MODEL[:PRETRAINED]", option="--encoder")
+
+
+def _openclip(model_name: str, pretrained: str | None, image_size: int | None) -> Encoder:
+    import open_clip
+
+    kwargs: dict[str, Any] = {}
+    if image_size:
+        kwargs["force_image_size"] = image_size
+    source = "random-init"
+    if pretrained:
+        if Path(pretrained).is_file():
+            source = f"file:{Path(pretrained).name}"
+        elif pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+            raise UserError(f"{pretrained!r} is neither a file nor a pretrained tag of {model_name} "
+                            f"(tags: {tags})", option="--encoder")
+        else:
+            source = f"tag:{pretrained}"
+    try:
+        # open_clip logs a warning for random init; that is what the user asked for.
+        logging.getLogger().setLevel(logging.ERROR)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained or None, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - download/IO errors have many types
+        raise UserError(
+            f"cannot load weights {pretrained!r} for {model_name} ({type(exc).__name__}: {str(exc)[:160]}); "
+            f"offline, fetch them once where the Hub is reachable or pass a local file: "
+            f"openclip:{model_name}:/path/to/open_clip_model.safetensors",
+            option="--encoder",
+        ) from None
+    model.eval()
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    tower = _OpenCLIPImageTower(model)
+    with torch.inference_mode():
+        dim = int(tower(torch.zeros(1, 3, size, size)).shape[-1])
+    meta = {"library": "open_clip", "version": open_clip.__version__, "model": model_name,
+            "weights": source, "preprocess": repr(preprocess).replace("\n", " ")}
+    return Encoder(f"openclip:{model_name}" + (f":{pretrained}" if pretrained else ""), tower, preprocess,
+                   size, dim, meta)
+
+
+def load_encoder(spec: str, image_size: int | None = None) -> Encoder:
+    """Build the encoder ``spec`` names, in eval mode, on the CPU."""
+    check_encoder(spec)
+    kind, args = parse_encoder(spec)
+    if kind == "openclip":
+        return _openclip(args[0], args[1] if len(args) > 1 else None, image_size)
+    raise AssertionError(kind)  # check_encoder refused the others

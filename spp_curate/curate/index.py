@@ -1,0 +1,129 @@
+"""The index stage: list the source, decode every image once, write the index and the quarantine.
+
+``index.parquet`` has one row per usable image (DESIGN.md: id, key, split,
+label, label_name, width, height, nbytes, digest, plus the container format);
+``quarantine.parquet`` has one row per image that could not be read or
+decoded, with the reason. A bad image never stops the run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing as mp
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import Recipe
+from ..files import sha256_bytes, write_table
+from ..progress import stage_progress
+from .images import BadImage, decode_image, image_format
+from .sources import Source, auto_workers, open_source
+
+INDEX_SCHEMA = pa.schema([
+    ("id", pa.int64()), ("key", pa.string()), ("split", pa.string()), ("label", pa.int32()),
+    ("label_name", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("nbytes", pa.int64()), ("digest", pa.string()), ("format", pa.string()),
+])
+QUARANTINE_SCHEMA = pa.schema([("key", pa.string()), ("error", pa.string())])
+CLASS_NAMES_META = b"spp_curate.class_names"
+
+
+@dataclass
+class Probe:
+    key: str
+    label: int
+    width: int = 0
+    height: int = 0
+    nbytes: int = 0
+    digest: str = ""
+    format: str = ""
+    error: str | None = None
+
+
+_worker_source: Source | None = None
+
+
+def _init_worker(source: Source) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def probe(source: Source, key: str, label: int) -> Probe:
+    """Read and decode one image; failures become a reason, never an exception."""
+    try:
+        data = source.read(key)
+    except OSError as exc:
+        return Probe(key, label, error=f"unreadable: {exc.strerror or exc}")
+    try:
+        fmt = image_format(data)
+        img = decode_image(data)
+    except BadImage as exc:
+        return Probe(key, label, error=str(exc))
+    return Probe(key, label, img.width, img.height, len(data), sha256_bytes(data), fmt)
+
+
+def _probe_in_worker(item: tuple[str, int]) -> Probe:
+    assert _worker_source is not None
+    return probe(_worker_source, *item)
+
+
+def build_index(recipe: Recipe, out_dir: Path) -> dict[str, int]:
+    """Write ``index.parquet`` and ``quarantine.parquet`` under ``out_dir``; return counts."""
+    source = open_source(recipe)
+    items = source.items()
+    if recipe.limit is not None:
+        items = itertools.islice(items, recipe.limit)
+    items = list(items)
+    probes: list[Probe] = []
+    bad = 0
+    with stage_progress("index", len(items), quarantine=True) as (bar, task):
+        workers = auto_workers() if recipe.workers is None else recipe.workers
+        if workers > 0 and len(items) > 256:
+            ctx = mp.get_context("fork")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(source,)) as pool:
+                results = pool.imap(_probe_in_worker, items, chunksize=64)
+                for p in results:
+                    probes.append(p)
+                    bad += p.error is not None
+                    bar.update(task, advance=1, quarantined=bad)
+        else:
+            for key, label in items:
+                p = probe(source, key, label)
+                probes.append(p)
+                bad += p.error is not None
+                bar.update(task, advance=1, quarantined=bad)
+
+    good = [p for p in probes if p.error is None]
+    names = source.class_names
+
+    def name_of(label: int) -> str:
+        return names[label] if 0 <= label < len(names) else ""
+
+    table = pa.table({
+        "id": pa.array(range(len(good)), pa.int64()),
+        "key": [p.key for p in good],
+        "split": [recipe.split] * len(good),
+        "label": pa.array([p.label for p in good], pa.int32()),
+        "label_name": [name_of(p.label) for p in good],
+        "width": pa.array([p.width for p in good], pa.int32()),
+        "height": pa.array([p.height for p in good], pa.int32()),
+        "nbytes": pa.array([p.nbytes for p in good], pa.int64()),
+        "digest": [p.digest for p in good],
+        "format": [p.format for p in good],
+    }, schema=INDEX_SCHEMA)
+    table = table.replace_schema_metadata({CLASS_NAMES_META: json.dumps(names).encode()})
+    quarantine = pa.table({"key": [p.key for p in probes if p.error],
+                           "error": [p.error for p in probes if p.error]}, schema=QUARANTINE_SCHEMA)
+    write_table(out_dir / "quarantine.parquet", quarantine)
+    write_table(out_dir / "index.parquet", table)
+    return {"images": len(good), "quarantined": len(probes) - len(good)}
+
+
+def read_class_names(index_path: Path) -> list[str]:
+    meta = pq.read_schema(index_path).metadata or {}
+    return json.loads(meta.get(CLASS_NAMES_META, b"[]"))
+

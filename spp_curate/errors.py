@@ -1,0 +1,15 @@
+"""Errors a user can act on.
+
+A :class:`UserError` carries a one-line message that the CLI prints as is,
+without a traceback. Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input: a wrong option, a missing file, a bad release."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        self.option = option
+        super().__init__(f"{option}: {message}" if option else message)

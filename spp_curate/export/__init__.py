@@ -1,0 +1,1 @@
+"""Writing releases: Parquet and WebDataset shards, the dataset card, the manifest."""

@@ -1,0 +1,99 @@
+"""The dataset card (``release/README.md``): a YAML header the Hub reads, and a body a stranger can use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import yaml
+
+from ..config import Recipe
+
+CITATIONS = """@misc{sepp_id_2306_16122,
+  title         = {Semantic Positive Pairs for Enhancing Visual Representation Learning of Instance Discrimination Methods},
+  eprint        = {2306.16122},
+  archivePrefix = {arXiv},
+  year          = {2023}
+}
+@misc{semantic_pairs_2510_08722,
+  title         = {Enhancing Self-Supervised Learning with Semantic Pairs: A New Dataset and Empirical Study},
+  eprint        = {2510.08722},
+  archivePrefix = {arXiv},
+  year          = {2025}
+}"""
+
+
+def size_category(n: int) -> str:
+    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M")):
+        if n < bound:
+            return name
+    return "100M<n<1B"
+
+
+def card_header(recipe: Recipe, features: datasets.Features, pairs: int, parquet_bytes: int) -> dict[str, Any]:
+    return {
+        "license": recipe.license,
+        "pretty_name": recipe.name,
+        "task_categories": ["image-feature-extraction"],
+        "tags": ["semantic-positive-pairs", "self-supervised-learning", "contrastive-learning", "spp-curate"],
+        "size_categories": [size_category(pairs)],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
+        "dataset_info": {
+            "features": features._to_yaml_list(),
+            "splits": [{"name": "train", "num_bytes": parquet_bytes, "num_examples": pairs}],
+            "download_size": parquet_bytes,
+            "dataset_size": parquet_bytes,
+        },
+    }
+
+
+def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, int], parquet_bytes: int,
+                metrics: dict[str, Any] | None, figure: str | None, image_ext: str) -> str:
+    header = yaml.safe_dump(card_header(recipe, features, counts["pairs"], parquet_bytes), sort_keys=False,
+                            allow_unicode=True)
+    lines = [f"# {recipe.name}", ""]
+    if recipe.description:
+        lines += [recipe.description, ""]
+    lines += [
+        "Semantic positive pairs: each row holds two *different* images of the *same category*, "
+        "for use as extra positives in self-supervised instance discrimination (MoCo-v2, SimCLR, SimSiam, BYOL).",
+        "",
+        f"- pairs: **{counts['pairs']:,}** over {counts['images']:,} indexed images "
+        f"({counts['quarantined']:,} unreadable images quarantined)",
+        f"- source: `{recipe.source}` (split `{recipe.split}`)",
+        f"- encoder: `{recipe.encoder}`" + (f" at {recipe.image_size}px" if recipe.image_size else ""),
+        f"- rules: same category by `{recipe.category}`, {recipe.k} nearest neighbours, similarity >= "
+        f"{recipe.min_similarity}, below the duplicate threshold {recipe.dup_threshold} and not byte-identical, "
+        f"at most {recipe.max_per_anchor} per anchor{', mutual neighbours only' if recipe.mutual else ''}, "
+        "each unordered pair once",
+        "",
+    ]
+    if metrics:
+        precision = metrics.get("precision")
+        lines += ["## Quality", "",
+                  f"- precision (share of pairs whose two labels agree): "
+                  f"{'n/a (no labels)' if precision is None else f'{precision:.4f}'}",
+                  f"- coverage (share of images in at least one pair): {metrics['coverage']:.4f}",
+                  "- removed by each filter: " + ", ".join(f"{k} {v:,}" for k, v in metrics["filter_removed"].items()),
+                  ""]
+    if figure:
+        lines += [f"![pair grid: anchor | positive]({figure})", ""]
+    lines += [
+        "## Use", "",
+        "```python",
+        "from datasets import load_dataset",
+        'pairs = load_dataset("path/or/org-name", split="train")   # Parquet shards under data/',
+        'row = pairs[0]; row["anchor"], row["positive"]            # PIL images',
+        "```", "",
+        "The same pairs as WebDataset shards under `wds/`, one sample per pair "
+        f"(`<pair_id>.anchor.{image_ext}`, `<pair_id>.positive.{image_ext}`, `<pair_id>.json`):", "",
+        "```python",
+        "import webdataset as wds",
+        f'ds = wds.WebDataset("wds/pairs-{{000000..{max(counts["shards"] - 1, 0):06d}}}.tar").decode("pil")'
+        f'.to_tuple("anchor.{image_ext}", "positive.{image_ext}", "json")',
+        "```", "",
+        "`manifest.json` lists every file with its sha256, bytes and rows; `spp-curate verify .` checks them.", "",
+        "## Citation", "", "```bibtex", CITATIONS, "```", "",
+    ]
+    return f"---\n{header}---\n\n" + "\n".join(lines)

@@ -1,0 +1,69 @@
+"""Parquet pair shards with declared Hugging Face features (Image columns decode on load)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .samples import PairSample
+
+
+def pair_features(class_names: list[str]) -> datasets.Features:
+    """The release schema, declared (not inferred), as ``datasets`` reads it."""
+    label = datasets.ClassLabel(names=class_names) if class_names else datasets.Value("int32")
+    return datasets.Features({
+        "pair_id": datasets.Value("int64"),
+        "anchor": datasets.Image(),
+        "positive": datasets.Image(),
+        "anchor_key": datasets.Value("string"),
+        "positive_key": datasets.Value("string"),
+        "label": label,
+        "label_name": datasets.Value("string"),
+        "similarity": datasets.Value("float32"),
+    })
+
+
+class PairParquetWriter:
+    """Writes one Parquet shard in row groups, renamed into place on :meth:`close`."""
+
+    def __init__(self, path: Path, features: datasets.Features, row_group_rows: int) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.schema = features.arrow_schema  # carries the features in its "huggingface" metadata
+        self.row_group_rows = row_group_rows
+        self.rows = 0
+        self._buffer: list[PairSample] = []
+        self._writer = pq.ParquetWriter(self.tmp, self.schema)
+
+    def write(self, sample: PairSample) -> None:
+        self._buffer.append(sample)
+        if len(self._buffer) >= self.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        b = self._buffer
+        table = pa.table({
+            "pair_id": [s.pair_id for s in b],
+            "anchor": [{"bytes": s.anchor, "path": None} for s in b],
+            "positive": [{"bytes": s.positive, "path": None} for s in b],
+            "anchor_key": [s.anchor_key for s in b],
+            "positive_key": [s.positive_key for s in b],
+            "label": [s.label for s in b],
+            "label_name": [s.label_name for s in b],
+            "similarity": [float(s.similarity) for s in b],
+        }, schema=self.schema)
+        self._writer.write_table(table)
+        self.rows += len(b)
+        self._buffer = []
+
+    def close(self) -> int:
+        self._flush()
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+        return self.rows

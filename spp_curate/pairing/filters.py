@@ -1,0 +1,105 @@
+"""The pair rules (DESIGN.md "Semantic pairs: what counts"), as vectorised filters.
+
+Candidates are parallel arrays: ``anchor`` and ``positive`` (positions into
+the embedding matrix), ``similarity`` and ``rank`` (1 = the anchor's nearest
+other image). Each filter returns a keep-mask; :class:`Funnel` applies them in
+order and records how many candidates each one removed, and the similarity
+histogram of what it removed, for the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HIST_BINS = np.linspace(-1.0, 1.0, 201)
+
+
+@dataclass
+class Candidates:
+    anchor: np.ndarray
+    positive: np.ndarray
+    similarity: np.ndarray
+    rank: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.anchor)
+
+    def select(self, mask: np.ndarray) -> "Candidates":
+        return Candidates(self.anchor[mask], self.positive[mask], self.similarity[mask], self.rank[mask])
+
+
+@dataclass
+class Funnel:
+    """Applies filters in order; remembers what each removed."""
+
+    candidates: Candidates
+    steps: list[dict] = field(default_factory=list)
+    removed_hist: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.steps.append({"step": "candidates", "removed": 0, "remaining": len(self.candidates)})
+
+    def apply(self, name: str, keep: np.ndarray) -> None:
+        removed = self.candidates.similarity[~keep]
+        self.removed_hist[name] = np.histogram(removed, HIST_BINS)[0].tolist()
+        self.candidates = self.candidates.select(keep)
+        self.steps.append({"step": name, "removed": int((~keep).sum()), "remaining": len(self.candidates)})
+
+    def removed(self) -> dict[str, int]:
+        return {s["step"]: s["removed"] for s in self.steps[1:]}
+
+
+def pair_codes(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """One int64 per ordered pair (a, b) of positions below ``n``."""
+    return a.astype(np.int64) * np.int64(n) + b.astype(np.int64)
+
+
+def not_self(c: Candidates) -> np.ndarray:
+    return c.anchor != c.positive
+
+
+def at_least(c: Candidates, min_similarity: float) -> np.ndarray:
+    return c.similarity >= min_similarity
+
+
+def not_near_duplicate(c: Candidates, dup_threshold: float, digests: np.ndarray) -> np.ndarray:
+    """Drop pairs at or above the duplicate threshold, or whose files are byte-identical."""
+    return (c.similarity < dup_threshold) & (digests[c.anchor] != digests[c.positive])
+
+
+def same_label(c: Candidates, labels: np.ndarray) -> np.ndarray:
+    return (labels[c.anchor] == labels[c.positive]) & (labels[c.anchor] >= 0)
+
+
+def is_mutual(c: Candidates, neighbour_codes: np.ndarray, n: int) -> np.ndarray:
+    """True where the anchor is also among the positive's neighbours.
+
+    ``neighbour_codes`` holds :func:`pair_codes` of every (query, neighbour) in
+    the raw kNN lists.
+    """
+    return np.isin(pair_codes(c.positive, c.anchor, n), neighbour_codes)
+
+
+def top_per_anchor(c: Candidates, cap: int) -> np.ndarray:
+    """Keep each anchor's ``cap`` best-ranked candidates."""
+    order = np.lexsort((c.rank, c.anchor))
+    anchors = c.anchor[order]
+    starts = np.r_[0, np.flatnonzero(anchors[1:] != anchors[:-1]) + 1]
+    run_start = np.repeat(starts, np.diff(np.r_[starts, len(anchors)]))
+    keep = np.zeros(len(c), dtype=bool)
+    keep[order[(np.arange(len(anchors)) - run_start) < cap]] = True
+    return keep
+
+
+def first_of_unordered(c: Candidates) -> np.ndarray:
+    """Keep one row per unordered pair {a, b}: the best-ranked, then the lower anchor."""
+    lo = np.minimum(c.anchor, c.positive)
+    hi = np.maximum(c.anchor, c.positive)
+    order = np.lexsort((c.anchor, c.rank, hi, lo))
+    lo_s, hi_s = lo[order], hi[order]
+    first = np.r_[True, (lo_s[1:] != lo_s[:-1]) | (hi_s[1:] != hi_s[:-1])]
+    keep = np.zeros(len(c), dtype=bool)
+    keep[order[first]] = True
+    return keep

@@ -1,0 +1,190 @@
+"""The report stage: pair quality in numbers (``metrics.json``) and pictures (``index.html``).
+
+It reads only ``index.parquet``, ``quarantine.parquet``, ``pairs.parquet`` and
+``mine_stats.json``, so rerunning it is cheap. Precision is measured against
+the source's labels whenever they exist, whatever category mode mined the pairs.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from ..config import Recipe  # noqa: E402
+from ..curate.images import BadImage, decode_image  # noqa: E402
+from ..curate.sources import Source, open_source  # noqa: E402
+from ..files import atomic_path, read_json, write_json  # noqa: E402
+
+THUMB = 96
+GRID_COLUMNS = 4
+
+
+def compute_metrics(index: pd.DataFrame, pairs: pd.DataFrame, stats: dict[str, Any],
+                    quarantined: int) -> dict[str, Any]:
+    """Precision, coverage, counts and the filter funnel."""
+    n_images = len(index)
+    labelled = pairs[(pairs.label >= 0) & (pairs.positive_label >= 0)]
+    agree = labelled.label == labelled.positive_label
+    per_class = {}
+    if len(labelled):
+        by_class = agree.groupby(labelled.label_name).mean()
+        per_class = {str(k): round(float(v), 6) for k, v in by_class.items()}
+    in_pair = np.union1d(pairs.anchor_id.to_numpy(), pairs.positive_id.to_numpy())
+    sims = pairs.similarity.to_numpy(dtype=np.float64)
+    return {
+        "images": n_images,
+        "quarantined": quarantined,
+        "pairs": len(pairs),
+        "precision": float(agree.mean()) if len(labelled) else None,
+        "precision_per_class": per_class,
+        "pairs_labelled": len(labelled),
+        "coverage": float(len(in_pair) / n_images) if n_images else 0.0,
+        "images_in_pairs": int(len(in_pair)),
+        "mutual_share": float(pairs.mutual.mean()) if len(pairs) else None,
+        "pairs_per_class": {str(k): int(v) for k, v in pairs.label_name.value_counts().sort_index().items()},
+        "similarity": ({"mean": float(sims.mean()), "median": float(np.median(sims)),
+                        "min": float(sims.min()), "max": float(sims.max())} if len(sims) else None),
+        "filter_removed": {s["step"]: s["removed"] for s in stats["funnel"][1:]},
+        "funnel": stats["funnel"],
+        "search": stats["search"],
+    }
+
+
+def _thumb(source: Source, key: str) -> Image.Image:
+    try:
+        img = decode_image(source.read(key))
+    except (BadImage, OSError):
+        img = Image.new("RGB", (THUMB, THUMB), (200, 0, 0))
+    img.thumbnail((THUMB, THUMB), Image.Resampling.NEAREST if max(img.size) < THUMB else Image.Resampling.BICUBIC)
+    if img.size != (THUMB, THUMB):
+        img = img.resize((THUMB, THUMB), Image.Resampling.NEAREST)
+    return img
+
+
+def pair_grid(source: Source, keys: dict[int, str], pairs: pd.DataFrame, path: Path) -> None:
+    """A PNG grid: each cell is anchor | positive with their labels and similarity."""
+    cell_w, cell_h, pad = 2 * THUMB + 6, THUMB + 30, 8
+    rows = max(1, -(-len(pairs) // GRID_COLUMNS))
+    canvas = Image.new("RGB", (GRID_COLUMNS * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, row in enumerate(pairs.itertuples()):
+        x = pad + (i % GRID_COLUMNS) * (cell_w + pad)
+        y = pad + (i // GRID_COLUMNS) * (cell_h + pad)
+        canvas.paste(_thumb(source, keys[row.anchor_id]), (x, y))
+        canvas.paste(_thumb(source, keys[row.positive_id]), (x + THUMB + 6, y))
+        wrong = row.label >= 0 and row.positive_label >= 0 and row.label != row.positive_label
+        colour = (190, 0, 0) if wrong else (30, 30, 30)
+        draw.text((x, y + THUMB + 2), f"{row.label_name[:14]}  sim {row.similarity:.3f}", fill=colour)
+        if wrong:
+            draw.text((x, y + THUMB + 15), f"positive: label {row.positive_label}", fill=colour)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def similarity_histogram(stats: dict[str, Any], path: Path) -> None:
+    bins = np.asarray(stats["hist_bins"])
+    centres = (bins[:-1] + bins[1:]) / 2
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    ax.bar(centres, stats["kept_hist"], width=bins[1] - bins[0], alpha=0.8, label="kept")
+    for name, hist in stats["removed_hist"].items():
+        if sum(hist):
+            ax.step(centres, hist, where="mid", label=f"removed: {name}")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("candidate pairs")
+    ax.set_yscale("symlog")
+    ax.legend(fontsize=7)
+    ax.set_title("similarity of kept and removed candidate pairs")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def pairs_per_class_plot(metrics: dict[str, Any], path: Path) -> None:
+    counts = metrics["pairs_per_class"]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    ax.bar(range(len(counts)), list(counts.values()))
+    ax.set_xticks(range(len(counts)), list(counts.keys()), rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("pairs")
+    ax.set_title("pairs per class (anchor's label)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _html(recipe: Recipe, metrics: dict[str, Any], grids: dict[str, str]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    headline = ["images", "quarantined", "pairs", "precision", "coverage", "mutual_share"]
+    rows = "".join(f"<tr><th>{k}</th><td>{fmt(metrics[k])}</td></tr>" for k in headline)
+    funnel = "".join(f"<tr><td>{html.escape(s['step'])}</td><td>{s['removed']:,}</td><td>{s['remaining']:,}</td></tr>"
+                     for s in metrics["funnel"])
+    figures = "".join(f"<h2>{html.escape(title)}</h2><img src='{src}' alt='{html.escape(title)}'>"
+                      for title, src in grids.items())
+    per_class = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt(v)}</td></tr>"
+                        for k, v in metrics["precision_per_class"].items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(recipe.name)}: pair report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}} img{{max-width:100%}}</style></head>
+<body><h1>{html.escape(recipe.name)}: semantic pair report</h1>
+<p>source <code>{html.escape(recipe.source)}</code>, encoder <code>{html.escape(recipe.encoder)}</code>,
+category <code>{recipe.category}</code>, k={recipe.k}, min similarity {recipe.min_similarity},
+duplicate threshold {recipe.dup_threshold}, at most {recipe.max_per_anchor} per anchor{", mutual only" if recipe.mutual else ""}.</p>
+{figures}
+<h2>Numbers</h2><table>{rows}</table>
+<h2>Filter funnel</h2><table><tr><th>step</th><th>removed</th><th>remaining</th></tr>{funnel}</table>
+<h2>Precision per class</h2><table>{per_class}</table>
+<p>Full figures: <a href="metrics.json">metrics.json</a>.</p>
+</body></html>
+"""
+
+
+def write_report(recipe: Recipe, build_dir: Path) -> dict[str, Any]:
+    """Write ``report/metrics.json``, the figures and ``report/index.html``; return the metrics."""
+    out = build_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    index = pq.read_table(build_dir / "index.parquet", columns=["id", "key", "label"]).to_pandas()
+    pairs = pq.read_table(build_dir / "pairs.parquet").to_pandas()
+    stats = read_json(build_dir / "mine_stats.json")
+    quarantined = pq.read_metadata(build_dir / "quarantine.parquet").num_rows
+    metrics = compute_metrics(index, pairs, stats, quarantined)
+
+    source = open_source(recipe)
+    keys = dict(zip(index.id, index.key))
+    n = recipe.grid_pairs
+    grids = {}
+    picks = {
+        "Strongest pairs": pairs.nlargest(n, "similarity"),
+        "Pairs nearest the similarity threshold": pairs.nsmallest(n, "similarity"),
+    }
+    wrong = pairs[(pairs.label >= 0) & (pairs.positive_label >= 0) & (pairs.label != pairs.positive_label)]
+    if len(wrong):
+        picks["Wrong pairs (labels disagree)"] = wrong.nlargest(n, "similarity")
+    for i, (title, chosen) in enumerate(picks.items()):
+        name = ["pairs-strongest.png", "pairs-threshold.png", "pairs-wrong.png"][i]
+        if len(chosen):
+            pair_grid(source, keys, chosen, out / name)
+            grids[title] = name
+    similarity_histogram(stats, out / "similarity.png")
+    grids["Similarity histogram"] = "similarity.png"
+    if metrics["pairs_per_class"]:
+        pairs_per_class_plot(metrics, out / "pairs-per-class.png")
+        grids["Pairs per class"] = "pairs-per-class.png"
+    metrics["figures"] = list(grids.values())
+    write_json(out / "metrics.json", metrics)
+    with atomic_path(out / "index.html") as tmp:
+        tmp.write_text(_html(recipe, metrics, grids))
+    return metrics
