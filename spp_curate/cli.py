@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -143,6 +142,10 @@ def verify(release: Path = typer.Argument(..., help="release directory (holds ma
     out.print(f"{release}: ok")
 
 
+# Typer may vendor its own click; take the base class of its usage errors from Typer itself.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: errors a user can fix print one line, never a traceback."""
     try:
@@ -150,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return 2
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except _CLICK_ERROR as exc:
         err.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
         return exc.exit_code
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         return 130
     return rv if isinstance(rv, int) else 0

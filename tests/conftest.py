@@ -1,0 +1,57 @@
+"""Shared fixtures: the committed Fashion-MNIST subset and builds made from it once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spp_curate.cli import main
+
+DATA = Path(__file__).parent / "data"
+FMNIST = DATA / "fashion-mnist"
+
+# A small random-init ViT at 32 px: real open_clip code, seconds per thousand images on a CPU.
+TEST_ENCODER = ["--encoder", "openclip:ViT-S-32", "--image-size", "32"]
+
+# Nothing in the suite may reach for the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def run_cli(*args: str) -> int:
+    """Run the CLI in this process, as the console script does."""
+    return main([str(a) for a in args])
+
+
+def run_cli_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter, to see exactly what a user sees."""
+    return subprocess.run([sys.executable, "-m", "spp_curate.cli", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def build_fmnist(out: Path, *extra: str) -> Path:
+    rc = run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, *TEST_ENCODER,
+                 "--workers", "0", "--shard-size", "1MB", *extra)
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def fmnist_root() -> Path:
+    return FMNIST
+
+
+@pytest.fixture(scope="session")
+def label_build(tmp_path_factory) -> Path:
+    """A build of the committed subset with --category label, shared by the read-only tests."""
+    return build_fmnist(tmp_path_factory.mktemp("label") / "build", "--category", "label")
+
+
+@pytest.fixture(scope="session")
+def none_build(tmp_path_factory) -> Path:
+    """The same images mined with --category none (the semantic sampler alone)."""
+    return build_fmnist(tmp_path_factory.mktemp("none") / "build", "--category", "none", "--min-similarity", "0")
