@@ -27,15 +27,6 @@ class BadImage(Exception):
     """The bytes are not a usable image; ``str(exc)`` is the reason."""
 
 
-def image_format(data: bytes) -> str:
-    """Pillow's name for the container format of ``data`` (``JPEG``, ``PNG`` ...), from its header."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return str(img.format)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not an image"
-        raise BadImage(f"not an image: {exc}") from None
-
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
@@ -65,6 +56,12 @@ def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int = M
     when the picture is much larger than the size it will be resized to.
     Raises :class:`BadImage` with a short reason for anything unusable.
     """
+    return decode_with_format(data, draft_size, max_pixels)[0]
+
+
+def decode_with_format(data: bytes, draft_size: int | None = None,
+                       max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, str]:
+    """:func:`decode_image`, plus Pillow's name for the container format (``JPEG``, ``PNG`` ...)."""
     if not data:
         raise BadImage("empty file")
     try:
@@ -76,9 +73,10 @@ def decode_image(data: bytes, draft_size: int | None = None, max_pixels: int = M
                 raise BadImage(f"too large: {width}x{height} pixels is over the limit of {max_pixels}")
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
+            fmt = str(img.format)
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return _to_rgb(img), fmt
     except BadImage:
         raise
     except UnidentifiedImageError:

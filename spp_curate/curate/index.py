@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from ..config import Recipe
 from ..files import sha256_bytes, write_table
 from ..progress import stage_progress
-from .images import BadImage, decode_image, image_format
+from .images import BadImage, decode_with_format
 from .sources import Source, auto_workers, open_source
 
 INDEX_SCHEMA = pa.schema([
@@ -59,8 +59,7 @@ def probe(source: Source, key: str, label: int) -> Probe:
     except OSError as exc:
         return Probe(key, label, error=f"unreadable: {exc.strerror or exc}")
     try:
-        fmt = image_format(data)
-        img = decode_image(data)
+        img, fmt = decode_with_format(data)
     except BadImage as exc:
         return Probe(key, label, error=str(exc))
     return Probe(key, label, img.width, img.height, len(data), sha256_bytes(data), fmt)

@@ -1,0 +1,120 @@
+"""The pair rules, on hand-checked cases and on real mined pairs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+from conftest import FMNIST, TEST_ENCODER, run_cli
+
+from spp_curate.pairing import filters as F
+from spp_curate.pairing.mine import raw_candidates
+
+
+def _cand(rows):
+    a, p, s, r = (np.asarray(x) for x in zip(*rows))
+    return F.Candidates(a.astype(np.int64), p.astype(np.int64), s.astype(np.float32), r.astype(np.int32))
+
+
+def test_top_per_anchor_keeps_best_ranks():
+    c = _cand([(0, 1, .9, 1), (0, 2, .8, 2), (0, 3, .7, 3), (1, 0, .9, 1), (2, 3, .6, 2), (2, 0, .8, 1)])
+    keep = F.top_per_anchor(c, 2)
+    assert keep.tolist() == [True, True, False, True, True, True]
+    assert F.top_per_anchor(c, 1).tolist() == [True, False, False, True, False, True]
+
+
+def test_unordered_pairs_appear_once_keeping_the_better_ranked_direction():
+    c = _cand([(0, 1, .9, 2), (1, 0, .9, 1), (2, 3, .5, 1), (3, 2, .5, 1), (0, 2, .4, 3)])
+    keep = F.first_of_unordered(c)
+    # {0,1}: rank 1 (anchor 1) wins; {2,3}: tie on rank, lower anchor (2) wins; {0,2} alone.
+    assert keep.tolist() == [False, True, True, False, True]
+
+
+def test_mutual_needs_the_reverse_neighbour():
+    c = _cand([(0, 1, .9, 1), (1, 0, .9, 1), (2, 0, .8, 1)])
+    codes = np.sort(F.pair_codes(c.anchor, c.positive, 3))
+    assert F.is_mutual(c, codes, 3).tolist() == [True, True, False]
+
+
+def test_near_duplicates_by_similarity_or_identical_bytes():
+    c = _cand([(0, 1, .99, 1), (0, 2, .5, 2), (1, 2, .5, 1)])
+    digests = np.array(["a", "b", "a"], dtype=object)
+    assert F.not_near_duplicate(c, 0.98, digests).tolist() == [False, False, True]
+
+
+def test_raw_candidates_exclude_self_and_rank_from_one():
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(50, 8)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    c = raw_candidates(v, [np.arange(50)], k=5)
+    assert len(c) == 50 * 5
+    assert not np.any(c.anchor == c.positive)
+    brute = v @ v.T
+    np.fill_diagonal(brute, -np.inf)
+    for a in (0, 17, 49):
+        mine = c.positive[c.anchor == a][np.argsort(c.rank[c.anchor == a])]
+        assert mine.tolist() == np.argsort(-brute[a])[:5].tolist()
+        assert sorted(c.rank[c.anchor == a].tolist()) == [1, 2, 3, 4, 5]
+
+
+def test_raw_candidates_stay_within_their_group():
+    v = np.eye(6, dtype=np.float32)[[0, 0, 1, 1, 2, 2]] + 0.01
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    groups = [np.array([0, 2, 4]), np.array([1, 3, 5])]
+    c = raw_candidates(v, groups, k=2)
+    group_of = np.array([0, 1, 0, 1, 0, 1])
+    assert np.all(group_of[c.anchor] == group_of[c.positive])
+
+
+def _check_rules(build):
+    recipe = yaml.safe_load((build / "build.yaml").read_text())["recipe"]
+    pairs = pq.read_table(build / "pairs.parquet").to_pandas()
+    index = pq.read_table(build / "index.parquet").to_pandas().set_index("id")
+    assert len(pairs) > 0
+    assert (pairs.anchor_id != pairs.positive_id).all()
+    lo = np.minimum(pairs.anchor_id, pairs.positive_id)
+    hi = np.maximum(pairs.anchor_id, pairs.positive_id)
+    codes = lo.to_numpy().astype(np.int64) * len(index) + hi.to_numpy()
+    assert len(np.unique(codes)) == len(codes)
+    assert (pairs.similarity >= recipe["min_similarity"]).all()
+    assert (pairs.similarity < recipe["dup_threshold"]).all()
+    assert (index.loc[pairs.anchor_id, "digest"].to_numpy() != index.loc[pairs.positive_id, "digest"].to_numpy()).all()
+    assert pairs.groupby("anchor_id").size().max() <= recipe["max_per_anchor"]
+    assert (pairs["rank"] >= 1).all() and (pairs["rank"] <= recipe["k"]).all()
+    return pairs, index
+
+
+def test_label_pairs_follow_every_rule_and_have_precision_one(label_build):
+    pairs, index = _check_rules(label_build)
+    assert (index.loc[pairs.anchor_id, "label"].to_numpy() == index.loc[pairs.positive_id, "label"].to_numpy()).all()
+    metrics = json.loads((label_build / "report" / "metrics.json").read_text())
+    assert metrics["precision"] == 1.0
+    assert metrics["pairs"] == len(pairs)
+    in_pairs = len(set(pairs.anchor_id) | set(pairs.positive_id))
+    assert metrics["coverage"] == in_pairs / len(index)
+    assert set(metrics["filter_removed"]) >= {"below_min_similarity", "near_duplicate", "anchor_cap",
+                                               "unordered_duplicate"}
+
+
+def test_category_none_measures_precision_below_one(none_build):
+    pairs, index = _check_rules(none_build)
+    agree = index.loc[pairs.anchor_id, "label"].to_numpy() == index.loc[pairs.positive_id, "label"].to_numpy()
+    metrics = json.loads((none_build / "report" / "metrics.json").read_text())
+    assert 0.1 < metrics["precision"] < 1.0
+    assert abs(metrics["precision"] - agree.mean()) < 1e-9
+    assert (pairs.category_source == "none").all()
+
+
+def test_mutual_pairs_are_a_subset(tmp_path, label_build):
+    out = tmp_path / "mutual"
+    shutil.copytree(label_build, out)
+    assert run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, *TEST_ENCODER,
+                   "--workers", "0", "--shard-size", "1MB", "--category", "label", "--mutual") == 0
+    pairs = pq.read_table(out / "pairs.parquet").to_pandas()
+    assert pairs.mutual.all()
+    funnel = json.loads((out / "report" / "metrics.json").read_text())["filter_removed"]
+    assert funnel["not_mutual"] > 0
