@@ -92,6 +92,7 @@ def build(
     name: Optional[str] = typer.Option(None, help="release name"),
     license: Optional[str] = typer.Option(None, help="license id for the dataset card"),
     seed: Optional[int] = typer.Option(None, help="random seed"),
+    until: Optional[str] = typer.Option(None, help=f"stop after this stage: {' | '.join(STAGES)}"),
     force: bool = typer.Option(False, "--force", help="rerun every stage"),
 ) -> None:
     """Build a release: index -> embed -> mine -> report -> export. Complete stages are skipped."""
@@ -101,11 +102,14 @@ def build(
                      limit=limit, split=split, k=k, min_similarity=min_similarity, dup_threshold=dup_threshold,
                      max_per_anchor=max_per_anchor, mutual=mutual, batch_size=batch_size, workers=workers,
                      chunk_size=chunk_size, shard_size=shard_size, name=name, license=license, seed=seed)
+    if until is not None and until not in STAGES:
+        raise UserError(f"unknown stage {until!r}; accepted: {', '.join(STAGES)}", option="--until")
     recipe = resolve_recipe(source, overrides, str(recipe_file) if recipe_file else None)
     preflight(recipe)
     build_dir = out_dir or Path("builds") / recipe.source.split(":", 1)[0]
-    run_build(build_dir, recipe, force=force, on_stage=_print_stage)
-    _print_result(build_dir)
+    run_build(build_dir, recipe, force=force, on_stage=_print_stage, until=until)
+    if until in (None, STAGES[-1]):
+        _print_result(build_dir)
 
 
 def _stage_command(stage: str, doc: str) -> None:

@@ -97,10 +97,11 @@ def run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False) 
 
 
 def build(build_dir: Path, recipe: Recipe, force: bool = False,
-          on_stage: Callable[[str, dict[str, Any] | None], None] | None = None) -> None:
-    """Run every stage in order; complete stages are skipped (unless ``force``)."""
+          on_stage: Callable[[str, dict[str, Any] | None], None] | None = None, until: str | None = None) -> None:
+    """Run the stages in order, up to ``until``; complete stages are skipped (unless ``force``)."""
     save_recipe(build_dir, recipe)
-    for stage in STAGES:
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    for stage in STAGES[: last + 1]:
         summary = run_stage(build_dir, recipe, stage, force=force)
         if on_stage:
             on_stage(stage, summary)

@@ -1,6 +1,6 @@
 """Encoders, named by one string, built by one function (open_clip's spirit).
 
-* ``openclip:MODEL`` - an open_clip image tower with random weights (tests, smoke runs).
+* ``openclip:MODEL`` - an open_clip image tower with random weights, seeded (tests, smoke runs).
 * ``openclip:MODEL:TAG`` - with pretrained weights ``TAG`` (see ``open_clip.list_pretrained()``),
   fetched into the usual Hugging Face cache when online.
 * ``openclip:MODEL:/path/to/weights.bin`` - with a local weights file.
@@ -23,6 +23,7 @@ import torch
 from ..errors import UserError
 
 ENCODER_KINDS = ("openclip", "ssl")
+RANDOM_INIT_SEED = 0
 
 
 @dataclass
@@ -96,8 +97,12 @@ def _openclip(model_name: str, pretrained: str | None, image_size: int | None) -
     try:
         # open_clip logs a warning for random init; that is what the user asked for.
         logging.getLogger().setLevel(logging.ERROR)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, **kwargs)
+        # Random init is seeded, so the encoder string alone fixes the weights:
+        # a resumed run, a stage rerun and a test all see the same model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained or None, **kwargs)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - download/IO errors have many types

@@ -1,0 +1,103 @@
+"""Stages run alone, skip what is complete, rerun what a changed option touches, and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from spp_curate.curate.embed import load_embeddings
+
+from conftest import FMNIST, TEST_ENCODER, run_cli
+
+
+def _mtimes(build, names):
+    return {n: (build / n).stat().st_mtime_ns for n in names}
+
+
+def _build(out, *extra):
+    return run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, *TEST_ENCODER,
+                   "--workers", "0", "--shard-size", "1MB", *extra)
+
+
+def test_rebuild_skips_complete_stages_and_reruns_what_an_option_touches(label_build, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(label_build, out)
+    files = ["index.parquet", "embeddings/meta.json", "pairs.parquet", "report/metrics.json", "release/manifest.json"]
+    before = _mtimes(out, files)
+    assert _build(out, "--category", "label") == 0
+    assert _mtimes(out, files) == before  # nothing ran again
+
+    pairs_before = pq.read_table(out / "pairs.parquet")
+    assert _build(out, "--category", "label", "--max-per-anchor", "1") == 0
+    after = _mtimes(out, files)
+    assert after["index.parquet"] == before["index.parquet"]
+    assert after["embeddings/meta.json"] == before["embeddings/meta.json"]
+    assert after["pairs.parquet"] != before["pairs.parquet"]
+    assert after["release/manifest.json"] != before["release/manifest.json"]
+    pairs_after = pq.read_table(out / "pairs.parquet").to_pandas()
+    assert pairs_after.groupby("anchor_id").size().max() == 1
+    assert len(pairs_after) < pairs_before.num_rows
+    assert run_cli("verify", out / "release") == 0
+
+
+def test_a_stage_runs_alone_on_a_build_directory(label_build, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(label_build, out)
+    shutil.rmtree(out / "report")
+    assert run_cli("report", out) == 0
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["precision"] == 1.0
+    html = (out / "report" / "index.html").read_text()
+    for figure in ("pairs-strongest.png", "pairs-threshold.png", "similarity.png"):
+        assert figure in html and (out / "report" / figure).stat().st_size > 1000
+    before = _mtimes(out, ["report/metrics.json"])
+    assert run_cli("report", out) == 0  # complete: skipped
+    assert _mtimes(out, ["report/metrics.json"]) == before
+    assert run_cli("report", out, "--force") == 0
+    assert _mtimes(out, ["report/metrics.json"]) != before
+
+
+def test_stage_refuses_to_run_before_its_inputs(tmp_path):
+    out = tmp_path / "b"
+    assert _build(out, "--limit", "300", "--until", "index") == 0
+    assert not (out / "embeddings").exists()
+    assert run_cli("mine", out) == 2
+
+
+def test_embed_killed_mid_run_resumes_to_the_same_result(label_build, tmp_path):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    opts = ("--limit", "2000", "--chunk-size", "200", "--batch-size", "50")
+    assert _build(clean, *opts) == 0
+    assert _build(killed, *opts, "--until", "index") == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "spp_curate.cli", "embed", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((killed / "embeddings").glob("chunk-*.ids.npy"))) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted((killed / "embeddings").glob("chunk-*.ids.npy"))
+    assert 3 <= len(done) < 10, "the kill should land mid-run"
+    assert not (killed / "embeddings" / "meta.json").exists()
+    first_chunk_mtime = done[0].stat().st_mtime_ns
+
+    assert _build(killed, *opts) == 0
+    assert done[0].stat().st_mtime_ns == first_chunk_mtime  # finished chunks are not recomputed
+    v_clean, ids_clean = load_embeddings(clean)
+    v_killed, ids_killed = load_embeddings(killed)
+    assert np.array_equal(ids_clean, ids_killed)
+    assert np.array_equal(v_clean, v_killed)
+    assert pq.read_table(clean / "pairs.parquet").equals(pq.read_table(killed / "pairs.parquet"))
+    clean_manifest = json.loads((clean / "release" / "manifest.json").read_text())
+    killed_manifest = json.loads((killed / "release" / "manifest.json").read_text())
+    shards = lambda m: {e["path"]: e["sha256"] for e in m["files"]}  # noqa: E731
+    assert shards(clean_manifest) == shards(killed_manifest)
