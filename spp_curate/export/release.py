@@ -30,6 +30,10 @@ from .samples import PairSample
 from .webdataset import PairTarWriter
 
 EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png"}
+# A pair in a tar costs three 512-byte headers, padding of the two images to
+# 512 bytes (256 on average each) and a small JSON padded to 512: for small
+# images (Fashion-MNIST's are ~300 bytes) this dominates the shard size.
+TAR_BYTES_PER_PAIR = 3 * 512 + 2 * 256 + 512
 
 
 def release_format(formats: list[str]) -> str:
@@ -65,7 +69,8 @@ def export_release(recipe: Recipe, build_dir: Path) -> dict[str, int]:
     target = release_format(index.loc[used, "format"].tolist()) if len(used) else "PNG"
     ext = EXT_OF_FORMAT[target]
     nbytes = index["nbytes"]
-    pair_bytes = nbytes.loc[pairs.anchor_id].to_numpy() + nbytes.loc[pairs.positive_id].to_numpy()
+    pair_bytes = (nbytes.loc[pairs.anchor_id].to_numpy() + nbytes.loc[pairs.positive_id].to_numpy()
+                  + TAR_BYTES_PER_PAIR)
     shards = plan_shards(pair_bytes, recipe.shard_size)
     n = len(shards)
 

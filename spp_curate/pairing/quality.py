@@ -91,10 +91,20 @@ def pair_grid(source: Source, keys: dict[int, str], pairs: pd.DataFrame, path: P
         canvas.save(tmp, format="PNG")
 
 
-def similarity_histogram(stats: dict[str, Any], path: Path) -> None:
+def similarity_histogram(stats: dict[str, Any], recipe: Recipe, path: Path) -> None:
+    """Kept vs removed candidates by similarity, with the thresholds drawn in."""
     bins = np.asarray(stats["hist_bins"])
     centres = (bins[:-1] + bins[1:]) / 2
+    occupied = np.flatnonzero(np.sum([stats["kept_hist"], *stats["removed_hist"].values()], axis=0))
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    if len(occupied):
+        ax.set_xlim(bins[max(occupied[0] - 2, 0)], bins[min(occupied[-1] + 3, len(bins) - 1)])
+    lo, hi = ax.get_xlim()
+    for x, name in ((recipe.min_similarity, "min similarity"), (recipe.dup_threshold, "duplicate threshold")):
+        if not lo <= x <= hi:
+            continue
+        ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
+        ax.annotate(name, (x, 1), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top")
     ax.bar(centres, stats["kept_hist"], width=bins[1] - bins[0], alpha=0.8, label="kept")
     for name, hist in stats["removed_hist"].items():
         if sum(hist):
@@ -178,7 +188,7 @@ def write_report(recipe: Recipe, build_dir: Path) -> dict[str, Any]:
         if len(chosen):
             pair_grid(source, keys, chosen, out / name)
             grids[title] = name
-    similarity_histogram(stats, out / "similarity.png")
+    similarity_histogram(stats, recipe, out / "similarity.png")
     grids["Similarity histogram"] = "similarity.png"
     if metrics["pairs_per_class"]:
         pairs_per_class_plot(metrics, out / "pairs-per-class.png")
