@@ -77,7 +77,9 @@ def build(
     recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="a recipe YAML instead of manifests/<source>.yaml"),
     encoder: Optional[str] = typer.Option(None, help="openclip:MODEL[:PRETRAINED]"),
     image_size: Optional[int] = typer.Option(None, help="encoder input size override"),
-    category: Optional[str] = typer.Option(None, help="what 'same category' means: label | none"),
+    category: Optional[str] = typer.Option(None, help="what 'same category' means: label | zeroshot | cluster | none"),
+    class_names: Optional[Path] = typer.Option(None, help="class names, one per line (for --category zeroshot)"),
+    clusters: Optional[int] = typer.Option(None, min=2, help="k-means clusters (for --category cluster)"),
     limit: Optional[int] = typer.Option(None, min=0, help="take the first N images in source order"),
     split: Optional[str] = typer.Option(None, help="source split, e.g. train | test"),
     k: Optional[int] = typer.Option(None, min=1, help="neighbours searched per image"),
@@ -85,6 +87,10 @@ def build(
     dup_threshold: Optional[float] = typer.Option(None, help="pairs at or above this similarity are near-duplicates"),
     max_per_anchor: Optional[int] = typer.Option(None, min=1, help="pairs kept per anchor"),
     mutual: Optional[bool] = typer.Option(None, "--mutual/--no-mutual", help="keep mutual neighbours only"),
+    pairs_per_class: Optional[int] = typer.Option(None, min=1, help="cap and balance pairs per category"),
+    index: Optional[str] = typer.Option(None, help="kNN index: auto | flat | ivf-flat | ivf-pq"),
+    memory: Optional[str] = typer.Option(None, help="memory budget for the kNN index, e.g. 8GB"),
+    nprobe: Optional[int] = typer.Option(None, min=1, help="IVF lists probed per query"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="images per encoder batch"),
     workers: Optional[int] = typer.Option(None, min=0, help="decode processes [default: spare cores]"),
     chunk_size: Optional[int] = typer.Option(None, min=1, help="images per embedding chunk (resume unit)"),
@@ -99,6 +105,8 @@ def build(
     from .stages import build as run_build
 
     overrides = dict(root=str(root) if root else None, encoder=encoder, image_size=image_size, category=category,
+                     class_names=str(class_names) if class_names else None, clusters=clusters,
+                     pairs_per_class=pairs_per_class, index=index, memory=memory, nprobe=nprobe,
                      limit=limit, split=split, k=k, min_similarity=min_similarity, dup_threshold=dup_threshold,
                      max_per_anchor=max_per_anchor, mutual=mutual, batch_size=batch_size, workers=workers,
                      chunk_size=chunk_size, shard_size=shard_size, name=name, license=license, seed=seed)

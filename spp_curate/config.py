@@ -21,7 +21,8 @@ from .errors import UserError
 
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
 
-CATEGORY_MODES = ("label", "none")
+CATEGORY_MODES = ("label", "zeroshot", "cluster", "none")
+INDEX_KINDS = ("auto", "flat", "ivf-flat", "ivf-pq")
 
 # Which recipe fields each stage's output depends on. A stage is complete when
 # its record carries the fingerprint of these fields (and of the stages before
@@ -29,7 +30,8 @@ CATEGORY_MODES = ("label", "none")
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "index": ("source", "root", "split", "limit"),
     "embed": ("encoder", "image_size"),
-    "mine": ("k", "category", "min_similarity", "dup_threshold", "max_per_anchor", "mutual", "seed"),
+    "mine": ("k", "category", "class_names", "clusters", "min_similarity", "dup_threshold", "max_per_anchor",
+             "mutual", "pairs_per_class", "index", "memory", "nprobe", "seed"),
     "report": ("grid_pairs",),
     "export": ("name", "license", "shard_size", "description"),
 }
@@ -71,18 +73,24 @@ class Recipe(BaseModel):
     chunk_size: int = Field(default=50_000, ge=1, description="images per embedding chunk (the resume unit)")
 
     k: int = Field(default=16, ge=1)
-    category: Literal["label", "none"] = "label"
+    category: Literal["label", "zeroshot", "cluster", "none"] = "label"
+    class_names: str | None = Field(default=None, description="file of class names, one per line (zeroshot)")
+    clusters: int = Field(default=100, ge=2, description="k-means clusters (category cluster)")
     min_similarity: float = Field(default=0.5, ge=-1.0, le=1.0)
     dup_threshold: float = Field(default=0.985, ge=-1.0, le=1.0)
     max_per_anchor: int = Field(default=2, ge=1)
     mutual: bool = False
+    pairs_per_class: int | None = Field(default=None, ge=1, description="cap and balance pairs per category")
+    index: Literal["auto", "flat", "ivf-flat", "ivf-pq"] = "auto"
+    memory: int = Field(default=8 * 10**9, ge=1, description="memory budget for the kNN index")
+    nprobe: int | None = Field(default=None, ge=1, description="IVF lists probed per query")
     seed: int = 0
 
     grid_pairs: int = Field(default=24, ge=1)
 
     shard_size: int = Field(default=500 * 10**6, ge=1)
 
-    @field_validator("shard_size", mode="before")
+    @field_validator("shard_size", "memory", mode="before")
     @classmethod
     def _size(cls, value: Any) -> int:
         return parse_size(value)
@@ -102,8 +110,8 @@ def _raise_validation(err: ValidationError) -> None:
     first = err.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else "recipe"
     msg = first["msg"]
-    if first["type"] == "literal_error" and field == "category":
-        msg = f"got {first['input']!r}; accepted: {', '.join(CATEGORY_MODES)}"
+    if first["type"] == "literal_error":
+        msg = f"got {first['input']!r}; accepted: {first['ctx']['expected']}"
     elif first["type"] == "extra_forbidden":
         raise UserError(f"unknown recipe field {field!r}") from None
     else:

@@ -122,13 +122,13 @@ def _zero_rows(emb_dir: Path, chunk: int) -> np.ndarray:
     return np.load(ids_path)[~np.asarray(vecs).any(axis=1)]
 
 
-def load_embeddings(build_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """All embeddings as float32 ``(N, d)`` with their ids, in index order."""
+def load_embeddings(build_dir: Path, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """All embeddings as ``(N, d)`` rows of ``dtype`` with their ids, in index order."""
     emb_dir = build_dir / "embeddings"
     meta = read_json(emb_dir / "meta.json")
     vecs, ids = [], []
     for c in range(meta["chunks"]):
         emb_path, ids_path = chunk_paths(emb_dir, c)
-        vecs.append(np.load(emb_path).astype(np.float32))
+        vecs.append(np.load(emb_path).astype(dtype, copy=False))
         ids.append(np.load(ids_path))
     return np.concatenate(vecs), np.concatenate(ids)

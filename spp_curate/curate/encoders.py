@@ -78,7 +78,8 @@ def check_encoder(spec: str) -> None:
                         "does not include yet; use openclip:MODEL[:PRETRAINED]", option="--encoder")
 
 
-def _openclip(model_name: str, pretrained: str | None, image_size: int | None) -> Encoder:
+def _create_openclip(model_name: str, pretrained: str | None, image_size: int | None) -> tuple[Any, Any, str]:
+    """The whole open_clip model, its eval preprocessing, and where its weights came from."""
     import open_clip
 
     kwargs: dict[str, Any] = {}
@@ -98,7 +99,7 @@ def _openclip(model_name: str, pretrained: str | None, image_size: int | None) -
         # open_clip logs a warning for random init; that is what the user asked for.
         logging.getLogger().setLevel(logging.ERROR)
         # Random init is seeded, so the encoder string alone fixes the weights:
-        # a resumed run, a stage rerun and a test all see the same model.
+        # a resumed run, a stage rerun, the text tower and a test all see the same model.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -113,6 +114,13 @@ def _openclip(model_name: str, pretrained: str | None, image_size: int | None) -
             option="--encoder",
         ) from None
     model.eval()
+    return model, preprocess, source
+
+
+def _openclip(model_name: str, pretrained: str | None, image_size: int | None) -> Encoder:
+    import open_clip
+
+    model, preprocess, source = _create_openclip(model_name, pretrained, image_size)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
     tower = _OpenCLIPImageTower(model)
@@ -122,6 +130,19 @@ def _openclip(model_name: str, pretrained: str | None, image_size: int | None) -
             "weights": source, "preprocess": repr(preprocess).replace("\n", " ")}
     return Encoder(f"openclip:{model_name}" + (f":{pretrained}" if pretrained else ""), tower, preprocess,
                    size, dim, meta)
+
+
+def load_text_encoder(spec: str, image_size: int | None = None) -> tuple[Callable, Callable]:
+    """The tokenizer and text tower matching an ``openclip:`` image encoder (for zero-shot labels)."""
+    import open_clip
+
+    check_encoder(spec)
+    kind, args = parse_encoder(spec)
+    if kind != "openclip":
+        raise UserError(f"zero-shot labels need an open_clip encoder with a text tower, not {spec!r}",
+                        option="--category")
+    model, _, _ = _create_openclip(args[0], args[1] if len(args) > 1 else None, image_size)
+    return open_clip.get_tokenizer(args[0]), model.encode_text
 
 
 def load_encoder(spec: str, image_size: int | None = None) -> Encoder:

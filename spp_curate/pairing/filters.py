@@ -93,6 +93,23 @@ def top_per_anchor(c: Candidates, cap: int) -> np.ndarray:
     return keep
 
 
+def balance_per_category(c: Candidates, categories: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Keep at most ``cap`` pairs per anchor category, a seeded uniform sample where there are more.
+
+    With every category holding at least ``cap`` pairs this gives the matched
+    pair counts of arXiv 2510.08722's semantic-pair vs augmented-pair study.
+    """
+    rng = np.random.default_rng(seed)
+    cats = categories[c.anchor]
+    order = np.lexsort((rng.random(len(c)), cats))
+    sorted_cats = cats[order]
+    starts = np.r_[0, np.flatnonzero(sorted_cats[1:] != sorted_cats[:-1]) + 1]
+    run_start = np.repeat(starts, np.diff(np.r_[starts, len(sorted_cats)]))
+    keep = np.zeros(len(c), dtype=bool)
+    keep[order[(np.arange(len(order)) - run_start) < cap]] = True
+    return keep
+
+
 def first_of_unordered(c: Candidates) -> np.ndarray:
     """Keep one row per unordered pair {a, b}: the best-ranked, then the lower anchor."""
     lo = np.minimum(c.anchor, c.positive)

@@ -1,15 +1,26 @@
-"""Batched exact inner-product kNN with faiss, on the GPU when faiss sees one.
+"""Batched inner-product kNN with faiss: exact (Flat) when it fits, IVF beyond, on GPU when faiss sees one.
 
 Vectors are L2-normalised, so inner product is cosine similarity. Queries go
-in batches so the distance block in memory is ``batch x N``, never ``N x N``.
+in batches, so the distance block in memory is ``batch x N``, never ``N x N``.
+:func:`plan_search` picks the index from the collection size and a memory
+budget; :func:`ivf_recall` measures what an approximate index loses against
+exact search on a sample of queries, for the report.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import faiss
 import numpy as np
 
 DEFAULT_QUERY_BATCH = 16_384
+# Exact all-pairs search costs N^2 d: beyond these sizes an IVF index is used
+# even when the vectors fit in memory (a CPU does ~1e11 flop/s, a GPU ~1e14).
+FLAT_MAX_N = {"cpu": 100_000, "gpu": 4_000_000}
+INDEX_KINDS = ("auto", "flat", "ivf-flat", "ivf-pq")
 
 
 def faiss_gpus() -> int:
@@ -17,33 +28,115 @@ def faiss_gpus() -> int:
     return int(get()) if get else 0
 
 
-def flat_index(vectors: np.ndarray) -> faiss.Index:
-    """An exact inner-product index over ``vectors`` (float32, C-contiguous), on GPU if possible."""
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    if faiss_gpus() > 0:
+@dataclass(frozen=True)
+class SearchPlan:
+    """Which faiss index to build, and why."""
+
+    kind: str  # flat | ivf-flat | ivf-pq
+    nlist: int = 0
+    nprobe: int = 0
+    pq_m: int = 0
+    device: str = "cpu"
+    reason: str = ""
+
+    def describe(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (0, "")}
+
+
+def _pq_m(d: int, n: int, memory: int) -> int:
+    """Largest PQ code size (bytes per vector) dividing ``d`` that fits the budget."""
+    for m in (64, 48, 32, 24, 16, 12, 8, 4):
+        if d % m == 0 and n * (m + 8) <= memory * 0.8:
+            return m
+    return 4 if d % 4 == 0 else 1
+
+
+def plan_search(n: int, d: int, memory: int, kind: str = "auto", nprobe: int | None = None) -> SearchPlan:
+    """Pick exact or IVF search for ``n`` vectors of dimension ``d`` within ``memory`` bytes."""
+    device = "gpu" if faiss_gpus() > 0 else "cpu"
+    flat_bytes = n * d * 4
+    if kind == "auto":
+        if flat_bytes <= memory and n <= FLAT_MAX_N[device]:
+            kind, reason = "flat", f"{n:,} vectors fit ({flat_bytes / 1e9:.2f} GB) and exact search is affordable"
+        elif flat_bytes <= memory:
+            kind, reason = "ivf-flat", f"{n:,} vectors is beyond exact all-pairs search on {device}"
+        else:
+            kind, reason = "ivf-pq", f"{flat_bytes / 1e9:.1f} GB of vectors exceeds the {memory / 1e9:.1f} GB budget"
+    else:
+        reason = "asked for"
+    if kind == "flat":
+        return SearchPlan("flat", device=device, reason=reason)
+    nlist = int(2 ** round(math.log2(max(16.0, 4 * math.sqrt(n)))))
+    nlist = max(1, min(nlist, n // 39))  # faiss wants >= 39 training points per list
+    probe = nprobe or max(1, min(nlist, nlist // 8 if kind == "ivf-flat" else nlist // 4))
+    if kind == "ivf-flat":
+        return SearchPlan("ivf-flat", nlist=nlist, nprobe=probe, device=device, reason=reason)
+    return SearchPlan("ivf-pq", nlist=nlist, nprobe=probe, pq_m=_pq_m(d, n, memory), device=device, reason=reason)
+
+
+def build_index(vectors: np.ndarray, plan: SearchPlan, seed: int = 0) -> faiss.Index:
+    """Build and fill the index ``plan`` names over ``vectors`` (float16 or float32 rows)."""
+    d = vectors.shape[1]
+    if plan.kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    else:
+        quantizer = faiss.IndexFlatIP(d)
+        if plan.kind == "ivf-flat":
+            index = faiss.IndexIVFFlat(quantizer, d, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, d, plan.nlist, plan.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        n_train = min(len(vectors), max(plan.nlist * 64, 65_536))
+        train = vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
+        index.cp.seed = seed
+        if plan.kind == "ivf-pq":
+            index.pq.cp.seed = seed
+        index.train(np.ascontiguousarray(train, dtype=np.float32))
+        index.nprobe = plan.nprobe
+    if plan.device == "gpu":
         index = faiss.index_cpu_to_all_gpus(index)
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    for lo in range(0, len(vectors), DEFAULT_QUERY_BATCH * 4):
+        index.add(np.ascontiguousarray(vectors[lo: lo + DEFAULT_QUERY_BATCH * 4], dtype=np.float32))
+    if plan.kind != "flat" and plan.device == "gpu":
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", plan.nprobe)
     return index
 
 
-def knn_search(vectors: np.ndarray, k: int, batch: int = DEFAULT_QUERY_BATCH,
-               on_batch=None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` neighbours of every row among all rows (the row itself included).
-
-    Returns ``(similarities, positions)``, each ``(N, min(k, N))``; positions
-    index into ``vectors``. ``on_batch(n)`` is called after each query batch.
-    """
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n = len(vectors)
-    k = min(k, n)
+def search(index: faiss.Index, queries: np.ndarray, k: int, batch: int = DEFAULT_QUERY_BATCH,
+           on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of every query row, in batches. Missing neighbours (IVF) come back as position -1."""
+    n = len(queries)
     sims = np.empty((n, k), dtype=np.float32)
     pos = np.empty((n, k), dtype=np.int64)
-    if n == 0:
-        return sims, pos
-    index = flat_index(vectors)
     for lo in range(0, n, batch):
         hi = min(n, lo + batch)
-        sims[lo:hi], pos[lo:hi] = index.search(vectors[lo:hi], k)
+        sims[lo:hi], pos[lo:hi] = index.search(np.ascontiguousarray(queries[lo:hi], dtype=np.float32), k)
         if on_batch:
             on_batch(hi - lo)
     return sims, pos
+
+
+def knn_search(vectors: np.ndarray, k: int, plan: SearchPlan | None = None, seed: int = 0,
+               on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` neighbours of every row among all rows (the row itself included).
+
+    Returns ``(similarities, positions)``, each ``(N, min(k, N))``.
+    """
+    k = min(k, len(vectors))
+    if len(vectors) == 0:
+        return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+    plan = plan or SearchPlan("flat", device="gpu" if faiss_gpus() else "cpu")
+    return search(build_index(vectors, plan, seed), vectors, k, on_batch=on_batch)
+
+
+def ivf_recall(vectors: np.ndarray, approx_positions: np.ndarray, sample: int = 1000, seed: int = 0) -> float:
+    """Mean recall@k of the approximate neighbour lists against exact search, on a sample of queries."""
+    n, k = approx_positions.shape
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, min(sample, n), replace=False))
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    for lo in range(0, n, DEFAULT_QUERY_BATCH * 4):
+        exact.add(np.ascontiguousarray(vectors[lo: lo + DEFAULT_QUERY_BATCH * 4], dtype=np.float32))
+    _, truth = exact.search(np.ascontiguousarray(vectors[rows], dtype=np.float32), k)
+    hits = [len(np.intersect1d(truth[i], approx_positions[r][approx_positions[r] >= 0])) for i, r in enumerate(rows)]
+    return float(np.sum(hits) / truth.size)

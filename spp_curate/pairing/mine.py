@@ -1,13 +1,15 @@
-"""The mine stage: kNN over the embeddings, the pair rules, and ``pairs.parquet``.
+"""The mine stage: categories, kNN within each category, the pair rules, and ``pairs.parquet``.
 
-With ``category=label`` the search runs within each label (every anchor gets
-``k`` same-label neighbours, and the work is N^2/C instead of N^2); with
-``category=none`` it runs over everything, the SePP-ID semantic sampler alone.
+Neighbours are searched within each category (ground-truth label, zero-shot
+pseudo-label or k-means cluster), so every anchor gets ``k`` same-category
+candidates and the work is N^2/C instead of N^2; with ``category=none`` the
+search runs over everything (the SePP-ID semantic sampler alone).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,40 +17,46 @@ import pyarrow.parquet as pq
 
 from ..config import Recipe
 from ..curate.embed import load_embeddings
+from ..curate.index import read_class_names
 from ..files import write_json, write_table
 from ..progress import stage_progress
 from . import filters as F
-from .knn import faiss_gpus, knn_search
+from .categories import Categories, assign_categories, read_class_names_file
+from .knn import SearchPlan, ivf_recall, knn_search, plan_search
 
 PAIRS_SCHEMA = pa.schema([
     ("pair_id", pa.int64()), ("anchor_id", pa.int64()), ("positive_id", pa.int64()),
     ("similarity", pa.float32()), ("rank", pa.int32()), ("mutual", pa.bool_()),
     ("label", pa.int32()), ("label_name", pa.string()), ("positive_label", pa.int32()),
-    ("category_source", pa.string()),
+    ("category", pa.int32()), ("category_source", pa.string()),
 ])
+RECALL_SAMPLE = 1000
 
 
-def _search_groups(recipe: Recipe, labels: np.ndarray, valid: np.ndarray) -> list[np.ndarray]:
-    if recipe.category == "label":
-        usable = valid & (labels >= 0)
-        return [np.flatnonzero(usable & (labels == lab)) for lab in np.unique(labels[usable])]
-    return [np.flatnonzero(valid)]
+def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int, plans: list[SearchPlan] | None = None,
+                   seed: int = 0, recall: list | None = None) -> F.Candidates:
+    """Each position's ``k`` nearest others within its group, self excluded, with 1-based ranks.
 
-
-def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int) -> F.Candidates:
-    """Each position's ``k`` nearest others within its group, self excluded, with 1-based ranks."""
+    With ``recall`` given, approximate searches append ``(queries, recall@k)`` to it.
+    """
     parts = []
-    with stage_progress("mine: kNN", int(sum(len(g) for g in groups)), unit="query") as (bar, task):
-        for g in groups:
+    total = int(sum(len(g) for g in groups))
+    with stage_progress("mine: kNN", total, unit="query") as (bar, task):
+        for i, g in enumerate(groups):
             if len(g) < 2:
                 bar.update(task, advance=len(g))
                 continue
-            sims, nb = knn_search(vecs[g], k + 1, on_batch=lambda n: bar.update(task, advance=n))
+            plan = plans[i] if plans else None
+            sims, nb = knn_search(vecs[g], k + 1, plan, seed, on_batch=lambda n: bar.update(task, advance=n))
+            if recall is not None and plan is not None and plan.kind != "flat":
+                sample = max(50, int(RECALL_SAMPLE * len(g) / total))
+                recall.append((len(g), ivf_recall(vecs[g], nb, sample, seed)))
+            found = nb >= 0
             anchor = np.repeat(g[:, None], nb.shape[1], axis=1)
-            positive = g[nb]
+            positive = np.where(found, g[np.clip(nb, 0, None)], -1)
             is_self = positive == anchor
             rank = np.arange(1, nb.shape[1] + 1)[None, :] - np.cumsum(is_self, axis=1)
-            keep = ~is_self & (rank <= k)
+            keep = found & ~is_self & (rank <= k)
             parts.append(F.Candidates(anchor[keep], positive[keep], sims[keep], rank[keep].astype(np.int32)))
     if not parts:
         empty = np.empty(0, np.int64)
@@ -57,35 +65,62 @@ def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int) -> F.Cand
                           for f in ("anchor", "positive", "similarity", "rank")))
 
 
+def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray,
+                categories: np.ndarray) -> tuple[F.Candidates, F.Funnel, np.ndarray]:
+    """The pair rules in order; returns the kept pairs (sorted by anchor, rank), the funnel, and mutual flags."""
+    neighbour_codes = np.sort(F.pair_codes(cand.anchor, cand.positive, n))
+    funnel = F.Funnel(cand)
+    funnel.apply("below_min_similarity", F.at_least(funnel.candidates, recipe.min_similarity))
+    funnel.apply("near_duplicate", F.not_near_duplicate(funnel.candidates, recipe.dup_threshold, digests))
+    if recipe.mutual:
+        funnel.apply("not_mutual", F.is_mutual(funnel.candidates, neighbour_codes, n))
+    funnel.apply("anchor_cap", F.top_per_anchor(funnel.candidates, recipe.max_per_anchor))
+    funnel.apply("unordered_duplicate", F.first_of_unordered(funnel.candidates))
+    if recipe.pairs_per_class:
+        funnel.apply("class_cap", F.balance_per_category(funnel.candidates, categories, recipe.pairs_per_class,
+                                                         recipe.seed))
+    kept = funnel.candidates
+    kept = kept.select(np.lexsort((kept.rank, kept.anchor)))
+    return kept, funnel, F.is_mutual(kept, neighbour_codes, n)
+
+
+def _search_summary(recipe: Recipe, cats: Categories, plans: list[SearchPlan], recall: list) -> dict[str, Any]:
+    kinds: dict[str, int] = {}
+    for p in plans:
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    largest = max(range(len(plans)), key=lambda i: plans[i].nlist, default=None)
+    summary: dict[str, Any] = {
+        "k": recipe.k, "scope": "all images" if cats.mode == "none" else f"within {cats.mode} categories",
+        "groups": len(plans), "index_kinds": kinds, "device": plans[0].device if plans else "cpu",
+        "largest_plan": plans[largest].describe() if largest is not None else None,
+    }
+    if recall:
+        summary["ivf_recall_at_k"] = float(sum(n * r for n, r in recall) / sum(n for n, _ in recall))
+    return summary
+
+
 def mine_pairs(recipe: Recipe, build_dir: Path) -> dict[str, int]:
     """Write ``pairs.parquet`` and ``mine_stats.json``; return counts."""
     index = pq.read_table(build_dir / "index.parquet", columns=["id", "label", "label_name", "digest"])
-    vecs, ids = load_embeddings(build_dir)
+    vecs, ids = load_embeddings(build_dir, dtype=np.float16)
     if not np.array_equal(ids, index.column("id").to_numpy()):
         raise RuntimeError("embeddings do not cover the index row for row; rerun the embed stage")
     labels = index.column("label").to_numpy().astype(np.int64)
     names = np.asarray(index.column("label_name").to_pylist(), dtype=object)
     digests = np.asarray(index.column("digest").to_pylist(), dtype=object)
     valid = vecs.any(axis=1)
-    n = len(vecs)
+    n, d = vecs.shape
 
-    cand = raw_candidates(vecs, _search_groups(recipe, labels, valid), recipe.k)
-    neighbour_codes = np.sort(F.pair_codes(cand.anchor, cand.positive, n))
-    funnel = F.Funnel(cand)
-    funnel.apply("below_min_similarity", F.at_least(funnel.candidates, recipe.min_similarity))
-    funnel.apply("near_duplicate", F.not_near_duplicate(funnel.candidates, recipe.dup_threshold, digests))
-    if recipe.category == "label":
-        # Searched within labels: this removes nothing, and says so in the funnel.
-        funnel.apply("different_label", F.same_label(funnel.candidates, labels))
-    if recipe.mutual:
-        funnel.apply("not_mutual", F.is_mutual(funnel.candidates, neighbour_codes, n))
-    funnel.apply("anchor_cap", F.top_per_anchor(funnel.candidates, recipe.max_per_anchor))
-    funnel.apply("unordered_duplicate", F.first_of_unordered(funnel.candidates))
+    class_names = (read_class_names_file(recipe.class_names) if recipe.class_names
+                   else read_class_names(build_dir / "index.parquet"))
+    cats = assign_categories(recipe.category, vecs, valid, labels, class_names, recipe.encoder,
+                             recipe.image_size, recipe.clusters, recipe.seed)
+    groups = cats.groups(valid)
+    plans = [plan_search(len(g), d, recipe.memory, recipe.index, recipe.nprobe) for g in groups]
+    recall: list = []
+    cand = raw_candidates(vecs, groups, recipe.k, plans, recipe.seed, recall)
+    kept, funnel, mutual = apply_rules(recipe, cand, n, digests, cats.ids)
 
-    kept = funnel.candidates
-    order = np.lexsort((kept.rank, kept.anchor))
-    kept = kept.select(order)
-    mutual = F.is_mutual(kept, neighbour_codes, n)
     table = pa.table({
         "pair_id": pa.array(np.arange(len(kept)), pa.int64()),
         "anchor_id": pa.array(ids[kept.anchor], pa.int64()),
@@ -96,12 +131,13 @@ def mine_pairs(recipe: Recipe, build_dir: Path) -> dict[str, int]:
         "label": pa.array(labels[kept.anchor], pa.int32()),
         "label_name": pa.array(names[kept.anchor].tolist(), pa.string()),
         "positive_label": pa.array(labels[kept.positive], pa.int32()),
-        "category_source": pa.array([recipe.category] * len(kept), pa.string()),
+        "category": pa.array(cats.ids[kept.anchor], pa.int32()),
+        "category_source": pa.array([cats.mode] * len(kept), pa.string()),
     }, schema=PAIRS_SCHEMA)
     stats = {
         "images": int(n), "searchable": int(valid.sum()), "pairs": len(kept),
-        "search": {"method": "exact", "index": "IndexFlatIP", "gpus": faiss_gpus(),
-                   "scope": "within label" if recipe.category == "label" else "all images", "k": recipe.k},
+        "search": _search_summary(recipe, cats, plans, recall),
+        "categories": {"mode": cats.mode, "count": len(groups), **cats.info},
         "funnel": funnel.steps,
         "hist_bins": F.HIST_BINS.tolist(),
         "kept_hist": np.histogram(kept.similarity, F.HIST_BINS)[0].tolist(),

@@ -55,6 +55,9 @@ def compute_metrics(index: pd.DataFrame, pairs: pd.DataFrame, stats: dict[str, A
         "similarity": ({"mean": float(sims.mean()), "median": float(np.median(sims)),
                         "min": float(sims.min()), "max": float(sims.max())} if len(sims) else None),
         "filter_removed": {s["step"]: s["removed"] for s in stats["funnel"][1:]},
+        "ivf_recall_at_k": stats["search"].get("ivf_recall_at_k"),
+        "zeroshot_accuracy": stats["categories"].get("zeroshot_accuracy"),
+        "categories": stats["categories"],
         "funnel": stats["funnel"],
         "search": stats["search"],
     }
@@ -137,8 +140,10 @@ def _html(recipe: Recipe, metrics: dict[str, Any], grids: dict[str, str]) -> str
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
-    headline = ["images", "quarantined", "pairs", "precision", "coverage", "mutual_share"]
-    rows = "".join(f"<tr><th>{k}</th><td>{fmt(metrics[k])}</td></tr>" for k in headline)
+    headline = ["images", "quarantined", "pairs", "precision", "coverage", "mutual_share", "ivf_recall_at_k",
+                "zeroshot_accuracy"]
+    rows = "".join(f"<tr><th>{k}</th><td>{fmt(metrics[k])}</td></tr>" for k in headline if metrics[k] is not None)
+    search = metrics["search"]
     funnel = "".join(f"<tr><td>{html.escape(s['step'])}</td><td>{s['removed']:,}</td><td>{s['remaining']:,}</td></tr>"
                      for s in metrics["funnel"])
     figures = "".join(f"<h2>{html.escape(title)}</h2><img src='{src}' alt='{html.escape(title)}'>"
@@ -152,7 +157,8 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}} img{{max-width:10
 <body><h1>{html.escape(recipe.name)}: semantic pair report</h1>
 <p>source <code>{html.escape(recipe.source)}</code>, encoder <code>{html.escape(recipe.encoder)}</code>,
 category <code>{recipe.category}</code>, k={recipe.k}, min similarity {recipe.min_similarity},
-duplicate threshold {recipe.dup_threshold}, at most {recipe.max_per_anchor} per anchor{", mutual only" if recipe.mutual else ""}.</p>
+duplicate threshold {recipe.dup_threshold}, at most {recipe.max_per_anchor} per anchor{", mutual only" if recipe.mutual else ""}{f", at most {recipe.pairs_per_class} per class" if recipe.pairs_per_class else ""}.
+Search: {html.escape(search["scope"])}, {search["groups"]} groups, indexes {html.escape(str(search["index_kinds"]))} on {search["device"]}.</p>
 {figures}
 <h2>Numbers</h2><table>{rows}</table>
 <h2>Filter funnel</h2><table><tr><th>step</th><th>removed</th><th>remaining</th></tr>{funnel}</table>
