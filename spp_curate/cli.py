@@ -71,7 +71,7 @@ def _print_result(build_dir: Path) -> None:
 
 @app.command()
 def build(
-    source: str = typer.Option(..., help="fashion-mnist | imagefolder"),
+    source: str = typer.Option(..., help="fashion-mnist | imagefolder | imagenet | hf:NAME-OR-DIR | wds:SHARDS"),
     root: Optional[Path] = typer.Option(None, help="where the source's files are"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="build directory [default: builds/<source>]"),
     recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="a recipe YAML instead of manifests/<source>.yaml"),
@@ -81,7 +81,9 @@ def build(
     class_names: Optional[Path] = typer.Option(None, help="class names, one per line (for --category zeroshot)"),
     clusters: Optional[int] = typer.Option(None, min=2, help="k-means clusters (for --category cluster)"),
     limit: Optional[int] = typer.Option(None, min=0, help="take the first N images in source order"),
-    split: Optional[str] = typer.Option(None, help="source split, e.g. train | test"),
+    split: Optional[str] = typer.Option(None, help="source split, e.g. train | test | val"),
+    image_column: Optional[str] = typer.Option(None, help="hf sources: the image column [default: detected]"),
+    label_column: Optional[str] = typer.Option(None, help="hf sources: the label column [default: detected]"),
     k: Optional[int] = typer.Option(None, min=1, help="neighbours searched per image"),
     min_similarity: Optional[float] = typer.Option(None, help="minimum cosine similarity of a pair"),
     dup_threshold: Optional[float] = typer.Option(None, help="pairs at or above this similarity are near-duplicates"),
@@ -107,7 +109,7 @@ def build(
     overrides = dict(root=str(root) if root else None, encoder=encoder, image_size=image_size, category=category,
                      class_names=str(class_names) if class_names else None, clusters=clusters,
                      pairs_per_class=pairs_per_class, index=index, memory=memory, nprobe=nprobe,
-                     limit=limit, split=split, k=k, min_similarity=min_similarity, dup_threshold=dup_threshold,
+                     limit=limit, split=split, image_column=image_column, label_column=label_column, k=k, min_similarity=min_similarity, dup_threshold=dup_threshold,
                      max_per_anchor=max_per_anchor, mutual=mutual, batch_size=batch_size, workers=workers,
                      chunk_size=chunk_size, shard_size=shard_size, name=name, license=license, seed=seed)
     if until is not None and until not in STAGES:

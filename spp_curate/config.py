@@ -28,7 +28,7 @@ INDEX_KINDS = ("auto", "flat", "ivf-flat", "ivf-pq")
 # its record carries the fingerprint of these fields (and of the stages before
 # it); change one of them and that stage and the ones after it run again.
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "index": ("source", "root", "split", "limit"),
+    "index": ("source", "root", "split", "limit", "image_column", "label_column"),
     "embed": ("encoder", "image_size"),
     "mine": ("k", "category", "class_names", "clusters", "min_similarity", "dup_threshold", "max_per_anchor",
              "mutual", "pairs_per_class", "index", "memory", "nprobe", "seed"),
@@ -65,6 +65,8 @@ class Recipe(BaseModel):
     root: str | None = None
     split: str = "train"
     limit: int | None = Field(default=None, ge=0)
+    image_column: str | None = None
+    label_column: str | None = None
 
     encoder: str = "openclip:ViT-B-32"
     image_size: int | None = Field(default=None, ge=8, description="override the encoder's input size")
