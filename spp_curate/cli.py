@@ -97,6 +97,8 @@ def build(
     workers: Optional[int] = typer.Option(None, min=0, help="decode processes [default: spare cores]"),
     chunk_size: Optional[int] = typer.Option(None, min=1, help="images per embedding chunk (resume unit)"),
     shard_size: Optional[str] = typer.Option(None, help="release shard size, e.g. 500MB"),
+    images: Optional[str] = typer.Option(None, help="embed | none (an ID-only release: keys and digests)"),
+    max_side: Optional[int] = typer.Option(None, min=8, help="shrink release images larger than this"),
     name: Optional[str] = typer.Option(None, help="release name"),
     license: Optional[str] = typer.Option(None, help="license id for the dataset card"),
     seed: Optional[int] = typer.Option(None, help="random seed"),
@@ -111,7 +113,7 @@ def build(
                      pairs_per_class=pairs_per_class, index=index, memory=memory, nprobe=nprobe,
                      limit=limit, split=split, image_column=image_column, label_column=label_column, k=k, min_similarity=min_similarity, dup_threshold=dup_threshold,
                      max_per_anchor=max_per_anchor, mutual=mutual, batch_size=batch_size, workers=workers,
-                     chunk_size=chunk_size, shard_size=shard_size, name=name, license=license, seed=seed)
+                     chunk_size=chunk_size, shard_size=shard_size, images=images, max_side=max_side, name=name, license=license, seed=seed)
     if until is not None and until not in STAGES:
         raise UserError(f"unknown stage {until!r}; accepted: {', '.join(STAGES)}", option="--until")
     recipe = resolve_recipe(source, overrides, str(recipe_file) if recipe_file else None)
@@ -154,6 +156,55 @@ def verify(release: Path = typer.Argument(..., help="release directory (holds ma
             err.print(f"verify: {problem}", markup=False, highlight=False)
         raise typer.Exit(1)
     out.print(f"{release}: ok")
+
+
+@app.command()
+def push(
+    release: Path = typer.Argument(..., help="release directory (holds manifest.json)"),
+    repo_id: str = typer.Option(..., help="the dataset repo, ORG/NAME"),
+    private: bool = typer.Option(False, "--private", help="create the repo private"),
+    revision: Optional[str] = typer.Option(None, help="branch to push to [default: main]"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list what would be uploaded; touch no network"),
+) -> None:
+    """Verify a release, then upload it to the Hugging Face Hub (resumable); --dry-run lists the files."""
+    from .export.hub import push_release, release_files
+    from .export.manifest import verify_release
+
+    problems = verify_release(release)
+    if problems:
+        raise UserError(f"{release} does not verify ({problems[0]}); run `spp-curate verify {release}`",
+                        option="push")
+    files = release_files(release)
+    if dry_run:
+        for path, size in files:
+            out.print(f"{size:>14,}  {path}", markup=False, highlight=False)
+        total = sum(size for _, size in files)
+        out.print(f"{len(files)} files, {total:,} bytes -> dataset {repo_id}"
+                  f"{' (private)' if private else ''}{f' @ {revision}' if revision else ''} (dry run: nothing sent)",
+                  markup=False, highlight=False)
+        return
+    url = push_release(release, repo_id, private=private, revision=revision)
+    out.print(f"pushed {len(files)} files to {url}", markup=False, highlight=False)
+
+
+@app.command()
+def materialize(
+    release: Path = typer.Argument(..., help="an ID-only release (built with --images none)"),
+    root: Path = typer.Option(..., help="your own copy of the source"),
+    out_dir: Path = typer.Option(..., "--out", help="where to write the full release"),
+) -> None:
+    """Rebuild an ID-only release's image shards from your own copy of the source, checking every digest."""
+    from .export.materialize import materialize as run
+
+    if not root.exists():
+        raise UserError(f"{root} does not exist", option="--root")
+    problems, counts = run(release, root, out_dir)
+    if problems:
+        for problem in problems:
+            err.print(f"materialize: {problem}", markup=False, highlight=False)
+        err.print(f"materialize: {len(problems)} image(s) missing or changed; nothing written", markup=False)
+        raise typer.Exit(1)
+    out.print(f"release: {out_dir} ({counts['pairs']:,} pairs in {counts['shards']} shards)")
 
 
 # Typer may vendor its own click; take the base class of its usage errors from Typer itself.

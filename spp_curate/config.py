@@ -33,7 +33,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "mine": ("k", "category", "class_names", "clusters", "min_similarity", "dup_threshold", "max_per_anchor",
              "mutual", "pairs_per_class", "index", "memory", "nprobe", "seed"),
     "report": ("grid_pairs",),
-    "export": ("name", "license", "shard_size", "description"),
+    "export": ("name", "license", "shard_size", "description", "images", "max_side"),
 }
 STAGES: tuple[str, ...] = tuple(STAGE_FIELDS)
 
@@ -91,6 +91,8 @@ class Recipe(BaseModel):
     grid_pairs: int = Field(default=24, ge=1)
 
     shard_size: int = Field(default=500 * 10**6, ge=1)
+    images: Literal["embed", "none"] = Field(default="embed", description="none = an ID-only release")
+    max_side: int | None = Field(default=None, ge=8, description="shrink images larger than this (re-encodes)")
 
     @field_validator("shard_size", "memory", mode="before")
     @classmethod

@@ -34,6 +34,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+def remove_stale_temps(directory: str | os.PathLike[str]) -> int:
+    """Delete temporary files a killed run left under ``directory``; return how many."""
+    stale = [p for p in Path(directory).rglob(".*.tmp-*") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return len(stale)
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Recipe
-from ..files import atomic_path, read_json, write_json
+from ..files import atomic_path, read_json, remove_stale_temps, write_json
 from ..progress import stage_progress
 from .encoders import Encoder, load_encoder
 from .images import BadImage, decode_image
@@ -29,15 +29,17 @@ from .sources import Source, auto_workers, open_source
 class _IndexedImages(Dataset):
     """Rows of the index, decoded and preprocessed for the encoder."""
 
-    def __init__(self, source: Source, keys: list[str], preprocess, image_size: int) -> None:
+    def __init__(self, source: Source, keys: list[str], preprocess, image_size: int, draft: bool = True) -> None:
         self.source, self.keys, self.preprocess, self.image_size = source, keys, preprocess, image_size
+        # Reduced-size JPEG decoding for pictures at least twice the encoder's input (see bench/embed.py).
+        self.draft_size = image_size if draft else None
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
         try:
-            img = decode_image(self.source.read(self.keys[i]))
+            img = decode_image(self.source.read(self.keys[i]), draft_size=self.draft_size)
             return self.preprocess(img), True
         except (BadImage, OSError):
             # The file changed since it was indexed; its row stays zero and is reported.
@@ -71,7 +73,7 @@ def _encode_chunk(encoder: Encoder, loader: DataLoader, device: torch.device, ba
     return np.concatenate(outs), np.concatenate(oks)
 
 
-def embed_index(recipe: Recipe, build_dir: Path, device: str | None = None) -> dict[str, int]:
+def embed_index(recipe: Recipe, build_dir: Path, device: str | None = None, draft: bool = True) -> dict[str, int]:
     """Embed ``build_dir/index.parquet`` into ``build_dir/embeddings/``; resumes finished chunks."""
     emb_dir = build_dir / "embeddings"
     chunk_size = recipe.chunk_size
@@ -80,6 +82,7 @@ def embed_index(recipe: Recipe, build_dir: Path, device: str | None = None) -> d
     if emb_dir.exists() and (not run_file.exists() or read_json(run_file) != run):
         shutil.rmtree(emb_dir)  # made by another encoder or chunking: nothing to reuse
     emb_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(emb_dir)
     write_json(run_file, run)
 
     index = pq.read_table(build_dir / "index.parquet", columns=["id", "key"])
@@ -100,7 +103,7 @@ def embed_index(recipe: Recipe, build_dir: Path, device: str | None = None) -> d
         bar.update(task, completed=min(len(ids), done_before * chunk_size))
         for c in todo:
             lo, hi = c * chunk_size, min(len(ids), (c + 1) * chunk_size)
-            dataset = _IndexedImages(source, keys[lo:hi], encoder.preprocess, encoder.image_size)
+            dataset = _IndexedImages(source, keys[lo:hi], encoder.preprocess, encoder.image_size, draft)
             loader = DataLoader(dataset, batch_size=recipe.batch_size, num_workers=workers,
                                 pin_memory=dev.type == "cuda", persistent_workers=False)
             feats, _ = _encode_chunk(encoder, loader, dev, bar, task)

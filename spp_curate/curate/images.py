@@ -11,6 +11,7 @@ up in the quarantine table.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -71,8 +72,11 @@ def decode_with_format(data: bytes, draft_size: int | None = None,
             width, height = img.size
             if width * height > max_pixels:
                 raise BadImage(f"too large: {width}x{height} pixels is over the limit of {max_pixels}")
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
+            if draft_size and img.format == "JPEG" and min(width, height) >= 2 * draft_size:
+                # Decode at 1/2, 1/4 or 1/8 scale while the shorter side stays >= draft_size.
+                scale = draft_size / min(width, height)
+                img.draft(img.mode if img.mode in ("RGB", "L") else None,
+                          (math.ceil(width * scale), math.ceil(height * scale)))
             fmt = str(img.format)
             img.load()
             img = ImageOps.exif_transpose(img)

@@ -79,6 +79,17 @@ def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, i
                   ""]
     if figure:
         lines += [f"![pair grid: anchor | positive]({figure})", ""]
+    if recipe.images == "none":
+        lines += [
+            "## ID-only release", "",
+            "This release carries no pixels: each pair names its two images by source key and sha256 digest. "
+            "Rebuild the image shards from your own copy of the source, checking every digest:", "",
+            "```bash",
+            "spp-curate materialize RELEASE_DIR --root /path/to/your/copy --out materialized/",
+            "```", "",
+            "## Citation", "", "```bibtex", CITATIONS, "```", "",
+        ]
+        return f"---\n{header}---\n\n" + "\n".join(lines)
     lines += [
         "## Use", "",
         "```python",

@@ -9,6 +9,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from ..curate.images import BadImage, decode_image
 from ..errors import UserError
 from ..files import read_json, sha256_file
 from .webdataset import tar_sample_count
@@ -40,6 +41,26 @@ def _rows(release: Path, entry: dict[str, Any], image_ext: str) -> int | None:
     if entry["kind"] == "webdataset":
         return tar_sample_count(path, image_ext)
     return None
+
+
+def _first_images(path: Path, kind: str) -> list[bytes]:
+    """The encoded images of a shard's first pair (none for ID-only shards)."""
+    if kind == "parquet":
+        schema = pq.read_schema(path)
+        if "anchor" not in schema.names:
+            return []
+        first = pq.ParquetFile(path).read_row_group(0, columns=["anchor", "positive"]).slice(0, 1).to_pylist()
+        return [first[0]["anchor"]["bytes"], first[0]["positive"]["bytes"]] if first else []
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        out = []
+        for member in tar:
+            if member.name.split(".", 1)[1].startswith(("anchor.", "positive.")):
+                out.append(tar.extractfile(member).read())
+            if len(out) == 2:
+                break
+        return out
 
 
 def verify_release(release: str | Path) -> list[str]:
@@ -76,6 +97,12 @@ def verify_release(release: str | Path) -> list[str]:
             continue
         if rows != entry["rows"]:
             problems.append(f"{entry['path']}: {rows} rows, manifest says {entry['rows']}")
+        if entry["kind"] in ("parquet", "webdataset") and rows:
+            for data in _first_images(path, entry["kind"]):
+                try:
+                    decode_image(data)
+                except BadImage as exc:
+                    problems.append(f"{entry['path']}: its first pair's image does not decode ({exc})")
         if entry["kind"] in totals and rows is not None:
             totals[entry["kind"]] += rows
     for kind, total in totals.items():

@@ -12,19 +12,26 @@ import pyarrow.parquet as pq
 from .samples import PairSample
 
 
-def pair_features(class_names: list[str]) -> datasets.Features:
-    """The release schema, declared (not inferred), as ``datasets`` reads it."""
+def id_features(class_names: list[str]) -> datasets.Features:
+    """The schema of an ID-only release: keys and digests, no pixels."""
     label = datasets.ClassLabel(names=class_names) if class_names else datasets.Value("int32")
     return datasets.Features({
         "pair_id": datasets.Value("int64"),
-        "anchor": datasets.Image(),
-        "positive": datasets.Image(),
         "anchor_key": datasets.Value("string"),
         "positive_key": datasets.Value("string"),
+        "anchor_digest": datasets.Value("string"),
+        "positive_digest": datasets.Value("string"),
         "label": label,
         "label_name": datasets.Value("string"),
         "similarity": datasets.Value("float32"),
     })
+
+
+def pair_features(class_names: list[str]) -> datasets.Features:
+    """The release schema, declared (not inferred), as ``datasets`` reads it: images first."""
+    return datasets.Features({"pair_id": datasets.Value("int64"), "anchor": datasets.Image(),
+                              "positive": datasets.Image(), **{k: v for k, v in id_features(class_names).items()
+                                                                 if k != "pair_id"}})
 
 
 class PairParquetWriter:
@@ -48,16 +55,12 @@ class PairParquetWriter:
         if not self._buffer:
             return
         b = self._buffer
-        table = pa.table({
-            "pair_id": [s.pair_id for s in b],
-            "anchor": [{"bytes": s.anchor, "path": None} for s in b],
-            "positive": [{"bytes": s.positive, "path": None} for s in b],
-            "anchor_key": [s.anchor_key for s in b],
-            "positive_key": [s.positive_key for s in b],
-            "label": [s.label for s in b],
-            "label_name": [s.label_name for s in b],
-            "similarity": [float(s.similarity) for s in b],
-        }, schema=self.schema)
+        columns = {name: [getattr(s, name) for s in b] for name in self.schema.names
+                   if name not in ("anchor", "positive")}
+        if "anchor" in self.schema.names:
+            columns["anchor"] = [{"bytes": s.anchor, "path": None} for s in b]
+            columns["positive"] = [{"bytes": s.positive, "path": None} for s in b]
+        table = pa.table({name: columns[name] for name in self.schema.names}, schema=self.schema)
         self._writer.write_table(table)
         self.rows += len(b)
         self._buffer = []

@@ -1,10 +1,15 @@
-"""The export stage: ``pairs.parquet`` + the source's images -> ``release/``.
+"""The export stage: pairs + the source's images -> ``release/``.
 
 Pairs are cut into ``S`` shards of about ``shard_size`` bytes, planned before
 any is written so names carry ``-of-S``. Shard ``i`` holds the same pairs in
 its Parquet file and its tar. Each shard is written to a temporary name and
 renamed when complete; a rerun after a kill skips the shards already in place
 and writes the card and ``manifest.json`` (always last) anew.
+
+With ``images="none"`` the release is ID-only: Parquet shards of keys,
+digests, labels and similarities, no pixels, for sources whose images may not
+be redistributed; ``spp-curate materialize`` turns it back into a full release
+from the user's own copy of the source.
 """
 
 from __future__ import annotations
@@ -12,20 +17,24 @@ from __future__ import annotations
 import io
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
+from PIL import Image
 
 from ..config import Recipe
 from ..curate.images import decode_image
 from ..curate.index import read_class_names
 from ..curate.sources import Source, open_source
-from ..files import atomic_path, read_json, write_json
+from ..files import atomic_path, read_json, remove_stale_temps, write_json
 from ..progress import stage_progress
 from .card import render_card
 from .manifest import SCHEMA_VERSION, file_entry, library_versions
-from .parquet import PairParquetWriter, pair_features
+from .parquet import PairParquetWriter, id_features, pair_features
 from .samples import PairSample
 from .webdataset import PairTarWriter
 
@@ -34,6 +43,22 @@ EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png"}
 # 512 bytes (256 on average each) and a small JSON padded to 512: for small
 # images (Fashion-MNIST's are ~300 bytes) this dominates the shard size.
 TAR_BYTES_PER_PAIR = 3 * 512 + 2 * 256 + 512
+ID_ONLY_BYTES_PER_PAIR = 256
+PAIR_COLUMNS = ["pair_id", "anchor_key", "positive_key", "anchor_digest", "positive_digest", "label",
+                "label_name", "similarity"]
+
+
+@dataclass
+class ReleaseInput:
+    """Everything a release is written from, whether from a build directory or an ID-only release."""
+
+    recipe: Recipe
+    pairs: pd.DataFrame  # PAIR_COLUMNS
+    images: pd.DataFrame  # indexed by key: format, nbytes
+    class_names: list[str]
+    counts: dict[str, int]  # images, quarantined
+    metrics: dict[str, Any] | None = None
+    figure: Path | None = None
 
 
 def release_format(formats: list[str]) -> str:
@@ -42,13 +67,18 @@ def release_format(formats: list[str]) -> str:
     return "JPEG" if common and common[0][0] == "JPEG" else "PNG"
 
 
-def encoded_image(source: Source, key: str, fmt: str, target: str) -> bytes:
-    """The image's original bytes, or a re-encode when its container differs from the release's."""
+def encoded_image(source: Source, key: str, fmt: str, target: str, max_side: int | None = None) -> bytes:
+    """The image's original bytes, or a re-encode when its container differs or it must shrink."""
     data = source.read(key)
-    if fmt == target:
+    if fmt == target and not max_side:
+        return data
+    img = decode_image(data)
+    if max_side and max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    elif fmt == target:
         return data
     buf = io.BytesIO()
-    decode_image(data).save(buf, format=target, **({"quality": 95} if target == "JPEG" else {}))
+    img.save(buf, format=target, **({"quality": 95} if target == "JPEG" else {}))
     return buf.getvalue()
 
 
@@ -59,86 +89,118 @@ def plan_shards(pair_bytes: np.ndarray, shard_size: int) -> list[np.ndarray]:
     return np.array_split(np.arange(len(pair_bytes)), n_shards)
 
 
-def export_release(recipe: Recipe, build_dir: Path) -> dict[str, int]:
-    """Write ``build_dir/release/``; return counts."""
-    release = build_dir / "release"
+def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
+    """Gather a build directory's pairs, image facts, metrics and figure."""
     index = pq.read_table(build_dir / "index.parquet").to_pandas().set_index("id")
     pairs = pq.read_table(build_dir / "pairs.parquet").to_pandas()
-    class_names = read_class_names(build_dir / "index.parquet")
-    used = np.union1d(pairs.anchor_id, pairs.positive_id)
-    target = release_format(index.loc[used, "format"].tolist()) if len(used) else "PNG"
+    a, p = index.loc[pairs.anchor_id], index.loc[pairs.positive_id]
+    table = pd.DataFrame({
+        "pair_id": pairs.pair_id.to_numpy(), "anchor_key": a.key.to_numpy(), "positive_key": p.key.to_numpy(),
+        "anchor_digest": a.digest.to_numpy(), "positive_digest": p.digest.to_numpy(),
+        "label": pairs.label.to_numpy(), "label_name": pairs.label_name.to_numpy(),
+        "similarity": pairs.similarity.to_numpy()})
+    metrics_path = build_dir / "report" / "metrics.json"
+    grid = build_dir / "report" / "pairs-strongest.png"
+    return ReleaseInput(
+        recipe=recipe, pairs=table, images=index.set_index("key")[["format", "nbytes"]],
+        class_names=read_class_names(build_dir / "index.parquet"),
+        counts={"images": len(index), "quarantined": pq.read_metadata(build_dir / "quarantine.parquet").num_rows},
+        metrics=read_json(metrics_path) if metrics_path.exists() else None,
+        figure=grid if grid.exists() else None)
+
+
+def write_release(inp: ReleaseInput, source: Source | None, release: Path) -> dict[str, int]:
+    """Write the shards, card and manifest of ``inp`` under ``release``; return counts."""
+    recipe, pairs = inp.recipe, inp.pairs
+    id_only = recipe.images == "none"
+    used = pd.unique(np.concatenate([pairs.anchor_key.to_numpy(), pairs.positive_key.to_numpy()]))
+    formats = inp.images["format"]
+    target = release_format(formats.loc[used].tolist())
     ext = EXT_OF_FORMAT[target]
-    nbytes = index["nbytes"]
-    pair_bytes = (nbytes.loc[pairs.anchor_id].to_numpy() + nbytes.loc[pairs.positive_id].to_numpy()
-                  + TAR_BYTES_PER_PAIR)
+    nbytes = inp.images["nbytes"]
+    if id_only:
+        pair_bytes = np.full(len(pairs), ID_ONLY_BYTES_PER_PAIR)
+    else:
+        pair_bytes = (nbytes.loc[pairs.anchor_key].to_numpy() + nbytes.loc[pairs.positive_key].to_numpy()
+                      + TAR_BYTES_PER_PAIR)
     shards = plan_shards(pair_bytes, recipe.shard_size)
     n = len(shards)
 
-    plan = {"fingerprint": recipe.fingerprint("export"), "shards": n, "image_ext": ext}
+    plan = {"fingerprint": recipe.fingerprint("export"), "shards": n, "image_ext": ext, "pairs": len(pairs)}
     plan_file = release / ".export.json"
     if release.exists() and (not plan_file.exists() or read_json(plan_file) != plan):
         shutil.rmtree(release)  # another recipe or plan: nothing to reuse
     (release / "data").mkdir(parents=True, exist_ok=True)
-    (release / "wds").mkdir(parents=True, exist_ok=True)
+    if not id_only:
+        (release / "wds").mkdir(parents=True, exist_ok=True)
     write_json(plan_file, plan)
+    remove_stale_temps(release)
 
-    features = pair_features(class_names)
-    avg_pair = float(pair_bytes.mean()) if len(pair_bytes) else 1.0
-    row_group_rows = int(np.clip(64e6 / max(avg_pair, 1.0), 16, 10_000))
-    source = open_source(recipe)
-    keys, digests, formats = index["key"], index["digest"], index["format"]
-    paths = [(release / "data" / f"train-{i:05d}-of-{n:05d}.parquet", release / "wds" / f"pairs-{i:06d}.tar")
-             for i in range(n)]
+    features = id_features(inp.class_names) if id_only else pair_features(inp.class_names)
+    row_group_rows = int(np.clip(64e6 / max(float(pair_bytes.mean()) if len(pairs) else 1.0, 1.0), 16, 10_000))
+    paths = [(release / "data" / f"train-{i:05d}-of-{n:05d}.parquet",
+              None if id_only else release / "wds" / f"pairs-{i:06d}.tar") for i in range(n)]
     with stage_progress("export", len(pairs), unit="pair") as (bar, task):
         for (pq_path, tar_path), rows in zip(paths, shards):
-            if pq_path.exists() and tar_path.exists():
+            if pq_path.exists() and (tar_path is None or tar_path.exists()):
                 bar.update(task, advance=len(rows))
                 continue
-            writers = [PairParquetWriter(pq_path, features, row_group_rows), PairTarWriter(tar_path, ext)]
+            writers: list = [PairParquetWriter(pq_path, features, row_group_rows)]
+            if tar_path is not None:
+                writers.append(PairTarWriter(tar_path, ext))
             for row in pairs.iloc[rows].itertuples(index=False):
-                a, p = int(row.anchor_id), int(row.positive_id)
+                anchor = positive = b""
+                if not id_only:
+                    anchor = encoded_image(source, row.anchor_key, formats[row.anchor_key], target, recipe.max_side)
+                    positive = encoded_image(source, row.positive_key, formats[row.positive_key], target,
+                                             recipe.max_side)
                 sample = PairSample(
-                    pair_id=int(row.pair_id),
-                    anchor=encoded_image(source, keys[a], formats[a], target),
-                    positive=encoded_image(source, keys[p], formats[p], target),
-                    anchor_key=keys[a], positive_key=keys[p], anchor_digest=digests[a], positive_digest=digests[p],
-                    label=int(row.label), label_name=str(row.label_name), similarity=float(row.similarity))
+                    pair_id=int(row.pair_id), anchor=anchor, positive=positive,
+                    anchor_key=row.anchor_key, positive_key=row.positive_key, anchor_digest=row.anchor_digest,
+                    positive_digest=row.positive_digest, label=int(row.label), label_name=str(row.label_name),
+                    similarity=float(row.similarity))
                 for w in writers:
                     w.write(sample)
                 bar.update(task, advance=1)
             for w in writers:
                 w.close()
 
-    counts = {"images": len(index), "pairs": len(pairs), "shards": n,
-              "quarantined": pq.read_metadata(build_dir / "quarantine.parquet").num_rows,
-              "images_reencoded": int(sum(formats.loc[used] != target))}
-    metrics_path = build_dir / "report" / "metrics.json"
-    metrics = read_json(metrics_path) if metrics_path.exists() else None
+    counts = {**inp.counts, "pairs": len(pairs), "shards": n,
+              "images_reencoded": 0 if id_only else int(sum(formats.loc[used] != target))}
     figure = None
-    grid = build_dir / "report" / "pairs-strongest.png"
-    if grid.exists():
+    if inp.figure is not None:
         (release / "assets").mkdir(exist_ok=True)
-        with atomic_path(release / "assets" / grid.name) as tmp:
-            shutil.copyfile(grid, tmp)
-        figure = f"assets/{grid.name}"
+        with atomic_path(release / "assets" / inp.figure.name) as tmp:
+            shutil.copyfile(inp.figure, tmp)
+        figure = f"assets/{inp.figure.name}"
 
     entries = [file_entry(release, p, "parquet", len(rows)) for (p, _), rows in zip(paths, shards)]
-    entries += [file_entry(release, t, "webdataset", len(rows)) for (_, t), rows in zip(paths, shards)]
+    if not id_only:
+        entries += [file_entry(release, t, "webdataset", len(rows)) for (_, t), rows in zip(paths, shards)]
     parquet_bytes = sum(e["bytes"] for e in entries if e["kind"] == "parquet")
     with atomic_path(release / "README.md") as tmp:
-        tmp.write_text(render_card(recipe, features, counts, parquet_bytes, metrics, figure, ext))
+        tmp.write_text(render_card(recipe, features, counts, parquet_bytes, inp.metrics, figure, ext))
     entries.append(file_entry(release, release / "README.md", "card", None))
     if figure:
         entries.append(file_entry(release, release / figure, "asset", None))
+    metrics = inp.metrics
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "name": recipe.name,
+        "images": recipe.images,
         "recipe": recipe.model_dump(),
         "versions": library_versions(),
         "counts": counts,
         "image_ext": ext,
-        "metrics": {k: metrics[k] for k in ("precision", "coverage", "filter_removed")} if metrics else None,
+        "class_names": inp.class_names,
+        "metrics": {k: metrics.get(k) for k in ("precision", "coverage", "filter_removed")} if metrics else None,
         "files": entries,
     }
     write_json(release / "manifest.json", manifest)
     return counts
+
+
+def export_release(recipe: Recipe, build_dir: Path) -> dict[str, int]:
+    """Write ``build_dir/release/`` from a build directory; return counts."""
+    source = None if recipe.images == "none" else open_source(recipe)
+    return write_release(from_build(recipe, build_dir), source, build_dir / "release")
