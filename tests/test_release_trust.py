@@ -119,3 +119,11 @@ def test_export_killed_mid_run_finishes_on_rerun_and_never_leaves_partial_shards
     manifest = json.loads((out / "release" / "manifest.json").read_text())
     assert manifest["counts"]["shards"] > 3
     assert not [p for p in (out / "release").rglob("*") if ".tmp-" in p.name]
+
+
+def test_max_side_shrinks_release_images_and_jpeg_otherwise_passes_through(tmp_path):
+    root, out = _folder_build(tmp_path, "--max-side", "40")
+    ds = datasets.load_dataset(str(out / "release"), split="train")
+    row = ds[0]
+    assert max(row["anchor"].size) == 40 and row["anchor"].format == "JPEG"
+    assert run_cli("verify", out / "release") == 0
