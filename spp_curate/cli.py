@@ -159,6 +159,50 @@ def verify(release: Path = typer.Argument(..., help="release directory (holds ma
 
 
 @app.command()
+def train(
+    out_dir: Path = typer.Option(..., "--out", help="run directory: checkpoints, metrics"),
+    pairs: Optional[str] = typer.Option(None, help="a release directory or hf://org/name"),
+    source: Optional[str] = typer.Option(None, help="train on single images of a source instead"),
+    root: Optional[Path] = typer.Option(None, help="the source's root (with --source)"),
+    method: str = typer.Option("simclr", help="moco | simclr | simsiam | byol"),
+    positives: str = typer.Option("augment", help="augment | semantic | both"),
+    backbone: str = typer.Option("small-cnn", help="small-cnn | resnet18 | resnet50"),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(256, min=2),
+    lr: float = typer.Option(0.06, min=0.0, help="learning rate at batch 256 (scaled linearly)"),
+    image_size: int = typer.Option(32, min=8, help="training input size"),
+    limit: Optional[int] = typer.Option(None, min=1, help="use the first N pairs or images"),
+    seed: int = typer.Option(0),
+    workers: int = typer.Option(0, min=0, help="data loader processes"),
+    resume: bool = typer.Option(False, "--resume", help="continue from RUN/last.pt"),
+) -> None:
+    """Pretrain MoCo-v2, SimCLR, SimSiam or BYOL on pair shards (or single images); checkpoints every epoch."""
+    from .train.loop import TrainConfig, train as run_train
+
+    cfg = TrainConfig(out=str(out_dir), method=method, positives=positives, backbone=backbone, pairs=pairs,
+                      source=source, root=str(root) if root else None, limit=limit, epochs=epochs,
+                      batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, workers=workers)
+    metrics = run_train(cfg, resume=resume)
+    out.print(f"run: {out_dir} (epoch {metrics.get('epoch')}, loss {metrics.get('loss', float('nan')):.4f}); "
+              f"use it as --encoder ssl:{out_dir / 'last.pt'}")
+
+
+@app.command(name="eval")
+def eval_run(
+    run: Path = typer.Argument(..., help="a run directory from `spp-curate train`"),
+    source: str = typer.Option(..., help="labelled source for the probe: fashion-mnist | imagefolder | ..."),
+    root: Optional[Path] = typer.Option(None, help="the source's root (for image folders: the train split)"),
+    test_root: Optional[Path] = typer.Option(None, help="image folders: the test split"),
+    limit: Optional[int] = typer.Option(None, min=1, help="first N images of each split"),
+) -> None:
+    """Weighted kNN (k=200, T=0.1) and linear-probe top-1 of a run's backbone; writes RUN/eval.json."""
+    from .train.evaluate import evaluate
+
+    result = evaluate(run, source, str(root) if root else None, str(test_root) if test_root else None, limit)
+    out.print(f"knn_top1 {result['knn_top1']:.4f}  linear_top1 {result['linear_top1']:.4f}  ({run / 'eval.json'})")
+
+
+@app.command()
 def push(
     release: Path = typer.Argument(..., help="release directory (holds manifest.json)"),
     repo_id: str = typer.Option(..., help="the dataset repo, ORG/NAME"),

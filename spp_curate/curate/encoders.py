@@ -4,7 +4,8 @@
 * ``openclip:MODEL:TAG`` - with pretrained weights ``TAG`` (see ``open_clip.list_pretrained()``),
   fetched into the usual Hugging Face cache when online.
 * ``openclip:MODEL:/path/to/weights.bin`` - with a local weights file.
-* ``ssl:PATH`` - a checkpoint of the bundled trainer (not available yet).
+* ``ssl:PATH`` - a checkpoint of the bundled trainer (``RUN/last.pt`` or ``RUN``): its backbone's
+  pooled features, *before* the projection head, at the input size it was trained at.
 
 :func:`load_encoder` returns an :class:`Encoder`: a module mapping a batch of
 preprocessed images to features, the matching PIL preprocessing, and a
@@ -74,8 +75,10 @@ def check_encoder(spec: str) -> None:
             hint = f" (close: {', '.join(close)})" if close else " (see open_clip.list_models())"
             raise UserError(f"unknown open_clip model {args[0]!r}{hint}", option="--encoder")
     elif kind == "ssl":
-        raise UserError("ssl:CHECKPOINT encoders come with the reference trainer, which this version "
-                        "does not include yet; use openclip:MODEL[:PRETRAINED]", option="--encoder")
+        path = Path(args[0])
+        if not (path.is_file() or (path / "last.pt").is_file()):
+            raise UserError(f"no trainer checkpoint at {args[0]} (expected RUN/last.pt from `spp-curate train`)",
+                            option="--encoder")
 
 
 def _create_openclip(model_name: str, pretrained: str | None, image_size: int | None) -> tuple[Any, Any, str]:
@@ -151,4 +154,16 @@ def load_encoder(spec: str, image_size: int | None = None) -> Encoder:
     kind, args = parse_encoder(spec)
     if kind == "openclip":
         return _openclip(args[0], args[1] if len(args) > 1 else None, image_size)
-    raise AssertionError(kind)  # check_encoder refused the others
+    return _ssl(args[0], image_size)
+
+
+def _ssl(path: str, image_size: int | None) -> Encoder:
+    """A trainer checkpoint's backbone (pre-projector features), with the trainer's eval preprocessing."""
+    from ..train.data import eval_transform
+    from ..train.evaluate import load_backbone
+
+    backbone, dim, trained_size = load_backbone(path)
+    size = image_size or trained_size
+    meta = {"library": "spp-curate trainer", "checkpoint": Path(path).name, "output": "backbone (pre-projector)",
+            "image_size": size}
+    return Encoder(f"ssl:{path}", backbone, eval_transform(size), size, dim, meta)

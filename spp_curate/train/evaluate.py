@@ -1,0 +1,106 @@
+"""Evaluation of a run's backbone: weighted kNN (k=200, T=0.1) and a linear probe, BatchNorm in eval mode."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import resolve_recipe
+from ..curate.images import decode_image
+from ..curate.sources import open_source
+from ..errors import UserError
+from ..files import write_json
+from ..progress import stage_progress
+from .data import eval_transform
+from .loop import build_model, config_from_checkpoint, load_checkpoint
+
+
+def load_backbone(run_or_ckpt: str | Path) -> tuple[torch.nn.Module, int, int]:
+    """The trained backbone of a run (``RUN`` or ``RUN/last.pt``), in eval mode, with feature size and input size."""
+    path = Path(run_or_ckpt)
+    ckpt = load_checkpoint(path / "last.pt" if path.is_dir() else path)
+    cfg = config_from_checkpoint(ckpt)
+    model, dim = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.backbone.eval(), dim, cfg.image_size
+
+
+@torch.no_grad()
+def extract(backbone: torch.nn.Module, source, image_size: int, limit: int | None = None,
+            batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised backbone features and labels of a source's images."""
+    backbone.eval()  # BatchNorm statistics from training, not from this batch
+    transform = eval_transform(image_size)
+    items = list(itertools.islice(source.items(), limit))
+    feats, labels = [], []
+    with stage_progress("eval: features", len(items)) as (bar, task):
+        for lo in range(0, len(items), batch):
+            chunk = items[lo: lo + batch]
+            x = torch.stack([transform(decode_image(source.read(k))) for k, _ in chunk])
+            feats.append(torch.nn.functional.normalize(backbone(x).float(), dim=1).numpy())
+            labels.extend(label for _, label in chunk)
+            bar.update(task, advance=len(chunk))
+    return np.concatenate(feats), np.asarray(labels)
+
+
+def knn_top1(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray, test_y: np.ndarray,
+             k: int = 200, temperature: float = 0.1, batch: int = 1024) -> float:
+    """Weighted kNN (Wu et al., 2018): each of the k nearest votes for its class with exp(sim / T)."""
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    k = min(k, len(train_f))
+    correct = 0
+    for lo in range(0, len(test_f), batch):
+        sims = torch.from_numpy(test_f[lo: lo + batch]) @ torch.from_numpy(train_f).T
+        top, idx = sims.topk(k, dim=1)
+        votes = torch.zeros(len(top), classes).scatter_add_(1, torch.from_numpy(train_y)[idx].long(),
+                                                            (top / temperature).exp())
+        correct += int((votes.argmax(1).numpy() == test_y[lo: lo + batch]).sum())
+    return correct / len(test_f)
+
+
+def linear_top1(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray, test_y: np.ndarray,
+                epochs: int = 100, seed: int = 0) -> float:
+    """A linear classifier on frozen features (full-batch L-BFGS, light weight decay)."""
+    torch.manual_seed(seed)
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    x, y = torch.from_numpy(train_f), torch.from_numpy(train_y).long()
+    probe = torch.nn.Linear(x.shape[1], classes)
+    opt = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=epochs, history_size=20)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe(x), y) + 1e-4 * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        pred = probe(torch.from_numpy(test_f)).argmax(1).numpy()
+    return float((pred == test_y).mean())
+
+
+def evaluate(run: Path, source: str, root: str | None, test_root: str | None = None,
+             limit: int | None = None) -> dict[str, Any]:
+    """kNN and linear top-1 on the source's train/test split; writes ``RUN/eval.json``."""
+    backbone, _, image_size = load_backbone(run)
+    kind = source.split(":", 1)[0]
+    if kind == "fashion-mnist":
+        train_src = open_source(resolve_recipe(source, {"root": root, "split": "train"}))
+        test_src = open_source(resolve_recipe(source, {"root": root, "split": "test"}))
+    elif test_root:
+        train_src = open_source(resolve_recipe(source, {"root": root}))
+        test_src = open_source(resolve_recipe(source, {"root": test_root}))
+    else:
+        raise UserError("this source needs --test-root for the test split (--root is the train split)",
+                        option="--test-root")
+    train_f, train_y = extract(backbone, train_src, image_size, limit)
+    test_f, test_y = extract(backbone, test_src, image_size, limit)
+    result = {"knn_top1": knn_top1(train_f, train_y, test_f, test_y),
+              "linear_top1": linear_top1(train_f, train_y, test_f, test_y),
+              "train_images": len(train_y), "test_images": len(test_y), "knn_k": 200, "knn_t": 0.1}
+    write_json(run / "eval.json", result)
+    return result

@@ -1,0 +1,150 @@
+"""The training loop: one method, one positive mode, checkpoints every epoch, exact resume."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..errors import UserError
+from ..files import atomic_path
+from ..progress import stage_progress
+from .backbones import BACKBONES, build_backbone
+from .data import POSITIVE_MODES, PairViews, SingleImageViews, collate_views
+from .methods import METHODS, Views, build_method
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    method: str = "simclr"
+    positives: str = "augment"
+    backbone: str = "small-cnn"
+    pairs: str | None = None
+    source: str | None = None
+    root: str | None = None
+    limit: int | None = None
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.06
+    weight_decay: float = 5e-4
+    image_size: int = 32
+    seed: int = 0
+    workers: int = 0
+
+    def check(self) -> None:
+        for name, value, accepted in (("--method", self.method, tuple(METHODS)),
+                                      ("--positives", self.positives, POSITIVE_MODES),
+                                      ("--backbone", self.backbone, BACKBONES)):
+            if value not in accepted:
+                raise UserError(f"got {value!r}; accepted: {', '.join(accepted)}", option=name)
+        if (self.pairs is None) == (self.source is None):
+            raise UserError("give exactly one of --pairs RELEASE and --source SOURCE", option="--pairs")
+        if self.source is not None and self.positives != "augment":
+            raise UserError("single images have no partner: --source trains with --positives augment",
+                            option="--positives")
+
+
+def _dataset(cfg: TrainConfig):
+    if cfg.pairs is not None:
+        return PairViews(cfg.pairs, cfg.positives, cfg.image_size, cfg.seed, limit=cfg.limit)
+    from ..config import resolve_recipe
+    from ..curate.sources import open_source
+
+    source = open_source(resolve_recipe(cfg.source, {"root": cfg.root}))
+    return SingleImageViews(source, cfg.image_size, cfg.limit)
+
+
+def build_model(cfg: TrainConfig):
+    backbone, dim = build_backbone(cfg.backbone, cfg.image_size)
+    return build_method(cfg.method, backbone, dim, use_partner=cfg.positives != "augment"), dim
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}", option="RUN") from None
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train, checkpointing ``out/last.pt`` every epoch; returns the last epoch's metrics."""
+    cfg.check()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    model, dim = build_model(cfg)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr * cfg.batch_size / 256, momentum=0.9,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    start, history = 0, []
+    ckpt_path = out / "last.pt"
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if {k: v for k, v in ckpt["config"].items() if k != "epochs"} != \
+                {k: v for k, v in asdict(cfg).items() if k != "epochs"}:
+            raise UserError(f"{ckpt_path} was trained with other options; use another --out", option="--resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start, history = int(ckpt["epoch"]), list(ckpt["history"])
+
+    data = _dataset(cfg)
+    steps_total = max(1, cfg.epochs * max(1, len(data) // cfg.batch_size))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # each epoch's augmentations, resumable
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        loader = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=True,
+                            collate_fn=collate_views, pin_memory=device.type == "cuda",
+                            **({} if isinstance(data, torch.utils.data.IterableDataset)
+                               else {"shuffle": True, "generator": generator}))
+        model.train()
+        total, seen, started = 0.0, 0, time.perf_counter()
+        with stage_progress(f"train {cfg.method}/{cfg.positives} epoch {epoch + 1}/{cfg.epochs}",
+                            len(data) or None, unit="img") as (bar, task):
+            for step, (tensors, images, partners) in enumerate(loader):
+                tensors = [t.to(device, non_blocking=True) for t in tensors]
+                views = Views(tensors, [i.to(device) for i in images], [p.to(device) for p in partners])
+                with autocast:
+                    loss = model.loss(views)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                done = epoch * max(1, len(data) // cfg.batch_size) + step + 1
+                model.after_step(min(1.0, done / steps_total))
+                total += float(loss) * views.batch
+                seen += views.batch
+                bar.update(task, advance=views.batch,
+                           description=f"train {cfg.method}/{cfg.positives} epoch {epoch + 1}/{cfg.epochs} "
+                                       f"loss {total / seen:.4f}")
+        scheduler.step()
+        metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1),
+                   "img_per_s": seen / max(time.perf_counter() - started, 1e-9)}
+        history.append(metrics)
+        ckpt = {"config": asdict(cfg), "epoch": epoch + 1, "feat_dim": dim, "history": history,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(ckpt, tmp)
+        with open(out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+    return history[-1] if history else {}
+
+
+def config_from_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in names})

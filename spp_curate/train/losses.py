@@ -1,0 +1,63 @@
+"""Multi-positive contrastive losses: the part of the trainer that is this project's own.
+
+With semantic pairs a view has more than one positive: the other augmentation
+of its own image and the views of its partner image (SePP-ID, arXiv
+2306.16122). The partner must then also be kept *out* of the negatives,
+including in a MoCo queue, or the loss pushes apart what it pulls together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """InfoNCE with several positives per row (the "L_out" form of SupCon, Khosla et al. 2020).
+
+    Args:
+        logits: ``(Q, K)`` similarities already divided by the temperature.
+        positives: ``(Q, K)`` bool, True where column k is a positive of row q.
+        excluded: ``(Q, K)`` bool, True where column k is neither positive nor negative for row q
+            (the row itself, or a view of the partner image that is not used as a positive).
+
+    Returns:
+        The mean over rows of ``-mean_p log(exp(l_qp) / sum_{k not excluded} exp(l_qk))``.
+
+    Raises:
+        ValueError: when a row has no positive.
+
+    With one positive per row and nothing excluded but the row itself this is
+    NT-Xent (SimCLR) and MoCo's loss.
+    """
+    if not bool(positives.any(dim=1).all()):
+        raise ValueError("every row needs at least one positive")
+    logits = logits.float().masked_fill(excluded, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(dim=1) / positives.sum(dim=1)
+    return -pos_log_prob.mean()
+
+
+def view_masks(group: torch.Tensor, image: torch.Tensor, partner: torch.Tensor,
+               use_partner: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive and excluded masks for in-batch contrast over ``N`` stacked views.
+
+    Args:
+        group: ``(N,)`` the pair each view comes from; views of one pair are positives of each other.
+        image: ``(N,)`` an id of the image each view shows.
+        partner: ``(N,)`` the id of that image's partner in its pair (-1 when none).
+        use_partner: whether the partner is used (``semantic``/``both``): its views are then
+            positives, and wherever else it appears in the batch it is excluded from the negatives.
+            Without it (``augment``, the matched baseline) no semantic information is used.
+
+    Views of the very same image elsewhere in the batch are never negatives.
+    """
+    same_view = torch.eye(len(group), dtype=torch.bool, device=group.device)
+    positives = (group[:, None] == group[None, :]) & ~same_view
+    same_image = image[:, None] == image[None, :]
+    if use_partner:
+        related = same_image | (image[None, :] == partner[:, None])
+    else:
+        positives &= same_image
+        related = same_image
+    excluded = same_view | (related & ~positives)
+    return positives, excluded

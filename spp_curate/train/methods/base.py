@@ -1,0 +1,58 @@
+"""What every method shares: the backbone, the batch of views, and the per-step hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Views:
+    """A batch of ``V`` views of ``B`` pairs.
+
+    ``images[v]`` holds the image id each row of ``tensors[v]`` shows and
+    ``partners[v]`` the id of that image's pair partner (-1 for single images).
+    Views of one pair (same row across ``v``) are positives of each other,
+    except that in ``augment`` mode only views of the same image are.
+    """
+
+    tensors: list[torch.Tensor]
+    images: list[torch.Tensor]
+    partners: list[torch.Tensor]
+
+    @property
+    def batch(self) -> int:
+        return len(self.tensors[0])
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All views stacked: ``(x, group, image, partner)`` with ``V * B`` rows."""
+        group = torch.arange(self.batch, device=self.tensors[0].device).repeat(len(self.tensors))
+        return torch.cat(self.tensors), group, torch.cat(self.images), torch.cat(self.partners)
+
+    def ordered_pairs(self, use_partner: bool) -> list[tuple[int, int]]:
+        """Ordered positive view pairs (i, j), i != j: views of the same image, and with
+        ``use_partner`` also views of the partner image."""
+        same_image = [[bool((self.images[i] == self.images[j]).all()) for j in range(len(self.tensors))]
+                      for i in range(len(self.tensors))]
+        return [(i, j) for i in range(len(self.tensors)) for j in range(len(self.tensors))
+                if i != j and (use_partner or same_image[i][j])]
+
+
+class Method(nn.Module):
+    """An SSL method: a backbone plus heads, a loss over :class:`Views`, and a per-step update."""
+
+    name = "method"
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, use_partner: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feat_dim = feat_dim
+        self.use_partner = use_partner
+
+    def loss(self, views: Views) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, progress: float) -> None:
+        """Called after each optimiser step with training progress in [0, 1] (momentum updates)."""

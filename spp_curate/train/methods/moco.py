@@ -1,0 +1,80 @@
+"""MoCo-v2 (He et al., 2020, arXiv 1911.05722; Chen et al., 2020, arXiv 2003.04297) with semantic positives.
+
+A momentum key encoder and a queue of past keys. Each query view's
+positives are the keys of the other views of its pair (its own image's other
+augmentation in ``augment`` mode, the partner's in ``semantic``, all of them in
+``both``); the negatives are the queue. The queue stores the image id of
+every key, so entries showing the query's own image, and (when the partner
+is used) its partner, are masked out of the negatives (SePP-ID, arXiv 2306.16122).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from lightly.models.modules.heads import MoCoProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.utils.scheduler import cosine_schedule
+
+from ..losses import multi_positive_info_nce
+from .base import Method, Views
+
+
+class MoCo(Method):
+    name = "moco"
+    temperature = 0.2
+    queue_size = 4096
+    momentum = 0.99
+
+    def __init__(self, backbone, feat_dim: int, use_partner: bool) -> None:
+        super().__init__(backbone, feat_dim, use_partner)
+        self.projector = MoCoProjectionHead(feat_dim, 512, 128)
+        self.key_backbone = copy.deepcopy(backbone)
+        self.key_projector = copy.deepcopy(self.projector)
+        deactivate_requires_grad(self.key_backbone)
+        deactivate_requires_grad(self.key_projector)
+        self.register_buffer("queue", torch.nn.functional.normalize(torch.randn(self.queue_size, 128), dim=1))
+        self.register_buffer("queue_ids", torch.full((self.queue_size,), -2, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.nn.functional.normalize(self.key_projector(self.key_backbone(x)), dim=1)
+
+    def loss(self, views: Views) -> torch.Tensor:
+        queries = [torch.nn.functional.normalize(self.projector(self.backbone(x)), dim=1) for x in views.tensors]
+        keys = [self._keys(x) for x in views.tensors]
+        pairs = views.ordered_pairs(self.use_partner)
+        losses = []
+        for i, q in enumerate(queries):
+            pos_views = [j for a, j in pairs if a == i]
+            if not pos_views:
+                continue
+            pos = torch.stack([(q * keys[j]).sum(dim=1) for j in pos_views], dim=1)  # (B, P)
+            neg = q @ self.queue.clone().T  # (B, K)
+            logits = torch.cat([pos, neg], dim=1) / self.temperature
+            related = self.queue_ids[None, :] == views.images[i][:, None]
+            if self.use_partner:
+                related |= self.queue_ids[None, :] == views.partners[i][:, None]
+            positives = torch.zeros_like(logits, dtype=torch.bool)
+            positives[:, : len(pos_views)] = True
+            excluded = torch.zeros_like(positives)
+            excluded[:, len(pos_views):] = related
+            losses.append(multi_positive_info_nce(logits, positives, excluded))
+        self._enqueue(keys[0], views.images[0])
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:
+        n = min(len(keys), self.queue_size)
+        ptr = int(self.queue_ptr)
+        idx = (ptr + torch.arange(n, device=keys.device)) % self.queue_size
+        self.queue[idx] = keys[:n].float()
+        self.queue_ids[idx] = ids[:n]
+        self.queue_ptr.fill_((ptr + n) % self.queue_size)
+
+    def after_step(self, progress: float) -> None:
+        m = cosine_schedule(int(progress * 1000), 1000, self.momentum, 1.0)
+        update_momentum(self.backbone, self.key_backbone, m)
+        update_momentum(self.projector, self.key_projector, m)
