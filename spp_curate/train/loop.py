@@ -72,8 +72,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"no checkpoint at {path}", option="RUN") from None
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train, checkpointing ``out/last.pt`` every epoch; returns the last epoch's metrics."""
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Train, checkpointing ``out/last.pt`` every epoch; returns the last epoch's metrics.
+
+    ``stop_after`` ends the run after that epoch as an interruption would; ``resume`` then continues it
+    to the same weights an uninterrupted run reaches.
+    """
     cfg.check()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +107,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     steps_total = max(1, cfg.epochs * max(1, len(data) // cfg.batch_size))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, min(cfg.epochs, stop_after or cfg.epochs)):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # each epoch's augmentations, resumable
         if hasattr(data, "set_epoch"):
             data.set_epoch(epoch)
@@ -126,7 +130,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 optimizer.step()
                 done = epoch * max(1, len(data) // cfg.batch_size) + step + 1
                 model.after_step(min(1.0, done / steps_total))
-                total += float(loss) * views.batch
+                total += float(loss.detach()) * views.batch
                 seen += views.batch
                 bar.update(task, advance=views.batch,
                            description=f"train {cfg.method}/{cfg.positives} epoch {epoch + 1}/{cfg.epochs} "

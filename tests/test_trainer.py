@@ -1,0 +1,182 @@
+"""The reference trainer: its losses on known inputs, every method x positive mode, resume, and evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spp_curate.train.backbones import build_backbone
+from spp_curate.train.data import PairViews, collate_views
+from spp_curate.train.evaluate import knn_top1
+from spp_curate.train.losses import multi_positive_info_nce, view_masks
+from spp_curate.train.loop import TrainConfig, load_checkpoint, train
+from spp_curate.train.methods import METHODS, Views, build_method
+from spp_curate.train.methods.moco import MoCo
+
+from conftest import FMNIST, run_cli, run_cli_process
+
+
+def test_info_nce_on_known_logits():
+    logits = torch.tensor([[0.0, 2.0, 1.0, 3.0]])
+    positives = torch.tensor([[False, True, False, False]])
+    excluded = torch.tensor([[True, False, False, False]])
+    expected = -math.log(math.exp(2) / (math.exp(2) + math.exp(1) + math.exp(3)))
+    assert multi_positive_info_nce(logits, positives, excluded).item() == pytest.approx(expected, rel=1e-6)
+    # exclude column 3 (the partner, say): it no longer counts as a negative
+    excluded[0, 3] = True
+    expected = -math.log(math.exp(2) / (math.exp(2) + math.exp(1)))
+    assert multi_positive_info_nce(logits, positives, excluded).item() == pytest.approx(expected, rel=1e-6)
+    # two positives: the mean of their log-probabilities
+    positives[0, 2] = True
+    denominator = math.exp(2) + math.exp(1)
+    expected = -(math.log(math.exp(2) / denominator) + math.log(math.exp(1) / denominator)) / 2
+    assert multi_positive_info_nce(logits, positives, excluded).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_both_masks_the_partner_out_of_in_batch_negatives():
+    # two pairs in a batch: (a=1, b=2) and (b=2, c=3); views stacked as [aug(a), aug'(a), aug(b)] x 2 pairs
+    group = torch.tensor([0, 1, 0, 1, 0, 1])
+    image = torch.tensor([1, 2, 1, 2, 2, 3])
+    partner = torch.tensor([2, 3, 2, 3, 1, 2])
+    pos, exc = view_masks(group, image, partner, use_partner=True)
+    # row 0 = aug(a) of pair 0: positives are aug'(a) and aug(b) of pair 0
+    assert pos[0].tolist() == [False, False, True, False, True, False]
+    # pair 1's views of image 2 (= a's partner) are neither positive nor negative
+    assert exc[0].tolist() == [True, True, False, True, False, False]
+    # augment mode uses no semantics: b's views elsewhere are plain negatives
+    pos, exc = view_masks(group, image, partner, use_partner=False)
+    assert pos[0].tolist() == [False, False, True, False, False, False]
+    assert exc[0].tolist() == [True, False, False, False, False, False]
+
+
+def test_moco_masks_the_partner_out_of_the_queue():
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("small-cnn", 32)
+    moco = build_method("moco", backbone, dim, use_partner=True).eval()
+    x = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    # four anchors that share one partner image (id 20), as a popular image does
+    images = [torch.tensor([10, 11, 12, 13])] * 2 + [torch.tensor([20, 20, 20, 20])]
+    partners = [torch.tensor([20, 20, 20, 20])] * 2 + [torch.tensor([10, 11, 12, 13])]
+    moco.queue_ids[:8] = torch.tensor([20, 20, 20, 20, 99, 98, 97, 96])
+
+    def loss_with(queue):
+        moco.queue.copy_(queue)
+        ptr = moco.queue_ptr.clone()
+        value = moco.loss(Views(x, images, partners)).item()
+        moco.queue_ptr.copy_(ptr)
+        return value
+
+    base = moco.queue.clone()
+    partner_changed = base.clone()
+    partner_changed[:4] = torch.nn.functional.normalize(torch.randn(4, 128), dim=1)
+    other_changed = base.clone()
+    other_changed[4:8] = torch.nn.functional.normalize(torch.randn(4, 128), dim=1)
+    ids = moco.queue_ids.clone()
+    reference = loss_with(base)
+    moco.queue_ids.copy_(ids)
+    assert loss_with(partner_changed) == pytest.approx(reference, rel=1e-5)
+    moco.queue_ids.copy_(ids)
+    assert loss_with(other_changed) != pytest.approx(reference, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pair_batches(label_build):
+    out = {}
+    for mode in ("augment", "semantic", "both"):
+        data = PairViews(str(label_build / "release"), mode, image_size=32, seed=0, limit=32)
+        out[mode] = collate_views(list(data))
+    return out
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("positives", ["augment", "semantic", "both"])
+def test_every_method_and_positive_mode_learns(pair_batches, method, positives):
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("small-cnn", 32)
+    model = build_method(method, backbone, dim, use_partner=positives != "augment")
+    tensors, images, partners = pair_batches[positives]
+    assert len(tensors) == (3 if positives == "both" else 2)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    views = Views(tensors, images, partners)
+    # MoCo's queue fills with real keys as it trains, which makes its loss harder by design;
+    # hold the queue fixed so the steps show the encoder learning on this batch.
+    queue = {k: v.clone() for k, v in model.named_buffers() if k.startswith("queue")}
+    losses = []
+    for step in range(10):
+        for k, v in model.named_buffers():
+            if k in queue:
+                v.copy_(queue[k])
+        loss = model.loss(views)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.after_step(step / 10)
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-3:]) < losses[0], losses
+
+
+def test_resume_continues_the_same_run(label_build, tmp_path):
+    common = dict(pairs=str(label_build / "release"), method="simclr", positives="both", limit=256,
+                  batch_size=64, epochs=2, seed=1)
+    train(TrainConfig(out=str(tmp_path / "straight"), **common))
+    train(TrainConfig(out=str(tmp_path / "resumed"), **common), stop_after=1)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    train(TrainConfig(out=str(tmp_path / "resumed"), **common), resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]])
+
+
+def test_weighted_knn_matches_brute_force():
+    rng = np.random.default_rng(0)
+    train_f = rng.normal(size=(300, 16)).astype(np.float32)
+    train_f /= np.linalg.norm(train_f, axis=1, keepdims=True)
+    test_f = rng.normal(size=(50, 16)).astype(np.float32)
+    test_f /= np.linalg.norm(test_f, axis=1, keepdims=True)
+    train_y = rng.integers(0, 4, 300)
+    test_y = rng.integers(0, 4, 50)
+    correct = 0
+    for q, y in zip(test_f, test_y):
+        sims = train_f @ q
+        top = np.argsort(-sims)[:20]
+        votes = np.zeros(4)
+        for i in top:
+            votes[train_y[i]] += math.exp(sims[i] / 0.1)
+        correct += int(np.argmax(votes) == y)
+    assert knn_top1(train_f, train_y, test_f, test_y, k=20, temperature=0.1) == correct / 50
+
+
+def test_train_eval_and_reuse_as_encoder(label_build, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", "--out", run, "--pairs", label_build / "release", "--method", "byol",
+                   "--positives", "semantic", "--epochs", "1", "--limit", "256", "--batch-size", "64") == 0
+    assert run_cli("eval", run, "--source", "fashion-mnist", "--root", FMNIST, "--limit", "500") == 0
+    result = __import__("json").loads((run / "eval.json").read_text())
+    assert 0.1 < result["knn_top1"] <= 1 and 0.1 < result["linear_top1"] <= 1
+    out = tmp_path / "b"
+    assert run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, "--limit", "300",
+                   "--encoder", f"ssl:{run / 'last.pt'}", "--category", "none", "--min-similarity", "0",
+                   "--dup-threshold", "0.9999", "--workers", "0") == 0
+    meta = __import__("json").loads((out / "embeddings" / "meta.json").read_text())
+    assert meta["model"]["output"] == "backbone (pre-projector)" and meta["dim"] == 128
+
+
+def test_train_single_images_gives_the_sampler(tmp_path):
+    assert run_cli("train", "--out", tmp_path / "s", "--source", "fashion-mnist", "--root", FMNIST,
+                   "--method", "simclr", "--epochs", "1", "--limit", "256", "--batch-size", "64") == 0
+    assert (tmp_path / "s" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("args, option", [(["--method", "dino"], "--method"), (["--positives", "all"], "--positives"),
+                                          (["--backbone", "vit"], "--backbone")])
+def test_train_wrong_option_is_one_line(label_build, tmp_path, args, option):
+    proc = run_cli_process("train", "--out", tmp_path / "r", "--pairs", label_build / "release", *args)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert option in proc.stderr.strip().splitlines()[-1]
