@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
-DEMO_OUT ?= builds/fashion-mnist
+DEMO_OUT ?= builds/demo
 
 .PHONY: venv demo test bench clean
 
@@ -16,19 +16,22 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Fashion-MNIST comes from the Debian package when it can be installed here,
+# The SePP-ID loop on Fashion-MNIST (spp-curate demo). Fashion-MNIST comes from
+# the Debian package when it can be installed here,
 # else from the Hub copy; the build says how to get it when neither works.
 demo: $(STAMP)
 	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null 2>&1 || true; \
 	fi
-	$(BIN)/spp-curate build --source fashion-mnist --out $(DEMO_OUT)
+	$(BIN)/spp-curate demo --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/mine.py --quick
+	$(BIN)/python bench/embed.py --quick
+	$(BIN)/python bench/learning_gain.py --quick
 
 clean:
 	rm -rf builds .pytest_cache

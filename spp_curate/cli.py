@@ -203,6 +203,24 @@ def eval_run(
 
 
 @app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("builds/demo"), "--out", help="where the runs and releases go"),
+    root: Optional[Path] = typer.Option(None, help="Fashion-MNIST IDX files [default: the Debian package's]"),
+    limit: int = typer.Option(10_000, min=100, help="images used from each split"),
+    epochs: int = typer.Option(3, min=1, help="epochs for every training run"),
+) -> None:
+    """The SePP-ID loop on Fashion-MNIST: pretrain a sampler, mine pairs, train augment vs both, evaluate."""
+    from .demo import results_table, run_demo
+
+    summary = run_demo(out_dir, str(root) if root else None, limit=limit, epochs=epochs,
+                       say=lambda line: err.print(f"[bold]{line}[/bold]"))
+    out.print(results_table(summary, "simclr"))
+    for category, build_dir in summary["builds"].items():
+        out.print(f"release ({category}): {build_dir / 'release'}")
+        out.print(f"report  ({category}): {build_dir / 'report' / 'index.html'}")
+
+
+@app.command()
 def push(
     release: Path = typer.Argument(..., help="release directory (holds manifest.json)"),
     repo_id: str = typer.Option(..., help="the dataset repo, ORG/NAME"),

@@ -118,8 +118,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                                else {"shuffle": True, "generator": generator}))
         model.train()
         total, seen, started = 0.0, 0, time.perf_counter()
-        with stage_progress(f"train {cfg.method}/{cfg.positives} epoch {epoch + 1}/{cfg.epochs}",
-                            len(data) or None, unit="img") as (bar, task):
+        label = f"{cfg.method}/{cfg.positives} {epoch + 1}/{cfg.epochs}"
+        with stage_progress(label, len(data) or None, unit="pair" if cfg.pairs else "img") as (bar, task):
             for step, (tensors, images, partners) in enumerate(loader):
                 tensors = [t.to(device, non_blocking=True) for t in tensors]
                 views = Views(tensors, [i.to(device) for i in images], [p.to(device) for p in partners])
@@ -132,9 +132,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 model.after_step(min(1.0, done / steps_total))
                 total += float(loss.detach()) * views.batch
                 seen += views.batch
-                bar.update(task, advance=views.batch,
-                           description=f"train {cfg.method}/{cfg.positives} epoch {epoch + 1}/{cfg.epochs} "
-                                       f"loss {total / seen:.4f}")
+                bar.update(task, advance=views.batch, description=f"{label} loss {total / seen:.3f}")
         scheduler.step()
         metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1),
                    "img_per_s": seen / max(time.perf_counter() - started, 1e-9)}
