@@ -100,10 +100,28 @@ class Recipe(BaseModel):
         return parse_size(value)
 
     def fingerprint(self, stage: str) -> str:
-        """Hash of the fields ``stage`` and every stage before it depend on."""
+        """Hash of the fields ``stage`` and every stage before it depend on.
+
+        An encoder read from a file (``ssl:RUN/last.pt``, ``openclip:MODEL:/weights``) counts
+        with the file's size and modification time, so retraining a run in place re-embeds.
+        """
         upto = STAGES[: STAGES.index(stage) + 1]
         fields = {f: getattr(self, f) for s in upto for f in STAGE_FIELDS[s]}
+        if "encoder" in fields:
+            fields["encoder_file"] = _file_identity(self.encoder)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_identity(encoder: str) -> str | None:
+    """Size and mtime of the weights file an encoder string names, if it names one."""
+    for candidate in (encoder.split(":", 1)[-1], encoder.split(":", 2)[-1]):
+        path = Path(candidate)
+        if path.is_dir():
+            path = path / "last.pt"
+        if path.is_file():
+            stat = path.stat()
+            return f"{stat.st_size}:{stat.st_mtime_ns}"
+    return None
 
 
 def option_name(field: str) -> str:

@@ -101,3 +101,17 @@ def test_embed_killed_mid_run_resumes_to_the_same_result(label_build, tmp_path):
     killed_manifest = json.loads((killed / "release" / "manifest.json").read_text())
     shards = lambda m: {e["path"]: e["sha256"] for e in m["files"]}  # noqa: E731
     assert shards(clean_manifest) == shards(killed_manifest)
+
+
+def test_retraining_an_ssl_encoder_in_place_reembeds(tmp_path):
+    from spp_curate.config import resolve_recipe
+
+    weights = tmp_path / "run" / "last.pt"
+    weights.parent.mkdir()
+    weights.write_bytes(b"first")
+    recipe = resolve_recipe("fashion-mnist", {"encoder": f"ssl:{weights}"})
+    before = recipe.fingerprint("embed"), recipe.fingerprint("index")
+    time.sleep(0.01)
+    weights.write_bytes(b"second run")
+    assert recipe.fingerprint("embed") != before[0]
+    assert recipe.fingerprint("index") == before[1]

@@ -74,7 +74,8 @@ def _thumb(source: Source, key: str) -> Image.Image:
     return img
 
 
-def pair_grid(source: Source, keys: dict[int, str], pairs: pd.DataFrame, path: Path) -> None:
+def pair_grid(source: Source, keys: dict[int, str], pairs: pd.DataFrame, path: Path,
+              class_names: list[str] | None = None) -> None:
     """A PNG grid: each cell is anchor | positive with their labels and similarity."""
     cell_w, cell_h, pad = 2 * THUMB + 6, THUMB + 30, 8
     rows = max(1, -(-len(pairs) // GRID_COLUMNS))
@@ -89,7 +90,9 @@ def pair_grid(source: Source, keys: dict[int, str], pairs: pd.DataFrame, path: P
         colour = (190, 0, 0) if wrong else (30, 30, 30)
         draw.text((x, y + THUMB + 2), f"{row.label_name[:14]}  sim {row.similarity:.3f}", fill=colour)
         if wrong:
-            draw.text((x, y + THUMB + 15), f"positive: label {row.positive_label}", fill=colour)
+            names = class_names or []
+            other = names[row.positive_label] if row.positive_label < len(names) else f"label {row.positive_label}"
+            draw.text((x, y + THUMB + 15), f"positive: {other[:20]}", fill=colour)
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
 
@@ -192,7 +195,7 @@ def write_report(recipe: Recipe, build_dir: Path) -> dict[str, Any]:
     for i, (title, chosen) in enumerate(picks.items()):
         name = ["pairs-strongest.png", "pairs-threshold.png", "pairs-wrong.png"][i]
         if len(chosen):
-            pair_grid(source, keys, chosen, out / name)
+            pair_grid(source, keys, chosen, out / name, source.class_names)
             grids[title] = name
     similarity_histogram(stats, recipe, out / "similarity.png")
     grids["Similarity histogram"] = "similarity.png"
