@@ -135,14 +135,37 @@ def _stage_command(stage: str, doc: str) -> None:
     app.command(name=stage)(command)
 
 
-for _stage, _doc in zip(STAGES, (
-    "Index the source: decode every image once; bad ones go to quarantine.parquet.",
-    "Embed the indexed images into float16, L2-normalised chunks (resumable).",
-    "Mine semantic pairs with faiss kNN and the pair rules into pairs.parquet.",
-    "Write report/: metrics.json, pair grids, histograms, index.html.",
-    "Write release/: Parquet and WebDataset shards, dataset card, manifest.json.",
-)):
-    _stage_command(_stage, _doc)
+def embed_command(
+    build_dir: Path = DirArg,
+    force: bool = ForceOpt,
+    chunk_size: Optional[int] = typer.Option(None, min=1, help="images per embedding chunk (resume unit)"),
+    workers: Optional[int] = typer.Option(None, min=0, help="decode processes"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="images per encoder batch"),
+) -> None:
+    """Embed the indexed images into float16, L2-normalised chunks (resumable)."""
+    from .config import validate_recipe
+    from .stages import load_recipe, run_stage, save_recipe
+
+    recipe = load_recipe(build_dir)
+    changes = {k: v for k, v in dict(chunk_size=chunk_size, workers=workers, batch_size=batch_size).items()
+               if v is not None}
+    if changes:
+        recipe = validate_recipe({**recipe.model_dump(), **changes})
+        save_recipe(build_dir, recipe)
+    _print_stage("embed", run_stage(build_dir, recipe, "embed", force=force))
+
+
+_STAGE_DOCS = {
+    "index": "Index the source: decode every image once; bad ones go to quarantine.parquet.",
+    "mine": "Mine semantic pairs with faiss kNN and the pair rules into pairs.parquet.",
+    "report": "Write report/: metrics.json, pair grids, histograms, index.html.",
+    "export": "Write release/: Parquet and WebDataset shards, dataset card, manifest.json.",
+}
+for _stage in STAGES:  # registered in pipeline order, so --help lists them so
+    if _stage == "embed":
+        app.command(name="embed")(embed_command)
+    else:
+        _stage_command(_stage, _STAGE_DOCS[_stage])
 
 
 @app.command()

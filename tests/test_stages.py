@@ -78,7 +78,7 @@ def test_embed_killed_mid_run_resumes_to_the_same_result(label_build, tmp_path):
     assert _build(clean, *opts) == 0
     assert _build(killed, *opts, "--until", "index") == 0
 
-    proc = subprocess.Popen([sys.executable, "-m", "spp_curate.cli", "embed", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "spp_curate.cli", "embed", str(killed), "--chunk-size", "200"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((killed / "embeddings").glob("chunk-*.ids.npy"))) < 3:
