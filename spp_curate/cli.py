@@ -46,6 +46,11 @@ def preflight(recipe) -> None:
     if recipe.root is not None and not Path(recipe.root).exists():
         raise UserError(f"{recipe.root} does not exist", option="--root")
     check_encoder(recipe.encoder)
+    if recipe.engine == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise UserError("Ray is not installed; pip install 'spp-curate[ray]'", option="--engine")
 
 
 def _print_stage(stage: str, summary) -> None:
@@ -102,6 +107,7 @@ def build(
     name: Optional[str] = typer.Option(None, help="release name"),
     license: Optional[str] = typer.Option(None, help="license id for the dataset card"),
     seed: Optional[int] = typer.Option(None, help="random seed"),
+    engine: Optional[str] = typer.Option(None, help="local | ray (a cluster at RAY_ADDRESS, or a local one)"),
     until: Optional[str] = typer.Option(None, help=f"stop after this stage: {' | '.join(STAGES)}"),
     force: bool = typer.Option(False, "--force", help="rerun every stage"),
 ) -> None:
@@ -111,9 +117,11 @@ def build(
     overrides = dict(root=str(root) if root else None, encoder=encoder, image_size=image_size, category=category,
                      class_names=str(class_names) if class_names else None, clusters=clusters,
                      pairs_per_class=pairs_per_class, index=index, memory=memory, nprobe=nprobe,
-                     limit=limit, split=split, image_column=image_column, label_column=label_column, k=k, min_similarity=min_similarity, dup_threshold=dup_threshold,
+                     limit=limit, split=split, image_column=image_column, label_column=label_column, k=k,
+                     min_similarity=min_similarity, dup_threshold=dup_threshold,
                      max_per_anchor=max_per_anchor, mutual=mutual, batch_size=batch_size, workers=workers,
-                     chunk_size=chunk_size, shard_size=shard_size, images=images, max_side=max_side, name=name, license=license, seed=seed)
+                     chunk_size=chunk_size, shard_size=shard_size, images=images, max_side=max_side,
+                     engine=engine, name=name, license=license, seed=seed)
     if until is not None and until not in STAGES:
         raise UserError(f"unknown stage {until!r}; accepted: {', '.join(STAGES)}", option="--until")
     recipe = resolve_recipe(source, overrides, str(recipe_file) if recipe_file else None)

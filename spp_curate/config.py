@@ -89,6 +89,7 @@ class Recipe(BaseModel):
     seed: int = 0
 
     grid_pairs: int = Field(default=24, ge=1)
+    engine: Literal["local", "ray"] = Field(default="local", description="where stages run; results are the same")
 
     shard_size: int = Field(default=500 * 10**6, ge=1)
     images: Literal["embed", "none"] = Field(default="embed", description="none = an ID-only release")

@@ -38,12 +38,38 @@ class _IndexedImages(Dataset):
         return len(self.keys)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        try:
-            img = decode_image(self.source.read(self.keys[i]), draft_size=self.draft_size)
-            return self.preprocess(img), True
-        except (BadImage, OSError):
-            # The file changed since it was indexed; its row stays zero and is reported.
-            return torch.zeros(3, self.image_size, self.image_size), False
+        return load_pixels(self.source, self.keys[i], self.preprocess, self.image_size, self.draft_size)
+
+
+def load_pixels(source: Source, key: str, preprocess, image_size: int,
+                draft_size: int | None) -> tuple[torch.Tensor, bool]:
+    """One image, decoded and preprocessed; ``(zeros, False)`` if it no longer decodes."""
+    try:
+        return preprocess(decode_image(source.read(key), draft_size=draft_size)), True
+    except (BadImage, OSError):
+        # The file changed since it was indexed; its row stays zero and is reported.
+        return torch.zeros(3, image_size, image_size), False
+
+
+def encode_batch(encoder: Encoder, images: torch.Tensor, ok: torch.Tensor, device: torch.device) -> np.ndarray:
+    """L2-normalised float16 features of a batch; rows that failed to decode stay zero."""
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    with torch.inference_mode(), autocast:
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        feats = torch.nn.functional.normalize(encoder(images).float(), dim=-1)
+        feats[~ok.to(device)] = 0.0
+        return feats.cpu().numpy().astype(np.float16)
+
+
+def prepare_encoder(recipe: Recipe, device: torch.device) -> Encoder:
+    encoder = load_encoder(recipe.encoder, recipe.image_size)
+    encoder.module.to(device)
+    if device.type == "cuda":
+        encoder.module.to(memory_format=torch.channels_last)
+    return encoder
 
 
 def chunk_paths(emb_dir: Path, chunk: int) -> tuple[Path, Path]:
@@ -56,21 +82,13 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
             np.save(fh, array)
 
 
-def _encode_chunk(encoder: Encoder, loader: DataLoader, device: torch.device, bar, task) -> tuple[np.ndarray, np.ndarray]:
-    outs, oks = [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with torch.inference_mode(), autocast:
-        for images, ok in loader:
-            images = images.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            feats = encoder(images).float()
-            feats = torch.nn.functional.normalize(feats, dim=-1)
-            feats[~ok.to(device)] = 0.0
-            outs.append(feats.cpu().numpy().astype(np.float16))
-            oks.append(ok.numpy())
-            bar.update(task, advance=len(ok), quarantined=int(sum((~o).sum() for o in oks)))
-    return np.concatenate(outs), np.concatenate(oks)
+def _encode_chunk(encoder: Encoder, loader: DataLoader, device: torch.device, bar, task) -> np.ndarray:
+    outs, bad = [], 0
+    for images, ok in loader:
+        outs.append(encode_batch(encoder, images, ok, device))
+        bad += int((~ok).sum())
+        bar.update(task, advance=len(ok), quarantined=bad)
+    return np.concatenate(outs)
 
 
 def embed_index(recipe: Recipe, build_dir: Path, device: str | None = None, draft: bool = True) -> dict[str, int]:
@@ -92,26 +110,34 @@ def embed_index(recipe: Recipe, build_dir: Path, device: str | None = None, draf
     todo = [c for c in range(n_chunks) if not all(p.exists() for p in chunk_paths(emb_dir, c))]
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    encoder = load_encoder(recipe.encoder, recipe.image_size)
-    encoder.module.to(dev)
-    if dev.type == "cuda":
-        encoder.module.to(memory_format=torch.channels_last)
-    source = open_source(recipe)
+    if recipe.engine == "ray":
+        from ..engine.ray_engine import RayChunkEncoder
+
+        chunk_encoder = RayChunkEncoder(recipe, draft)
+    else:
+        encoder = prepare_encoder(recipe, dev)
+        source = open_source(recipe)
     workers = auto_workers() if recipe.workers is None else recipe.workers
     done_before = (n_chunks - len(todo))
     with stage_progress("embed", len(ids), quarantine=True) as (bar, task):
         bar.update(task, completed=min(len(ids), done_before * chunk_size))
         for c in todo:
             lo, hi = c * chunk_size, min(len(ids), (c + 1) * chunk_size)
-            dataset = _IndexedImages(source, keys[lo:hi], encoder.preprocess, encoder.image_size, draft)
-            loader = DataLoader(dataset, batch_size=recipe.batch_size, num_workers=workers,
-                                pin_memory=dev.type == "cuda", persistent_workers=False)
-            feats, _ = _encode_chunk(encoder, loader, dev, bar, task)
+            if recipe.engine == "ray":
+                feats = chunk_encoder.encode(keys[lo:hi])
+                bar.update(task, advance=hi - lo)
+            else:
+                dataset = _IndexedImages(source, keys[lo:hi], encoder.preprocess, encoder.image_size, draft)
+                loader = DataLoader(dataset, batch_size=recipe.batch_size, num_workers=workers,
+                                    pin_memory=dev.type == "cuda", persistent_workers=False)
+                feats = _encode_chunk(encoder, loader, dev, bar, task)
             emb_path, ids_path = chunk_paths(emb_dir, c)
             _save_npy(ids_path, ids[lo:hi].astype(np.int64))
             _save_npy(emb_path, feats)
     # Rows left zero are images that no longer decode; counted from the chunks so a resumed run sees them too.
     failed = [int(i) for c in range(n_chunks) for i in _zero_rows(emb_dir, c)]
+    if recipe.engine == "ray":
+        encoder = chunk_encoder.encoder
     meta = {"encoder": encoder.spec, "dim": encoder.dim, "image_size": encoder.image_size,
             "dtype": "float16", "normalized": "l2", "count": int(len(ids)), "chunks": n_chunks,
             "chunk_size": chunk_size, "failed_ids": failed, "model": encoder.meta}

@@ -81,7 +81,13 @@ def build_index(recipe: Recipe, out_dir: Path) -> dict[str, int]:
     bad = 0
     with stage_progress("index", len(items), quarantine=True) as (bar, task):
         workers = auto_workers() if recipe.workers is None else recipe.workers
-        if workers > 0 and len(items) > 256:
+        if recipe.engine == "ray":
+            from ..engine.ray_engine import ray_probe
+
+            probes = ray_probe(recipe, items)
+            bad = sum(p.error is not None for p in probes)
+            bar.update(task, advance=len(items), quarantined=bad)
+        elif workers > 0 and len(items) > 256:
             ctx = mp.get_context("fork")
             with ctx.Pool(workers, initializer=_init_worker, initargs=(source,)) as pool:
                 results = pool.imap(_probe_in_worker, items, chunksize=64)

@@ -89,6 +89,30 @@ def plan_shards(pair_bytes: np.ndarray, shard_size: int) -> list[np.ndarray]:
     return np.array_split(np.arange(len(pair_bytes)), n_shards)
 
 
+def write_shard(recipe: Recipe, source: Source | None, rows: pd.DataFrame, formats: pd.Series, target: str,
+                ext: str, features, row_group_rows: int, pq_path: Path, tar_path: Path | None,
+                on_pair=None) -> int:
+    """Write one shard's Parquet file (and tar, unless ID-only) for ``rows``; each file renamed into place."""
+    writers: list = [PairParquetWriter(pq_path, features, row_group_rows)]
+    if tar_path is not None:
+        writers.append(PairTarWriter(tar_path, ext))
+    for row in rows.itertuples(index=False):
+        anchor = positive = b""
+        if tar_path is not None:
+            anchor = encoded_image(source, row.anchor_key, formats[row.anchor_key], target, recipe.max_side)
+            positive = encoded_image(source, row.positive_key, formats[row.positive_key], target, recipe.max_side)
+        sample = PairSample(
+            pair_id=int(row.pair_id), anchor=anchor, positive=positive,
+            anchor_key=row.anchor_key, positive_key=row.positive_key, anchor_digest=row.anchor_digest,
+            positive_digest=row.positive_digest, label=int(row.label), label_name=str(row.label_name),
+            similarity=float(row.similarity))
+        for w in writers:
+            w.write(sample)
+        if on_pair:
+            on_pair()
+    return min(w.close() for w in writers)
+
+
 def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
     """Gather a build directory's pairs, image facts, metrics and figure."""
     index = pq.read_table(build_dir / "index.parquet").to_pandas().set_index("id")
@@ -140,30 +164,20 @@ def write_release(inp: ReleaseInput, source: Source | None, release: Path) -> di
     row_group_rows = int(np.clip(64e6 / max(float(pair_bytes.mean()) if len(pairs) else 1.0, 1.0), 16, 10_000))
     paths = [(release / "data" / f"train-{i:05d}-of-{n:05d}.parquet",
               None if id_only else release / "wds" / f"pairs-{i:06d}.tar") for i in range(n)]
+    todo = [(i, pq_path, tar_path) for i, (pq_path, tar_path) in enumerate(paths)
+            if not (pq_path.exists() and (tar_path is None or tar_path.exists()))]
     with stage_progress("export", len(pairs), unit="pair") as (bar, task):
-        for (pq_path, tar_path), rows in zip(paths, shards):
-            if pq_path.exists() and (tar_path is None or tar_path.exists()):
-                bar.update(task, advance=len(rows))
-                continue
-            writers: list = [PairParquetWriter(pq_path, features, row_group_rows)]
-            if tar_path is not None:
-                writers.append(PairTarWriter(tar_path, ext))
-            for row in pairs.iloc[rows].itertuples(index=False):
-                anchor = positive = b""
-                if not id_only:
-                    anchor = encoded_image(source, row.anchor_key, formats[row.anchor_key], target, recipe.max_side)
-                    positive = encoded_image(source, row.positive_key, formats[row.positive_key], target,
-                                             recipe.max_side)
-                sample = PairSample(
-                    pair_id=int(row.pair_id), anchor=anchor, positive=positive,
-                    anchor_key=row.anchor_key, positive_key=row.positive_key, anchor_digest=row.anchor_digest,
-                    positive_digest=row.positive_digest, label=int(row.label), label_name=str(row.label_name),
-                    similarity=float(row.similarity))
-                for w in writers:
-                    w.write(sample)
-                bar.update(task, advance=1)
-            for w in writers:
-                w.close()
+        bar.update(task, advance=len(pairs) - sum(len(shards[i]) for i, _, _ in todo))
+        if recipe.engine == "ray" and todo:
+            from ..engine.ray_engine import ray_write_shards
+
+            ray_write_shards(recipe, [(pairs.iloc[shards[i]], pq_path, tar_path) for i, pq_path, tar_path in todo],
+                             formats, target, ext, inp.class_names, row_group_rows,
+                             on_shard=lambda n: bar.update(task, advance=n))
+        else:
+            for i, pq_path, tar_path in todo:
+                write_shard(recipe, source, pairs.iloc[shards[i]], formats, target, ext, features, row_group_rows,
+                            pq_path, tar_path, on_pair=lambda: bar.update(task, advance=1))
 
     counts = {**inp.counts, "pairs": len(pairs), "shards": n,
               "images_reencoded": 0 if id_only else int(sum(formats.loc[used] != target))}

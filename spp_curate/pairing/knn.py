@@ -119,16 +119,22 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, batch: int = DEFAULT
 
 
 def knn_search(vectors: np.ndarray, k: int, plan: SearchPlan | None = None, seed: int = 0,
-               on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               on_batch: Callable[[int], None] | None = None, engine: str = "local") -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` neighbours of every row among all rows (the row itself included).
 
-    Returns ``(similarities, positions)``, each ``(N, min(k, N))``.
+    Returns ``(similarities, positions)``, each ``(N, min(k, N))``. With ``engine="ray"`` the query
+    batches are searched by Ray tasks against the same index.
     """
     k = min(k, len(vectors))
     if len(vectors) == 0:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
     plan = plan or SearchPlan("flat", device="gpu" if faiss_gpus() else "cpu")
-    return search(build_index(vectors, plan, seed), vectors, k, on_batch=on_batch)
+    index = build_index(vectors, plan, seed)
+    if engine == "ray":
+        from ..engine.ray_engine import ray_search
+
+        return ray_search(index, vectors, k, DEFAULT_QUERY_BATCH, on_batch)
+    return search(index, vectors, k, on_batch=on_batch)
 
 
 def ivf_recall(vectors: np.ndarray, approx_positions: np.ndarray, sample: int = 1000, seed: int = 0,
