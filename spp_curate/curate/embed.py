@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Recipe
+from ..devices import autocast_for, default_device
 from ..files import atomic_path, read_json, remove_stale_temps, write_json
 from ..progress import stage_progress
 from .encoders import Encoder, load_encoder
@@ -53,9 +54,7 @@ def load_pixels(source: Source, key: str, preprocess, image_size: int,
 
 def encode_batch(encoder: Encoder, images: torch.Tensor, ok: torch.Tensor, device: torch.device) -> np.ndarray:
     """L2-normalised float16 features of a batch; rows that failed to decode stay zero."""
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast_for(device):
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
@@ -109,7 +108,7 @@ def embed_index(recipe: Recipe, build_dir: Path, device: str | None = None, draf
     n_chunks = max(1, -(-len(ids) // chunk_size))
     todo = [c for c in range(n_chunks) if not all(p.exists() for p in chunk_paths(emb_dir, c))]
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device) if device else default_device()
     if recipe.engine == "ray":
         from ..engine.ray_engine import RayChunkEncoder
 

@@ -94,13 +94,12 @@ def ray_probe(recipe: Recipe, items: list[tuple[str, int]]) -> list:
 
 class _EmbedActor:
     def __init__(self, recipe: dict, draft: bool) -> None:
-        import torch
-
         from ..curate.embed import prepare_encoder
+        from ..devices import default_device
         from ..curate.sources import open_source
 
         recipe_obj = Recipe(**recipe)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         self.encoder = prepare_encoder(recipe_obj, self.device)
         self.source = open_source(recipe_obj)
         self.draft = self.encoder.image_size if draft else None
@@ -158,7 +157,10 @@ def _search_part(index_bytes_ref, cache_key: str, queries: np.ndarray, k: int, l
     index = _INDEX_CACHE.get(cache_key)
     if index is None:
         _INDEX_CACHE.clear()
-        index = _INDEX_CACHE[cache_key] = faiss.deserialize_index(index_bytes_ref)
+        index = faiss.deserialize_index(index_bytes_ref)
+        if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+            index = faiss.index_cpu_to_all_gpus(index)  # a GPU worker searches on its GPUs
+        _INDEX_CACHE[cache_key] = index
     sims, pos = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return lo, sims, pos
 

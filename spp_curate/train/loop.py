@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ..devices import autocast_for, default_device
 from ..errors import UserError
 from ..files import atomic_path
 from ..progress import stage_progress
@@ -81,7 +82,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     cfg.check()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     torch.manual_seed(cfg.seed)
     model, dim = build_model(cfg)
     model.to(device)
@@ -105,8 +106,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
 
     data = _dataset(cfg)
     steps_total = max(1, cfg.epochs * max(1, len(data) // cfg.batch_size))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
     for epoch in range(start, min(cfg.epochs, stop_after or cfg.epochs)):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # each epoch's augmentations, resumable
         if hasattr(data, "set_epoch"):
@@ -123,7 +122,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
             for step, (tensors, images, partners) in enumerate(loader):
                 tensors = [t.to(device, non_blocking=True) for t in tensors]
                 views = Views(tensors, [i.to(device) for i in images], [p.to(device) for p in partners])
-                with autocast:
+                with autocast_for(device):
                     loss = model.loss(views)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
