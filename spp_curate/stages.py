@@ -91,8 +91,8 @@ def run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False) 
     summary = _runner(stage)(recipe, build_dir)
     metrics_keys = ("precision", "coverage", "pairs", "images", "quarantined")
     short = {k: v for k, v in (summary or {}).items() if k in metrics_keys or isinstance(v, int)}
-    write_json(_record(build_dir, stage), {"fingerprint": recipe.fingerprint(stage), "seconds": round(time.time() - started, 2),
-                                           "summary": short})
+    write_json(_record(build_dir, stage), {"fingerprint": recipe.fingerprint(stage),
+                                           "seconds": round(time.time() - started, 2), "summary": short})
     return short
 
 

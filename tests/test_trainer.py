@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,7 +15,6 @@ from spp_curate.train.evaluate import knn_top1
 from spp_curate.train.losses import multi_positive_info_nce, view_masks
 from spp_curate.train.loop import TrainConfig, load_checkpoint, train
 from spp_curate.train.methods import METHODS, Views, build_method
-from spp_curate.train.methods.moco import MoCo
 
 from conftest import FMNIST, run_cli, run_cli_process
 
@@ -158,13 +158,13 @@ def test_train_eval_and_reuse_as_encoder(label_build, tmp_path):
     assert run_cli("train", "--out", run, "--pairs", label_build / "release", "--method", "byol",
                    "--positives", "semantic", "--epochs", "1", "--limit", "256", "--batch-size", "64") == 0
     assert run_cli("eval", run, "--source", "fashion-mnist", "--root", FMNIST, "--limit", "500") == 0
-    result = __import__("json").loads((run / "eval.json").read_text())
+    result = json.loads((run / "eval.json").read_text())
     assert 0.1 < result["knn_top1"] <= 1 and 0.1 < result["linear_top1"] <= 1
     out = tmp_path / "b"
     assert run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, "--limit", "300",
                    "--encoder", f"ssl:{run / 'last.pt'}", "--category", "none", "--min-similarity", "0",
                    "--dup-threshold", "0.9999", "--workers", "0") == 0
-    meta = __import__("json").loads((out / "embeddings" / "meta.json").read_text())
+    meta = json.loads((out / "embeddings" / "meta.json").read_text())
     assert meta["model"]["output"] == "backbone (pre-projector)" and meta["dim"] == 128
 
 

@@ -28,4 +28,5 @@ class SimSiam(Method):
     def loss(self, views: Views) -> torch.Tensor:
         z = [self.projector(self.backbone(x)) for x in views.tensors]
         p = [self.predictor(zi) for zi in z]
-        return torch.stack([self.criterion(p[i], z[j].detach()) for i, j in views.ordered_pairs(self.use_partner)]).mean()
+        pairs = views.ordered_pairs(self.use_partner)
+        return torch.stack([self.criterion(p[i], z[j].detach()) for i, j in pairs]).mean()
