@@ -19,12 +19,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Recipe
-from ..devices import autocast_for, default_device
+from ..devices import auto_workers, autocast_for, default_device
 from ..files import atomic_path, read_json, remove_stale_temps, write_json
 from ..progress import stage_progress
 from .encoders import Encoder, load_encoder
 from .images import BadImage, decode_image
-from .sources import Source, auto_workers, open_source
+from .sources import Source, open_source
 
 
 class _IndexedImages(Dataset):

@@ -18,10 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import Recipe
+from ..devices import auto_workers
 from ..files import sha256_bytes, write_table
 from ..progress import stage_progress
 from .images import BadImage, decode_with_format
-from .sources import Source, auto_workers, open_source
+from .sources import Source, open_source
 
 INDEX_SCHEMA = pa.schema([
     ("id", pa.int64()), ("key", pa.string()), ("split", pa.string()), ("label", pa.int32()),

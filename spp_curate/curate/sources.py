@@ -169,11 +169,6 @@ class ImageFolderSource(Source):
         return f"imagefolder {self.root} ({len(self.class_names)} classes)"
 
 
-def auto_workers() -> int:
-    """Decode processes to use when the recipe does not say: one per spare core, at most 16."""
-    return max(1, min(16, (os.cpu_count() or 2) - 1))
-
-
 class ImageNetSource(ImageFolderSource):
     """ImageNet-1k as distributed: ``train/<wnid>/*.JPEG`` and ``val/``.
 
