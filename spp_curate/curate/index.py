@@ -8,6 +8,7 @@ decoded, with the reason. A bad image never stops the run.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing as mp
@@ -88,20 +89,18 @@ def build_index(recipe: Recipe, out_dir: Path) -> dict[str, int]:
             probes = ray_probe(recipe, items)
             bad = sum(p.error is not None for p in probes)
             bar.update(task, advance=len(items), quarantined=bad)
-        elif workers > 0 and len(items) > 256:
-            ctx = mp.get_context("fork")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(source,)) as pool:
-                results = pool.imap(_probe_in_worker, items, chunksize=64)
+        else:
+            with contextlib.ExitStack() as stack:
+                if workers > 0 and len(items) > 256:
+                    pool = stack.enter_context(mp.get_context("fork").Pool(
+                        workers, initializer=_init_worker, initargs=(source,)))
+                    results = pool.imap(_probe_in_worker, items, chunksize=64)
+                else:
+                    results = (probe(source, key, label) for key, label in items)
                 for p in results:
                     probes.append(p)
                     bad += p.error is not None
                     bar.update(task, advance=1, quarantined=bad)
-        else:
-            for key, label in items:
-                p = probe(source, key, label)
-                probes.append(p)
-                bad += p.error is not None
-                bar.update(task, advance=1, quarantined=bad)
 
     good = [p for p in probes if p.error is None]
     names = source.class_names
