@@ -67,10 +67,15 @@ def release_rows(release: str) -> tuple[object, int | None]:
             raise UserError(f"{release} is ID-only; run `spp-curate materialize` first", option="--pairs")
         name, count = str(path), int(manifest["counts"]["pairs"])
     try:
-        return datasets.load_dataset(name, split="train", streaming=True), count
+        rows = datasets.load_dataset(name, split="train", streaming=True)
     except Exception as exc:  # noqa: BLE001 - unreachable hub, missing files
         raise UserError(f"cannot read pairs from {release}: {str(exc).splitlines()[0][:200]}",
                         option="--pairs") from None
+    if count is None:
+        # A pushed release's card declares its row count (dataset_info.splits).
+        splits = rows.info.splits or {}
+        count = splits["train"].num_examples if "train" in splits else None
+    return rows, count
 
 
 class PairViews(IterableDataset):

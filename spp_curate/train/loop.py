@@ -105,7 +105,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         start, history = int(ckpt["epoch"]), list(ckpt["history"])
 
     data = _dataset(cfg)
-    steps_total = max(1, cfg.epochs * max(1, len(data) // cfg.batch_size))
+    # Momentum schedules follow training progress. A stream of unknown length (hf://) takes its
+    # steps per epoch from the epoch before; its first epoch holds the starting momentum.
+    known_steps = len(data) // cfg.batch_size or None
     for epoch in range(start, min(cfg.epochs, stop_after or cfg.epochs)):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # each epoch's augmentations, resumable
         if hasattr(data, "set_epoch"):
@@ -116,7 +118,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                             **({} if isinstance(data, torch.utils.data.IterableDataset)
                                else {"shuffle": True, "generator": generator}))
         model.train()
-        total, seen, started = 0.0, 0, time.perf_counter()
+        total, seen, steps, started = 0.0, 0, 0, time.perf_counter()
+        per_epoch = known_steps or (history[-1].get("steps") if history else None)
         label = f"{cfg.method}/{cfg.positives} {epoch + 1}/{cfg.epochs}"
         with stage_progress(label, len(data) or None, unit="pair" if cfg.pairs else "img") as (bar, task):
             for step, (tensors, images, partners) in enumerate(loader):
@@ -127,13 +130,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                done = epoch * max(1, len(data) // cfg.batch_size) + step + 1
-                model.after_step(min(1.0, done / steps_total))
+                steps = step + 1
+                within = min(1.0, steps / per_epoch) if per_epoch else 0.0
+                model.after_step(min(1.0, (epoch + within) / cfg.epochs))
                 total += float(loss.detach()) * views.batch
                 seen += views.batch
                 bar.update(task, advance=views.batch, description=f"{label} loss {total / seen:.3f}")
         scheduler.step()
-        metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1),
+        metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1), "steps": steps,
                    "img_per_s": seen / max(time.perf_counter() - started, 1e-9)}
         history.append(metrics)
         ckpt = {"config": asdict(cfg), "epoch": epoch + 1, "feat_dim": dim, "history": history,
