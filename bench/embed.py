@@ -29,7 +29,7 @@ from spp_curate.config import resolve_recipe
 from spp_curate.curate.embed import embed_index
 from spp_curate.curate.encoders import load_encoder
 from spp_curate.curate.images import decode_image
-from spp_curate.curate.index import build_index
+from spp_curate.curate.index import index_source
 
 
 def imagenet_like(root: Path, n: int, seed: int = 0, size=(500, 375)) -> None:
@@ -76,7 +76,7 @@ def stage_rate(root: Path, work: Path, encoder: str, workers: int, batch: int, d
                                             "batch_size": batch, "chunk_size": 10**9})
     build = work / ("draft" if draft else "nodraft")
     build.mkdir(parents=True, exist_ok=True)
-    counts = build_index(recipe, build)
+    counts = index_source(recipe, build)
     start = time.perf_counter()
     embed_index(recipe, build, draft=draft)
     return counts["images"] / (time.perf_counter() - start)

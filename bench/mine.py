@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from spp_curate.config import Recipe
-from spp_curate.pairing.knn import (SearchPlan, build_index, faiss_gpus, ivf_recall, plan_search,
+from spp_curate.pairing.knn import (SearchPlan, build_faiss_index, faiss_gpus, ivf_recall, plan_search,
                                     search)
 from spp_curate.pairing.mine import apply_rules
 
@@ -46,7 +46,7 @@ def mine(vecs: np.ndarray, k: int, plan: SearchPlan, recipe: Recipe):
     from spp_curate.pairing import filters as F
 
     t0 = time.perf_counter()
-    index = build_index(vecs, plan)
+    index = build_faiss_index(vecs, plan)
     sims, nb = search(index, vecs, k + 1)
     t_search = time.perf_counter() - t0
     n = len(vecs)
@@ -70,10 +70,10 @@ def sklearn_baseline(vecs: np.ndarray, k: int, queries: int) -> float:
 
 def recall_table(vecs: np.ndarray, k: int, base: SearchPlan, sample: int) -> list[dict]:
     rows = []
-    exact = build_index(vecs, SearchPlan("flat", device=base.device))
+    exact = build_faiss_index(vecs, SearchPlan("flat", device=base.device))
     (_, _), t = timed(lambda: search(exact, vecs[:sample], k + 1))
     rows.append({"index": "flat (exact)", "nprobe": "-", "queries_per_s": round(sample / t), "recall_at_k": 1.0})
-    index = build_index(vecs, base)
+    index = build_faiss_index(vecs, base)
     for nprobe in (1, 2, 4, 8, 16, 32, 64):
         if nprobe > base.nlist:
             break

@@ -10,8 +10,9 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .config import STAGES, resolve_recipe
+from .config import resolve_recipe
 from .errors import UserError
+from .pipeline import PIPELINE, STAGE_BY_NAME, STAGES
 
 app = typer.Typer(
     name="spp-curate",
@@ -20,8 +21,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# Soft wrap: a line the program prints stays one line, whatever the terminal's width.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DirArg = typer.Argument(..., help="build directory (made by `spp-curate build`)")
 ForceOpt = typer.Option(False, "--force", help="run the stage even if its output is complete")
@@ -45,7 +47,7 @@ def preflight(recipe) -> None:
 
     if recipe.root is not None and not Path(recipe.root).exists():
         raise UserError(f"{recipe.root} does not exist", option="--root")
-    check_encoder(recipe.encoder)
+    check_encoder(recipe.encoder, recipe.image_size)
     if recipe.engine == "ray":
         import importlib.util
 
@@ -57,7 +59,8 @@ def _print_stage(stage: str, summary) -> None:
     if summary is None:
         err.print(f"[dim]{stage}: complete, skipped[/dim]")
     else:
-        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in summary.items())
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v:,}" if isinstance(v, int)
+                          else f"{k} {v}" for k, v in summary.items() if v is not None)
         err.print(f"[green]{stage}[/green]: {shown}")
 
 
@@ -151,7 +154,6 @@ def embed_command(
     workers: Optional[int] = typer.Option(None, min=0, help="decode processes"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="images per encoder batch"),
 ) -> None:
-    """Embed the indexed images into float16, L2-normalised chunks (resumable)."""
     from .config import validate_recipe
     from .stages import load_recipe, run_stage, save_recipe
 
@@ -164,17 +166,12 @@ def embed_command(
     _print_stage("embed", run_stage(build_dir, recipe, "embed", force=force))
 
 
-_STAGE_DOCS = {
-    "index": "Index the source: decode every image once; bad ones go to quarantine.parquet.",
-    "mine": "Mine semantic pairs with faiss kNN and the pair rules into pairs.parquet.",
-    "report": "Write report/: metrics.json, pair grids, histograms, index.html.",
-    "export": "Write release/: Parquet and WebDataset shards, dataset card, manifest.json.",
-}
-for _stage in STAGES:  # registered in pipeline order, so --help lists them so
-    if _stage == "embed":
+embed_command.__doc__ = STAGE_BY_NAME["embed"].help
+for _stage in PIPELINE:  # registered in pipeline order, so --help lists them so
+    if _stage.name == "embed":
         app.command(name="embed")(embed_command)
     else:
-        _stage_command(_stage, _STAGE_DOCS[_stage])
+        _stage_command(_stage.name, _stage.help)
 
 
 @app.command()
@@ -187,7 +184,7 @@ def verify(release: Path = typer.Argument(..., help="release directory (holds ma
         for problem in problems:
             err.print(f"verify: {problem}", markup=False, highlight=False)
         raise typer.Exit(1)
-    out.print(f"{release}: ok")
+    out.print(f"{release}: ok", markup=False, highlight=False)
 
 
 @app.command()
@@ -260,15 +257,12 @@ def push(
     revision: Optional[str] = typer.Option(None, help="branch to push to [default: main]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would be uploaded; touch no network"),
 ) -> None:
-    """Verify a release, then upload it to the Hugging Face Hub (resumable); --dry-run lists the files."""
-    from .export.hub import push_release, release_files
-    from .export.manifest import verify_release
+    """Verify a release, then upload the files it verified to the Hugging Face Hub; --dry-run lists them."""
+    from .export.hub import check_repo_id, push_release
+    from .export.manifest import verified_files
 
-    problems = verify_release(release)
-    if problems:
-        raise UserError(f"{release} does not verify ({problems[0]}); run `spp-curate verify {release}`",
-                        option="push")
-    files = release_files(release)
+    check_repo_id(repo_id)
+    files = verified_files(release)
     if dry_run:
         for path, size in files:
             out.print(f"{size:>14,}  {path}", markup=False, highlight=False)
@@ -284,21 +278,25 @@ def push(
 @app.command()
 def materialize(
     release: Path = typer.Argument(..., help="an ID-only release (built with --images none)"),
-    root: Path = typer.Option(..., help="your own copy of the source"),
-    out_dir: Path = typer.Option(..., "--out", help="where to write the full release"),
+    source: str = typer.Option(..., help="what your copy is: fashion-mnist | imagefolder | imagenet | "
+                                         "hf:NAME-OR-DIR | wds:SHARDS (never taken from the release)"),
+    root: Optional[Path] = typer.Option(None, help="your own copy of the source"),
+    out_dir: Path = typer.Option(..., "--out", help="where to write the full release (new, empty, or an "
+                                                    "earlier materialize output)"),
 ) -> None:
     """Rebuild an ID-only release's image shards from your own copy of the source, checking every digest."""
     from .export.materialize import materialize as run
 
-    if not root.exists():
+    if root is not None and not root.exists():
         raise UserError(f"{root} does not exist", option="--root")
-    problems, counts = run(release, root, out_dir)
+    problems, counts = run(release, source, root, out_dir)
     if problems:
         for problem in problems:
             err.print(f"materialize: {problem}", markup=False, highlight=False)
-        err.print(f"materialize: {len(problems)} image(s) missing or changed; nothing written", markup=False)
+        err.print(f"materialize: {len(problems)} image(s) not usable as listed; nothing written", markup=False)
         raise typer.Exit(1)
-    out.print(f"release: {out_dir} ({counts['pairs']:,} pairs in {counts['shards']} shards)")
+    out.print(f"release: {out_dir} ({counts['pairs']:,} pairs in {counts['shards']} shards)",
+              markup=False, highlight=False)
 
 
 # Typer may vendor its own click; take the base class of its usage errors from Typer itself.

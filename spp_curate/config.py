@@ -15,27 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .pipeline import STAGE_FIELDS, STAGES
 
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
 
-CATEGORY_MODES = ("label", "zeroshot", "cluster", "none")
-INDEX_KINDS = ("auto", "flat", "ivf-flat", "ivf-pq")
-
-# Which recipe fields each stage's output depends on. A stage is complete when
-# its record carries the fingerprint of these fields (and of the stages before
-# it); change one of them and that stage and the ones after it run again.
-STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "index": ("source", "root", "split", "limit", "image_column", "label_column"),
-    "embed": ("encoder", "image_size"),
-    "mine": ("k", "category", "class_names", "clusters", "min_similarity", "dup_threshold", "max_per_anchor",
-             "mutual", "pairs_per_class", "index", "memory", "nprobe", "seed"),
-    "report": ("grid_pairs",),
-    "export": ("name", "license", "shard_size", "description", "images", "max_side"),
-}
-STAGES: tuple[str, ...] = tuple(STAGE_FIELDS)
+# Which recipe fields each stage's output depends on: the stage table in pipeline.py.
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -95,21 +82,43 @@ class Recipe(BaseModel):
     images: Literal["embed", "none"] = Field(default="embed", description="none = an ID-only release")
     max_side: int | None = Field(default=None, ge=8, description="shrink images larger than this (re-encodes)")
 
+    #: What the source held when this build looked (``Source.state()``); part of every fingerprint.
+    _source_state: str | None = PrivateAttr(default=None)
+
     @field_validator("shard_size", "memory", mode="before")
     @classmethod
     def _size(cls, value: Any) -> int:
         return parse_size(value)
 
+    @model_validator(mode="after")
+    def _thresholds(self) -> "Recipe":
+        if self.dup_threshold <= self.min_similarity:
+            raise ValueError(f"the duplicate threshold ({self.dup_threshold}) must be above the minimum "
+                             f"similarity ({self.min_similarity}), or no pair can pass both")
+        return self
+
+    def with_source_state(self, state: str) -> "Recipe":
+        """This recipe, bound to what the source holds now: a changed source changes every fingerprint."""
+        bound = self.model_copy()
+        bound._source_state = state
+        return bound
+
+    @property
+    def source_state(self) -> str | None:
+        return self._source_state
+
     def fingerprint(self, stage: str) -> str:
-        """Hash of the fields ``stage`` and every stage before it depend on.
+        """Hash of the fields ``stage`` and every stage before it depend on, and of the source's state.
 
         An encoder read from a file (``ssl:RUN/last.pt``, ``openclip:MODEL:/weights``) counts
-        with the file's size and modification time, so retraining a run in place re-embeds.
+        with the file's size and modification time, so retraining a run in place re-embeds; an
+        added, removed or edited source image changes the source state and so every stage's print.
         """
         upto = STAGES[: STAGES.index(stage) + 1]
         fields = {f: getattr(self, f) for s in upto for f in STAGE_FIELDS[s]}
         if "encoder" in fields:
             fields["encoder_file"] = _file_identity(self.encoder)
+        fields["source_state"] = self._source_state
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -133,6 +142,8 @@ def _raise_validation(err: ValidationError) -> None:
     first = err.errors()[0]
     field = str(first["loc"][0]) if first["loc"] else "recipe"
     msg = first["msg"]
+    if not first["loc"] and first["type"] == "value_error":  # a rule across fields (model validator)
+        raise UserError(msg.removeprefix("Value error, "), option="--dup-threshold") from None
     if first["type"] == "literal_error":
         msg = f"got {first['input']!r}; accepted: {first['ctx']['expected']}"
     elif first["type"] == "extra_forbidden":

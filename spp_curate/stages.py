@@ -1,107 +1,132 @@
-"""Running the stages on a build directory: in order, skipping what is complete.
+"""Running the stages on a build directory: in order, skipping what is complete, one command at a time.
 
 A stage is complete when ``DIR/stages/<stage>.json`` carries the recipe
-fingerprint of that stage (its fields and those of the stages before it) and
-its outputs exist. Change ``k`` and only mine, report and export run again;
-change the encoder and embedding runs again too.
+fingerprint of that stage (its fields, those of the stages before it, and the
+source's current state) and its outputs exist. Change ``k`` and only mine,
+report and export run again; change the encoder and embedding runs again too;
+add, remove or edit a source image and everything runs again.
+
+Every command that writes to a build directory holds its lock (``DIR/.lock``)
+and first removes the temporary files a killed run left there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
-from .config import STAGES, Recipe, validate_recipe
+from . import layout
+from .config import Recipe, validate_recipe
 from .errors import UserError
-from .files import atomic_path, read_json, write_json
-
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "index": ("index.parquet", "quarantine.parquet"),
-    "embed": ("embeddings/meta.json",),
-    "mine": ("pairs.parquet", "mine_stats.json"),
-    "report": ("report/metrics.json", "report/index.html"),
-    "export": ("release/manifest.json",),
-}
-
-
-def _runner(stage: str) -> Callable[[Recipe, Path], dict[str, Any]]:
-    # Imported on demand: `spp-curate verify` should not pay for torch and faiss.
-    if stage == "index":
-        from .curate.index import build_index
-        return build_index
-    if stage == "embed":
-        from .curate.embed import embed_index
-        return embed_index
-    if stage == "mine":
-        from .pairing.mine import mine_pairs
-        return mine_pairs
-    if stage == "report":
-        from .pairing.quality import write_report
-        return write_report
-    if stage == "export":
-        from .export.release import export_release
-        return export_release
-    raise ValueError(stage)
+from .files import BuildLock, atomic_path, read_json, remove_stale_temps, write_json
+from .pipeline import STAGE_BY_NAME, STAGES
 
 
 def save_recipe(build_dir: Path, recipe: Recipe) -> None:
     from .export.manifest import library_versions
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(build_dir / "build.yaml") as tmp:
+    with atomic_path(build_dir / layout.BUILD_RECIPE) as tmp:
         tmp.write_text(yaml.safe_dump({"recipe": recipe.model_dump(), "versions": library_versions()},
                                       sort_keys=False))
 
 
 def load_recipe(build_dir: Path) -> Recipe:
-    path = build_dir / "build.yaml"
+    path = build_dir / layout.BUILD_RECIPE
     if not path.is_file():
         raise UserError(f"{build_dir} is not a build directory (no build.yaml); start one with "
                         "`spp-curate build --source ...`", option="DIR")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} cannot be read ({first}); rerun `spp-curate build` with the options you want "
+                        "to write it anew", option="DIR") from None
+    if not isinstance(data, dict) or not isinstance(data.get("recipe", {}), dict):
+        raise UserError(f"{path} does not hold a recipe mapping", option="DIR")
     return validate_recipe(data.get("recipe", {}))
 
 
+def check_build_dir(build_dir: Path) -> None:
+    """A build goes into a new or empty folder, or into one of its own earlier builds: never into a
+    folder of other files (which a rerun might then clean up)."""
+    if build_dir.is_symlink() or (build_dir.exists() and not build_dir.is_dir()):
+        raise UserError(f"{build_dir} is not a folder", option="--out")
+    if build_dir.is_dir() and any(build_dir.iterdir()) and not (build_dir / layout.BUILD_RECIPE).is_file():
+        raise UserError(f"{build_dir} is not empty and is not a build directory (no build.yaml); "
+                        "choose a new or empty folder", option="--out")
+
+
+def bind_source_state(recipe: Recipe) -> Recipe:
+    """The recipe bound to what its source holds now (listing, sizes, modification times)."""
+    if recipe.source_state is not None:
+        return recipe
+    from .curate.sources import open_source
+
+    return recipe.with_source_state(open_source(recipe).state())
+
+
 def _record(build_dir: Path, stage: str) -> Path:
-    return build_dir / "stages" / f"{stage}.json"
+    return build_dir / layout.STAGE_RECORDS / f"{stage}.json"
 
 
 def is_complete(build_dir: Path, recipe: Recipe, stage: str) -> bool:
     record = _record(build_dir, stage)
-    if not record.is_file() or not all((build_dir / o).exists() for o in STAGE_OUTPUTS[stage]):
+    if not record.is_file() or not all((build_dir / o).exists() for o in STAGE_BY_NAME[stage].outputs):
         return False
-    return read_json(record).get("fingerprint") == recipe.fingerprint(stage)
+    try:
+        return read_json(record).get("fingerprint") == recipe.fingerprint(stage)
+    except (ValueError, OSError, AttributeError):
+        return False  # a damaged record: the stage runs again
 
 
-def run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False) -> dict[str, Any] | None:
-    """Run one stage unless it is complete; returns its summary, or None when skipped."""
+@contextlib.contextmanager
+def locked(build_dir: Path) -> Iterator[None]:
+    """Hold the build directory's lock; clean the temporary files a killed run left."""
+    with BuildLock(build_dir):
+        remove_stale_temps(build_dir)
+        yield
+
+
+def _run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False) -> dict[str, Any] | None:
     position = STAGES.index(stage)
     for before in STAGES[:position]:
         if not is_complete(build_dir, recipe, before):
-            raise UserError(f"stage {before!r} is not complete for this recipe; run "
+            raise UserError(f"stage {before!r} is not complete for this recipe and source; run "
                             f"`spp-curate {before} {build_dir}` (or `spp-curate build`) first", option=stage)
     if not force and is_complete(build_dir, recipe, stage):
         return None
     for after in STAGES[position:]:
         _record(build_dir, after).unlink(missing_ok=True)
     started = time.time()
-    summary = _runner(stage)(recipe, build_dir)
+    summary = STAGE_BY_NAME[stage].run(recipe, build_dir)
     metrics_keys = ("precision", "coverage", "pairs", "images", "quarantined")
-    short = {k: v for k, v in (summary or {}).items() if k in metrics_keys or isinstance(v, int)}
+    short = {k: v for k, v in (summary or {}).items()
+             if (k in metrics_keys and v is not None) or (isinstance(v, int) and not isinstance(v, bool))}
     write_json(_record(build_dir, stage), {"fingerprint": recipe.fingerprint(stage),
                                            "seconds": round(time.time() - started, 2), "summary": short})
     return short
 
 
+def run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False) -> dict[str, Any] | None:
+    """Run one stage unless it is complete; returns its summary, or None when skipped."""
+    with locked(build_dir):
+        return _run_stage(build_dir, bind_source_state(recipe), stage, force)
+
+
 def build(build_dir: Path, recipe: Recipe, force: bool = False,
           on_stage: Callable[[str, dict[str, Any] | None], None] | None = None, until: str | None = None) -> None:
     """Run the stages in order, up to ``until``; complete stages are skipped (unless ``force``)."""
-    save_recipe(build_dir, recipe)
-    last = STAGES.index(until) if until else len(STAGES) - 1
-    for stage in STAGES[: last + 1]:
-        summary = run_stage(build_dir, recipe, stage, force=force)
-        if on_stage:
-            on_stage(stage, summary)
+    check_build_dir(build_dir)
+    with locked(build_dir):
+        save_recipe(build_dir, recipe)
+        recipe = bind_source_state(recipe)
+        last = STAGES.index(until) if until else len(STAGES) - 1
+        for stage in STAGES[: last + 1]:
+            summary = _run_stage(build_dir, recipe, stage, force=force)
+            if on_stage:
+                on_stage(stage, summary)

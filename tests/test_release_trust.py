@@ -44,7 +44,7 @@ def test_id_only_release_is_small_and_materialises_into_a_release_that_verifies(
     assert _dir_bytes(release / "data") < _dir_bytes(root) / 3
 
     full = tmp_path / "materialized"
-    assert run_cli("materialize", release, "--root", root, "--out", full) == 0
+    assert run_cli("materialize", release, "--source", "imagefolder", "--root", root, "--out", full) == 0
     assert run_cli("verify", full) == 0
     ds = datasets.load_dataset(str(full), split="train")
     assert len(ds) == manifest["counts"]["pairs"]
@@ -69,7 +69,8 @@ def test_materialize_names_every_missing_or_changed_image(tmp_path):
     img.putpixel((0, 0), (255, 0, 0))
     (root / changed).write_bytes(jpeg_bytes(img))
     (root / missing).unlink()
-    proc = run_cli_process("materialize", out / "release", "--root", root, "--out", tmp_path / "m")
+    proc = run_cli_process("materialize", out / "release", "--source", "imagefolder", "--root", root,
+                           "--out", tmp_path / "m")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"{changed}: changed" in proc.stderr
     assert f"{missing}: missing" in proc.stderr
@@ -107,18 +108,21 @@ def test_export_killed_mid_run_finishes_on_rerun_and_never_leaves_partial_shards
     proc = subprocess.Popen([sys.executable, "-m", "spp_curate.cli", "export", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "release" / "wds").glob("pairs-*.tar"))) < 3:
+    staging = out / ".release.partial"  # a release is written beside its place and swapped in when complete
+    while time.time() < deadline and len(list((staging / "wds").glob("pairs-*.tar"))) < 3:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "release" / "manifest.json").exists(), "the kill should land mid-run"
-    for shard in (out / "release" / "data").glob("*.parquet"):
+    assert not (out / "release").exists() and not (staging / "manifest.json").exists(), \
+        "the kill should land mid-run"
+    for shard in (staging / "data").glob("*.parquet"):
         pq.read_metadata(shard)  # every file under a final name is complete
     assert run_cli("export", out) == 0
     assert run_cli("verify", out / "release") == 0
     manifest = json.loads((out / "release" / "manifest.json").read_text())
     assert manifest["counts"]["shards"] > 3
-    assert not [p for p in (out / "release").rglob("*") if ".tmp-" in p.name]
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not staging.exists()
 
 
 def test_max_side_shrinks_release_images_and_jpeg_otherwise_passes_through(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from spp_curate.train.backbones import build_backbone
+from spp_curate.backbones import build_backbone
 from spp_curate.train.data import PairViews, collate_views
 from spp_curate.train.evaluate import knn_top1
 from spp_curate.train.losses import multi_positive_info_nce, view_masks
@@ -97,7 +97,7 @@ def test_every_method_and_positive_mode_learns(pair_batches, method, positives):
     torch.manual_seed(0)
     backbone, dim = build_backbone("small-cnn", 32)
     model = build_method(method, backbone, dim, use_partner=positives != "augment")
-    tensors, images, partners = pair_batches[positives]
+    tensors, images, partners, _ = pair_batches[positives]
     assert len(tensors) == (3 if positives == "both" else 2)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     views = Views(tensors, images, partners)

@@ -10,7 +10,6 @@ files as an uninterrupted one.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import Recipe
 from ..devices import auto_workers, autocast_for, default_device
-from ..files import atomic_path, read_json, remove_stale_temps, write_json
+from .. import layout
+from ..files import atomic_path, read_json, remove_owned, remove_stale_temps, write_json
 from ..progress import stage_progress
 from .encoders import Encoder, load_encoder
 from .images import BadImage, decode_image
@@ -97,7 +97,8 @@ def embed_index(recipe: Recipe, build_dir: Path, device: str | None = None, draf
     run_file = emb_dir / "run.json"
     run = {"fingerprint": recipe.fingerprint("embed"), "chunk_size": chunk_size}
     if emb_dir.exists() and (not run_file.exists() or read_json(run_file) != run):
-        shutil.rmtree(emb_dir)  # made by another encoder or chunking: nothing to reuse
+        # Made by another encoder, chunking or source state: nothing to reuse (and nothing of the user's removed).
+        remove_owned(emb_dir, layout.EMBEDDING_FILES, "--out")
     emb_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(emb_dir)
     write_json(run_file, run)

@@ -64,8 +64,8 @@ def parse_encoder(spec: str) -> tuple[str, list[str]]:
     return kind, [rest]
 
 
-def check_encoder(spec: str) -> None:
-    """Validate an encoder string cheaply, before any stage runs."""
+def check_encoder(spec: str, image_size: int | None = None) -> None:
+    """Validate an encoder string (and an input-size override) cheaply, before any stage runs."""
     kind, args = parse_encoder(spec)
     if kind == "openclip":
         import open_clip
@@ -74,6 +74,10 @@ def check_encoder(spec: str) -> None:
             close = [m for m in open_clip.list_models() if args[0].lower()[:5] in m.lower()][:5]
             hint = f" (close: {', '.join(close)})" if close else " (see open_clip.list_models())"
             raise UserError(f"unknown open_clip model {args[0]!r}{hint}", option="--encoder")
+        patch = (open_clip.get_model_config(args[0]) or {}).get("vision_cfg", {}).get("patch_size")
+        if image_size is not None and isinstance(patch, int) and image_size < patch:
+            raise UserError(f"{image_size} px is below {args[0]}'s patch size of {patch} px; use at least {patch}",
+                            option="--image-size")
     elif kind == "ssl":
         path = Path(args[0])
         if not (path.is_file() or (path / "last.pt").is_file()):
@@ -127,8 +131,12 @@ def _openclip(model_name: str, pretrained: str | None, image_size: int | None) -
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
     tower = _OpenCLIPImageTower(model)
-    with torch.inference_mode():
-        dim = int(tower(torch.zeros(1, 3, size, size)).shape[-1])
+    try:
+        with torch.inference_mode():
+            dim = int(tower(torch.zeros(1, 3, size, size)).shape[-1])
+    except RuntimeError as exc:
+        raise UserError(f"{model_name} cannot take {size} px inputs ({str(exc).splitlines()[0][:120]})",
+                        option="--image-size") from None
     meta = {"library": "open_clip", "version": open_clip.__version__, "model": model_name,
             "weights": source, "preprocess": repr(preprocess).replace("\n", " ")}
     return Encoder(f"openclip:{model_name}" + (f":{pretrained}" if pretrained else ""), tower, preprocess,
@@ -150,7 +158,7 @@ def load_text_encoder(spec: str, image_size: int | None = None) -> tuple[Callabl
 
 def load_encoder(spec: str, image_size: int | None = None) -> Encoder:
     """Build the encoder ``spec`` names, in eval mode, on the CPU."""
-    check_encoder(spec)
+    check_encoder(spec, image_size)
     kind, args = parse_encoder(spec)
     if kind == "openclip":
         return _openclip(args[0], args[1] if len(args) > 1 else None, image_size)
@@ -159,10 +167,9 @@ def load_encoder(spec: str, image_size: int | None = None) -> Encoder:
 
 def _ssl(path: str, image_size: int | None) -> Encoder:
     """A trainer checkpoint's backbone (pre-projector features), with the trainer's eval preprocessing."""
-    from ..train.data import eval_transform
-    from ..train.evaluate import load_backbone
+    from ..checkpoint import eval_transform, load_backbone
 
-    backbone, dim, trained_size = load_backbone(path)
+    backbone, dim, trained_size = load_backbone(path, option="--encoder")
     size = image_size or trained_size
     meta = {"library": "spp-curate trainer", "checkpoint": Path(path).name, "output": "backbone (pre-projector)",
             "image_size": size}

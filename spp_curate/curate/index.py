@@ -18,12 +18,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import layout
 from ..config import Recipe
 from ..devices import auto_workers
+from ..errors import UserError
 from ..files import sha256_bytes, write_table
 from ..progress import stage_progress
 from .images import BadImage, decode_with_format
-from .sources import Source, open_source
+from .sources import KeyRefused, Source, open_source
 
 INDEX_SCHEMA = pa.schema([
     ("id", pa.int64()), ("key", pa.string()), ("split", pa.string()), ("label", pa.int32()),
@@ -58,6 +60,8 @@ def probe(source: Source, key: str, label: int) -> Probe:
     """Read and decode one image; failures become a reason, never an exception."""
     try:
         data = source.read(key)
+    except KeyRefused as exc:
+        return Probe(key, label, error=str(exc))
     except OSError as exc:
         return Probe(key, label, error=f"unreadable: {exc.strerror or exc}")
     try:
@@ -72,7 +76,7 @@ def _probe_in_worker(item: tuple[str, int]) -> Probe:
     return probe(_worker_source, *item)
 
 
-def build_index(recipe: Recipe, out_dir: Path) -> dict[str, int]:
+def index_source(recipe: Recipe, out_dir: Path) -> dict[str, int]:
     """Write ``index.parquet`` and ``quarantine.parquet`` under ``out_dir``; return counts."""
     source = open_source(recipe)
     items = source.items()
@@ -102,6 +106,8 @@ def build_index(recipe: Recipe, out_dir: Path) -> dict[str, int]:
                     bad += p.error is not None
                     bar.update(task, advance=1, quarantined=bad)
 
+    # What the listing itself could not use (unreadable folders, symlinks not followed, ...) is quarantined too.
+    probes += [Probe(key, -1, error=reason) for key, reason in source.listing_problems]
     good = [p for p in probes if p.error is None]
     names = source.class_names
 
@@ -123,8 +129,14 @@ def build_index(recipe: Recipe, out_dir: Path) -> dict[str, int]:
     table = table.replace_schema_metadata({CLASS_NAMES_META: json.dumps(names).encode()})
     quarantine = pa.table({"key": [p.key for p in probes if p.error],
                            "error": [p.error for p in probes if p.error]}, schema=QUARANTINE_SCHEMA)
-    write_table(out_dir / "quarantine.parquet", quarantine)
-    write_table(out_dir / "index.parquet", table)
+    write_table(out_dir / layout.QUARANTINE, quarantine)
+    if not good:
+        if recipe.limit == 0:
+            raise UserError("0 images asked for; give a positive number or leave it out", option="--limit")
+        raise UserError(f"no usable images in {source.describe()}"
+                        + (f" ({len(probes)} quarantined; reasons in {out_dir / layout.QUARANTINE})" if probes
+                           else ""), option="--source")
+    write_table(out_dir / layout.INDEX, table)
     return {"images": len(good), "quarantined": len(probes) - len(good)}
 
 

@@ -11,8 +11,10 @@ here and naming it in :data:`SOURCE_KINDS`.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar, Iterator
@@ -22,17 +24,37 @@ from PIL import Image
 
 from ..config import Recipe
 from ..errors import UserError
+from ..files import UnsafePath, safe_join
 
 # torchvision's list, so that an ImageNet tree is read the way torchvision reads it.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
+class KeyRefused(OSError):
+    """A key this source cannot hold (absolute, ``..``, a symlink out of the root, another split's):
+    refused before anything outside the source is touched."""
+
+
+def _state_hash(parts: Iterator[str] | list[str]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()[:16]
+
+
 class Source(ABC):
-    """A collection of labelled (or unlabelled) images, addressed by stable keys."""
+    """A collection of labelled (or unlabelled) images, addressed by stable keys.
+
+    Keys may come from outside (an ID-only release names them), so :meth:`read` accepts only keys
+    of this source's own form and raises :class:`KeyRefused` for any other. Problems met while
+    listing (a folder that cannot be read, a symlink not followed, a sample with two images) are
+    collected in :attr:`listing_problems` as ``(key, reason)``; the index stage quarantines them.
+    """
 
     kind: ClassVar[str]
     #: Class names, indexed by label; empty when the source has no labels.
     class_names: list[str]
+    listing_problems: list[tuple[str, str]]
 
     @abstractmethod
     def items(self) -> Iterator[tuple[str, int]]:
@@ -41,6 +63,11 @@ class Source(ABC):
     @abstractmethod
     def read(self, key: str) -> bytes:
         """Return the encoded bytes of the image stored under ``key``."""
+
+    @abstractmethod
+    def state(self) -> str:
+        """A short hash of what the source holds now (its listing with sizes and modification times, or
+        its files' identities), so a build notices added, removed and edited images."""
 
     def describe(self) -> str:
         return self.kind
@@ -75,6 +102,8 @@ class FashionMNISTSource(Source):
             self.images, self.labels = self._from_hub()
         if len(self.images) != len(self.labels):
             raise UserError(f"{self.root}: {len(self.images)} images but {len(self.labels)} labels", option="--root")
+        self.files = [p for p in (images, labels) if p]
+        self.listing_problems = []
 
     def _find(self, stem: str) -> Path | None:
         for name in (stem + ".gz", stem):
@@ -102,13 +131,26 @@ class FashionMNISTSource(Source):
             yield f"{self.split}/{i:05d}", int(label)
 
     def read(self, key: str) -> bytes:
-        index = int(key.rsplit("/", 1)[1])
+        index = _row_of(key, self.split, 5, len(self.images))
         buf = io.BytesIO()
         Image.fromarray(self.images[index], "L").save(buf, format="PNG")
         return buf.getvalue()
 
+    def state(self) -> str:
+        if not self.files:
+            return _state_hash([self.HUB_ID, self.split, str(len(self.labels))])
+        return _state_hash(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in self.files)
+
     def describe(self) -> str:
         return f"fashion-mnist ({self.split}, {len(self.labels)} images)"
+
+
+def _row_of(key: str, split: str, digits: int, rows: int) -> int:
+    """The row number in a ``split/NNNNN`` key of an array source; :class:`KeyRefused` for any other key."""
+    match = re.fullmatch(rf"{re.escape(split)}/(\d{{{digits}}})", key) if isinstance(key, str) else None
+    if not match or int(match.group(1)) >= rows:
+        raise KeyRefused(f"refused key {key!r}: not a row of this source's {split} split")
+    return int(match.group(1))
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -124,7 +166,13 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def class_folders(root: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    """Sub-folders of ``root``, sorted; symlinked folders are not classes (never followed)."""
+    return sorted(e.name for e in os.scandir(root)
+                  if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+
+
+def linked_folders(root: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_symlink() and e.is_dir())
 
 
 class ImageFolderSource(Source):
@@ -134,6 +182,10 @@ class ImageFolderSource(Source):
     them, so an ImageNet ``train/`` tree gets the usual class indices. Files
     whose extension is not an image extension are skipped; files that have one
     but do not decode are quarantined by the index stage.
+
+    Nothing outside the root is read: folder symlinks are never followed (a loop
+    cannot multiply the images) and are reported, and a file symlink is read only
+    when it resolves inside the root. A folder that cannot be read is reported.
     """
 
     kind = "imagefolder"
@@ -147,23 +199,55 @@ class ImageFolderSource(Source):
         self.split = split
         self.folders = class_folders(self.root)
         self.class_names = list(self.folders)
+        self.listing_problems = []
         if not self.folders:
             raise UserError(f"{root} holds no class folders (expected ROOT/<class>/<image>)", option="--root")
 
     def label_of_folder(self, folder: str) -> int:
         return self.folders.index(folder)
 
+    def _walk(self, top: Path) -> Iterator[str]:
+        """Image files under ``top`` as keys, in sorted order, following no folder symlink."""
+        def unreadable(exc: OSError) -> None:
+            where = Path(exc.filename).relative_to(self.root).as_posix() if exc.filename else str(top)
+            self.listing_problems.append((where, f"unreadable folder: {exc.strerror or exc}"))
+
+        for dirpath, dirnames, filenames in os.walk(top, onerror=unreadable):
+            for d in sorted(dirnames):
+                if Path(dirpath, d).is_symlink():
+                    rel = Path(dirpath, d).relative_to(self.root).as_posix()
+                    self.listing_problems.append((rel, "folder symlink, not followed"))
+            dirnames[:] = sorted(d for d in dirnames if not Path(dirpath, d).is_symlink())
+            for fname in sorted(filenames):
+                if fname.lower().endswith(IMAGE_EXTENSIONS):
+                    yield Path(dirpath, fname).relative_to(self.root).as_posix()
+
     def items(self) -> Iterator[tuple[str, int]]:
+        self.listing_problems = [(name, "folder symlink, not followed") for name in linked_folders(self.root)]
         for name in self.folders:
             label = self.label_of_folder(name)
-            for dirpath, dirnames, filenames in os.walk(self.root / name, followlinks=True):
-                dirnames.sort()
-                for fname in sorted(filenames):
-                    if fname.lower().endswith(IMAGE_EXTENSIONS):
-                        yield Path(dirpath, fname).relative_to(self.root).as_posix(), label
+            for key in self._walk(self.root / name):
+                yield key, label
+
+    def path_of(self, key: str) -> Path:
+        """The file a key names, inside the root; :class:`KeyRefused` for a key that would leave it."""
+        try:
+            return safe_join(self.root, key, follow_inside=True)
+        except UnsafePath as exc:
+            raise KeyRefused(f"refused key: {exc}") from None
 
     def read(self, key: str) -> bytes:
-        return (self.root / key).read_bytes()
+        return self.path_of(key).read_bytes()
+
+    def state(self) -> str:
+        def identity(key: str) -> str:
+            try:
+                st = (self.root / key).stat()
+                return f"{key}:{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                return f"{key}:unreadable"
+
+        return _state_hash(f"{identity(key)}:{label}" for key, label in self.items())
 
     def describe(self) -> str:
         return f"imagefolder {self.root} ({len(self.class_names)} classes)"
@@ -239,9 +323,9 @@ class ImageNetSource(ImageFolderSource):
         if self._flat_labels is None:
             yield from super().items()
             return
-        for fname in sorted(os.listdir(self.root)):
-            if fname.lower().endswith(IMAGE_EXTENSIONS):
-                yield fname, self._flat_labels.get(Path(fname).stem, -1)
+        self.listing_problems = []
+        for key in self._walk(self.root):
+            yield key, self._flat_labels.get(Path(key).stem, -1)
 
     def describe(self) -> str:
         return f"imagenet {self.base} ({self.split}, {len(self.wnids)} classes)"
@@ -292,6 +376,7 @@ class HFSource(Source):
         label_feature = feats.get(self.label_column) if self.label_column else None
         self.class_names = list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else []
         self.ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        self.listing_problems = []
 
     def items(self) -> Iterator[tuple[str, int]]:
         labels = self.ds[self.label_column] if self.label_column else None
@@ -299,37 +384,52 @@ class HFSource(Source):
             yield f"{self.split}/{i:08d}", int(labels[i]) if labels is not None and labels[i] is not None else -1
 
     def read(self, key: str) -> bytes:
-        cell = self.ds[int(key.rsplit("/", 1)[1])][self.image_column]
+        cell = self.ds[_row_of(key, self.split, 8, len(self.ds))][self.image_column]
         if cell.get("bytes"):
             return cell["bytes"]
         if cell.get("path"):
-            return Path(cell["path"]).read_bytes()
+            # A row naming a file (datasets loaded from image files): read only inside the dataset's own
+            # folder or the Hugging Face caches, never a path the data chose elsewhere.
+            path = Path(cell["path"]).resolve()
+            if any(path.is_relative_to(root) for root in self._file_roots()):
+                return path.read_bytes()
+            raise KeyRefused(f"refused: row {key} names a file outside the dataset and the Hugging Face cache")
         raise OSError("row holds neither image bytes nor a path")
+
+    def _file_roots(self) -> list[Path]:
+        import datasets
+        from huggingface_hub import constants
+
+        roots = [Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE)]
+        if Path(self.name).is_dir():
+            roots.append(Path(self.name))
+        return [r.resolve() for r in roots]
+
+    def state(self) -> str:
+        return _state_hash([self.name, self.split, str(len(self.ds)), str(getattr(self.ds, "_fingerprint", ""))])
 
     def describe(self) -> str:
         return f"hf {self.name} ({self.split}, {len(self.ds)} rows)"
 
 
-class UnsafeMember(OSError):
-    """A tar member whose name is absolute or climbs out with '..': never read."""
-
-
 class WebDatasetSource(Source):
     """WebDataset tars of single images: ``wds:/data/shards-{000000..000099}.tar``.
 
-    Each sample's first image member (jpg, png, ...) is the picture; the
-    label comes from its ``cls`` member or from ``label`` in its ``json``
-    member (with ``label_name`` as the class name where given). Keys are
-    ``<shard name>/<sample key>``; members are read in place by offset. Members
-    with absolute paths or ``..`` are refused and end up in the quarantine.
+    Samples are grouped the way webdataset groups them (``base_plus_ext``): each
+    sample's image member (jpg, png, ...) is the picture; the label comes from
+    its ``cls`` member or from ``label`` in its ``json`` member (with
+    ``label_name`` as the class name where given). Keys are ``<shard name>/<sample
+    key>``; members are read in place by offset. A member with an absolute or
+    ``..`` path, a sample with a second image, or a label that is not an integer
+    is reported (and quarantined by the index stage), never read or guessed at.
     """
 
     kind = "wds"
+    IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+    MAX_META_BYTES = 1 << 20
 
     def __init__(self, pattern: str, split: str = "train") -> None:
         import glob
-        import json
-        import tarfile
 
         from braceexpand import braceexpand
 
@@ -338,51 +438,90 @@ class WebDatasetSource(Source):
         missing = [p for p in paths if not Path(p).is_file()]
         if not paths or missing:
             raise UserError(f"no tar shards at {missing[0] if missing else pattern}", option="--source")
-        self.members: dict[str, tuple[str, int, int, str]] = {}
+        self.paths = paths
+        self.members: dict[str, tuple[str, int, int]] = {}
         self.samples: list[tuple[str, int]] = []
+        self.listing_problems = []
         names: dict[int, str] = {}
         for path in paths:
-            shard = Path(path).name
-            samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-            with tarfile.open(path) as tar:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    stem, _, ext = Path(m.name).name.partition(".")
-                    prefix = str(Path(m.name).parent)
-                    key = f"{shard}/{prefix + '/' if prefix != '.' else ''}{stem}"
-                    samples.setdefault(key, {})[ext.lower()] = m
-                meta_of = {}
-                for key, parts in samples.items():
-                    label = -1
-                    if "cls" in parts:
-                        label = int(tar.extractfile(parts["cls"]).read().strip() or -1)
-                    elif "json" in parts:
-                        meta = json.loads(tar.extractfile(parts["json"]).read() or b"{}")
-                        label = int(meta.get("label", -1)) if isinstance(meta, dict) else -1
-                        if isinstance(meta, dict) and "label_name" in meta and label >= 0:
-                            names[label] = str(meta["label_name"])
-                    meta_of[key] = label
-            for key, parts in samples.items():
-                image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
-                              if e in parts), None)
-                if image is None:
-                    continue
-                self.members[key] = (path, image.offset_data, image.size, image.name)
-                self.samples.append((key, meta_of[key]))
+            self._list_shard(path, names)
         top = max((lab for _, lab in self.samples), default=-1)
         self.class_names = [names.get(i, str(i)) for i in range(top + 1)] if top >= 0 else []
+
+    def _list_shard(self, path: str, names: dict[int, str]) -> None:
+        import tarfile
+
+        from webdataset.tariterators import base_plus_ext
+
+        shard = Path(path).name
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                if m.name.startswith("/") or ".." in m.name.split("/"):
+                    self.listing_problems.append((f"{shard}/{m.name}", "refused tar member: absolute or '..' path"))
+                    continue
+                prefix, ext = base_plus_ext(m.name)
+                if prefix is None:
+                    continue
+                samples.setdefault(f"{shard}/{prefix}", {})[ext.lower()] = m
+
+            def small(member: tarfile.TarInfo) -> bytes:
+                if member.size > self.MAX_META_BYTES:
+                    raise ValueError(f"{member.name} is {member.size:,} bytes, over {self.MAX_META_BYTES:,}")
+                return tar.extractfile(member).read()
+
+            for key, parts in samples.items():
+                images = [e for e in self.IMAGE_EXTS if e in parts]
+                if not images:
+                    continue
+                for extra in images[1:]:
+                    self.listing_problems.append(
+                        (f"{key}.{extra}", f"a second image in sample {key} (its .{images[0]} is used)"))
+                try:
+                    label = self._label(parts, small, names)
+                except (ValueError, TypeError, UnicodeDecodeError) as exc:
+                    self.listing_problems.append((key, f"bad label: {exc}"))
+                    continue
+                image = parts[images[0]]
+                self.members[key] = (path, image.offset_data, image.size)
+                self.samples.append((key, label))
+
+    @staticmethod
+    def _label(parts: dict, read_small, names: dict[int, str]) -> int:
+        import json
+
+        if "cls" in parts:
+            text = read_small(parts["cls"]).decode().strip()
+            if not re.fullmatch(r"-?\d+", text or "-1"):
+                raise ValueError(f"its .cls member holds {text[:40]!r}, not an integer")
+            return int(text or -1)
+        if "json" in parts:
+            meta = json.loads(read_small(parts["json"]) or b"{}")
+            if not isinstance(meta, dict) or "label" not in meta:
+                return -1
+            if not isinstance(meta["label"], int) or isinstance(meta["label"], bool):
+                raise ValueError(f"its json label is {meta['label']!r}, not an integer")
+            if "label_name" in meta and meta["label"] >= 0:
+                names[meta["label"]] = str(meta["label_name"])
+            return meta["label"]
+        return -1
 
     def items(self) -> Iterator[tuple[str, int]]:
         yield from self.samples
 
     def read(self, key: str) -> bytes:
-        path, offset, size, name = self.members[key]
-        if name.startswith("/") or ".." in Path(name).parts:
-            raise UnsafeMember(f"refused tar member {name!r}: absolute or '..' path")
+        try:
+            path, offset, size = self.members[key]
+        except (KeyError, TypeError):
+            raise KeyRefused(f"refused key {key!r}: no such sample in these shards") from None
         with open(path, "rb") as fh:
             fh.seek(offset)
             return fh.read(size)
+
+    def state(self) -> str:
+        return _state_hash(f"{p}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in self.paths)
 
     def describe(self) -> str:
         return f"wds {self.pattern} ({len(self.samples)} images)"

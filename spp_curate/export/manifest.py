@@ -1,22 +1,43 @@
-"""``manifest.json``: what a release holds, byte for byte, and the check that it still does."""
+"""``manifest.json``: what a release holds, byte for byte, and the check that it still does.
+
+A release may come from anyone (the Hub, a colleague, a download), so
+:func:`load_manifest` and :func:`verify_release` treat it as hostile input:
+
+* the manifest is size-capped JSON of a declared schema;
+* every path it lists must be one of the release layout's names for its kind
+  (``data/train-*.parquet``, ``wds/pairs-*.tar``, ``README.md``, ``assets/*.png``),
+  so no entry can name ``/etc/passwd`` or ``../x``;
+* a symlink anywhere in the release is a problem, and no file is opened through one;
+* each file's size is compared with the manifest before it is read, and then hashed as a stream;
+* tar members must be plain files with flat, relative names and sizes under a cap, and are
+  read (a shard's first images, to decode them) only after their size is checked.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
+import tarfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from webdataset.tariterators import base_plus_ext
 
+from .. import layout
 from ..curate.images import BadImage, decode_image
 from ..errors import UserError
-from ..files import read_json, sha256_file
-from .webdataset import tar_sample_count
+from ..files import UnsafePath, read_capped, safe_join, sha256_file
 
 SCHEMA_VERSION = 1
 _LIBRARIES = ("spp-curate", "torch", "open_clip_torch", "faiss-cpu", "faiss-gpu-cu12", "numpy", "pyarrow",
               "pillow", "datasets", "webdataset", "huggingface_hub")
+#: Stated limits on what is read into memory from a release.
+MAX_MANIFEST_BYTES = 64 * 2**20
+MAX_MEMBER_BYTES = 256 * 2**20
+MAX_ROW_GROUP_BYTES = 512 * 2**20
 
 
 def library_versions() -> dict[str, str]:
@@ -29,88 +50,220 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+class FileEntry(BaseModel):
+    """One file of a release, as the manifest lists it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    kind: Literal["parquet", "webdataset", "card", "asset"]
+    rows: int | None = Field(default=None, ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Counts(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    pairs: int = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    """The parts of ``manifest.json`` the tools rely on; other keys are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int
+    name: str
+    images: Literal["embed", "none"]
+    recipe: dict[str, Any]
+    counts: Counts
+    image_ext: Literal["jpg", "png"]
+    class_names: list[str] = []
+    files: list[FileEntry]
+
+    def entries(self, kind: str) -> list[FileEntry]:
+        return [e for e in self.files if e.kind == kind]
+
+
 def file_entry(release: Path, path: Path, kind: str, rows: int | None) -> dict[str, Any]:
     return {"path": path.relative_to(release).as_posix(), "kind": kind, "rows": rows,
             "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _rows(release: Path, entry: dict[str, Any], image_ext: str) -> int | None:
-    path = release / entry["path"]
-    if entry["kind"] == "parquet":
+def load_manifest(release: str | Path, option: str = "RELEASE") -> Manifest:
+    """Read and validate ``release/manifest.json``; a one-line :class:`UserError` when it is not usable."""
+    release = Path(release)
+    path = release / layout.MANIFEST
+    if path.is_symlink():
+        raise UserError(f"{path} is a symlink; a release's files must be its own", option=option)
+    if not path.is_file():
+        raise UserError(f"{release} has no manifest.json; is it a release directory?", option=option)
+    try:
+        manifest = Manifest.model_validate_json(read_capped(path, MAX_MANIFEST_BYTES, "manifest.json"))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "manifest"
+        raise UserError(f"{path} is not a valid manifest ({where}: {first['msg']})", option=option) from None
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path} cannot be read: {exc}", option=option) from None
+    for entry in manifest.files:
+        pattern = layout.RELEASE_ENTRY_PATTERNS[entry.kind]
+        if not pattern.fullmatch(entry.path):
+            raise UserError(f"{path} lists {entry.path!r} as a {entry.kind} file; a release's {entry.kind} "
+                            f"files are named like {pattern.pattern!r}", option=option)
+    return manifest
+
+
+def release_file(release: Path, entry: FileEntry) -> Path:
+    """The file an entry names, inside the release and reached through no symlink (:class:`UnsafePath`)."""
+    return safe_join(release, entry.path)
+
+
+def check_tar(path: Path, image_ext: str) -> int:
+    """Count a pair shard's samples, checking its members; raises ``ValueError`` naming the first bad one.
+
+    Every member must be a plain file with a flat relative name under the size cap, and each
+    sample's three members (``anchor.EXT``, ``json``, ``positive.EXT``) adjacent.
+    """
+    expected = (f"anchor.{image_ext}", "json", f"positive.{image_ext}")
+    members = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isreg():
+                kind = ("symlink" if member.issym() else "hard link" if member.islnk()
+                        else "directory" if member.isdir() else "special file")
+                raise ValueError(f"member {member.name!r} is a {kind}; a pair shard holds plain files only")
+            if member.name.startswith("/") or "/" in member.name or member.name in (".", ".."):
+                raise ValueError(f"member {member.name!r} has a path; pair shard members have flat names")
+            if member.size > MAX_MEMBER_BYTES:
+                raise ValueError(f"member {member.name!r} is {member.size:,} bytes, over the "
+                                 f"{MAX_MEMBER_BYTES:,}-byte limit")
+            members.append(member.name)
+    if len(members) % 3:
+        raise ValueError(f"{len(members)} members is not a whole number of pairs")
+    for i in range(0, len(members), 3):
+        split = [base_plus_ext(n) for n in members[i:i + 3]]
+        if len({key for key, _ in split}) != 1 or tuple(sorted(ext for _, ext in split)) != expected:
+            raise ValueError(f"members {members[i:i + 3]} are not one pair's adjacent members")
+    return len(members) // 3
+
+
+def _rows(path: Path, entry: FileEntry, image_ext: str) -> int | None:
+    if entry.kind == "parquet":
         return pq.read_metadata(path).num_rows
-    if entry["kind"] == "webdataset":
-        return tar_sample_count(path, image_ext)
+    if entry.kind == "webdataset":
+        return check_tar(path, image_ext)
     return None
 
 
 def _first_images(path: Path, kind: str) -> list[bytes]:
-    """The encoded images of a shard's first pair (none for ID-only shards)."""
+    """The encoded images of a shard's first pair (none for ID-only shards), each read under a size cap."""
     if kind == "parquet":
-        schema = pq.read_schema(path)
-        if "anchor" not in schema.names:
+        parquet = pq.ParquetFile(path)
+        if "anchor" not in parquet.schema_arrow.names or parquet.metadata.num_row_groups == 0:
             return []
-        first = pq.ParquetFile(path).read_row_group(0, columns=["anchor", "positive"]).slice(0, 1).to_pylist()
+        group_bytes = parquet.metadata.row_group(0).total_byte_size
+        if group_bytes > MAX_ROW_GROUP_BYTES:
+            raise ValueError(f"its first row group is {group_bytes:,} bytes, over the "
+                             f"{MAX_ROW_GROUP_BYTES:,}-byte limit")
+        first = parquet.read_row_group(0, columns=["anchor", "positive"]).slice(0, 1).to_pylist()
         return [first[0]["anchor"]["bytes"], first[0]["positive"]["bytes"]] if first else []
-    import tarfile
-
+    out = []
     with tarfile.open(path) as tar:
-        out = []
-        for member in tar:
-            if member.name.split(".", 1)[1].startswith(("anchor.", "positive.")):
-                out.append(tar.extractfile(member).read())
+        for member in tar:  # check_tar has already checked every member's type and size
+            if base_plus_ext(member.name)[1].startswith(("anchor.", "positive.")):
+                out.append(tar.extractfile(member).read(MAX_MEMBER_BYTES))
             if len(out) == 2:
                 break
-        return out
+    return out
+
+
+def _symlinks(release: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(release):
+        for name in dirnames + filenames:
+            if Path(dirpath, name).is_symlink():
+                found.append(Path(dirpath, name).relative_to(release).as_posix())
+    return sorted(found)
+
+
+def _check_entry(release: Path, entry: FileEntry, image_ext: str) -> tuple[list[str], int | None]:
+    """Problems with one listed file, and its row count when it could be read."""
+    try:
+        path = release_file(release, entry)
+    except UnsafePath as exc:
+        return [f"{entry.path}: refused ({exc})"], None
+    if not path.is_file():
+        return [f"{entry.path}: missing"], None
+    size = path.stat().st_size
+    if size != entry.bytes:
+        return [f"{entry.path}: {size} bytes, manifest says {entry.bytes}"], None
+    if sha256_file(path) != entry.sha256:
+        return [f"{entry.path}: sha256 differs from the manifest (the file changed)"], None
+    try:
+        rows = _rows(path, entry, image_ext)
+    except Exception as exc:  # noqa: BLE001 - any unreadable shard is a problem to report
+        return [f"{entry.path}: unreadable ({exc})"], None
+    problems = []
+    if rows != entry.rows:
+        problems.append(f"{entry.path}: {rows} rows, manifest says {entry.rows}")
+    if entry.kind in ("parquet", "webdataset") and rows:
+        try:
+            for data in _first_images(path, entry.kind):
+                decode_image(data)
+        except BadImage as exc:
+            problems.append(f"{entry.path}: its first pair's image does not decode ({exc})")
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"{entry.path}: unreadable ({exc})")
+    return problems, rows
 
 
 def verify_release(release: str | Path) -> list[str]:
-    """Check every file against the manifest; return the problems found (empty when good)."""
+    """Check every file against the manifest; return the problems found (empty when good).
+
+    Reads nothing outside ``release`` and nothing through a symlink (see the module docstring).
+    """
     release = Path(release)
-    if not (release / "manifest.json").is_file():
-        raise UserError(f"{release} has no manifest.json; is it a release directory?", option="RELEASE")
+    if not release.is_dir():
+        raise UserError(f"{release} is not a folder", option="RELEASE")
     try:
-        manifest = read_json(release / "manifest.json")
-        files = manifest["files"]
-        pairs = int(manifest["counts"]["pairs"])
-        image_ext = manifest["image_ext"]
-    except (ValueError, KeyError, TypeError) as exc:
-        return [f"manifest.json: unreadable or incomplete ({exc})"]
-    problems: list[str] = []
+        manifest = load_manifest(release)
+    except UserError as exc:
+        if not (release / layout.MANIFEST).exists():
+            raise
+        return [f"manifest.json: {exc}"]
+    problems = [f"{rel}: a symlink; a release's files must be its own" for rel in _symlinks(release)]
     totals: dict[str, int] = {"parquet": 0, "webdataset": 0}
-    listed = set()
-    for entry in files:
-        path = release / entry["path"]
-        listed.add(entry["path"])
-        if not path.is_file():
-            problems.append(f"{entry['path']}: missing")
-            continue
-        if path.stat().st_size != entry["bytes"]:
-            problems.append(f"{entry['path']}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-            continue
-        if sha256_file(path) != entry["sha256"]:
-            problems.append(f"{entry['path']}: sha256 differs from the manifest (the file changed)")
-            continue
-        try:
-            rows = _rows(release, entry, image_ext)
-        except Exception as exc:  # noqa: BLE001 - any unreadable shard is a problem to report
-            problems.append(f"{entry['path']}: unreadable ({exc})")
-            continue
-        if rows != entry["rows"]:
-            problems.append(f"{entry['path']}: {rows} rows, manifest says {entry['rows']}")
-        if entry["kind"] in ("parquet", "webdataset") and rows:
-            for data in _first_images(path, entry["kind"]):
-                try:
-                    decode_image(data)
-                except BadImage as exc:
-                    problems.append(f"{entry['path']}: its first pair's image does not decode ({exc})")
-        if entry["kind"] in totals and rows is not None:
-            totals[entry["kind"]] += rows
+    for entry in manifest.files:
+        found, rows = _check_entry(release, entry, manifest.image_ext)
+        problems += found
+        if entry.kind in totals and rows is not None:
+            totals[entry.kind] += rows
     for kind, total in totals.items():
-        if any(e["kind"] == kind for e in files) and total != pairs:
-            problems.append(f"{kind} shards hold {total} pairs, manifest counts {pairs}")
-    for pattern in ("data/*.parquet", "wds/*.tar"):
-        for path in sorted(release.glob(pattern)):
-            rel = path.relative_to(release).as_posix()
-            if rel not in listed:
-                problems.append(f"{rel}: not in the manifest")
+        if manifest.entries(kind) and total != manifest.counts.pairs:
+            problems.append(f"{kind} shards hold {total} pairs, manifest counts {manifest.counts.pairs}")
+    listed = {e.path for e in manifest.files}
+    for folder in layout.SHARD_FOLDERS:
+        base = release / folder
+        if base.is_dir() and not base.is_symlink():
+            for path in sorted(base.rglob("*")):
+                rel = path.relative_to(release).as_posix()
+                if path.is_file() and not path.is_symlink() and rel not in listed:
+                    problems.append(f"{rel}: not in the manifest")
     return problems
+
+
+def verified_files(release: str | Path) -> list[tuple[str, int]]:
+    """The files a verified release consists of, ``(relative path, bytes)``: its listed files and the manifest.
+
+    Raises :class:`UserError` unless :func:`verify_release` finds no problem.
+    """
+    release = Path(release)
+    problems = verify_release(release)
+    if problems:
+        raise UserError(f"{release} does not verify ({problems[0]}); run `spp-curate verify {release}`",
+                        option="RELEASE")
+    manifest = load_manifest(release)
+    files = [(e.path, e.bytes) for e in manifest.files]
+    return files + [(layout.MANIFEST, (release / layout.MANIFEST).stat().st_size)]

@@ -1,9 +1,15 @@
 """``spp-curate materialize``: an ID-only release + the user's own copy of the source -> a full release.
 
-Every image a pair names is read from ``--root`` and its sha256 compared with
-the digest in the release. Any missing or changed file is named, and nothing
-is written; otherwise the result is a full release (Parquet with images, and
-WebDataset tars) that verifies like a built one.
+The release may come from anyone, so it is verified first (its paths stay
+inside it, no symlinks, sizes and digests as listed), and the source is the one
+named on the command line (``--source``, ``--root``), never the release's
+recipe. Every key a pair names must be a key of that source's own form (a
+relative path with no ``..`` under ``--root``, a row of the split ...); any
+other is refused before anything is read, so the answer never tells whether a
+path outside the root exists. Every image read is checked against the digest
+in the release; any missing, changed or refused image is named, and nothing is
+written. The new release is written beside ``--out`` and swapped in when
+complete; ``--out`` must be new, empty, or an earlier output of this command.
 """
 
 from __future__ import annotations
@@ -16,36 +22,56 @@ import pyarrow.parquet as pq
 
 from ..config import validate_recipe
 from ..curate.images import BadImage, decode_with_format
-from ..curate.sources import open_source
+from ..curate.sources import KeyRefused, open_source
 from ..errors import UserError
-from ..files import read_json, sha256_bytes
+from ..files import safe_join, sha256_bytes
 from ..progress import stage_progress
+from .manifest import load_manifest, release_file, verify_release
 from .release import PAIR_COLUMNS, ReleaseInput, write_release
 
 
-def materialize(release: Path, root: Path, out: Path) -> tuple[list[str], dict[str, int] | None]:
+def _check_out(release: Path, root: Path | None, out: Path) -> None:
+    """``--out`` may not be the input release, the source, or a folder inside or around either."""
+    target = out.resolve()
+    for name, other in (("the input release", release), ("--root", root)):
+        if other is None:
+            continue
+        other = other.resolve()
+        if target == other or target.is_relative_to(other) or other.is_relative_to(target):
+            raise UserError(f"{out} is {name} or overlaps it; write the full release somewhere else",
+                            option="--out")
+
+
+def materialize(release: Path, source_spec: str, root: Path | None,
+                out: Path) -> tuple[list[str], dict[str, int] | None]:
     """Rebuild ``release`` (ID-only) into ``out``; returns ``(problems, counts)``, counts None on problems."""
-    if not (release / "manifest.json").is_file():
-        raise UserError(f"{release} has no manifest.json; is it a release directory?", option="RELEASE")
-    manifest = read_json(release / "manifest.json")
-    if manifest.get("images") != "none":
+    manifest = load_manifest(release)
+    if manifest.images != "none":
         raise UserError(f"{release} already holds its images; materialize takes an ID-only release "
                         "(built with --images none)", option="RELEASE")
-    recipe = validate_recipe({**manifest["recipe"], "root": str(root), "images": "embed"})
-    shards = [release / e["path"] for e in manifest["files"] if e["kind"] == "parquet"]
+    _check_out(release, root, out)
+    problems = verify_release(release)
+    if problems:
+        raise UserError(f"{release} does not verify ({problems[0]}); run `spp-curate verify {release}`",
+                        option="RELEASE")
+    # The release's recipe gives the card's and shards' settings; where the pixels come from is the user's word.
+    recipe = validate_recipe({**manifest.recipe, "source": source_spec, "root": str(root) if root else None,
+                              "images": "embed", "engine": "local"})
+    shards = [release_file(release, e) for e in manifest.entries("parquet")]
     pairs = pd.concat([pq.read_table(p, columns=PAIR_COLUMNS).to_pandas() for p in shards], ignore_index=True)
     pairs["label"] = pairs["label"].astype(np.int64)
     digests = dict(zip(pairs.anchor_key, pairs.anchor_digest)) | dict(zip(pairs.positive_key, pairs.positive_digest))
     source = open_source(recipe)
 
-    problems: list[str] = []
     facts: dict[str, tuple[str, int]] = {}
     with stage_progress("materialize: check", len(digests)) as (bar, task):
         for key, digest in digests.items():
             try:
                 data = source.read(key)
+            except KeyRefused as exc:
+                problems.append(f"{key!r}: {exc}")
             except (OSError, KeyError):
-                problems.append(f"{key}: missing under {root}")
+                problems.append(f"{key}: missing under {root or source_spec}")
             else:
                 if sha256_bytes(data) != digest:
                     problems.append(f"{key}: changed (sha256 differs from the release)")
@@ -58,8 +84,10 @@ def materialize(release: Path, root: Path, out: Path) -> tuple[list[str], dict[s
     if problems:
         return problems, None
     images = pd.DataFrame.from_dict(facts, orient="index", columns=["format", "nbytes"])
-    figure = next(iter(sorted((release / "assets").glob("*.png"))), None) if (release / "assets").is_dir() else None
-    counts = {k: manifest["counts"][k] for k in ("images", "quarantined")}
-    inp = ReleaseInput(recipe=recipe, pairs=pairs, images=images, class_names=manifest.get("class_names", []),
-                       counts=counts, metrics=manifest.get("metrics"), figure=figure)
-    return [], write_release(inp, source, out)
+    assets = manifest.entries("asset")
+    figure = safe_join(release, assets[0].path) if assets else None
+    counts = {k: int(getattr(manifest.counts, k, 0) or 0) for k in ("images", "quarantined")}
+    inp = ReleaseInput(recipe=recipe, pairs=pairs, images=images, class_names=manifest.class_names,
+                       counts=counts, metrics=getattr(manifest, "metrics", None), figure=figure)
+    return [], write_release(inp, source, out, option="--out")
+

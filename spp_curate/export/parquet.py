@@ -9,6 +9,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..files import temp_path
 from .samples import PairSample
 
 
@@ -39,7 +40,7 @@ class PairParquetWriter:
 
     def __init__(self, path: Path, features: datasets.Features, row_group_rows: int) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(self.path)
         self.schema = features.arrow_schema  # carries the features in its "huggingface" metadata
         self.row_group_rows = row_group_rows
         self.rows = 0

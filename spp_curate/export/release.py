@@ -2,9 +2,11 @@
 
 Pairs are cut into ``S`` shards of about ``shard_size`` bytes, planned before
 any is written so names carry ``-of-S``. Shard ``i`` holds the same pairs in
-its Parquet file and its tar. Each shard is written to a temporary name and
-renamed when complete; a rerun after a kill skips the shards already in place
-and writes the card and ``manifest.json`` (always last) anew.
+its Parquet file and its tar. A release is written into a staging folder beside
+its final place (``.release.partial``), each shard under a temporary name
+renamed when complete; a rerun after a kill skips the shards already in place.
+When the card and ``manifest.json`` (always last) are written, the staging
+folder is swapped in, so the previous release stays whole until the new one is.
 
 With ``images="none"`` the release is ID-only: Parquet shards of keys,
 digests, labels and similarities, no pixels, for sources whose images may not
@@ -26,11 +28,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
+from .. import layout
 from ..config import Recipe
 from ..curate.images import decode_image
 from ..curate.index import read_class_names
 from ..curate.sources import Source, open_source
-from ..files import atomic_path, read_json, remove_stale_temps, write_json
+from ..files import atomic_path, read_json, recover_swap, refuse_foreign, remove_owned, remove_stale_temps, swap_in, \
+    write_json
 from ..progress import stage_progress
 from .card import render_card
 from .manifest import SCHEMA_VERSION, file_entry, library_versions
@@ -123,8 +127,8 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         "anchor_digest": a.digest.to_numpy(), "positive_digest": p.digest.to_numpy(),
         "label": pairs.label.to_numpy(), "label_name": pairs.label_name.to_numpy(),
         "similarity": pairs.similarity.to_numpy()})
-    metrics_path = build_dir / "report" / "metrics.json"
-    grid = build_dir / "report" / "pairs-strongest.png"
+    metrics_path = build_dir / layout.METRICS
+    grid = build_dir / layout.REPORT / layout.STRONGEST_GRID
     return ReleaseInput(
         recipe=recipe, pairs=table, images=index.set_index("key")[["format", "nbytes"]],
         class_names=read_class_names(build_dir / "index.parquet"),
@@ -133,8 +137,30 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         figure=grid if grid.exists() else None)
 
 
-def write_release(inp: ReleaseInput, source: Source | None, release: Path) -> dict[str, int]:
-    """Write the shards, card and manifest of ``inp`` under ``release``; return counts."""
+def _staging(release: Path, plan: dict[str, Any], option: str) -> Path:
+    """The folder the new release is written in: resumed when it holds this plan's shards, else begun anew.
+
+    Neither it nor ``release`` may hold a file the program did not write (nothing of the user's is removed).
+    """
+    recover_swap(release, layout.RELEASE_FILES, option)
+    refuse_foreign(release, layout.RELEASE_FILES, option)
+    staging = release.with_name(f".{release.name}.partial")
+    plan_file = staging / layout.EXPORT_PLAN
+    if staging.exists():
+        try:
+            same = plan_file.is_file() and read_json(plan_file) == plan
+        except ValueError:
+            same = False
+        if not same:
+            remove_owned(staging, layout.RELEASE_FILES, option)  # another recipe or plan: nothing to reuse
+    (staging / "data").mkdir(parents=True, exist_ok=True)
+    write_json(plan_file, plan)
+    remove_stale_temps(staging)
+    return staging
+
+
+def write_release(inp: ReleaseInput, source: Source | None, final: Path, option: str = "--out") -> dict[str, int]:
+    """Write the shards, card and manifest of ``inp``, then put them in place as ``final``; return counts."""
     recipe, pairs = inp.recipe, inp.pairs
     id_only = recipe.images == "none"
     used = pd.unique(np.concatenate([pairs.anchor_key.to_numpy(), pairs.positive_key.to_numpy()]))
@@ -151,19 +177,14 @@ def write_release(inp: ReleaseInput, source: Source | None, release: Path) -> di
     n = len(shards)
 
     plan = {"fingerprint": recipe.fingerprint("export"), "shards": n, "image_ext": ext, "pairs": len(pairs)}
-    plan_file = release / ".export.json"
-    if release.exists() and (not plan_file.exists() or read_json(plan_file) != plan):
-        shutil.rmtree(release)  # another recipe or plan: nothing to reuse
-    (release / "data").mkdir(parents=True, exist_ok=True)
+    release = _staging(final, plan, option)
     if not id_only:
         (release / "wds").mkdir(parents=True, exist_ok=True)
-    write_json(plan_file, plan)
-    remove_stale_temps(release)
 
     features = id_features(inp.class_names) if id_only else pair_features(inp.class_names)
     row_group_rows = int(np.clip(64e6 / max(float(pair_bytes.mean()) if len(pairs) else 1.0, 1.0), 16, 10_000))
-    paths = [(release / "data" / f"train-{i:05d}-of-{n:05d}.parquet",
-              None if id_only else release / "wds" / f"pairs-{i:06d}.tar") for i in range(n)]
+    paths = [(release / layout.parquet_shard(i, n), None if id_only else release / layout.tar_shard(i))
+             for i in range(n)]
     todo = [(i, pq_path, tar_path) for i, (pq_path, tar_path) in enumerate(paths)
             if not (pq_path.exists() and (tar_path is None or tar_path.exists()))]
     with stage_progress("export", len(pairs), unit="pair") as (bar, task):
@@ -192,9 +213,9 @@ def write_release(inp: ReleaseInput, source: Source | None, release: Path) -> di
     if not id_only:
         entries += [file_entry(release, t, "webdataset", len(rows)) for (_, t), rows in zip(paths, shards)]
     parquet_bytes = sum(e["bytes"] for e in entries if e["kind"] == "parquet")
-    with atomic_path(release / "README.md") as tmp:
+    with atomic_path(release / layout.CARD) as tmp:
         tmp.write_text(render_card(recipe, features, counts, parquet_bytes, inp.metrics, figure, ext))
-    entries.append(file_entry(release, release / "README.md", "card", None))
+    entries.append(file_entry(release, release / layout.CARD, "card", None))
     if figure:
         entries.append(file_entry(release, release / figure, "asset", None))
     metrics = inp.metrics
@@ -210,11 +231,12 @@ def write_release(inp: ReleaseInput, source: Source | None, release: Path) -> di
         "metrics": {k: metrics.get(k) for k in ("precision", "coverage", "filter_removed")} if metrics else None,
         "files": entries,
     }
-    write_json(release / "manifest.json", manifest)
+    write_json(release / layout.MANIFEST, manifest)
+    swap_in(release, final, layout.RELEASE_FILES, option)
     return counts
 
 
 def export_release(recipe: Recipe, build_dir: Path) -> dict[str, int]:
     """Write ``build_dir/release/`` from a build directory; return counts."""
     source = None if recipe.images == "none" else open_source(recipe)
-    return write_release(from_build(recipe, build_dir), source, build_dir / "release")
+    return write_release(from_build(recipe, build_dir), source, build_dir / layout.RELEASE)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from ..files import temp_path
 from .samples import PairSample
 
 
@@ -19,7 +20,7 @@ class PairTarWriter:
 
     def __init__(self, path: Path, image_ext: str) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(self.path)
         self.ext = image_ext
         self.rows = 0
         self._fh = open(self.tmp, "wb")
@@ -40,22 +41,3 @@ class PairTarWriter:
             self._fh.close()
         os.replace(self.tmp, self.path)
         return self.rows
-
-
-def tar_sample_count(path: Path, image_ext: str) -> int:
-    """Count samples in a pair shard, checking each sample's three members are adjacent."""
-    import tarfile
-
-    expected = (f"anchor.{image_ext}", "json", f"positive.{image_ext}")
-    names = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            names.append(member.name)
-    if len(names) % 3:
-        raise ValueError(f"{len(names)} members is not a whole number of pairs")
-    for i in range(0, len(names), 3):
-        keys = {n.split(".", 1)[0] for n in names[i:i + 3]}
-        exts = tuple(sorted(n.split(".", 1)[1] for n in names[i:i + 3]))
-        if len(keys) != 1 or exts != expected:
-            raise ValueError(f"members {names[i:i + 3]} are not one pair's adjacent members")
-    return len(names) // 3

@@ -16,11 +16,12 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from ..errors import UserError
+
 DEFAULT_QUERY_BATCH = 16_384
 # Exact all-pairs search costs N^2 d: beyond these sizes an IVF index is used
 # even when the vectors fit in memory (a CPU does ~1e11 flop/s, a GPU ~1e14).
 FLAT_MAX_N = {"cpu": 100_000, "gpu": 4_000_000}
-INDEX_KINDS = ("auto", "flat", "ivf-flat", "ivf-pq")
 
 
 def faiss_gpus() -> int:
@@ -51,8 +52,17 @@ def _pq_m(d: int, n: int, memory: int) -> int:
     return 4 if d % 4 == 0 else 1
 
 
+# faiss trains an IVF quantizer on at least one point per list, and a product quantizer of 8-bit
+# codes on at least 256 points; below these an approximate index cannot be built at all.
+MIN_TRAIN = {"ivf-flat": 39, "ivf-pq": 256}
+
+
 def plan_search(n: int, d: int, memory: int, kind: str = "auto", nprobe: int | None = None) -> SearchPlan:
-    """Pick exact or IVF search for ``n`` vectors of dimension ``d`` within ``memory`` bytes."""
+    """Pick exact or IVF search for ``n`` vectors of dimension ``d`` within ``memory`` bytes.
+
+    ``auto`` searches a group too small to train an approximate index exactly (its vectors are
+    few). A forced ``ivf-flat`` or ``ivf-pq`` on such a group is a :class:`UserError`.
+    """
     device = "gpu" if faiss_gpus() > 0 else "cpu"
     flat_bytes = n * d * 4
     if kind == "auto":
@@ -62,8 +72,13 @@ def plan_search(n: int, d: int, memory: int, kind: str = "auto", nprobe: int | N
             kind, reason = "ivf-flat", f"{n:,} vectors is beyond exact all-pairs search on {device}"
         else:
             kind, reason = "ivf-pq", f"{flat_bytes / 1e9:.1f} GB of vectors exceeds the {memory / 1e9:.1f} GB budget"
+        if kind != "flat" and n < MIN_TRAIN[kind]:
+            kind, reason = "flat", f"{n:,} vectors are too few to train {kind}; searched exactly"
     else:
         reason = "asked for"
+        if kind != "flat" and n < MIN_TRAIN[kind]:
+            raise UserError(f"{kind} needs at least {MIN_TRAIN[kind]} vectors to train, and a category here has "
+                            f"{n}; use --index auto or flat", option="--index")
     if kind == "flat":
         return SearchPlan("flat", device=device, reason=reason)
     nlist = int(2 ** round(math.log2(max(16.0, 4 * math.sqrt(n)))))
@@ -76,7 +91,7 @@ def plan_search(n: int, d: int, memory: int, kind: str = "auto", nprobe: int | N
     return SearchPlan("ivf-pq", nlist=nlist, nprobe=probe, pq_m=_pq_m(d, n, memory), device=device, reason=reason)
 
 
-def build_index(vectors: np.ndarray, plan: SearchPlan, seed: int = 0) -> faiss.Index:
+def build_faiss_index(vectors: np.ndarray, plan: SearchPlan, seed: int = 0) -> faiss.Index:
     """Build and fill the index ``plan`` names over ``vectors`` (float16 or float32 rows)."""
     d = vectors.shape[1]
     if plan.kind == "flat":
@@ -129,7 +144,7 @@ def knn_search(vectors: np.ndarray, k: int, plan: SearchPlan | None = None, seed
     if len(vectors) == 0:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
     plan = plan or SearchPlan("flat", device="gpu" if faiss_gpus() else "cpu")
-    index = build_index(vectors, plan, seed)
+    index = build_faiss_index(vectors, plan, seed)
     if engine == "ray":
         from ..engine.ray_engine import ray_search
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import Recipe
+from ..errors import UserError
 from ..curate.embed import load_embeddings
 from ..curate.index import read_class_names
 from ..files import write_json, write_table
@@ -85,6 +86,24 @@ def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray,
     return kept, funnel, F.is_mutual(kept, neighbour_codes, n)
 
 
+# The option that loosens each rule, for the message when a rule leaves no pair.
+RULE_OPTIONS = {"below_min_similarity": "--min-similarity", "near_duplicate": "--dup-threshold",
+                "not_mutual": "--mutual", "anchor_cap": "--max-per-anchor", "unordered_duplicate": "--k",
+                "class_cap": "--pairs-per-class"}
+
+
+def no_pairs_error(funnel: F.Funnel, searchable: int) -> UserError:
+    """One line saying why no pair survived, naming the option to change."""
+    if not funnel.steps[0]["remaining"]:
+        return UserError(f"no candidate pairs: {searchable} searchable image(s) and no category holds two; "
+                         "pairs need at least two images of a category", option="--source")
+    removed = funnel.removed()
+    worst = max(removed, key=removed.get)
+    steps = ", ".join(f"{k} {v:,}" for k, v in removed.items() if v)
+    return UserError(f"no pair survives the rules ({funnel.steps[0]['remaining']:,} candidates; removed: {steps}); "
+                     f"loosen {RULE_OPTIONS[worst]}", option=RULE_OPTIONS[worst])
+
+
 def _search_summary(recipe: Recipe, cats: Categories, plans: list[SearchPlan], recall: list) -> dict[str, Any]:
     kinds: dict[str, int] = {}
     for p in plans:
@@ -121,6 +140,8 @@ def mine_pairs(recipe: Recipe, build_dir: Path) -> dict[str, int]:
     recall: list = []
     cand = raw_candidates(vecs, groups, recipe.k, plans, recipe.seed, recall, recipe.engine)
     kept, funnel, mutual = apply_rules(recipe, cand, n, digests, cats.ids)
+    if len(kept) == 0:
+        raise no_pairs_error(funnel, int(valid.sum()))
 
     table = pa.table({
         "pair_id": pa.array(np.arange(len(kept)), pa.int64()),

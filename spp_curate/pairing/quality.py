@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from .. import layout  # noqa: E402
 from ..config import Recipe  # noqa: E402
 from ..curate.images import BadImage, decode_image  # noqa: E402
 from ..curate.sources import Source, open_source  # noqa: E402
@@ -193,7 +194,7 @@ def write_report(recipe: Recipe, build_dir: Path) -> dict[str, Any]:
     if len(wrong):
         picks["Wrong pairs (labels disagree)"] = wrong.nlargest(n, "similarity")
     for i, (title, chosen) in enumerate(picks.items()):
-        name = ["pairs-strongest.png", "pairs-threshold.png", "pairs-wrong.png"][i]
+        name = [layout.STRONGEST_GRID, "pairs-threshold.png", "pairs-wrong.png"][i]
         if len(chosen):
             pair_grid(source, keys, chosen, out / name, source.class_names)
             grids[title] = name

@@ -20,10 +20,11 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from torchvision.transforms import v2 as T
 
+from ..checkpoint import MEAN, STD
+from ..curate.images import BadImage, decode_image
 from ..errors import UserError
 
 POSITIVE_MODES = ("augment", "semantic", "both")
-MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 def image_id(key: str) -> int:
@@ -43,12 +44,6 @@ def ssl_augment(size: int) -> T.Compose:
     ])
 
 
-def eval_transform(size: int) -> T.Compose:
-    """What evaluation and the ``ssl:`` encoder apply: resize, centre crop, normalise."""
-    return T.Compose([T.RGB(), T.Resize(size, antialias=True), T.CenterCrop(size),
-                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
-
-
 def release_rows(release: str) -> tuple[object, int | None]:
     """The release's pairs as a streaming ``datasets`` split, and the pair count when the manifest says it."""
     import datasets
@@ -60,12 +55,12 @@ def release_rows(release: str) -> tuple[object, int | None]:
         if not (path / "manifest.json").is_file():
             raise UserError(f"{release} is not a release (no manifest.json); pass a release directory or "
                             "hf://org/name", option="--pairs")
-        from ..files import read_json
+        from ..export.manifest import load_manifest
 
-        manifest = read_json(path / "manifest.json")
-        if manifest.get("images") == "none":
+        manifest = load_manifest(path, option="--pairs")
+        if manifest.images == "none":
             raise UserError(f"{release} is ID-only; run `spp-curate materialize` first", option="--pairs")
-        name, count = str(path), int(manifest["counts"]["pairs"])
+        name, count = str(path), manifest.counts.pairs
     try:
         rows = datasets.load_dataset(name, split="train", streaming=True)
     except Exception as exc:  # noqa: BLE001 - unreachable hub, missing files
@@ -75,6 +70,10 @@ def release_rows(release: str) -> tuple[object, int | None]:
         # A pushed release's card declares its row count (dataset_info.splits).
         splits = rows.info.splits or {}
         count = splits["train"].num_examples if "train" in splits else None
+    # Images are decoded by the project's one loader (EXIF rotation, alpha on white, bad bytes counted),
+    # the way the encoder saw them, not by the reader's own decoder.
+    for column in ("anchor", "positive"):
+        rows = rows.cast_column(column, datasets.Image(decode=False))
     return rows, count
 
 
@@ -95,10 +94,14 @@ class PairViews(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[tuple | None]:
         rows = self.rows.shuffle(seed=self.seed + self.epoch, buffer_size=self.buffer)
         for row in itertools.islice(rows, self.limit):
-            a, b = row["anchor"].convert("RGB"), row["positive"].convert("RGB")
+            try:
+                a, b = decode_image(row["anchor"]["bytes"] or b""), decode_image(row["positive"]["bytes"] or b"")
+            except BadImage:
+                yield None  # counted and left out by collate_views
+                continue
             ia, ib = image_id(row["anchor_key"]), image_id(row["positive_key"])
             if self.positives == "augment":
                 yield (self.augment(a), self.augment(a)), (ia, ia), (ib, ib)
@@ -119,20 +122,28 @@ class SingleImageViews(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple:
-        from ..curate.images import decode_image
-
+    def __getitem__(self, i: int) -> tuple | None:
         key, _ = self.items[i]
-        img = decode_image(self.source.read(key))
+        try:
+            img = decode_image(self.source.read(key))
+        except (BadImage, OSError):
+            return None  # counted and left out by collate_views
         ia = image_id(key)
         return (self.augment(img), self.augment(img)), (ia, ia), (-1, -1)
 
 
-def collate_views(batch: list[tuple]):
-    """Stack per-view tensors and ids: ``(list of (B,C,H,W), list of (B,), list of (B,))``."""
-    tensors, images, partners = zip(*batch)
+def collate_views(batch: list[tuple | None]):
+    """Stack per-view tensors and ids: ``(list of (B,C,H,W), list of (B,), list of (B,), skipped)``.
+
+    Samples whose images did not decode arrive as None; they are left out and counted in ``skipped``.
+    """
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return [], [], [], skipped
+    tensors, images, partners = zip(*good)
     n_views = len(tensors[0])
     return ([torch.stack([t[v] for t in tensors]) for v in range(n_views)],
             [torch.tensor([i[v] for i in images], dtype=torch.long) for v in range(n_views)],
-            [torch.tensor([p[v] for p in partners], dtype=torch.long) for v in range(n_views)])
+            [torch.tensor([p[v] for p in partners], dtype=torch.long) for v in range(n_views)], skipped)
 

@@ -15,18 +15,7 @@ from ..curate.sources import open_source
 from ..errors import UserError
 from ..files import write_json
 from ..progress import stage_progress
-from .data import eval_transform
-from .loop import build_model, config_from_checkpoint, load_checkpoint
-
-
-def load_backbone(run_or_ckpt: str | Path) -> tuple[torch.nn.Module, int, int]:
-    """The trained backbone of a run (``RUN`` or ``RUN/last.pt``), in eval mode, with feature size and input size."""
-    path = Path(run_or_ckpt)
-    ckpt = load_checkpoint(path / "last.pt" if path.is_dir() else path)
-    cfg = config_from_checkpoint(ckpt)
-    model, dim = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
-    return model.backbone.eval(), dim, cfg.image_size
+from ..checkpoint import eval_transform, load_backbone
 
 
 @torch.no_grad()

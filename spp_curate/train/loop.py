@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from ..checkpoint import CHECKPOINT, load_checkpoint
 from ..devices import autocast_for, default_device
 from ..errors import UserError
 from ..files import atomic_path
-from ..progress import stage_progress
-from .backbones import BACKBONES, build_backbone
+from ..progress import console, stage_progress
+from ..backbones import BACKBONES, build_backbone
 from .data import POSITIVE_MODES, PairViews, SingleImageViews, collate_views
 from .methods import METHODS, Views, build_method
 
@@ -66,13 +67,6 @@ def build_model(cfg: TrainConfig):
     return build_method(cfg.method, backbone, dim, use_partner=cfg.positives != "augment"), dim
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}", option="RUN") from None
-
-
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Train, checkpointing ``out/last.pt`` every epoch; returns the last epoch's metrics.
 
@@ -93,9 +87,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     start, history = 0, []
-    ckpt_path = out / "last.pt"
+    ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, option="--resume")
         if {k: v for k, v in ckpt["config"].items() if k != "epochs"} != \
                 {k: v for k, v in asdict(cfg).items() if k != "epochs"}:
             raise UserError(f"{ckpt_path} was trained with other options; use another --out", option="--resume")
@@ -118,11 +112,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                             **({} if isinstance(data, torch.utils.data.IterableDataset)
                                else {"shuffle": True, "generator": generator}))
         model.train()
-        total, seen, steps, started = 0.0, 0, 0, time.perf_counter()
+        total, seen, steps, skipped, started = 0.0, 0, 0, 0, time.perf_counter()
         per_epoch = known_steps or (history[-1].get("steps") if history else None)
         label = f"{cfg.method}/{cfg.positives} {epoch + 1}/{cfg.epochs}"
         with stage_progress(label, len(data) or None, unit="pair" if cfg.pairs else "img") as (bar, task):
-            for step, (tensors, images, partners) in enumerate(loader):
+            for tensors, images, partners, bad in loader:
+                skipped += bad
+                if len(tensors) == 0 or len(tensors[0]) < 2:
+                    continue
                 tensors = [t.to(device, non_blocking=True) for t in tensors]
                 views = Views(tensors, [i.to(device) for i in images], [p.to(device) for p in partners])
                 with autocast_for(device):
@@ -130,14 +127,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                steps = step + 1
+                steps += 1
                 within = min(1.0, steps / per_epoch) if per_epoch else 0.0
                 model.after_step(min(1.0, (epoch + within) / cfg.epochs))
                 total += float(loss.detach()) * views.batch
                 seen += views.batch
                 bar.update(task, advance=views.batch, description=f"{label} loss {total / seen:.3f}")
         scheduler.step()
-        metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1), "steps": steps,
+        if skipped:
+            console.print(f"[yellow]{label}: {skipped} sample(s) skipped: their images do not decode[/yellow]")
+        metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1), "steps": steps, "skipped": skipped,
                    "img_per_s": seen / max(time.perf_counter() - started, 1e-9)}
         history.append(metrics)
         ckpt = {"config": asdict(cfg), "epoch": epoch + 1, "feat_dim": dim, "history": history,
@@ -148,8 +147,3 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         with open(out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
     return history[-1] if history else {}
-
-
-def config_from_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in names})

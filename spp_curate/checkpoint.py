@@ -1,0 +1,72 @@
+"""Trainer checkpoints, read safely, and what reading a run's backbone needs: shared by ``curate`` and ``train``.
+
+A checkpoint may come from anyone (``--encoder ssl:PATH``, ``spp-curate eval``),
+so it is size-capped, loaded with ``weights_only=True`` (tensors and plain
+containers only: no code runs), and checked for the fields a run writes. A file
+that is not one is a one-line :class:`UserError`, never torch's own advice to
+load it unsafely.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.transforms import v2 as T
+
+from .backbones import BACKBONES, build_backbone
+from .errors import UserError
+
+CHECKPOINT = "last.pt"
+MAX_CHECKPOINT_BYTES = 8 * 2**30
+#: The trainer's input normalisation, which the eval transform and the ``ssl:`` encoder reuse.
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def checkpoint_path(run_or_ckpt: str | Path) -> Path:
+    path = Path(run_or_ckpt)
+    return path / CHECKPOINT if path.is_dir() else path
+
+
+def load_checkpoint(path: str | Path, option: str = "RUN") -> dict[str, Any]:
+    """A checkpoint written by ``spp-curate train``; a one-line :class:`UserError` for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path} (expected RUN/last.pt from `spp-curate train`)", option=option)
+    size = path.stat().st_size
+    if size > MAX_CHECKPOINT_BYTES:
+        raise UserError(f"{path} is {size:,} bytes, over the {MAX_CHECKPOINT_BYTES:,}-byte limit for a checkpoint",
+                        option=option)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors all mean "not a checkpoint"
+        raise UserError(f"{path} is not a checkpoint of `spp-curate train` ({type(exc).__name__})",
+                        option=option) from None
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not (isinstance(config, dict) and isinstance(ckpt.get("model"), dict)
+            and config.get("backbone") in BACKBONES and isinstance(config.get("image_size"), int)):
+        raise UserError(f"{path} is not a checkpoint of `spp-curate train` (no trainer config and weights)",
+                        option=option)
+    return ckpt
+
+
+def eval_transform(size: int) -> T.Compose:
+    """What evaluation and the ``ssl:`` encoder apply: resize, centre crop, normalise."""
+    return T.Compose([T.RGB(), T.Resize(size, antialias=True), T.CenterCrop(size),
+                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
+
+
+def load_backbone(run_or_ckpt: str | Path, option: str = "RUN") -> tuple[torch.nn.Module, int, int]:
+    """A run's trained backbone (``RUN`` or ``RUN/last.pt``) in eval mode, its feature size and input size."""
+    path = checkpoint_path(run_or_ckpt)
+    ckpt = load_checkpoint(path, option)
+    config = ckpt["config"]
+    backbone, dim = build_backbone(config["backbone"], config["image_size"])
+    weights = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: its backbone weights do not fit a {config['backbone']} "
+                        f"({str(exc).splitlines()[0][:120]})", option=option) from None
+    return backbone.eval(), dim, int(config["image_size"])

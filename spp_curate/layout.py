@@ -1,0 +1,65 @@
+"""Where everything lives: the files of a build directory and of a release, by name and by pattern.
+
+The patterns say which files the program writes in each folder. They decide
+what ``verify`` accepts as a release path (a manifest naming anything else is
+refused), what ``push`` may upload, and what a rerun may delete: a folder
+holding a file outside its patterns is never removed (see ``files.refuse_foreign``).
+"""
+
+from __future__ import annotations
+
+import re
+
+# ---------------------------------------------------------------- a build directory (DIR)
+BUILD_RECIPE = "build.yaml"
+LOCK = ".lock"
+INDEX = "index.parquet"
+QUARANTINE = "quarantine.parquet"
+EMBEDDINGS = "embeddings"
+EMBEDDINGS_META = "embeddings/meta.json"
+EMBEDDINGS_RUN = "embeddings/run.json"
+PAIRS = "pairs.parquet"
+MINE_STATS = "mine_stats.json"
+REPORT = "report"
+METRICS = "report/metrics.json"
+REPORT_HTML = "report/index.html"
+#: The report's grid of strongest pairs; the release card shows it too.
+STRONGEST_GRID = "pairs-strongest.png"
+RELEASE = "release"
+STAGE_RECORDS = "stages"
+
+EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.ids\.npy", r"meta\.json",
+                                           r"run\.json")]
+REPORT_FILES = [re.compile(p) for p in (r"[A-Za-z0-9_-]+\.png", r"index\.html", r"metrics\.json")]
+
+# ---------------------------------------------------------------- a release
+MANIFEST = "manifest.json"
+CARD = "README.md"
+#: The export's plan: which recipe and shard count the folder's shards belong to. Never uploaded.
+EXPORT_PLAN = ".export.json"
+
+
+def parquet_shard(i: int, n: int) -> str:
+    return f"data/train-{i:05d}-of-{n:05d}.parquet"
+
+
+def tar_shard(i: int) -> str:
+    return f"wds/pairs-{i:06d}.tar"
+
+
+#: What a manifest may list, by kind: nothing else is ever read, hashed or uploaded.
+RELEASE_ENTRY_PATTERNS: dict[str, re.Pattern[str]] = {
+    "parquet": re.compile(r"data/train-\d{5}-of-\d{5}\.parquet"),
+    "webdataset": re.compile(r"wds/pairs-\d{6}\.tar"),
+    "card": re.compile(re.escape(CARD)),
+    "asset": re.compile(r"assets/[A-Za-z0-9_-]+\.png"),
+}
+#: Every file the program writes in a release folder.
+RELEASE_FILES = [*RELEASE_ENTRY_PATTERNS.values(), re.compile(re.escape(MANIFEST)), re.compile(re.escape(EXPORT_PLAN))]
+#: Where shards live: a file there that the manifest does not list is a problem for ``verify``.
+SHARD_FOLDERS = ("data", "wds", "assets")
+
+#: Every file the program writes directly in a build directory (sub-folders have their own patterns).
+BUILD_FILES = [re.compile(p) for p in (re.escape(BUILD_RECIPE), re.escape(LOCK), re.escape(INDEX),
+                                       re.escape(QUARANTINE), re.escape(PAIRS), re.escape(MINE_STATS),
+                                       r"stages/[a-z]+\.json")]

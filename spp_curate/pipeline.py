@@ -1,0 +1,57 @@
+"""The one table of stages: name, what each reads and writes, the recipe fields it depends on, its runner, its help.
+
+``config`` reads the fields (fingerprints), ``stages`` the outputs and runners,
+and the CLI the names and help texts, so adding a stage is one row here and
+one module. Runners are named as ``module:function`` and imported on demand:
+``spp-curate verify`` should not pay for torch and faiss.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import layout
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    #: Recipe fields this stage's output depends on (with those of the stages before it).
+    fields: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    runner: str
+    help: str
+
+    def run(self, recipe: Any, build_dir: Any) -> dict[str, Any]:
+        module, _, function = self.runner.partition(":")
+        fn: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module), function)
+        return fn(recipe, build_dir)
+
+
+PIPELINE: tuple[Stage, ...] = (
+    Stage("index", ("source", "root", "split", "limit", "image_column", "label_column"),
+          (), (layout.INDEX, layout.QUARANTINE), "spp_curate.curate.index:index_source",
+          "Index the source: decode every image once; bad ones go to quarantine.parquet."),
+    Stage("embed", ("encoder", "image_size"),
+          (layout.INDEX,), (layout.EMBEDDINGS_META,), "spp_curate.curate.embed:embed_index",
+          "Embed the indexed images into float16, L2-normalised chunks (resumable)."),
+    Stage("mine", ("k", "category", "class_names", "clusters", "min_similarity", "dup_threshold", "max_per_anchor",
+                   "mutual", "pairs_per_class", "index", "memory", "nprobe", "seed"),
+          (layout.INDEX, layout.EMBEDDINGS_META), (layout.PAIRS, layout.MINE_STATS),
+          "spp_curate.pairing.mine:mine_pairs",
+          "Mine semantic pairs with faiss kNN and the pair rules into pairs.parquet."),
+    Stage("report", ("grid_pairs",),
+          (layout.INDEX, layout.QUARANTINE, layout.PAIRS, layout.MINE_STATS), (layout.METRICS, layout.REPORT_HTML),
+          "spp_curate.pairing.quality:write_report",
+          "Write report/: metrics.json, pair grids, histograms, index.html."),
+    Stage("export", ("name", "license", "shard_size", "description", "images", "max_side"),
+          (layout.INDEX, layout.QUARANTINE, layout.PAIRS, layout.METRICS), (f"{layout.RELEASE}/{layout.MANIFEST}",),
+          "spp_curate.export.release:export_release",
+          "Write release/: Parquet and WebDataset shards, dataset card, manifest.json."),
+)
+STAGE_BY_NAME: dict[str, Stage] = {s.name: s for s in PIPELINE}
+STAGES: tuple[str, ...] = tuple(STAGE_BY_NAME)
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {s.name: s.fields for s in PIPELINE}
