@@ -9,6 +9,7 @@ load it unsafely.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,9 @@ def load_checkpoint(path: str | Path, option: str = "RUN") -> dict[str, Any]:
         raise UserError(f"{path} is {size:,} bytes, over the {MAX_CHECKPOINT_BYTES:,}-byte limit for a checkpoint",
                         option=option)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a foreign pickle are not the user's business
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors all mean "not a checkpoint"
         raise UserError(f"{path} is not a checkpoint of `spp-curate train` ({type(exc).__name__})",
                         option=option) from None

@@ -56,7 +56,8 @@ def check_build_dir(build_dir: Path) -> None:
     folder of other files (which a rerun might then clean up)."""
     if build_dir.is_symlink() or (build_dir.exists() and not build_dir.is_dir()):
         raise UserError(f"{build_dir} is not a folder", option="--out")
-    if build_dir.is_dir() and any(build_dir.iterdir()) and not (build_dir / layout.BUILD_RECIPE).is_file():
+    others = [p for p in build_dir.iterdir() if p.name != layout.LOCK] if build_dir.is_dir() else []
+    if others and not (build_dir / layout.BUILD_RECIPE).is_file():
         raise UserError(f"{build_dir} is not empty and is not a build directory (no build.yaml); "
                         "choose a new or empty folder", option="--out")
 

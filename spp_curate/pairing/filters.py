@@ -116,7 +116,7 @@ def first_of_unordered(c: Candidates) -> np.ndarray:
     hi = np.maximum(c.anchor, c.positive)
     order = np.lexsort((c.anchor, c.rank, hi, lo))
     lo_s, hi_s = lo[order], hi[order]
-    first = np.r_[True, (lo_s[1:] != lo_s[:-1]) | (hi_s[1:] != hi_s[:-1])]
+    first = np.r_[True, (lo_s[1:] != lo_s[:-1]) | (hi_s[1:] != hi_s[:-1])][: len(c)]
     keep = np.zeros(len(c), dtype=bool)
     keep[order[first]] = True
     return keep

@@ -72,6 +72,10 @@ def plan_search(n: int, d: int, memory: int, kind: str = "auto", nprobe: int | N
             kind, reason = "ivf-flat", f"{n:,} vectors is beyond exact all-pairs search on {device}"
         else:
             kind, reason = "ivf-pq", f"{flat_bytes / 1e9:.1f} GB of vectors exceeds the {memory / 1e9:.1f} GB budget"
+        if kind == "ivf-pq" and n < MIN_TRAIN[kind]:
+            raise UserError(f"{n:,} vectors of {d} dims need {flat_bytes:,} bytes for exact search and are too few "
+                            f"to train a compressed (IVF-PQ) index; give a budget of at least {flat_bytes:,} bytes",
+                            option="--memory")
         if kind != "flat" and n < MIN_TRAIN[kind]:
             kind, reason = "flat", f"{n:,} vectors are too few to train {kind}; searched exactly"
     else:
