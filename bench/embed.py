@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from spp_curate.config import resolve_recipe
 from spp_curate.curate.embed import embed_index
 from spp_curate.curate.encoders import load_encoder
-from spp_curate.curate.images import decode_image
+from spp_curate.images import decode_image
 from spp_curate.curate.index import index_source
 
 

@@ -130,7 +130,7 @@ def build(
         raise UserError(f"unknown stage {until!r}; accepted: {', '.join(STAGES)}", option="--until")
     recipe = resolve_recipe(source, overrides, str(recipe_file) if recipe_file else None)
     preflight(recipe)
-    build_dir = out_dir or Path("builds") / recipe.source.split(":", 1)[0]
+    build_dir = out_dir or Path("builds") / recipe.source_spec.kind
     run_build(build_dir, recipe, force=force, on_stage=_print_stage, until=until)
     if until in (None, STAGES[-1]):
         _print_result(build_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,55 @@ from .pipeline import STAGE_FIELDS, STAGES
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
 
 # Which recipe fields each stage's output depends on: the stage table in pipeline.py.
+
+#: The kinds of source a recipe may name (``curate/sources.py`` has one class for each).
+SOURCE_KINDS = ("fashion-mnist", "imagefolder", "imagenet", "hf", "wds")
+#: The kinds of encoder a recipe may name (``curate/encoders.py`` builds each).
+ENCODER_KINDS = ("openclip", "ssl")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """``--source`` parsed: ``kind`` and, for ``hf:`` and ``wds:``, the argument after the colon."""
+
+    kind: str
+    argument: str = ""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """``--encoder`` parsed: ``openclip:MODEL[:PRETRAINED]`` or ``ssl:CHECKPOINT``."""
+
+    kind: str
+    name: str  # the open_clip model, or the checkpoint path
+    pretrained: str | None = None
+
+    @property
+    def weights_file(self) -> Path | None:
+        """The local file the weights come from, when there is one."""
+        candidate = Path(self.name if self.kind == "ssl" else self.pretrained or "")
+        if self.kind == "ssl" and candidate.is_dir():
+            candidate = candidate / "last.pt"
+        return candidate if str(candidate) not in ("", ".") and candidate.is_file() else None
+
+
+def parse_source(spec: str) -> SourceSpec:
+    kind, _, argument = spec.partition(":")
+    if kind not in SOURCE_KINDS:
+        raise UserError(f"unknown source {spec!r}; accepted: {', '.join(sorted(SOURCE_KINDS))}", option="--source")
+    return SourceSpec(kind, argument)
+
+
+def parse_encoder(spec: str) -> EncoderSpec:
+    kind, _, rest = spec.partition(":")
+    if kind not in ENCODER_KINDS or not rest:
+        raise UserError(f"unknown encoder {spec!r}; accepted: openclip:MODEL[:PRETRAINED] "
+                        "(e.g. openclip:ViT-B-32:laion2b_s34b_b79k) or ssl:CHECKPOINT", option="--encoder")
+    if kind == "openclip":
+        model, _, pretrained = rest.partition(":")
+        return EncoderSpec(kind, model, pretrained or None)
+    return EncoderSpec(kind, rest)
+
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -90,6 +140,26 @@ class Recipe(BaseModel):
     def _size(cls, value: Any) -> int:
         return parse_size(value)
 
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        parse_source(value)
+        return value
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder(cls, value: str) -> str:
+        parse_encoder(value)
+        return value
+
+    @property
+    def source_spec(self) -> SourceSpec:
+        return parse_source(self.source)
+
+    @property
+    def encoder_spec(self) -> EncoderSpec:
+        return parse_encoder(self.encoder)
+
     @model_validator(mode="after")
     def _thresholds(self) -> "Recipe":
         if self.dup_threshold <= self.min_similarity:
@@ -117,21 +187,11 @@ class Recipe(BaseModel):
         upto = STAGES[: STAGES.index(stage) + 1]
         fields = {f: getattr(self, f) for s in upto for f in STAGE_FIELDS[s]}
         if "encoder" in fields:
-            fields["encoder_file"] = _file_identity(self.encoder)
+            weights = self.encoder_spec.weights_file
+            stat = weights.stat() if weights else None
+            fields["encoder_file"] = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None
         fields["source_state"] = self._source_state
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _file_identity(encoder: str) -> str | None:
-    """Size and mtime of the weights file an encoder string names, if it names one."""
-    for candidate in (encoder.split(":", 1)[-1], encoder.split(":", 2)[-1]):
-        path = Path(candidate)
-        if path.is_dir():
-            path = path / "last.pt"
-        if path.is_file():
-            stat = path.stat()
-            return f"{stat.st_size}:{stat.st_mtime_ns}"
-    return None
 
 
 def option_name(field: str) -> str:
@@ -172,12 +232,7 @@ def load_recipe_file(path: str | Path) -> dict[str, Any]:
 
 def resolve_recipe(source: str, overrides: dict[str, Any], recipe_file: str | None = None) -> Recipe:
     """Merge a source's manifest (or ``recipe_file``) with non-None CLI overrides."""
-    from .curate.sources import SOURCE_KINDS  # local import: sources import config
-
-    kind = source.split(":", 1)[0]
-    if kind not in SOURCE_KINDS:
-        raise UserError(f"unknown source {source!r}; accepted: {', '.join(sorted(SOURCE_KINDS))}",
-                        option="--source")
+    kind = parse_source(source).kind
     if recipe_file:
         base = load_recipe_file(recipe_file)
     else:

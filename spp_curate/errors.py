@@ -7,6 +7,11 @@ without a traceback. Everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+class KeyRefused(OSError):
+    """A key a source cannot hold (absolute, ``..``, a symlink out of its root, another split's row):
+    refused before anything outside the source is touched."""
+
+
 class UserError(Exception):
     """A problem with the user's input: a wrong option, a missing file, a bad release."""
 

@@ -8,7 +8,11 @@ holding a file outside its patterns is never removed (see ``files.refuse_foreign
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
+
+import numpy as np
 
 # ---------------------------------------------------------------- a build directory (DIR)
 BUILD_RECIPE = "build.yaml"
@@ -27,6 +31,35 @@ REPORT_HTML = "report/index.html"
 STRONGEST_GRID = "pairs-strongest.png"
 RELEASE = "release"
 STAGE_RECORDS = "stages"
+
+#: Parquet schema metadata of ``index.parquet`` holding the class names (JSON list, by label).
+CLASS_NAMES_META = b"spp_curate.class_names"
+
+
+def read_class_names(index_path: Path) -> list[str]:
+    """The class names the index stage stored with ``index.parquet``."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(index_path).metadata or {}
+    return json.loads(meta.get(CLASS_NAMES_META, b"[]"))
+
+
+def chunk_paths(emb_dir: Path, chunk: int) -> tuple[Path, Path]:
+    """An embedding chunk's vectors (float16, L2-normalised) and its index ids."""
+    return emb_dir / f"chunk-{chunk:05d}.npy", emb_dir / f"chunk-{chunk:05d}.ids.npy"
+
+
+def load_embeddings(build_dir: Path, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """All embeddings as ``(N, d)`` rows of ``dtype`` with their ids, in index order (no torch needed)."""
+    emb_dir = build_dir / EMBEDDINGS
+    meta = json.loads((build_dir / EMBEDDINGS_META).read_text())
+    vecs, ids = [], []
+    for c in range(meta["chunks"]):
+        emb_path, ids_path = chunk_paths(emb_dir, c)
+        vecs.append(np.load(emb_path).astype(dtype, copy=False))
+        ids.append(np.load(ids_path))
+    return np.concatenate(vecs), np.concatenate(ids)
+
 
 EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.ids\.npy", r"meta\.json",
                                            r"run\.json")]

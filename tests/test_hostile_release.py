@@ -25,7 +25,7 @@ import pytest
 
 from spp_curate.files import sha256_file
 
-from conftest import FMNIST, TEST_ENCODER, run_cli, run_cli_process
+from conftest import FMNIST, TEST_ENCODER, run_cli
 from images import write_imagefolder
 
 SECRET = b"\x89PNG secret of the user running the tool\n"
@@ -111,55 +111,54 @@ def _no_traceback(proc):
     return proc
 
 
-def _materialize(release, root, out, source="imagefolder"):
-    return _no_traceback(run_cli_process("materialize", release, "--source", source, "--root", root,
-                                         "--out", out))
+def _materialize(cli, release, root, out, source="imagefolder"):
+    return _no_traceback(cli("materialize", release, "--source", source, "--root", root, "--out", out))
 
 
 # ---------------------------------------------------------------- 1-3: materialize stays inside
 
-def test_materialize_refuses_a_symlinked_asset_and_leaks_nothing(id_only, tmp_path, sentinel):
+def test_materialize_refuses_a_symlinked_asset_and_leaks_nothing(cli, id_only, tmp_path, sentinel):
     release, root = id_only
     bad = _copy(release, tmp_path / "rel")
     asset = next((bad / "assets").glob("*.png"))
     asset.unlink()
     asset.symlink_to(sentinel.path)
-    proc = _materialize(bad, root, tmp_path / "full")
+    proc = _materialize(cli, bad, root, tmp_path / "full")
     assert proc.returncode != 0 and "symlink" in proc.stderr
     assert not (tmp_path / "full").exists()
     assert not sentinel.was_read()
-    verify = _no_traceback(run_cli_process("verify", bad))
+    verify = _no_traceback(cli("verify", bad))
     assert verify.returncode == 1 and "symlink" in verify.stderr
     assert not sentinel.was_read()
 
 
 @pytest.mark.parametrize("how", ["climbs", "absolute"])
-def test_materialize_refuses_keys_outside_root_without_telling_if_they_exist(id_only, tmp_path, sentinel, how):
+def test_materialize_refuses_keys_outside_root_without_telling_if_they_exist(cli, id_only, tmp_path, sentinel, how):
     release, root = id_only
     bad = _copy(release, tmp_path / "rel")
     key = os.path.relpath(sentinel.path, root) if how == "climbs" else str(sentinel.path)
     _rewrite_keys(bad, key)
     assert run_cli("verify", bad) == 0  # a consistent release: only the key is hostile
-    proc = _materialize(bad, root, tmp_path / "full")
+    proc = _materialize(cli, bad, root, tmp_path / "full")
     assert proc.returncode != 0
     assert "refused" in proc.stderr and "changed" not in proc.stderr and "missing" not in proc.stderr
     assert not sentinel.was_read()
     assert not (tmp_path / "full").exists()
     # a key to a file that does not exist gets the same answer: existence is not revealed
     _rewrite_keys(bad, key.replace("secret", "nothing-here"))
-    other = _materialize(bad, root, tmp_path / "full")
+    other = _materialize(cli, bad, root, tmp_path / "full")
     def problems(text):
         return [line for line in text.splitlines() if line.startswith("materialize:") and "img/s" not in line]
     assert problems(other.stderr.replace("nothing-here", "secret")) == problems(proc.stderr)
 
 
-def test_materialize_takes_the_source_from_the_command_line_not_the_manifest(id_only, tmp_path, sentinel):
+def test_materialize_takes_the_source_from_the_command_line_not_the_manifest(cli, id_only, tmp_path, sentinel):
     release, root = id_only
     bad = _copy(release, tmp_path / "rel")
     tars = tmp_path / "outside" / "attacker-*.tar"
     _rewrite_manifest(bad, lambda m: m["recipe"].update(source=f"wds:{tars}", root=str(sentinel.path.parent)))
     full = tmp_path / "full"
-    proc = _materialize(bad, root, full)
+    proc = _materialize(cli, bad, root, full)
     assert proc.returncode == 0, proc.stderr
     assert run_cli("verify", full) == 0
     manifest = json.loads((full / "manifest.json").read_text())
@@ -167,7 +166,7 @@ def test_materialize_takes_the_source_from_the_command_line_not_the_manifest(id_
     assert not sentinel.was_read()
 
 
-def test_manifest_paths_outside_the_release_are_refused_by_verify_materialize_and_push(id_only, tmp_path,
+def test_manifest_paths_outside_the_release_are_refused_by_verify_materialize_and_push(cli, id_only, tmp_path,
                                                                                         sentinel):
     release, root = id_only
     bad = _copy(release, tmp_path / "rel")
@@ -181,11 +180,11 @@ def test_manifest_paths_outside_the_release_are_refused_by_verify_materialize_an
     sentinel.reset()
     _rewrite_manifest(bad, lambda m: m["files"].extend([sentinel_entry, absolute_entry, shard_entry]))
     outside_atime = outside_shard.stat().st_atime_ns
-    verify = _no_traceback(run_cli_process("verify", bad))
+    verify = _no_traceback(cli("verify", bad))
     assert verify.returncode != 0 and "secret.png" in verify.stderr
-    push = _no_traceback(run_cli_process("push", bad, "--repo-id", "someorg/x", "--dry-run"))
+    push = _no_traceback(cli("push", bad, "--repo-id", "someorg/x", "--dry-run"))
     assert push.returncode != 0 and "secret" not in push.stdout
-    proc = _materialize(bad, root, tmp_path / "full")
+    proc = _materialize(cli, bad, root, tmp_path / "full")
     assert proc.returncode != 0
     assert not sentinel.was_read()
     assert outside_shard.stat().st_atime_ns == outside_atime
@@ -195,13 +194,13 @@ def test_manifest_paths_outside_the_release_are_refused_by_verify_materialize_an
 # ---------------------------------------------------------------- 4-6: verify reads only what it may
 
 @pytest.mark.parametrize("path", ["/etc/passwd", "../x", "data/../../x", "manifest.json"])
-def test_verify_refuses_manifest_entries_that_are_not_release_files(label_build, tmp_path, path):
+def test_verify_refuses_manifest_entries_that_are_not_release_files(cli, label_build, tmp_path, path):
     bad = _copy(label_build / "release", tmp_path / "rel")
     entry = {"path": path, "kind": "card", "rows": None, "bytes": 1, "sha256": "0" * 64}
     _rewrite_manifest(bad, lambda m: m["files"].append(entry))
-    proc = _no_traceback(run_cli_process("verify", bad))
+    proc = _no_traceback(cli("verify", bad))
     assert proc.returncode != 0 and path in proc.stderr
-    push = _no_traceback(run_cli_process("push", bad, "--repo-id", "someorg/x", "--dry-run"))
+    push = _no_traceback(cli("push", bad, "--repo-id", "someorg/x", "--dry-run"))
     assert push.returncode != 0 and path not in push.stdout
 
 
@@ -225,7 +224,7 @@ def _info(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE, link: str = "
 
 
 @pytest.mark.parametrize("member", ["absolute", "climbing", "symlink", "hardlink", "directory"])
-def test_verify_names_the_shard_of_a_link_directory_or_absolute_member(label_build, tmp_path, member, sentinel):
+def test_verify_names_the_shard_of_a_link_directory_or_absolute_member(cli, label_build, tmp_path, member, sentinel):
     bad = _copy(label_build / "release", tmp_path / "rel")
     png = b"\x89PNG\r\n\x1a\n"
     infos = {
@@ -237,7 +236,7 @@ def test_verify_names_the_shard_of_a_link_directory_or_absolute_member(label_bui
     }[member]
     rest = [(_info("000000000.json", 2), b"{}"), (_info("000000000.positive.png", len(png)), png)]
     name = _swap_shard(bad, lambda shard: _tar_with(infos + rest, shard))
-    proc = _no_traceback(run_cli_process("verify", bad))
+    proc = _no_traceback(cli("verify", bad))
     assert proc.returncode == 1
     assert any(name in line and "member" in line for line in proc.stderr.splitlines()), proc.stderr
     assert not sentinel.was_read()
@@ -276,25 +275,25 @@ def test_verify_streams_a_huge_tar_member_without_reading_it_into_memory(label_b
 
 # ---------------------------------------------------------------- 7-9: nothing of the user's is deleted
 
-def test_materialize_never_replaces_a_folder_it_did_not_write(id_only, tmp_path):
+def test_materialize_never_replaces_a_folder_it_did_not_write(cli, id_only, tmp_path):
     release, root = id_only
     mine = tmp_path / "my-folder"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
     for out in (mine, root, release):
         before = sorted(p.relative_to(out) for p in out.rglob("*"))
-        proc = _materialize(release, root, out)
+        proc = _materialize(cli, release, root, out)
         assert proc.returncode != 0 and "--out" in proc.stderr
         assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert (mine / "thesis.tex").read_text() == "years of work"
     # an earlier output of materialize itself is replaced, and only when the new one is complete
     full = tmp_path / "full"
-    assert _materialize(release, root, full).returncode == 0
-    assert _materialize(release, root, full).returncode == 0
+    assert _materialize(cli, release, root, full).returncode == 0
+    assert _materialize(cli, release, root, full).returncode == 0
     assert run_cli("verify", full) == 0
 
 
-def test_build_refuses_to_delete_files_it_did_not_write(label_build, tmp_path):
+def test_build_refuses_to_delete_files_it_did_not_write(cli, label_build, tmp_path):
     out = tmp_path / "b"
     shutil.copytree(label_build, out)
     (out / "release" / "notes.txt").write_text("mine")
@@ -302,10 +301,10 @@ def test_build_refuses_to_delete_files_it_did_not_write(label_build, tmp_path):
     common = ("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, "--workers", "0",
               "--shard-size", "1MB", "--category", "label")
     # a new --k reruns export, which would replace release/
-    proc = _no_traceback(run_cli_process(*common, *TEST_ENCODER, "--k", "5"))
+    proc = _no_traceback(cli(*common, *TEST_ENCODER, "--k", "5"))
     assert proc.returncode != 0 and "notes.txt" in proc.stderr
     # a new input size reruns embed, which would replace embeddings/
-    proc = _no_traceback(run_cli_process(*common, "--encoder", "openclip:ViT-S-32", "--image-size", "40"))
+    proc = _no_traceback(cli(*common, "--encoder", "openclip:ViT-S-32", "--image-size", "40"))
     assert proc.returncode != 0 and "my-vectors.npy" in proc.stderr
     assert (out / "embeddings" / "my-vectors.npy").read_bytes() == b"mine"
     assert (out / "release" / "notes.txt").read_text() == "mine"
@@ -313,12 +312,12 @@ def test_build_refuses_to_delete_files_it_did_not_write(label_build, tmp_path):
     folder = tmp_path / "documents"
     folder.mkdir()
     (folder / "letter.txt").write_text("keep")
-    proc = _no_traceback(run_cli_process("build", "--source", "fashion-mnist", "--out", folder))
+    proc = _no_traceback(cli("build", "--source", "fashion-mnist", "--out", folder))
     assert proc.returncode != 0 and "not a build directory" in proc.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["letter.txt"]
 
 
-def test_a_failed_export_keeps_the_previous_release(label_build, tmp_path):
+def test_a_failed_export_keeps_the_previous_release(cli, label_build, tmp_path):
     import signal
 
     out = tmp_path / "b"
@@ -339,12 +338,12 @@ def test_a_failed_export_keeps_the_previous_release(label_build, tmp_path):
 
 # ---------------------------------------------------------------- 14: one build at a time
 
-def test_a_second_build_into_a_locked_folder_says_who_holds_it(label_build, tmp_path):
+def test_a_second_build_into_a_locked_folder_says_who_holds_it(cli, label_build, tmp_path):
     from spp_curate.files import BuildLock
 
     out = tmp_path / "b"
     shutil.copytree(label_build, out)
     with BuildLock(out):
-        proc = _no_traceback(run_cli_process("report", out, "--force"))
+        proc = _no_traceback(cli("report", out, "--force"))
     assert proc.returncode != 0 and f"process {os.getpid()}" in proc.stderr
     assert run_cli("verify", out / "release") == 0

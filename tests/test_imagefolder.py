@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from spp_curate.curate.images import BadImage, decode_image
+from spp_curate.images import BadImage, decode_image
 
 from conftest import TEST_ENCODER, run_cli
 from images import broken_files, exif_rotated_jpeg, fmnist_pictures, odd_files, write_imagefolder

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-from spp_curate.curate.embed import load_embeddings
+from spp_curate.layout import load_embeddings
 
 from conftest import FMNIST, TEST_ENCODER, run_cli
 

@@ -37,8 +37,8 @@ def one_line_error(proc, *must_say: str) -> str:
     return lines[0]
 
 
-def folder_build(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli_process("build", "--source", "imagefolder", "--root", root, "--out", out, *COMMON,
+def folder_build(cli, root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return cli("build", "--source", "imagefolder", "--root", root, "--out", out, *COMMON,
                            "--min-similarity", "0", *extra)
 
 
@@ -49,10 +49,10 @@ def quarantine(out: Path) -> dict[str, str]:
 
 # ---------------------------------------------------------------- 10: a changed source is noticed
 
-def test_an_edited_added_or_removed_image_reruns_the_build_and_the_release_holds_the_new_bytes(tmp_path):
+def test_an_edited_added_or_removed_image_reruns_the_build_and_the_release_holds_the_new_bytes(cli, tmp_path):
     root, out = tmp_path / "images", tmp_path / "b"
     write_imagefolder(root, per_class=20, odd=False, broken=False)
-    assert folder_build(root, out).returncode == 0
+    assert folder_build(cli, root, out).returncode == 0
     keys = sorted(pq.read_table(out / "index.parquet").column("key").to_pylist())
     edited, removed = keys[3], keys[30]
     extra = fmnist_pictures(25)[-1][1]
@@ -60,7 +60,7 @@ def test_an_edited_added_or_removed_image_reruns_the_build_and_the_release_holds
     (root / removed).unlink()
     (root / "pullover" / "new.jpg").write_bytes(jpeg_bytes(extra))
 
-    proc = folder_build(root, out)
+    proc = folder_build(cli, root, out)
     assert proc.returncode == 0, proc.stderr
     assert "index: images" in proc.stderr  # the index ran again
     index = pq.read_table(out / "index.parquet").to_pandas().set_index("key")
@@ -72,13 +72,13 @@ def test_an_edited_added_or_removed_image_reruns_the_build_and_the_release_holds
         assert row.anchor_digest == hashlib.sha256((root / row.anchor_key).read_bytes()).hexdigest()
     assert run_cli("verify", out / "release") == 0
     # nothing changed: nothing runs
-    again = folder_build(root, out)
+    again = folder_build(cli, root, out)
     assert again.stderr.count("complete, skipped") == 5, again.stderr
 
 
 # ---------------------------------------------------------------- 11-13: the listing loses nothing silently
 
-def test_folder_symlinks_are_not_followed_and_file_links_out_of_the_root_are_refused(tmp_path):
+def test_folder_symlinks_are_not_followed_and_file_links_out_of_the_root_are_refused(cli, tmp_path):
     root, out = tmp_path / "images", tmp_path / "b"
     write_imagefolder(root, per_class=20, odd=False, broken=False)
     real = len(list(root.rglob("*.jpg")))
@@ -88,7 +88,7 @@ def test_folder_symlinks_are_not_followed_and_file_links_out_of_the_root_are_ref
     outside.write_bytes(jpeg_bytes(fmnist_pictures(1)[0][1]))
     (root / "trouser" / "link.jpg").symlink_to(outside)         # a file link out of the root
     (root / "trouser" / "inside.jpg").symlink_to(root / "trouser" / "0025.jpg")  # a file link inside: fine
-    proc = folder_build(root, out, "--until", "index")
+    proc = folder_build(cli, root, out, "--until", "index")
     assert proc.returncode == 0, proc.stderr
     index = pq.read_table(out / "index.parquet").to_pandas()
     assert len(index) == real + 1 and set(index.label_name) == {"tshirt", "trouser", "pullover"}
@@ -125,7 +125,7 @@ def _tar(path: Path, samples: list[dict]) -> None:
             sink.write(sample)
 
 
-def test_wds_samples_with_two_images_or_a_bad_label_are_quarantined(tmp_path):
+def test_wds_samples_with_two_images_or_a_bad_label_are_quarantined(cli, tmp_path):
     pics = fmnist_pictures(4)
     samples = [{"__key__": f"s{i:03d}", "jpg": jpeg_bytes(img), "cls": str(label).encode()}
                for i, (label, img) in enumerate(pics)]
@@ -133,7 +133,7 @@ def test_wds_samples_with_two_images_or_a_bad_label_are_quarantined(tmp_path):
     samples[1]["cls"] = b"seven"                         # a label that is not an integer
     _tar(tmp_path / "shard-000000.tar", samples)
     out = tmp_path / "b"
-    proc = run_cli_process("build", "--source", f"wds:{tmp_path}/shard-000000.tar", "--out", out, *COMMON,
+    proc = cli("build", "--source", f"wds:{tmp_path}/shard-000000.tar", "--out", out, *COMMON,
                            "--until", "index")
     assert proc.returncode == 0, proc.stderr
     bad = quarantine(out)
@@ -142,11 +142,11 @@ def test_wds_samples_with_two_images_or_a_bad_label_are_quarantined(tmp_path):
     assert len(pq.read_table(out / "index.parquet")) == len(pics) - 1  # s000 keeps its jpg
 
 
-def test_an_unlabelled_source_mines_with_category_none_and_cluster(tmp_path):
+def test_an_unlabelled_source_mines_with_category_none_and_cluster(cli, tmp_path):
     samples = [{"__key__": f"s{i:03d}", "png": png_bytes(img)} for i, (_, img) in enumerate(fmnist_pictures(20))]
     _tar(tmp_path / "shard-000000.tar", samples)
     for category in ("none", "cluster"):
-        proc = run_cli_process("build", "--source", f"wds:{tmp_path}/shard-000000.tar", "--out",
+        proc = cli("build", "--source", f"wds:{tmp_path}/shard-000000.tar", "--out",
                                tmp_path / category, *COMMON, "--category", category, "--clusters", "3",
                                "--min-similarity", "0")
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
@@ -155,7 +155,7 @@ def test_an_unlabelled_source_mines_with_category_none_and_cluster(tmp_path):
 
 # ---------------------------------------------------------------- 14: the lock against a real second build
 
-def test_two_builds_into_one_folder_do_not_run_at_once(tmp_path):
+def test_two_builds_into_one_folder_do_not_run_at_once(cli, tmp_path):
     out = tmp_path / "b"
     args = [sys.executable, "-m", "spp_curate.cli", "build", "--source", "fashion-mnist", "--root", str(FMNIST),
             "--out", str(out), *COMMON, "--limit", "300"]
@@ -210,11 +210,11 @@ FM = ("--source", "fashion-mnist", "--root", str(FMNIST), "--limit", "300")
     ((*FM, "--image-size", "16"), ["--image-size", "patch size"]),
     ((*FM, "--out", "/proc/no-such-place/b"), ["--out", "cannot write"]),
 ])
-def test_bad_input_is_one_line_and_writes_nothing_half_done(tiny_folders, tmp_path, args, must_say):
+def test_bad_input_is_one_line_and_writes_nothing_half_done(cli, tiny_folders, tmp_path, args, must_say):
     if args[0] == "imagefolder":
         args = ("--source", "imagefolder", "--root", tiny_folders[args[1]])
     out = tmp_path / "b"
-    proc = run_cli_process("build", "--out", out, *COMMON, *args)
+    proc = cli("build", "--out", out, *COMMON, *args)
     one_line_error(proc, *must_say)
     if out.exists():
         # no stage that failed is recorded complete, and no release appears
@@ -222,21 +222,21 @@ def test_bad_input_is_one_line_and_writes_nothing_half_done(tiny_folders, tmp_pa
         assert "export" not in done and not (out / "release").exists()
 
 
-def test_a_file_that_is_not_a_checkpoint_is_one_line_for_eval_and_the_encoder(tmp_path):
+def test_a_file_that_is_not_a_checkpoint_is_one_line_for_eval_and_the_encoder(cli, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "last.pt").write_bytes(b"\x80\x04not a pickle at all" * 50)
-    one_line_error(run_cli_process("eval", run, "--source", "fashion-mnist", "--root", FMNIST, "--limit", "10"),
+    one_line_error(cli("eval", run, "--source", "fashion-mnist", "--root", FMNIST, "--limit", "10"),
                    "RUN", "not a checkpoint")
     import torch
 
     torch.save({"some": torch.zeros(2)}, run / "other.pt")
-    one_line_error(run_cli_process("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", tmp_path / "b",
+    one_line_error(cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", tmp_path / "b",
                                    "--encoder", f"ssl:{run / 'other.pt'}", "--limit", "50"),
                    "--encoder", "not a checkpoint")
 
 
-def test_training_on_a_release_with_a_broken_image_skips_and_counts_it(label_build, tmp_path):
+def test_training_on_a_release_with_a_broken_image_skips_and_counts_it(cli, label_build, tmp_path):
     release = tmp_path / "release"
     shutil.copytree(label_build / "release", release, ignore=shutil.ignore_patterns("wds"))
     shard, *others = sorted((release / "data").glob("*.parquet"))
@@ -250,42 +250,42 @@ def test_training_on_a_release_with_a_broken_image_skips_and_counts_it(label_bui
                              pa.array(anchors, table.schema.field("anchor").type))
     pq.write_table(table, shard)
     run = tmp_path / "run"
-    proc = run_cli_process("train", "--pairs", release, "--out", run, "--epochs", "1", "--batch-size", "32")
+    proc = cli("train", "--pairs", release, "--out", run, "--epochs", "1", "--batch-size", "32")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "2 sample(s) skipped" in proc.stderr
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["skipped"] == 2
 
 
-def test_push_without_network_and_a_bad_repo_id_are_one_line(label_build):
+def test_push_without_network_and_a_bad_repo_id_are_one_line(cli, label_build):
     release = label_build / "release"
     offline = run_cli_process("push", release, "--repo-id", "someorg/x",
                               env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_x"})
     one_line_error(offline, "push", "cannot reach the Hub")
-    one_line_error(run_cli_process("push", release, "--repo-id", "some org/x!", "--dry-run"), "--repo-id")
+    one_line_error(cli("push", release, "--repo-id", "some org/x!", "--dry-run"), "--repo-id")
 
 
 @pytest.mark.parametrize("manifest", [b"{ not json", b"[]", json.dumps({"schema_version": 1}).encode()])
-def test_a_manifest_that_is_not_json_or_lacks_fields(label_build, tmp_path, manifest):
+def test_a_manifest_that_is_not_json_or_lacks_fields(cli, label_build, tmp_path, manifest):
     release = tmp_path / "release"
     shutil.copytree(label_build / "release", release)
     (release / "manifest.json").write_bytes(manifest)
-    verify = run_cli_process("verify", release)
+    verify = cli("verify", release)
     assert verify.returncode == 1 and "Traceback" not in verify.stderr and "manifest.json" in verify.stderr
-    one_line_error(run_cli_process("push", release, "--repo-id", "someorg/x", "--dry-run"), "manifest")
-    one_line_error(run_cli_process("materialize", release, "--source", "fashion-mnist", "--root", FMNIST,
+    one_line_error(cli("push", release, "--repo-id", "someorg/x", "--dry-run"), "manifest")
+    one_line_error(cli("materialize", release, "--source", "fashion-mnist", "--root", FMNIST,
                                    "--out", tmp_path / "m"), "manifest")
-    one_line_error(run_cli_process("train", "--pairs", release, "--out", tmp_path / "run"), "--pairs", "manifest")
+    one_line_error(cli("train", "--pairs", release, "--out", tmp_path / "run"), "--pairs", "manifest")
 
 
-def test_an_unreadable_build_yaml_is_one_line(label_build, tmp_path):
+def test_an_unreadable_build_yaml_is_one_line(cli, label_build, tmp_path):
     out = tmp_path / "b"
     shutil.copytree(label_build, out)
     (out / "build.yaml").write_text("recipe: [unclosed\n  - : :\n")
-    one_line_error(run_cli_process("report", out), "build.yaml")
+    one_line_error(cli("report", out), "build.yaml")
 
 
-def test_every_stage_cleans_the_temporary_files_a_killed_run_left(label_build, tmp_path):
+def test_every_stage_cleans_the_temporary_files_a_killed_run_left(cli, label_build, tmp_path):
     out = tmp_path / "b"
     shutil.copytree(label_build, out)
     stale = [out / ".index.parquet.tmp-999999999", out / "report" / ".similarity.png.tmp-999999999"]

@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import Recipe
 from ..devices import auto_workers, autocast_for, default_device
 from .. import layout
+from ..layout import chunk_paths
 from ..files import atomic_path, read_json, remove_owned, remove_stale_temps, write_json
 from ..progress import stage_progress
 from .encoders import Encoder, load_encoder
-from .images import BadImage, decode_image
+from ..images import BadImage, load_image
 from .sources import Source, open_source
 
 
@@ -46,8 +47,8 @@ def load_pixels(source: Source, key: str, preprocess, image_size: int,
                 draft_size: int | None) -> tuple[torch.Tensor, bool]:
     """One image, decoded and preprocessed; ``(zeros, False)`` if it no longer decodes."""
     try:
-        return preprocess(decode_image(source.read(key), draft_size=draft_size)), True
-    except (BadImage, OSError):
+        return preprocess(load_image(source, key, draft_size)), True
+    except BadImage:
         # The file changed since it was indexed; its row stays zero and is reported.
         return torch.zeros(3, image_size, image_size), False
 
@@ -69,10 +70,6 @@ def prepare_encoder(recipe: Recipe, device: torch.device) -> Encoder:
     if device.type == "cuda":
         encoder.module.to(memory_format=torch.channels_last)
     return encoder
-
-
-def chunk_paths(emb_dir: Path, chunk: int) -> tuple[Path, Path]:
-    return emb_dir / f"chunk-{chunk:05d}.npy", emb_dir / f"chunk-{chunk:05d}.ids.npy"
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -149,15 +146,3 @@ def _zero_rows(emb_dir: Path, chunk: int) -> np.ndarray:
     emb_path, ids_path = chunk_paths(emb_dir, chunk)
     vecs = np.load(emb_path, mmap_mode="r")
     return np.load(ids_path)[~np.asarray(vecs).any(axis=1)]
-
-
-def load_embeddings(build_dir: Path, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """All embeddings as ``(N, d)`` rows of ``dtype`` with their ids, in index order."""
-    emb_dir = build_dir / "embeddings"
-    meta = read_json(emb_dir / "meta.json")
-    vecs, ids = [], []
-    for c in range(meta["chunks"]):
-        emb_path, ids_path = chunk_paths(emb_dir, c)
-        vecs.append(np.load(emb_path).astype(dtype, copy=False))
-        ids.append(np.load(ids_path))
-    return np.concatenate(vecs), np.concatenate(ids)

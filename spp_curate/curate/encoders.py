@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import parse_encoder
 from ..errors import UserError
 
-ENCODER_KINDS = ("openclip", "ssl")
 RANDOM_INIT_SEED = 0
 
 
@@ -49,39 +49,24 @@ class _OpenCLIPImageTower(torch.nn.Module):
         return self.model.encode_image(images)
 
 
-def parse_encoder(spec: str) -> tuple[str, list[str]]:
-    """Split ``kind:arg[:arg]`` and check the kind; raises :class:`UserError`."""
-    kind, _, rest = spec.partition(":")
-    if kind not in ENCODER_KINDS or not rest:
-        raise UserError(
-            f"unknown encoder {spec!r}; accepted: openclip:MODEL[:PRETRAINED] "
-            "(e.g. openclip:ViT-B-32:laion2b_s34b_b79k) or ssl:CHECKPOINT",
-            option="--encoder",
-        )
-    if kind == "openclip":
-        model, _, pretrained = rest.partition(":")
-        return kind, [model, pretrained] if pretrained else [model]
-    return kind, [rest]
-
-
 def check_encoder(spec: str, image_size: int | None = None) -> None:
     """Validate an encoder string (and an input-size override) cheaply, before any stage runs."""
-    kind, args = parse_encoder(spec)
-    if kind == "openclip":
+    enc = parse_encoder(spec)
+    if enc.kind == "openclip":
         import open_clip
 
-        if args[0] not in open_clip.list_models():
-            close = [m for m in open_clip.list_models() if args[0].lower()[:5] in m.lower()][:5]
+        if enc.name not in open_clip.list_models():
+            close = [m for m in open_clip.list_models() if enc.name.lower()[:5] in m.lower()][:5]
             hint = f" (close: {', '.join(close)})" if close else " (see open_clip.list_models())"
-            raise UserError(f"unknown open_clip model {args[0]!r}{hint}", option="--encoder")
-        patch = (open_clip.get_model_config(args[0]) or {}).get("vision_cfg", {}).get("patch_size")
+            raise UserError(f"unknown open_clip model {enc.name!r}{hint}", option="--encoder")
+        patch = (open_clip.get_model_config(enc.name) or {}).get("vision_cfg", {}).get("patch_size")
         if image_size is not None and isinstance(patch, int) and image_size < patch:
-            raise UserError(f"{image_size} px is below {args[0]}'s patch size of {patch} px; use at least {patch}",
+            raise UserError(f"{image_size} px is below {enc.name}'s patch size of {patch} px; use at least {patch}",
                             option="--image-size")
-    elif kind == "ssl":
-        path = Path(args[0])
+    elif enc.kind == "ssl":
+        path = Path(enc.name)
         if not (path.is_file() or (path / "last.pt").is_file()):
-            raise UserError(f"no trainer checkpoint at {args[0]} (expected RUN/last.pt from `spp-curate train`)",
+            raise UserError(f"no trainer checkpoint at {enc.name} (expected RUN/last.pt from `spp-curate train`)",
                             option="--encoder")
 
 
@@ -148,21 +133,21 @@ def load_text_encoder(spec: str, image_size: int | None = None) -> tuple[Callabl
     import open_clip
 
     check_encoder(spec)
-    kind, args = parse_encoder(spec)
-    if kind != "openclip":
+    enc = parse_encoder(spec)
+    if enc.kind != "openclip":
         raise UserError(f"zero-shot labels need an open_clip encoder with a text tower, not {spec!r}",
                         option="--category")
-    model, _, _ = _create_openclip(args[0], args[1] if len(args) > 1 else None, image_size)
-    return open_clip.get_tokenizer(args[0]), model.encode_text
+    model, _, _ = _create_openclip(enc.name, enc.pretrained, image_size)
+    return open_clip.get_tokenizer(enc.name), model.encode_text
 
 
 def load_encoder(spec: str, image_size: int | None = None) -> Encoder:
     """Build the encoder ``spec`` names, in eval mode, on the CPU."""
     check_encoder(spec, image_size)
-    kind, args = parse_encoder(spec)
-    if kind == "openclip":
-        return _openclip(args[0], args[1] if len(args) > 1 else None, image_size)
-    return _ssl(args[0], image_size)
+    enc = parse_encoder(spec)
+    if enc.kind == "openclip":
+        return _openclip(enc.name, enc.pretrained, image_size)
+    return _ssl(enc.name, image_size)
 
 
 def _ssl(path: str, image_size: int | None) -> Encoder:

@@ -19,13 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import layout
+from ..layout import CLASS_NAMES_META
 from ..config import Recipe
 from ..devices import auto_workers
 from ..errors import UserError
 from ..files import sha256_bytes, write_table
 from ..progress import stage_progress
-from .images import BadImage, decode_with_format
-from .sources import KeyRefused, Source, open_source
+from ..images import BadImage, read_image
+from .sources import Source, open_source
 
 INDEX_SCHEMA = pa.schema([
     ("id", pa.int64()), ("key", pa.string()), ("split", pa.string()), ("label", pa.int32()),
@@ -33,7 +34,6 @@ INDEX_SCHEMA = pa.schema([
     ("nbytes", pa.int64()), ("digest", pa.string()), ("format", pa.string()),
 ])
 QUARANTINE_SCHEMA = pa.schema([("key", pa.string()), ("error", pa.string())])
-CLASS_NAMES_META = b"spp_curate.class_names"
 
 
 @dataclass
@@ -59,16 +59,11 @@ def _init_worker(source: Source) -> None:
 def probe(source: Source, key: str, label: int) -> Probe:
     """Read and decode one image; failures become a reason, never an exception."""
     try:
-        data = source.read(key)
-    except KeyRefused as exc:
-        return Probe(key, label, error=str(exc))
-    except OSError as exc:
-        return Probe(key, label, error=f"unreadable: {exc.strerror or exc}")
-    try:
-        img, fmt = decode_with_format(data)
+        loaded = read_image(source, key)
     except BadImage as exc:
         return Probe(key, label, error=str(exc))
-    return Probe(key, label, img.width, img.height, len(data), sha256_bytes(data), fmt)
+    img, data = loaded.image, loaded.data
+    return Probe(key, label, img.width, img.height, len(data), sha256_bytes(data), loaded.format)
 
 
 def _probe_in_worker(item: tuple[str, int]) -> Probe:
@@ -138,9 +133,3 @@ def index_source(recipe: Recipe, out_dir: Path) -> dict[str, int]:
                            else ""), option="--source")
     write_table(out_dir / layout.INDEX, table)
     return {"images": len(good), "quarantined": len(probes) - len(good)}
-
-
-def read_class_names(index_path: Path) -> list[str]:
-    meta = pq.read_schema(index_path).metadata or {}
-    return json.loads(meta.get(CLASS_NAMES_META, b"[]"))
-

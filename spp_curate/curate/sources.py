@@ -5,7 +5,7 @@ returns the bytes of any image by key. Keys are source-relative strings that
 stay the same across runs and machines (a path under the root, or
 ``split/number`` for array datasets), so a build directory can reopen its
 source from the recipe alone. Adding a kind of source means adding one class
-here and naming it in :data:`SOURCE_KINDS`.
+here, naming it in :data:`SOURCE_CLASSES` and ``config.SOURCE_KINDS``.
 """
 
 from __future__ import annotations
@@ -22,17 +22,12 @@ from typing import ClassVar, Iterator
 import numpy as np
 from PIL import Image
 
-from ..config import Recipe
-from ..errors import UserError
+from ..config import SOURCE_KINDS, Recipe
+from ..errors import KeyRefused, UserError
 from ..files import UnsafePath, safe_join
 
 # torchvision's list, so that an ImageNet tree is read the way torchvision reads it.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-
-
-class KeyRefused(OSError):
-    """A key this source cannot hold (absolute, ``..``, a symlink out of the root, another split's):
-    refused before anything outside the source is touched."""
 
 
 def _state_hash(parts: Iterator[str] | list[str]) -> str:
@@ -527,7 +522,7 @@ class WebDatasetSource(Source):
         return f"wds {self.pattern} ({len(self.samples)} images)"
 
 
-SOURCE_KINDS: dict[str, type[Source]] = {
+SOURCE_CLASSES: dict[str, type[Source]] = {
     FashionMNISTSource.kind: FashionMNISTSource,
     ImageFolderSource.kind: ImageFolderSource,
     ImageNetSource.kind: ImageNetSource,
@@ -536,17 +531,15 @@ SOURCE_KINDS: dict[str, type[Source]] = {
 }
 
 
+assert tuple(SOURCE_CLASSES) == SOURCE_KINDS, "config.SOURCE_KINDS names one class here per kind"
+
+
 def open_source(recipe: Recipe) -> Source:
-    """Open the source a recipe names. Raises :class:`UserError` on a bad name or root."""
-    kind = recipe.source.split(":", 1)[0]
-    try:
-        cls = SOURCE_KINDS[kind]
-    except KeyError:
-        raise UserError(f"unknown source {recipe.source!r}; accepted: {', '.join(sorted(SOURCE_KINDS))}",
-                        option="--source") from None
+    """Open the source a recipe names. Raises :class:`UserError` on a bad root."""
+    spec = recipe.source_spec
+    cls, argument = SOURCE_CLASSES[spec.kind], spec.argument
     if recipe.root is not None and not Path(recipe.root).exists():
         raise UserError(f"{recipe.root} does not exist", option="--root")
-    argument = recipe.source.split(":", 1)[1] if ":" in recipe.source else ""
     if cls is HFSource:
         return HFSource(argument or recipe.root or "", recipe.split, recipe.image_column, recipe.label_column)
     if cls is WebDatasetSource:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from webdataset.tariterators import base_plus_ext
 
 from .. import layout
-from ..curate.images import BadImage, decode_image
+from ..images import BadImage, image_from_bytes
 from ..errors import UserError
 from ..files import UnsafePath, read_capped, safe_join, sha256_file
 
@@ -211,7 +211,7 @@ def _check_entry(release: Path, entry: FileEntry, image_ext: str) -> tuple[list[
     if entry.kind in ("parquet", "webdataset") and rows:
         try:
             for data in _first_images(path, entry.kind):
-                decode_image(data)
+                image_from_bytes(data)
         except BadImage as exc:
             problems.append(f"{entry.path}: its first pair's image does not decode ({exc})")
         except Exception as exc:  # noqa: BLE001

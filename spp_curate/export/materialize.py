@@ -21,8 +21,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ..config import validate_recipe
-from ..curate.images import BadImage, decode_with_format
-from ..curate.sources import KeyRefused, open_source
+from ..curate.sources import open_source
+from ..images import BadImage, ImageRefused, ImageUnreadable, read_image
 from ..errors import UserError
 from ..files import safe_join, sha256_bytes
 from ..progress import stage_progress
@@ -67,19 +67,18 @@ def materialize(release: Path, source_spec: str, root: Path | None,
     with stage_progress("materialize: check", len(digests)) as (bar, task):
         for key, digest in digests.items():
             try:
-                data = source.read(key)
-            except KeyRefused as exc:
+                loaded = read_image(source, key)
+            except ImageRefused as exc:
                 problems.append(f"{key!r}: {exc}")
-            except (OSError, KeyError):
+            except ImageUnreadable:
                 problems.append(f"{key}: missing under {root or source_spec}")
+            except BadImage as exc:
+                problems.append(f"{key}: {exc}")
             else:
-                if sha256_bytes(data) != digest:
+                if sha256_bytes(loaded.data) != digest:
                     problems.append(f"{key}: changed (sha256 differs from the release)")
                 else:
-                    try:
-                        facts[key] = (decode_with_format(data)[1], len(data))
-                    except BadImage as exc:
-                        problems.append(f"{key}: {exc}")
+                    facts[key] = (loaded.format, len(loaded.data))
             bar.update(task, advance=1)
     if problems:
         return problems, None

@@ -30,8 +30,8 @@ from PIL import Image
 
 from .. import layout
 from ..config import Recipe
-from ..curate.images import decode_image
-from ..curate.index import read_class_names
+from ..images import read_image
+from ..layout import read_class_names
 from ..curate.sources import Source, open_source
 from ..files import atomic_path, read_json, recover_swap, refuse_foreign, remove_owned, remove_stale_temps, swap_in, \
     write_json
@@ -73,10 +73,10 @@ def release_format(formats: list[str]) -> str:
 
 def encoded_image(source: Source, key: str, fmt: str, target: str, max_side: int | None = None) -> bytes:
     """The image's original bytes, or a re-encode when its container differs or it must shrink."""
-    data = source.read(key)
+    loaded = read_image(source, key)
+    data, img = loaded.data, loaded.image
     if fmt == target and not max_side:
         return data
-    img = decode_image(data)
     if max_side and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     elif fmt == target:

@@ -17,8 +17,7 @@ import pyarrow.parquet as pq
 
 from ..config import Recipe
 from ..errors import UserError
-from ..curate.embed import load_embeddings
-from ..curate.index import read_class_names
+from ..layout import load_embeddings, read_class_names
 from ..files import write_json, write_table
 from ..progress import stage_progress
 from . import filters as F

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from .. import layout  # noqa: E402
 from ..config import Recipe  # noqa: E402
-from ..curate.images import BadImage, decode_image  # noqa: E402
+from ..images import BadImage, load_image  # noqa: E402
 from ..curate.sources import Source, open_source  # noqa: E402
 from ..files import atomic_path, read_json, write_json  # noqa: E402
 
@@ -66,8 +66,8 @@ def compute_metrics(index: pd.DataFrame, pairs: pd.DataFrame, stats: dict[str, A
 
 def _thumb(source: Source, key: str) -> Image.Image:
     try:
-        img = decode_image(source.read(key))
-    except (BadImage, OSError):
+        img = load_image(source, key)
+    except BadImage:
         img = Image.new("RGB", (THUMB, THUMB), (200, 0, 0))
     img.thumbnail((THUMB, THUMB), Image.Resampling.NEAREST if max(img.size) < THUMB else Image.Resampling.BICUBIC)
     if img.size != (THUMB, THUMB):

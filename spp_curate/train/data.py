@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, IterableDataset
 from torchvision.transforms import v2 as T
 
 from ..checkpoint import MEAN, STD
-from ..curate.images import BadImage, decode_image
+from ..images import BadImage, image_from_bytes, load_image
 from ..errors import UserError
 
 POSITIVE_MODES = ("augment", "semantic", "both")
@@ -98,7 +98,7 @@ class PairViews(IterableDataset):
         rows = self.rows.shuffle(seed=self.seed + self.epoch, buffer_size=self.buffer)
         for row in itertools.islice(rows, self.limit):
             try:
-                a, b = decode_image(row["anchor"]["bytes"] or b""), decode_image(row["positive"]["bytes"] or b"")
+                a, b = image_from_bytes(row["anchor"]["bytes"]), image_from_bytes(row["positive"]["bytes"])
             except BadImage:
                 yield None  # counted and left out by collate_views
                 continue
@@ -125,8 +125,8 @@ class SingleImageViews(Dataset):
     def __getitem__(self, i: int) -> tuple | None:
         key, _ = self.items[i]
         try:
-            img = decode_image(self.source.read(key))
-        except (BadImage, OSError):
+            img = load_image(self.source, key)
+        except BadImage:
             return None  # counted and left out by collate_views
         ia = image_id(key)
         return (self.augment(img), self.augment(img)), (ia, ia), (-1, -1)

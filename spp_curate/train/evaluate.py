@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import resolve_recipe
-from ..curate.images import decode_image
+from ..config import parse_source, resolve_recipe
+from ..images import load_images
 from ..curate.sources import open_source
 from ..errors import UserError
 from ..files import write_json
@@ -21,18 +21,24 @@ from ..checkpoint import eval_transform, load_backbone
 @torch.no_grad()
 def extract(backbone: torch.nn.Module, source, image_size: int, limit: int | None = None,
             batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised backbone features and labels of a source's images."""
+    """L2-normalised backbone features and labels of a source's images (those that do not load are left out)."""
     backbone.eval()  # BatchNorm statistics from training, not from this batch
     transform = eval_transform(image_size)
     items = list(itertools.islice(source.items(), limit))
-    feats, labels = [], []
-    with stage_progress("eval: features", len(items)) as (bar, task):
+    feats, labels, skipped = [], [], 0
+    with stage_progress("eval: features", len(items), quarantine=True) as (bar, task):
         for lo in range(0, len(items), batch):
             chunk = items[lo: lo + batch]
-            x = torch.stack([transform(decode_image(source.read(k))) for k, _ in chunk])
-            feats.append(torch.nn.functional.normalize(backbone(x).float(), dim=1).numpy())
-            labels.extend(label for _, label in chunk)
-            bar.update(task, advance=len(chunk))
+            images, _ = load_images(source, [k for k, _ in chunk])
+            kept = [(img, label) for img, (_, label) in zip(images, chunk) if img is not None]
+            skipped += len(chunk) - len(kept)
+            if kept:
+                x = torch.stack([transform(img) for img, _ in kept])
+                feats.append(torch.nn.functional.normalize(backbone(x).float(), dim=1).numpy())
+                labels.extend(label for _, label in kept)
+            bar.update(task, advance=len(chunk), quarantined=skipped)
+    if not feats:
+        raise UserError("no image of this split could be loaded", option="--source")
     return np.concatenate(feats), np.asarray(labels)
 
 
@@ -76,7 +82,7 @@ def evaluate(run: Path, source: str, root: str | None, test_root: str | None = N
              limit: int | None = None) -> dict[str, Any]:
     """kNN and linear top-1 on the source's train/test split; writes ``RUN/eval.json``."""
     backbone, _, image_size = load_backbone(run)
-    kind = source.split(":", 1)[0]
+    kind = parse_source(source).kind
     if kind == "fashion-mnist":
         train_src = open_source(resolve_recipe(source, {"root": root, "split": "train"}))
         test_src = open_source(resolve_recipe(source, {"root": root, "split": "test"}))

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import copy
+
 import torch
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 
@@ -41,18 +45,36 @@ class Views:
 
 
 class Method(nn.Module):
-    """An SSL method: a backbone plus heads, a loss over :class:`Views`, and a per-step update."""
+    """An SSL method: a backbone plus heads, a loss over :class:`Views`, and a per-step update.
+
+    Methods with a momentum (target, key) encoder make it with :meth:`momentum_copy`; the base
+    then moves every copy toward its online module after each step, with the momentum rising
+    from ``momentum`` to 1 on a cosine schedule over training (BYOL's schedule, MoCo-v2 likewise).
+    """
 
     name = "method"
+    momentum = 0.99
 
     def __init__(self, backbone: nn.Module, feat_dim: int, use_partner: bool) -> None:
         super().__init__()
         self.backbone = backbone
         self.feat_dim = feat_dim
         self.use_partner = use_partner
+        self._momentum_pairs: list[tuple[nn.Module, nn.Module]] = []
+
+    def momentum_copy(self, online: nn.Module) -> nn.Module:
+        """A frozen copy of ``online`` that follows it by exponential moving average after each step."""
+        target = copy.deepcopy(online)
+        deactivate_requires_grad(target)
+        self._momentum_pairs.append((online, target))
+        return target
 
     def loss(self, views: Views) -> torch.Tensor:
         raise NotImplementedError
 
     def after_step(self, progress: float) -> None:
-        """Called after each optimiser step with training progress in [0, 1] (momentum updates)."""
+        """Called after each optimiser step with training progress in [0, 1]: the momentum updates."""
+        if self._momentum_pairs:
+            m = cosine_schedule(int(progress * 1000), 1000, self.momentum, 1.0)
+            for online, target in self._momentum_pairs:
+                update_momentum(online, target, m)

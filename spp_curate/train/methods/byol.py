@@ -8,29 +8,22 @@ arXiv 2306.16122).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
 
 from .base import Method, Views
 
 
 class BYOL(Method):
     name = "byol"
-    momentum = 0.99
 
     def __init__(self, backbone, feat_dim: int, use_partner: bool) -> None:
         super().__init__(backbone, feat_dim, use_partner)
         self.projector = BYOLProjectionHead(feat_dim, 512, 128)
         self.predictor = BYOLPredictionHead(128, 512, 128)
-        self.target_backbone = copy.deepcopy(backbone)
-        self.target_projector = copy.deepcopy(self.projector)
-        deactivate_requires_grad(self.target_backbone)
-        deactivate_requires_grad(self.target_projector)
+        self.target_backbone = self.momentum_copy(backbone)
+        self.target_projector = self.momentum_copy(self.projector)
         self.criterion = NegativeCosineSimilarity()
 
     def loss(self, views: Views) -> torch.Tensor:
@@ -38,8 +31,3 @@ class BYOL(Method):
         with torch.no_grad():
             t = [self.target_projector(self.target_backbone(x)) for x in views.tensors]
         return torch.stack([self.criterion(p[i], t[j]) for i, j in views.ordered_pairs(self.use_partner)]).mean()
-
-    def after_step(self, progress: float) -> None:
-        m = cosine_schedule(int(progress * 1000), 1000, self.momentum, 1.0)
-        update_momentum(self.backbone, self.target_backbone, m)
-        update_momentum(self.projector, self.target_projector, m)

@@ -10,12 +10,8 @@ is used) its partner, are masked out of the negatives (SePP-ID, arXiv 2306.16122
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from lightly.models.modules.heads import MoCoProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
 
 from ..losses import multi_positive_info_nce
 from .base import Method, Views
@@ -25,15 +21,12 @@ class MoCo(Method):
     name = "moco"
     temperature = 0.2
     queue_size = 4096
-    momentum = 0.99
 
     def __init__(self, backbone, feat_dim: int, use_partner: bool) -> None:
         super().__init__(backbone, feat_dim, use_partner)
         self.projector = MoCoProjectionHead(feat_dim, 512, 128)
-        self.key_backbone = copy.deepcopy(backbone)
-        self.key_projector = copy.deepcopy(self.projector)
-        deactivate_requires_grad(self.key_backbone)
-        deactivate_requires_grad(self.key_projector)
+        self.key_backbone = self.momentum_copy(backbone)
+        self.key_projector = self.momentum_copy(self.projector)
         self.register_buffer("queue", torch.nn.functional.normalize(torch.randn(self.queue_size, 128), dim=1))
         self.register_buffer("queue_ids", torch.full((self.queue_size,), -2, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -73,8 +66,3 @@ class MoCo(Method):
         self.queue[idx] = keys[:n].float()
         self.queue_ids[idx] = ids[:n]
         self.queue_ptr.fill_((ptr + n) % self.queue_size)
-
-    def after_step(self, progress: float) -> None:
-        m = cosine_schedule(int(progress * 1000), 1000, self.momentum, 1.0)
-        update_momentum(self.backbone, self.key_backbone, m)
-        update_momentum(self.projector, self.key_projector, m)

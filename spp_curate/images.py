@@ -1,11 +1,20 @@
-"""Decode image bytes into RGB pictures, or say precisely why not.
+"""The one image loader: every picture the project looks at (index, embed, report, export, verify,
+trainer, eval) is read and decoded here, with one failure rule.
 
 Real collections hold odd files: PNG bytes under a ``.JPEG`` name, CMYK and
 grayscale JPEGs, 16-bit PNGs, EXIF-rotated photos, palette images with
-transparency, truncated downloads, empty files and decompression bombs. Every
-decoder in the project goes through :func:`decode_image`, which either returns
-an upright RGB image or raises :class:`BadImage` with a short reason that ends
-up in the quarantine table.
+transparency, truncated downloads, empty files and decompression bombs. The
+loader either returns an upright RGB image (alpha composited on white) or
+raises :class:`BadImage` with a short reason; each caller then does the one
+thing that rule allows: quarantine the image (index), zero its row and report
+it (embed), draw a red tile (report), name it (verify, materialize), or leave
+it out and count it (trainer, eval). Nothing decodes a picture any other way,
+so the trainer sees exactly what the encoder saw.
+
+* :func:`load_image` - ``(source, key)`` to a picture;
+* :func:`read_image` - the same plus the encoded bytes and container format (index, export);
+* :func:`load_images` - the batch form, pictures and a mask of which loaded;
+* :func:`image_from_bytes` - bytes that came from a release (verify, trainer).
 """
 
 from __future__ import annotations
@@ -13,9 +22,13 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import KeyRefused
 
 # Transparent pixels are composited on this fixed background, so that the same
 # file always gives the same picture.
@@ -26,6 +39,14 @@ MAX_PIXELS = 2 * 89_478_485
 
 class BadImage(Exception):
     """The bytes are not a usable image; ``str(exc)`` is the reason."""
+
+
+class ImageUnreadable(BadImage):
+    """The source could not give the image's bytes (a missing or unreadable file)."""
+
+
+class ImageRefused(BadImage):
+    """The key is not one the source may read (absolute, ``..``, a link out of its root)."""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -89,3 +110,53 @@ def decode_with_format(data: bytes, draft_size: int | None = None,
         raise BadImage(f"too large: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage(f"truncated or corrupt: {exc}") from None
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A picture with the bytes it came from and their container format (``JPEG``, ``PNG`` ...)."""
+
+    image: Image.Image
+    data: bytes
+    format: str
+
+
+def _read(source: Any, key: str) -> bytes:
+    try:
+        return source.read(key)
+    except KeyRefused as exc:
+        raise ImageRefused(str(exc)) from None
+    except (OSError, KeyError) as exc:
+        raise ImageUnreadable(f"unreadable: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def read_image(source: Any, key: str, draft_size: int | None = None) -> LoadedImage:
+    """Read ``key`` from ``source`` and decode it; :class:`BadImage` (with a reason) for anything unusable."""
+    data = _read(source, key)
+    image, fmt = decode_with_format(data, draft_size)
+    return LoadedImage(image, data, fmt)
+
+
+def load_image(source: Any, key: str, draft_size: int | None = None) -> Image.Image:
+    """The upright RGB picture stored under ``key``; :class:`BadImage` for anything unusable."""
+    return read_image(source, key, draft_size).image
+
+
+def load_images(source: Any, keys: list[str], draft_size: int | None = None
+                ) -> tuple[list[Image.Image | None], list[str | None]]:
+    """The batch form: a picture (or None) and a failure reason (or None) for each key, in order."""
+    images: list[Image.Image | None] = []
+    reasons: list[str | None] = []
+    for key in keys:
+        try:
+            images.append(load_image(source, key, draft_size))
+            reasons.append(None)
+        except BadImage as exc:
+            images.append(None)
+            reasons.append(str(exc))
+    return images, reasons
+
+
+def image_from_bytes(data: bytes | None, draft_size: int | None = None) -> Image.Image:
+    """Decode encoded bytes taken from a release (a Parquet cell, a tar member)."""
+    return decode_image(data or b"", draft_size)

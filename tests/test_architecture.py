@@ -1,0 +1,82 @@
+"""Where code lives: the import rules of ARCHITECTURE.md, and one image loader, checked on the source itself."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import spp_curate
+
+PACKAGE = Path(spp_curate.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every import inside the package (module level and lazy ones in functions), module to module."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                if base.startswith("spp_curate"):
+                    targets.add(base)
+                    targets.update(f"{base}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names if a.name.startswith("spp_curate"))
+        modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_curate_and_pairing_never_import_the_trainer():
+    graph = import_graph()
+    for module, targets in graph.items():
+        if module.startswith(("spp_curate.curate", "spp_curate.pairing", "spp_curate.export")):
+            wrong = sorted(t for t in targets if t.startswith("spp_curate.train"))
+            assert not wrong, f"{module} imports {wrong}"
+
+
+def test_shared_modules_import_no_stage_or_trainer():
+    graph = import_graph()
+    shared = ("spp_curate.images", "spp_curate.checkpoint", "spp_curate.layout", "spp_curate.files",
+              "spp_curate.errors", "spp_curate.pipeline", "spp_curate.backbones")
+    for module in shared:
+        wrong = sorted(t for t in graph[module]
+                       if t.startswith(("spp_curate.curate", "spp_curate.pairing", "spp_curate.export",
+                                        "spp_curate.train", "spp_curate.engine")))
+        assert not wrong, f"{module} imports {wrong}"
+
+
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    modules = sorted(m for m in import_graph() if "ray_engine" not in m)
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+    proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_pictures_are_decoded_only_by_the_one_loader():
+    pattern = re.compile(r"\b(decode_image|decode_with_format|Image\.open)\(|\.convert\(\"RGB\"\)")
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "images.py" and path.parent == PACKAGE:
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
