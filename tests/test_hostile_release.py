@@ -193,15 +193,22 @@ def test_manifest_paths_outside_the_release_are_refused_by_verify_materialize_an
 
 # ---------------------------------------------------------------- 4-6: verify reads only what it may
 
-@pytest.mark.parametrize("path", ["/etc/passwd", "../x", "data/../../x", "manifest.json"])
-def test_verify_refuses_manifest_entries_that_are_not_release_files(cli, label_build, tmp_path, path):
+@pytest.mark.parametrize("where", ["absolute", "climbs", "dotted"])
+def test_verify_refuses_manifest_entries_that_are_not_release_files(cli, label_build, tmp_path, where, sentinel):
     bad = _copy(label_build / "release", tmp_path / "rel")
-    entry = {"path": path, "kind": "card", "rows": None, "bytes": 1, "sha256": "0" * 64}
+    path = {"absolute": str(sentinel.path), "climbs": os.path.relpath(sentinel.path, bad),
+            "dotted": "data/../" + os.path.relpath(sentinel.path, bad)}[where]
+    target = sentinel.path
+    # the entry describes the file truly (size and digest), so only its place is wrong
+    entry = {"path": path, "kind": "card", "rows": None, "bytes": target.stat().st_size,
+             "sha256": sha256_file(target)}
+    sentinel.reset()
     _rewrite_manifest(bad, lambda m: m["files"].append(entry))
     proc = _no_traceback(cli("verify", bad))
     assert proc.returncode != 0 and path in proc.stderr
     push = _no_traceback(cli("push", bad, "--repo-id", "someorg/x", "--dry-run"))
     assert push.returncode != 0 and path not in push.stdout
+    assert not sentinel.was_read()
 
 
 def _tar_with(members: list[tuple[tarfile.TarInfo, bytes | None]], path: Path) -> None:
@@ -227,9 +234,16 @@ def _info(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE, link: str = "
 def test_verify_names_the_shard_of_a_link_directory_or_absolute_member(cli, label_build, tmp_path, member, sentinel):
     bad = _copy(label_build / "release", tmp_path / "rel")
     png = b"\x89PNG\r\n\x1a\n"
+    if member in ("absolute", "climbing"):  # a whole pair of such names, so only their paths are wrong
+        prefix = "/tmp/" if member == "absolute" else "../"
+        pair = [(_info(f"{prefix}000000000.{ext}", len(data)), data)
+                for ext, data in (("anchor.png", png), ("json", b"{}"), ("positive.png", png))]
+        name = _swap_shard(bad, lambda shard: _tar_with(pair, shard))
+        proc = _no_traceback(cli("verify", bad))
+        assert proc.returncode == 1
+        assert any(name in line and "has a path" in line for line in proc.stderr.splitlines()), proc.stderr
+        return
     infos = {
-        "absolute": [(_info(str(sentinel.path), len(png)), png)],
-        "climbing": [(_info("../000000000.anchor.png", len(png)), png)],
         "symlink": [(_info("000000000.anchor.png", kind=tarfile.SYMTYPE, link=str(sentinel.path)), None)],
         "hardlink": [(_info("000000000.anchor.png", kind=tarfile.LNKTYPE, link=str(sentinel.path)), None)],
         "directory": [(_info("000000000.anchor.png", kind=tarfile.DIRTYPE), None)],
