@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from spp_curate.config import resolve_recipe
 from spp_curate.curate.embed import embed_index
+from spp_curate.engine.local import LocalEngine
 from spp_curate.curate.encoders import load_encoder
 from spp_curate.images import decode_image
 from spp_curate.curate.index import index_source
@@ -76,9 +77,9 @@ def stage_rate(root: Path, work: Path, encoder: str, workers: int, batch: int, d
                                             "batch_size": batch, "chunk_size": 10**9})
     build = work / ("draft" if draft else "nodraft")
     build.mkdir(parents=True, exist_ok=True)
-    counts = index_source(recipe, build)
+    counts = index_source(recipe, build, LocalEngine())
     start = time.perf_counter()
-    embed_index(recipe, build, draft=draft)
+    embed_index(recipe, build, LocalEngine(), draft=draft)
     return counts["images"] / (time.perf_counter() - start)
 
 

@@ -20,9 +20,13 @@ import time
 import numpy as np
 
 from spp_curate.config import Recipe
+from spp_curate.engine.local import LocalEngine
 from spp_curate.pairing.knn import (SearchPlan, build_faiss_index, faiss_gpus, ivf_recall, plan_search,
                                     search)
 from spp_curate.pairing.mine import apply_rules
+
+
+LOCAL = LocalEngine()
 
 
 def clustered_vectors(n: int, d: int, clusters: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +51,7 @@ def mine(vecs: np.ndarray, k: int, plan: SearchPlan, recipe: Recipe):
 
     t0 = time.perf_counter()
     index = build_faiss_index(vecs, plan)
-    sims, nb = search(index, vecs, k + 1)
+    sims, nb = search(index, vecs, k + 1, LOCAL)
     t_search = time.perf_counter() - t0
     n = len(vecs)
     anchor = np.repeat(np.arange(n)[:, None], nb.shape[1], axis=1)
@@ -71,14 +75,14 @@ def sklearn_baseline(vecs: np.ndarray, k: int, queries: int) -> float:
 def recall_table(vecs: np.ndarray, k: int, base: SearchPlan, sample: int) -> list[dict]:
     rows = []
     exact = build_faiss_index(vecs, SearchPlan("flat", device=base.device))
-    (_, _), t = timed(lambda: search(exact, vecs[:sample], k + 1))
+    (_, _), t = timed(lambda: search(exact, vecs[:sample], k + 1, LOCAL))
     rows.append({"index": "flat (exact)", "nprobe": "-", "queries_per_s": round(sample / t), "recall_at_k": 1.0})
     index = build_faiss_index(vecs, base)
     for nprobe in (1, 2, 4, 8, 16, 32, 64):
         if nprobe > base.nlist:
             break
         index.nprobe = nprobe
-        (_, nb), t = timed(lambda: search(index, vecs[:sample], k + 1))
+        (_, nb), t = timed(lambda: search(index, vecs[:sample], k + 1, LOCAL))
         rec = ivf_recall(vecs, nb[:500], rows=np.arange(500))
         rows.append({"index": base.kind, "nprobe": nprobe, "queries_per_s": round(sample / t),
                      "recall_at_k": round(rec, 4)})

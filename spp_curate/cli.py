@@ -285,11 +285,12 @@ def materialize(
                                                     "earlier materialize output)"),
 ) -> None:
     """Rebuild an ID-only release's image shards from your own copy of the source, checking every digest."""
+    from .engine import get_engine
     from .export.materialize import materialize as run
 
     if root is not None and not root.exists():
         raise UserError(f"{root} does not exist", option="--root")
-    problems, counts = run(release, source, root, out_dir)
+    problems, counts = run(release, source, root, out_dir, get_engine("local"))
     if problems:
         for problem in problems:
             err.print(f"materialize: {problem}", markup=False, highlight=False)

@@ -62,7 +62,7 @@ def load_embeddings(build_dir: Path, dtype=np.float32) -> tuple[np.ndarray, np.n
 
 
 EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.ids\.npy", r"meta\.json",
-                                           r"run\.json")]
+                                           r"run\.json", r"encoder\.json")]
 REPORT_FILES = [re.compile(p) for p in (r"[A-Za-z0-9_-]+\.png", r"index\.html", r"metrics\.json")]
 
 # ---------------------------------------------------------------- a release

@@ -25,10 +25,11 @@ class Stage:
     runner: str
     help: str
 
-    def run(self, recipe: Any, build_dir: Any) -> dict[str, Any]:
+    def run(self, recipe: Any, build_dir: Any, engine: Any) -> dict[str, Any]:
+        """Run the stage on a build directory, its units of work mapped by ``engine``."""
         module, _, function = self.runner.partition(":")
         fn: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module), function)
-        return fn(recipe, build_dir)
+        return fn(recipe, build_dir, engine)
 
 
 PIPELINE: tuple[Stage, ...] = (

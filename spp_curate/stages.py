@@ -21,6 +21,7 @@ import yaml
 
 from . import layout
 from .config import Recipe, validate_recipe
+from .engine import get_engine
 from .errors import UserError
 from .files import BuildLock, atomic_path, read_json, remove_stale_temps, write_json
 from .pipeline import STAGE_BY_NAME, STAGES
@@ -104,7 +105,7 @@ def _run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False)
     for after in STAGES[position:]:
         _record(build_dir, after).unlink(missing_ok=True)
     started = time.time()
-    summary = STAGE_BY_NAME[stage].run(recipe, build_dir)
+    summary = STAGE_BY_NAME[stage].run(recipe, build_dir, get_engine(recipe.engine))
     metrics_keys = ("precision", "coverage", "pairs", "images", "quarantined")
     short = {k: v for k, v in (summary or {}).items()
              if (k in metrics_keys and v is not None) or (isinstance(v, int) and not isinstance(v, bool))}

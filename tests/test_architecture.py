@@ -80,3 +80,51 @@ def test_pictures_are_decoded_only_by_the_one_loader():
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, if there is any (depth-first search)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycles_between_modules():
+    graph = {m: {t for t in ts if not graph_is_package(t)} for m, ts in import_graph().items()}
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+
+
+def graph_is_package(name: str) -> bool:
+    return (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists()
+
+
+def test_engines_import_no_stage_and_stages_import_no_engine():
+    graph = import_graph()
+    stage_packages = ("spp_curate.curate", "spp_curate.pairing", "spp_curate.export")
+    for module, targets in graph.items():
+        if module.startswith("spp_curate.engine"):
+            wrong = sorted(t for t in targets if t.startswith(stage_packages) or t == "spp_curate.stages")
+            assert not wrong, f"{module} imports {wrong}"
+        if module.startswith(stage_packages):
+            wrong = sorted(t for t in targets if t.startswith("spp_curate.engine"))
+            assert not wrong, f"{module} imports {wrong}"

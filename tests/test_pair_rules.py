@@ -12,6 +12,7 @@ import yaml
 from conftest import FMNIST, TEST_ENCODER, run_cli
 
 from spp_curate.pairing import filters as F
+from spp_curate.engine.local import LocalEngine
 from spp_curate.pairing.mine import raw_candidates
 
 
@@ -50,7 +51,7 @@ def test_raw_candidates_exclude_self_and_rank_from_one():
     rng = np.random.default_rng(0)
     v = rng.normal(size=(50, 8)).astype(np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
-    c = raw_candidates(v, [np.arange(50)], k=5)
+    c = raw_candidates(v, [np.arange(50)], 5, LocalEngine())
     assert len(c) == 50 * 5
     assert not np.any(c.anchor == c.positive)
     brute = v @ v.T
@@ -65,7 +66,7 @@ def test_raw_candidates_stay_within_their_group():
     v = np.eye(6, dtype=np.float32)[[0, 0, 1, 1, 2, 2]] + 0.01
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     groups = [np.array([0, 2, 4]), np.array([1, 3, 5])]
-    c = raw_candidates(v, groups, k=2)
+    c = raw_candidates(v, groups, 2, LocalEngine())
     group_of = np.array([0, 1, 0, 1, 0, 1])
     assert np.all(group_of[c.anchor] == group_of[c.positive])
 

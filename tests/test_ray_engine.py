@@ -60,7 +60,7 @@ def _embed_actors() -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "_EmbedActor" in cmdline:
+            if "EmbedWorkActor" in cmdline:
                 found.append(int(entry.name))
     return found
 

@@ -11,6 +11,7 @@ files as an uninterrupted one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -78,20 +79,55 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
             np.save(fh, array)
 
 
-def _encode_chunk(encoder: Encoder, loader: DataLoader, device: torch.device, bar, task) -> np.ndarray:
-    outs, bad = [], 0
-    for images, ok in loader:
-        outs.append(encode_batch(encoder, images, ok, device))
-        bad += int((~ok).sum())
-        bar.update(task, advance=len(ok), quarantined=bad)
-    return np.concatenate(outs)
+class EmbedWork:
+    """The embed stage's unit of work: encode one chunk of keys into float16, L2-normalised rows.
+
+    ``setup()`` builds the encoder on the worker's device and opens the source; a chunk is decoded
+    by a DataLoader with the recipe's decode workers and encoded in batches. The result carries the
+    encoder's description (spec, dim, input size, model facts) for ``meta.json``, so the driver never
+    builds the model itself.
+    """
+
+    gpus = 1
+
+    def __init__(self, recipe: Recipe, draft: bool = True, device: str | None = None, on_batch=None) -> None:
+        self.recipe, self.draft, self.device_name, self.on_batch = recipe, draft, device, on_batch
+        self.encoder: Encoder | None = None
+
+    def __getstate__(self) -> dict:
+        return {"recipe": self.recipe, "draft": self.draft, "device_name": self.device_name, "on_batch": None,
+                "encoder": None}
+
+    def setup(self) -> None:
+        self.device = torch.device(self.device_name) if self.device_name else default_device()
+        self.encoder = prepare_encoder(self.recipe, self.device)
+        self.source = open_source(self.recipe)
+        self.workers = auto_workers() if self.recipe.workers is None else self.recipe.workers
+
+    def describe(self) -> dict[str, Any]:
+        enc = self.encoder
+        return {"encoder": enc.spec, "dim": enc.dim, "image_size": enc.image_size, "model": enc.meta}
+
+    def __call__(self, keys: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+        enc = self.encoder
+        dataset = _IndexedImages(self.source, keys, enc.preprocess, enc.image_size, self.draft)
+        loader = DataLoader(dataset, batch_size=self.recipe.batch_size, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        outs = []
+        for images, ok in loader:
+            outs.append(encode_batch(enc, images, ok, self.device))
+            if self.on_batch:
+                self.on_batch(len(ok), int((~ok).sum()))
+        return np.concatenate(outs), self.describe()
 
 
-def embed_index(recipe: Recipe, build_dir: Path, device: str | None = None, draft: bool = True) -> dict[str, int]:
+def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = None,
+                draft: bool = True) -> dict[str, int]:
     """Embed ``build_dir/index.parquet`` into ``build_dir/embeddings/``; resumes finished chunks."""
-    emb_dir = build_dir / "embeddings"
+    emb_dir = build_dir / layout.EMBEDDINGS
     chunk_size = recipe.chunk_size
     run_file = emb_dir / "run.json"
+    encoder_file = emb_dir / "encoder.json"
     run = {"fingerprint": recipe.fingerprint("embed"), "chunk_size": chunk_size}
     if emb_dir.exists() and (not run_file.exists() or read_json(run_file) != run):
         # Made by another encoder, chunking or source state: nothing to reuse (and nothing of the user's removed).
@@ -100,44 +136,42 @@ def embed_index(recipe: Recipe, build_dir: Path, device: str | None = None, draf
     remove_stale_temps(emb_dir)
     write_json(run_file, run)
 
-    index = pq.read_table(build_dir / "index.parquet", columns=["id", "key"])
+    index = pq.read_table(build_dir / layout.INDEX, columns=["id", "key"])
     ids = index.column("id").to_numpy()
     keys = index.column("key").to_pylist()
     n_chunks = max(1, -(-len(ids) // chunk_size))
     todo = [c for c in range(n_chunks) if not all(p.exists() for p in chunk_paths(emb_dir, c))]
+    if not todo and not encoder_file.exists():
+        todo = [0]  # an older build directory: embed one chunk again to learn the encoder's description
+    spans = [(c * chunk_size, min(len(ids), (c + 1) * chunk_size)) for c in todo]
 
-    dev = torch.device(device) if device else default_device()
-    if recipe.engine == "ray":
-        from ..engine.ray_engine import RayChunkEncoder
-
-        chunk_encoder = RayChunkEncoder(recipe, draft)
-    else:
-        encoder = prepare_encoder(recipe, dev)
-        source = open_source(recipe)
-    workers = auto_workers() if recipe.workers is None else recipe.workers
-    done_before = (n_chunks - len(todo))
     with stage_progress("embed", len(ids), quarantine=True) as (bar, task):
-        bar.update(task, completed=min(len(ids), done_before * chunk_size))
-        for c in todo:
-            lo, hi = c * chunk_size, min(len(ids), (c + 1) * chunk_size)
-            if recipe.engine == "ray":
-                feats = chunk_encoder.encode(keys[lo:hi])
-                bar.update(task, advance=hi - lo)
-            else:
-                dataset = _IndexedImages(source, keys[lo:hi], encoder.preprocess, encoder.image_size, draft)
-                loader = DataLoader(dataset, batch_size=recipe.batch_size, num_workers=workers,
-                                    pin_memory=dev.type == "cuda", persistent_workers=False)
-                feats = _encode_chunk(encoder, loader, dev, bar, task)
+        bar.update(task, completed=len(ids) - sum(hi - lo for lo, hi in spans))
+        bad = shown = 0  # shown: images counted by on_batch since the last saved chunk
+
+        def on_batch(n: int, failed: int) -> None:  # called only where the work runs in this process
+            nonlocal bad, shown
+            bad, shown = bad + failed, shown + n
+            bar.update(task, advance=n, quarantined=bad)
+
+        def save(position: int, result: tuple[np.ndarray, dict[str, Any]]) -> None:
+            feats, description = result
+            (lo, hi), c = spans[position], todo[position]
+            if not encoder_file.exists():
+                write_json(encoder_file, description)
             emb_path, ids_path = chunk_paths(emb_dir, c)
             _save_npy(ids_path, ids[lo:hi].astype(np.int64))
             _save_npy(emb_path, feats)
+            nonlocal shown
+            bar.update(task, advance=(hi - lo) - shown)
+            shown = 0
+
+        engine.map(EmbedWork(recipe, draft, device, on_batch), [keys[lo:hi] for lo, hi in spans], on_result=save)
     # Rows left zero are images that no longer decode; counted from the chunks so a resumed run sees them too.
     failed = [int(i) for c in range(n_chunks) for i in _zero_rows(emb_dir, c)]
-    if recipe.engine == "ray":
-        encoder = chunk_encoder.encoder
-    meta = {"encoder": encoder.spec, "dim": encoder.dim, "image_size": encoder.image_size,
-            "dtype": "float16", "normalized": "l2", "count": int(len(ids)), "chunks": n_chunks,
-            "chunk_size": chunk_size, "failed_ids": failed, "model": encoder.meta}
+    described = read_json(encoder_file)
+    meta = {**described, "dtype": "float16", "normalized": "l2", "count": int(len(ids)), "chunks": n_chunks,
+            "chunk_size": chunk_size, "failed_ids": failed}
     write_json(emb_dir / "meta.json", meta)
     return {"embedded": int(len(ids)) - len(failed), "failed": len(failed)}
 

@@ -8,10 +8,8 @@ decoded, with the reason. A bad image never stops the run.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,14 +46,6 @@ class Probe:
     error: str | None = None
 
 
-_worker_source: Source | None = None
-
-
-def _init_worker(source: Source) -> None:
-    global _worker_source
-    _worker_source = source
-
-
 def probe(source: Source, key: str, label: int) -> Probe:
     """Read and decode one image; failures become a reason, never an exception."""
     try:
@@ -66,40 +56,47 @@ def probe(source: Source, key: str, label: int) -> Probe:
     return Probe(key, label, img.width, img.height, len(data), sha256_bytes(data), loaded.format)
 
 
-def _probe_in_worker(item: tuple[str, int]) -> Probe:
-    assert _worker_source is not None
-    return probe(_worker_source, *item)
+class ProbeWork:
+    """The index stage's unit of work: probe a batch of ``(key, label)`` items."""
+
+    gpus = 0
+
+    def __init__(self, recipe: Recipe, source: Source | None = None) -> None:
+        self.recipe, self.source = recipe, source
+
+    def __getstate__(self) -> dict:
+        return {"recipe": self.recipe, "source": None}  # a remote worker opens the source itself
+
+    def setup(self) -> None:
+        if self.source is None:
+            self.source = open_source(self.recipe)
+
+    def __call__(self, batch: list[tuple[str, int]]) -> list[Probe]:
+        return [probe(self.source, key, label) for key, label in batch]
 
 
-def index_source(recipe: Recipe, out_dir: Path) -> dict[str, int]:
+PROBE_BATCH = 64
+
+
+def index_source(recipe: Recipe, out_dir: Path, engine) -> dict[str, int]:
     """Write ``index.parquet`` and ``quarantine.parquet`` under ``out_dir``; return counts."""
     source = open_source(recipe)
     items = source.items()
     if recipe.limit is not None:
         items = itertools.islice(items, recipe.limit)
     items = list(items)
-    probes: list[Probe] = []
+    workers = auto_workers() if recipe.workers is None else recipe.workers
+    batches = [items[lo: lo + PROBE_BATCH] for lo in range(0, len(items), PROBE_BATCH)]
     bad = 0
     with stage_progress("index", len(items), quarantine=True) as (bar, task):
-        workers = auto_workers() if recipe.workers is None else recipe.workers
-        if recipe.engine == "ray":
-            from ..engine.ray_engine import ray_probe
+        def done(_: int, batch: list[Probe]) -> None:
+            nonlocal bad
+            bad += sum(p.error is not None for p in batch)
+            bar.update(task, advance=len(batch), quarantined=bad)
 
-            probes = ray_probe(recipe, items)
-            bad = sum(p.error is not None for p in probes)
-            bar.update(task, advance=len(items), quarantined=bad)
-        else:
-            with contextlib.ExitStack() as stack:
-                if workers > 0 and len(items) > 256:
-                    pool = stack.enter_context(mp.get_context("fork").Pool(
-                        workers, initializer=_init_worker, initargs=(source,)))
-                    results = pool.imap(_probe_in_worker, items, chunksize=64)
-                else:
-                    results = (probe(source, key, label) for key, label in items)
-                for p in results:
-                    probes.append(p)
-                    bad += p.error is not None
-                    bar.update(task, advance=1, quarantined=bad)
+        results = engine.map(ProbeWork(recipe, source), batches, workers=workers if len(items) > 256 else 0,
+                             on_result=done)
+    probes: list[Probe] = [p for batch in results for p in batch]
 
     # What the listing itself could not use (unreadable folders, symlinks not followed, ...) is quarantined too.
     probes += [Probe(key, -1, error=reason) for key, reason in source.listing_problems]

@@ -42,8 +42,8 @@ def _check_out(release: Path, root: Path | None, out: Path) -> None:
                             option="--out")
 
 
-def materialize(release: Path, source_spec: str, root: Path | None,
-                out: Path) -> tuple[list[str], dict[str, int] | None]:
+def materialize(release: Path, source_spec: str, root: Path | None, out: Path,
+                engine) -> tuple[list[str], dict[str, int] | None]:
     """Rebuild ``release`` (ID-only) into ``out``; returns ``(problems, counts)``, counts None on problems."""
     manifest = load_manifest(release)
     if manifest.images != "none":
@@ -88,5 +88,5 @@ def materialize(release: Path, source_spec: str, root: Path | None,
     counts = {k: int(getattr(manifest.counts, k, 0) or 0) for k in ("images", "quarantined")}
     inp = ReleaseInput(recipe=recipe, pairs=pairs, images=images, class_names=manifest.class_names,
                        counts=counts, metrics=getattr(manifest, "metrics", None), figure=figure)
-    return [], write_release(inp, source, out, option="--out")
+    return [], write_release(inp, source, out, engine, option="--out")
 

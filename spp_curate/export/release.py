@@ -117,6 +117,32 @@ def write_shard(recipe: Recipe, source: Source | None, rows: pd.DataFrame, forma
     return min(w.close() for w in writers)
 
 
+class ShardWork:
+    """The export stage's unit of work: write one shard (its Parquet file and tar) from a slice of pairs."""
+
+    gpus = 0
+
+    def __init__(self, recipe: Recipe, source: Source | None, formats: pd.Series, target: str, ext: str, features,
+                 row_group_rows: int, on_pair=None) -> None:
+        self.recipe, self.source, self.formats, self.target, self.ext = recipe, source, formats, target, ext
+        self.features, self.row_group_rows, self.on_pair = features, row_group_rows, on_pair
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "source": None, "on_pair": None}  # a remote worker opens the source itself
+
+    def setup(self) -> None:
+        if self.source is None and self.recipe.images != "none":
+            self.source = open_source(self.recipe)
+
+    def __call__(self, shard: tuple[pd.DataFrame, Path, Path | None]) -> int:
+        rows, pq_path, tar_path = shard
+        written = write_shard(self.recipe, self.source, rows, self.formats, self.target, self.ext, self.features,
+                              self.row_group_rows, pq_path, tar_path, on_pair=self.on_pair)
+        if written != len(rows):
+            raise RuntimeError(f"{pq_path.name}: wrote {written} rows of {len(rows)}")
+        return written
+
+
 def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
     """Gather a build directory's pairs, image facts, metrics and figure."""
     index = pq.read_table(build_dir / "index.parquet").to_pandas().set_index("id")
@@ -159,7 +185,8 @@ def _staging(release: Path, plan: dict[str, Any], option: str) -> Path:
     return staging
 
 
-def write_release(inp: ReleaseInput, source: Source | None, final: Path, option: str = "--out") -> dict[str, int]:
+def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
+                  option: str = "--out") -> dict[str, int]:
     """Write the shards, card and manifest of ``inp``, then put them in place as ``final``; return counts."""
     recipe, pairs = inp.recipe, inp.pairs
     id_only = recipe.images == "none"
@@ -189,16 +216,21 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, option:
             if not (pq_path.exists() and (tar_path is None or tar_path.exists()))]
     with stage_progress("export", len(pairs), unit="pair") as (bar, task):
         bar.update(task, advance=len(pairs) - sum(len(shards[i]) for i, _, _ in todo))
-        if recipe.engine == "ray" and todo:
-            from ..engine.ray_engine import ray_write_shards
+        shown = 0  # pairs counted one by one where shards are written in this process
 
-            ray_write_shards(recipe, [(pairs.iloc[shards[i]], pq_path, tar_path) for i, pq_path, tar_path in todo],
-                             formats, target, ext, inp.class_names, row_group_rows,
-                             on_shard=lambda n: bar.update(task, advance=n))
-        else:
-            for i, pq_path, tar_path in todo:
-                write_shard(recipe, source, pairs.iloc[shards[i]], formats, target, ext, features, row_group_rows,
-                            pq_path, tar_path, on_pair=lambda: bar.update(task, advance=1))
+        def on_pair() -> None:
+            nonlocal shown
+            shown += 1
+            bar.update(task, advance=1)
+
+        def on_shard(_: int, written: int) -> None:
+            nonlocal shown
+            bar.update(task, advance=written - shown)
+            shown = 0
+
+        work = ShardWork(recipe, source, formats, target, ext, features, row_group_rows, on_pair)
+        engine.map(work, [(pairs.iloc[shards[i]], pq_path, tar_path) for i, pq_path, tar_path in todo],
+                   on_result=on_shard)
 
     counts = {**inp.counts, "pairs": len(pairs), "shards": n,
               "images_reencoded": 0 if id_only else int(sum(formats.loc[used] != target))}
@@ -236,7 +268,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, option:
     return counts
 
 
-def export_release(recipe: Recipe, build_dir: Path) -> dict[str, int]:
+def export_release(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     """Write ``build_dir/release/`` from a build directory; return counts."""
     source = None if recipe.images == "none" else open_source(recipe)
-    return write_release(from_build(recipe, build_dir), source, build_dir / layout.RELEASE)
+    return write_release(from_build(recipe, build_dir), source, build_dir / layout.RELEASE, engine)

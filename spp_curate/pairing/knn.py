@@ -123,37 +123,59 @@ def build_faiss_index(vectors: np.ndarray, plan: SearchPlan, seed: int = 0) -> f
     return index
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, batch: int = DEFAULT_QUERY_BATCH,
+class SearchWork:
+    """The mine stage's unit of work: the top-``k`` neighbours of a block of query rows in one index.
+
+    In this process the live index is searched; a remote worker gets it serialised, once, and
+    moves it to its GPUs when faiss has them.
+    """
+
+    gpus = 1
+
+    def __init__(self, index: faiss.Index, k: int) -> None:
+        self.index, self.k = index, k
+
+    def __getstate__(self) -> dict:
+        cpu = faiss.index_gpu_to_cpu(self.index) if "Gpu" in type(self.index).__name__ else self.index
+        return {"blob": faiss.serialize_index(cpu), "k": self.k}
+
+    def __setstate__(self, state: dict) -> None:
+        self.blob, self.k, self.index = state["blob"], state["k"], None
+
+    def setup(self) -> None:
+        if self.index is None:
+            self.index = faiss.deserialize_index(self.blob)
+            if faiss_gpus() > 0:
+                self.index = faiss.index_cpu_to_all_gpus(self.index)
+
+    def __call__(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), self.k)
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, engine, batch: int = DEFAULT_QUERY_BATCH,
            on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` of every query row, in batches. Missing neighbours (IVF) come back as position -1."""
-    n = len(queries)
-    sims = np.empty((n, k), dtype=np.float32)
-    pos = np.empty((n, k), dtype=np.int64)
-    for lo in range(0, n, batch):
-        hi = min(n, lo + batch)
-        sims[lo:hi], pos[lo:hi] = index.search(np.ascontiguousarray(queries[lo:hi], dtype=np.float32), k)
-        if on_batch:
-            on_batch(hi - lo)
-    return sims, pos
+    """Top-``k`` of every query row, in blocks of ``batch`` mapped by ``engine``. Missing neighbours (IVF)
+    come back as position -1."""
+    blocks = [queries[lo: lo + batch] for lo in range(0, len(queries), batch)]
+    results = engine.map(SearchWork(index, k), blocks,
+                         on_result=(lambda _, r: on_batch(len(r[0]))) if on_batch else None)
+    if not results:
+        return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
 
-def knn_search(vectors: np.ndarray, k: int, plan: SearchPlan | None = None, seed: int = 0,
-               on_batch: Callable[[int], None] | None = None, engine: str = "local") -> tuple[np.ndarray, np.ndarray]:
+def knn_search(vectors: np.ndarray, k: int, engine, plan: SearchPlan | None = None, seed: int = 0,
+               on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` neighbours of every row among all rows (the row itself included).
 
-    Returns ``(similarities, positions)``, each ``(N, min(k, N))``. With ``engine="ray"`` the query
-    batches are searched by Ray tasks against the same index.
+    Returns ``(similarities, positions)``, each ``(N, min(k, N))``; query blocks are mapped by ``engine``.
     """
     k = min(k, len(vectors))
     if len(vectors) == 0:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
     plan = plan or SearchPlan("flat", device="gpu" if faiss_gpus() else "cpu")
     index = build_faiss_index(vectors, plan, seed)
-    if engine == "ray":
-        from ..engine.ray_engine import ray_search
-
-        return ray_search(index, vectors, k, DEFAULT_QUERY_BATCH, on_batch)
-    return search(index, vectors, k, on_batch=on_batch)
+    return search(index, vectors, k, engine, on_batch=on_batch)
 
 
 def ivf_recall(vectors: np.ndarray, approx_positions: np.ndarray, sample: int = 1000, seed: int = 0,

@@ -33,8 +33,8 @@ PAIRS_SCHEMA = pa.schema([
 RECALL_SAMPLE = 1000
 
 
-def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int, plans: list[SearchPlan] | None = None,
-                   seed: int = 0, recall: list | None = None, engine: str = "local") -> F.Candidates:
+def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int, engine, plans: list[SearchPlan] | None = None,
+                   seed: int = 0, recall: list | None = None) -> F.Candidates:
     """Each position's ``k`` nearest others within its group, self excluded, with 1-based ranks.
 
     With ``recall`` given, approximate searches append ``(queries, recall@k)`` to it.
@@ -47,8 +47,7 @@ def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int, plans: li
                 bar.update(task, advance=len(g))
                 continue
             plan = plans[i] if plans else None
-            sims, nb = knn_search(vecs[g], k + 1, plan, seed, on_batch=lambda n: bar.update(task, advance=n),
-                                  engine=engine)
+            sims, nb = knn_search(vecs[g], k + 1, engine, plan, seed, on_batch=lambda n: bar.update(task, advance=n))
             if recall is not None and plan is not None and plan.kind != "flat":
                 sample = max(50, int(RECALL_SAMPLE * len(g) / total))
                 recall.append((len(g), ivf_recall(vecs[g], nb, sample, seed)))
@@ -118,7 +117,7 @@ def _search_summary(recipe: Recipe, cats: Categories, plans: list[SearchPlan], r
     return summary
 
 
-def mine_pairs(recipe: Recipe, build_dir: Path) -> dict[str, int]:
+def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     """Write ``pairs.parquet`` and ``mine_stats.json``; return counts."""
     index = pq.read_table(build_dir / "index.parquet", columns=["id", "label", "label_name", "digest"])
     vecs, ids = load_embeddings(build_dir, dtype=np.float16)
@@ -137,7 +136,7 @@ def mine_pairs(recipe: Recipe, build_dir: Path) -> dict[str, int]:
     groups = cats.groups(valid)
     plans = [plan_search(len(g), d, recipe.memory, recipe.index, recipe.nprobe) for g in groups]
     recall: list = []
-    cand = raw_candidates(vecs, groups, recipe.k, plans, recipe.seed, recall, recipe.engine)
+    cand = raw_candidates(vecs, groups, recipe.k, engine, plans, recipe.seed, recall)
     kept, funnel, mutual = apply_rules(recipe, cand, n, digests, cats.ids)
     if len(kept) == 0:
         raise no_pairs_error(funnel, int(valid.sum()))

@@ -172,7 +172,7 @@ Search: {html.escape(search["scope"])}, {search["groups"]} groups, indexes {html
 """
 
 
-def write_report(recipe: Recipe, build_dir: Path) -> dict[str, Any]:
+def write_report(recipe: Recipe, build_dir: Path, engine=None) -> dict[str, Any]:
     """Write ``report/metrics.json``, the figures and ``report/index.html``; return the metrics."""
     out = build_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
