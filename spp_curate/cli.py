@@ -271,7 +271,7 @@ def push(
                   f"{' (private)' if private else ''}{f' @ {revision}' if revision else ''} (dry run: nothing sent)",
                   markup=False, highlight=False)
         return
-    url = push_release(release, repo_id, private=private, revision=revision)
+    url = push_release(release, files, repo_id, private=private, revision=revision)
     out.print(f"pushed {len(files)} files to {url}", markup=False, highlight=False)
 
 

@@ -155,6 +155,7 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
             bar.update(task, advance=n, quarantined=bad)
 
         def save(position: int, result: tuple[np.ndarray, dict[str, Any]]) -> None:
+            nonlocal shown
             feats, description = result
             (lo, hi), c = spans[position], todo[position]
             if not encoder_file.exists():
@@ -162,7 +163,6 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
             emb_path, ids_path = chunk_paths(emb_dir, c)
             _save_npy(ids_path, ids[lo:hi].astype(np.int64))
             _save_npy(emb_path, feats)
-            nonlocal shown
             bar.update(task, advance=(hi - lo) - shown)
             shown = 0
 

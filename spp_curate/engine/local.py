@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 from typing import Any, Sequence
 
@@ -29,20 +30,19 @@ class LocalEngine:
             on_result: OnResult | None = None) -> list[Any]:
         results: list[Any] = [None] * len(units)
         positions = []
-        if workers > 0 and len(units) > 1:
-            # fork: each worker inherits the work object as it is (an open source needs no pickling)
-            with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(work,)) as pool:
-                for position, result in pool.imap(_run, enumerate(units)):
-                    results[position] = result
-                    positions.append(position)
-                    if on_result:
-                        on_result(position, result)
-        else:
-            work.setup()
-            for position, unit in enumerate(units):
-                results[position] = work(unit)
+        with contextlib.ExitStack() as stack:
+            if workers > 0 and len(units) > 1:
+                # fork: each worker inherits the work object as it is (an open source needs no pickling)
+                pool = stack.enter_context(mp.get_context("fork").Pool(workers, initializer=_init_worker,
+                                                                        initargs=(work,)))
+                done = pool.imap(_run, enumerate(units))
+            else:
+                work.setup()
+                done = ((position, work(unit)) for position, unit in enumerate(units))
+            for position, result in done:
+                results[position] = result
                 positions.append(position)
                 if on_result:
-                    on_result(position, results[position])
+                    on_result(position, result)
         check_complete(positions, len(units), type(work).__name__)
         return results

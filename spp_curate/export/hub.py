@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import importlib
+
 from ..errors import UserError
 from ..files import safe_join
-from .manifest import verified_files
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -34,22 +35,21 @@ def check_repo_id(repo_id: str) -> None:
 def _network_errors() -> tuple[type[BaseException], ...]:
     """The exception types a failed connection raises, whichever HTTP client huggingface_hub uses."""
     errors: list[type[BaseException]] = [OSError]
-    for module in ("httpx", "httpx2", "requests"):
+    for module, name in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests.exceptions", "RequestException")):
         try:
-            errors.append(__import__(module).HTTPError if module != "requests"
-                          else __import__("requests").exceptions.RequestException)
+            errors.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             pass
     return tuple(errors)
 
 
-def push_release(release: Path, repo_id: str, private: bool = False, revision: str | None = None) -> str:
-    """Verify ``release``, create the dataset repo if needed and upload the verified files; returns the repo URL."""
+def push_release(release: Path, files: list[tuple[str, int]], repo_id: str, private: bool = False,
+                 revision: str | None = None) -> str:
+    """Create the dataset repo if needed and upload ``files`` (``manifest.verified_files`` of ``release``, with
+    ``repo_id`` checked by :func:`check_repo_id`); returns the repo URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    check_repo_id(repo_id)
-    files = verified_files(release)
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(safe_join(release, rel)))
                   for rel, _ in files]
     api = HfApi()
