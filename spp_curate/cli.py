@@ -48,6 +48,9 @@ def preflight(recipe) -> None:
     if recipe.root is not None and not Path(recipe.root).exists():
         raise UserError(f"{recipe.root} does not exist", option="--root")
     check_encoder(recipe.encoder, recipe.image_size)
+    for ref in recipe.references:
+        if ref.root_option and not Path(ref.root_option).exists():
+            raise UserError(f"reference set {ref.spec!r}: {ref.root_option} does not exist", option="--exclude-near")
     if recipe.engine == "ray":
         import importlib.util
 
@@ -111,6 +114,13 @@ def build(
     name: Optional[str] = typer.Option(None, help="release name"),
     license: Optional[str] = typer.Option(None, help="license id for the dataset card"),
     seed: Optional[int] = typer.Option(None, help="random seed"),
+    exclude_near: Optional[list[str]] = typer.Option(
+        None, "--exclude-near", help="a reference set whose near-copies never enter a pair, KIND[:ROOT][:SPLIT]: "
+        "fashion-mnist:test, imagefolder:/data/eval, imagenet:/data/imagenet:val, hf:org/name:test, "
+        "wds:/data/eval-{0000..0009}.tar (repeatable)"),
+    exclude_threshold: Optional[str] = typer.Option(
+        None, help="copy score at or above which an image is a near-copy (0.99), or a quantile of the build's "
+        "own scores (q0.999)"),
     engine: Optional[str] = typer.Option(None, help="local | ray (a cluster at RAY_ADDRESS, or a local one)"),
     until: Optional[str] = typer.Option(None, help=f"stop after this stage: {' | '.join(STAGES)}"),
     force: bool = typer.Option(False, "--force", help="rerun every stage"),
@@ -125,7 +135,8 @@ def build(
                      min_similarity=min_similarity, dup_threshold=dup_threshold,
                      max_per_anchor=max_per_anchor, mutual=mutual, batch_size=batch_size, workers=workers,
                      chunk_size=chunk_size, shard_size=shard_size, images=images, max_side=max_side,
-                     engine=engine, name=name, license=license, seed=seed)
+                     engine=engine, name=name, license=license, seed=seed, exclude_near=exclude_near or None,
+                     exclude_threshold=exclude_threshold)
     if until is not None and until not in STAGES:
         raise UserError(f"unknown stage {until!r}; accepted: {', '.join(STAGES)}", option="--until")
     recipe = resolve_recipe(source, overrides, str(recipe_file) if recipe_file else None)
@@ -298,6 +309,37 @@ def materialize(
         raise typer.Exit(1)
     out.print(f"release: {out_dir} ({counts['pairs']:,} pairs in {counts['shards']} shards)",
               markup=False, highlight=False)
+
+
+@app.command()
+def audit(
+    release: Path = typer.Argument(..., help="a release directory (verified first; from anywhere)"),
+    against: str = typer.Option(..., help="the reference set, KIND[:ROOT][:SPLIT]: fashion-mnist:test, "
+                                          "imagefolder:/data/eval, imagenet:/data/imagenet:val, hf:org/name:test"),
+    threshold: str = typer.Option("0.99", help="copy score at or above which an image is a near-copy, or a "
+                                               "quantile of the release's own scores (q0.999)"),
+    max_leaks: int = typer.Option(0, min=0, help="exit 1 when more distinct images than this are near-copies"),
+    workers: Optional[int] = typer.Option(None, min=0, help="decode processes for the reference set"),
+) -> None:
+    """Count a release's near-copies of a reference (evaluation) set, per pair side; exit 1 above --max-leaks."""
+    from .config import parse_threshold
+    from .engine import get_engine
+    from .leakage.audit import SIDES, audit_release
+
+    parse_threshold(threshold, "--threshold")
+    result = audit_release(release, against, threshold, get_engine("local"), workers)
+    for leak in result.leaks:
+        out.print(f"leak: {leak.side} {leak.key} ~ {leak.reference_key} "
+                  f"{'same bytes' if leak.same_digest else f'score {leak.score:.4f}'}", markup=False, highlight=False)
+    for side in SIDES:
+        out.print(f"{side}: {result.images[side]:,} images, {result.leaked(side):,} near-copies of {against}",
+                  markup=False, highlight=False)
+    how = f"copy score >= {result.threshold:.4f} or same bytes" if result.pixels else \
+        "same bytes only: an ID-only release has no pixels (materialize it to check near-copies)"
+    total = result.leaked()
+    out.print(f"{total:,} distinct image(s) leak ({how}); allowed: {max_leaks}", markup=False, highlight=False)
+    if total > max_leaks:
+        raise typer.Exit(1)
 
 
 # Typer may vendor its own click; take the base class of its usage errors from Typer itself.

@@ -63,6 +63,74 @@ def parse_source(spec: str) -> SourceSpec:
     return SourceSpec(kind, argument)
 
 
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """A reference (evaluation) set named in one string: ``KIND[:ROOT-OR-NAME][:SPLIT]``.
+
+    ``fashion-mnist:test``, ``imagefolder:/data/eval``, ``imagenet:/data/imagenet:val``,
+    ``hf:org/name:test``, ``wds:/data/eval-{0000..0009}.tar``. The last part is the split when
+    there are two parts after the kind and it holds no ``/``; Fashion-MNIST takes a split alone.
+    """
+
+    spec: str
+    kind: str
+    root: str | None
+    split: str
+
+    @property
+    def source(self) -> str:
+        """The ``--source`` value of this set (``hf:`` and ``wds:`` carry their argument)."""
+        return f"{self.kind}:{self.root}" if self.kind in ("hf", "wds") else self.kind
+
+    @property
+    def root_option(self) -> str | None:
+        return None if self.kind in ("hf", "wds") else self.root
+
+
+def parse_reference(spec: str, option: str = "--exclude-near") -> ReferenceSpec:
+    kind, _, rest = spec.partition(":")
+    accepted = ("accepted: KIND[:ROOT][:SPLIT], e.g. fashion-mnist:test, imagefolder:/data/eval, "
+                "imagenet:/data/imagenet:val, hf:org/name:test, wds:/data/eval-{0000..0009}.tar")
+    if kind not in SOURCE_KINDS:
+        raise UserError(f"unknown reference set {spec!r}; {accepted}", option=option)
+    default_split = {"imagenet": "val", "fashion-mnist": "test"}.get(kind, "test")
+    parts = rest.rsplit(":", 1) if rest else []
+    if kind == "fashion-mnist" and len(parts) == 1 and "/" not in parts[0]:
+        return ReferenceSpec(spec, kind, None, parts[0])
+    if len(parts) == 2 and parts[1] and "/" not in parts[1] and parts[0]:
+        root, split = parts
+    else:
+        root, split = rest or None, default_split
+    if kind != "fashion-mnist" and not root:
+        raise UserError(f"reference set {spec!r} names no {'dataset' if kind == 'hf' else 'files'}; {accepted}",
+                        option=option)
+    return ReferenceSpec(spec, kind, root, split)
+
+
+_QUANTILE_RE = re.compile(r"^q(0?\.\d+|0|1(\.0*)?)$")
+
+
+def parse_threshold(value: float | str, option: str) -> tuple[str, float]:
+    """A threshold given as a similarity (``0.99``) or as a quantile of the build's own scores (``q0.999``).
+
+    Returns ``("value", x)`` or ``("quantile", q)``.
+    """
+    text = str(value).strip()
+    if text.startswith("q"):
+        if not _QUANTILE_RE.match(text) or not 0.0 <= float(text[1:]) <= 1.0:
+            raise UserError(f"got {text!r}; accepted: a similarity in [-1, 1] or a quantile q0..q1 (e.g. q0.999)",
+                            option=option)
+        return "quantile", float(text[1:])
+    try:
+        number = float(text)
+    except ValueError:
+        raise UserError(f"got {text!r}; accepted: a similarity in [-1, 1] or a quantile q0..q1 (e.g. q0.999)",
+                        option=option) from None
+    if not -1.0 <= number <= 1.0:
+        raise UserError(f"got {number}; accepted: a similarity in [-1, 1] or a quantile q0..q1", option=option)
+    return "value", number
+
+
 def parse_encoder(spec: str) -> EncoderSpec:
     kind, _, rest = spec.partition(":")
     if kind not in ENCODER_KINDS or not rest:
@@ -125,6 +193,10 @@ class Recipe(BaseModel):
     nprobe: int | None = Field(default=None, ge=1, description="IVF lists probed per query")
     seed: int = 0
 
+    #: Reference (evaluation) sets whose near-copies never enter a pair, and the copy-score threshold.
+    exclude_near: list[str] = Field(default_factory=list)
+    exclude_threshold: str = "0.99"
+
     grid_pairs: int = Field(default=24, ge=1)
     engine: Literal["local", "ray"] = Field(default="local", description="where stages run; results are the same")
 
@@ -151,6 +223,25 @@ class Recipe(BaseModel):
     def _encoder(cls, value: str) -> str:
         parse_encoder(value)
         return value
+
+    @field_validator("exclude_near")
+    @classmethod
+    def _references(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            parse_reference(spec)
+        if len(set(value)) != len(value):
+            raise ValueError("a reference set is named twice")
+        return value
+
+    @field_validator("exclude_threshold", mode="before")
+    @classmethod
+    def _exclude_threshold(cls, value: Any) -> str:
+        parse_threshold(value, "--exclude-threshold")
+        return str(value).strip()
+
+    @property
+    def references(self) -> list[ReferenceSpec]:
+        return [parse_reference(s) for s in self.exclude_near]
 
     @property
     def source_spec(self) -> SourceSpec:

@@ -31,6 +31,11 @@ REPORT_HTML = "report/index.html"
 STRONGEST_GRID = "pairs-strongest.png"
 RELEASE = "release"
 STAGE_RECORDS = "stages"
+#: Near-copies of reference (evaluation) sets: every image's best copy score, and the summary.
+EXCLUSION = "exclusion.parquet"
+EXCLUSION_STATS = "exclusion.json"
+#: Reference sets indexed and described for the exclusion (one folder each), and the build's own descriptors.
+REFERENCES = "references"
 
 #: Parquet schema metadata of ``index.parquet`` holding the class names (JSON list, by label).
 CLASS_NAMES_META = b"spp_curate.class_names"
@@ -64,6 +69,9 @@ def load_embeddings(build_dir: Path, dtype=np.float32) -> tuple[np.ndarray, np.n
 EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.ids\.npy", r"meta\.json",
                                            r"run\.json", r"encoder\.json")]
 REPORT_FILES = [re.compile(p) for p in (r"[A-Za-z0-9_-]+\.png", r"index\.html", r"metrics\.json")]
+#: Files of one reference set's folder under ``references/``.
+REFERENCE_FILES = [re.compile(p) for p in (re.escape(INDEX), re.escape(QUARANTINE), r"descriptors\.npz",
+                                           r"record\.json")]
 
 # ---------------------------------------------------------------- a release
 MANIFEST = "manifest.json"
@@ -95,4 +103,5 @@ SHARD_FOLDERS = ("data", "wds", "assets")
 #: Every file the program writes directly in a build directory (sub-folders have their own patterns).
 BUILD_FILES = [re.compile(p) for p in (re.escape(BUILD_RECIPE), re.escape(LOCK), re.escape(INDEX),
                                        re.escape(QUARANTINE), re.escape(PAIRS), re.escape(MINE_STATS),
+                                       re.escape(EXCLUSION), re.escape(EXCLUSION_STATS),
                                        r"stages/[a-z]+\.json")]

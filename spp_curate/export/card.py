@@ -48,6 +48,23 @@ def card_header(recipe: Recipe, features: datasets.Features, pairs: int, parquet
     }
 
 
+def leakage_lines(leakage: dict[str, Any] | None) -> list[str]:
+    """The card's leakage section: which evaluation sets the pairs are clean against, and how that was checked."""
+    lines = ["## Leakage", ""]
+    if not leakage:
+        return lines + ["This release was not checked against any evaluation set at build time. "
+                        "`spp-curate audit RELEASE --against SPEC` counts its near-copies of one.", ""]
+    lines += [f"No image of a pair is a near-copy of these reference sets: copy score below "
+              f"{leakage['threshold']:.4f} (given as `{leakage['threshold_given']}`; {leakage['method']}) and "
+              "no byte-identical file. "
+              f"{leakage['excluded']:,} build image(s) were excluded.", "",
+              "| reference set | split | images | sha256 of its key list | excluded | same bytes |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| `{r['name']}` | {r['split']} | {r['count']:,} | `{r['keys_sha256'][:16]}` | {r['excluded']:,} | "
+              f"{r['same_digest']:,} |" for r in leakage["references"]]
+    return lines + [""]
+
+
 def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, int], parquet_bytes: int,
                 metrics: dict[str, Any] | None, figure: str | None, image_ext: str) -> str:
     header = yaml.safe_dump(card_header(recipe, features, counts["pairs"], parquet_bytes), sort_keys=False,
@@ -77,6 +94,7 @@ def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, i
                   f"- coverage (share of images in at least one pair): {metrics['coverage']:.4f}",
                   "- removed by each filter: " + ", ".join(f"{k} {v:,}" for k, v in metrics["filter_removed"].items()),
                   ""]
+    lines += leakage_lines(metrics.get("leakage") if metrics else None)
     if figure:
         lines += [f"![pair grid: anchor | positive]({figure})", ""]
     if recipe.images == "none":
@@ -85,7 +103,8 @@ def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, i
             "This release carries no pixels: each pair names its two images by source key and sha256 digest. "
             "Rebuild the image shards from your own copy of the source, checking every digest:", "",
             "```bash",
-            "spp-curate materialize RELEASE_DIR --root /path/to/your/copy --out materialized/",
+            f"spp-curate materialize RELEASE_DIR --source {recipe.source} --root /path/to/your/copy "
+            "--out materialized/",
             "```", "",
             "## Citation", "", "```bibtex", CITATIONS, "```", "",
         ]

@@ -261,6 +261,8 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
         "image_ext": ext,
         "class_names": inp.class_names,
         "metrics": {k: metrics.get(k) for k in ("precision", "coverage", "filter_removed")} if metrics else None,
+        # What the pairs are clean against: reference sets, their key-list digests, threshold, counts.
+        "leakage": metrics.get("leakage") if metrics else None,
         "files": entries,
     }
     write_json(release / layout.MANIFEST, manifest)

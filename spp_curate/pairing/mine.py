@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..layout import load_embeddings, read_class_names
 from ..files import write_json, write_table
 from ..progress import stage_progress
+from ..leakage.exclude import excluded_ids
 from . import filters as F
 from .categories import Categories, assign_categories, read_class_names_file
 from .knn import SearchPlan, ivf_recall, knn_search, plan_search
@@ -127,6 +128,8 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     names = np.asarray(index.column("label_name").to_pylist(), dtype=object)
     digests = np.asarray(index.column("digest").to_pylist(), dtype=object)
     valid = vecs.any(axis=1)
+    excluded = np.isin(ids, excluded_ids(build_dir))
+    valid &= ~excluded  # near-copies of a reference set are never anchors or positives
     n, d = vecs.shape
 
     class_names = (read_class_names_file(recipe.class_names) if recipe.class_names
@@ -155,7 +158,7 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
         "category_source": pa.array([cats.mode] * len(kept), pa.string()),
     }, schema=PAIRS_SCHEMA)
     stats = {
-        "images": int(n), "searchable": int(valid.sum()), "pairs": len(kept),
+        "images": int(n), "searchable": int(valid.sum()), "excluded": int(excluded.sum()), "pairs": len(kept),
         "search": _search_summary(recipe, cats, plans, recall),
         "categories": {"mode": cats.mode, "count": len(groups), **cats.info},
         "funnel": funnel.steps,

@@ -18,16 +18,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 
 from .. import layout  # noqa: E402
 from ..config import Recipe  # noqa: E402
-from ..images import BadImage, load_image  # noqa: E402
 from ..curate.sources import Source, open_source  # noqa: E402
 from ..files import atomic_path, read_json, write_json  # noqa: E402
+from ..figures import grid, save_figure, thumb  # noqa: E402
 
-THUMB = 96
-GRID_COLUMNS = 4
 
 
 def compute_metrics(index: pd.DataFrame, pairs: pd.DataFrame, stats: dict[str, Any],
@@ -64,38 +61,19 @@ def compute_metrics(index: pd.DataFrame, pairs: pd.DataFrame, stats: dict[str, A
     }
 
 
-def _thumb(source: Source, key: str) -> Image.Image:
-    try:
-        img = load_image(source, key)
-    except BadImage:
-        img = Image.new("RGB", (THUMB, THUMB), (200, 0, 0))
-    img.thumbnail((THUMB, THUMB), Image.Resampling.NEAREST if max(img.size) < THUMB else Image.Resampling.BICUBIC)
-    if img.size != (THUMB, THUMB):
-        img = img.resize((THUMB, THUMB), Image.Resampling.NEAREST)
-    return img
-
-
 def pair_grid(source: Source, keys: dict[int, str], pairs: pd.DataFrame, path: Path,
               class_names: list[str] | None = None) -> None:
     """A PNG grid: each cell is anchor | positive with their labels and similarity."""
-    cell_w, cell_h, pad = 2 * THUMB + 6, THUMB + 30, 8
-    rows = max(1, -(-len(pairs) // GRID_COLUMNS))
-    canvas = Image.new("RGB", (GRID_COLUMNS * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, row in enumerate(pairs.itertuples()):
-        x = pad + (i % GRID_COLUMNS) * (cell_w + pad)
-        y = pad + (i // GRID_COLUMNS) * (cell_h + pad)
-        canvas.paste(_thumb(source, keys[row.anchor_id]), (x, y))
-        canvas.paste(_thumb(source, keys[row.positive_id]), (x + THUMB + 6, y))
+    cells = []
+    names = class_names or []
+    for row in pairs.itertuples():
         wrong = row.label >= 0 and row.positive_label >= 0 and row.label != row.positive_label
-        colour = (190, 0, 0) if wrong else (30, 30, 30)
-        draw.text((x, y + THUMB + 2), f"{row.label_name[:14]}  sim {row.similarity:.3f}", fill=colour)
+        caption = [f"{row.label_name[:14]}  sim {row.similarity:.3f}"]
         if wrong:
-            names = class_names or []
             other = names[row.positive_label] if row.positive_label < len(names) else f"label {row.positive_label}"
-            draw.text((x, y + THUMB + 15), f"positive: {other[:20]}", fill=colour)
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+            caption.append(f"positive: {other[:20]}")
+        cells.append((thumb(source, keys[row.anchor_id]), thumb(source, keys[row.positive_id]), caption, wrong))
+    grid(cells, path)
 
 
 def similarity_histogram(stats: dict[str, Any], recipe: Recipe, path: Path) -> None:
@@ -121,10 +99,7 @@ def similarity_histogram(stats: dict[str, Any], recipe: Recipe, path: Path) -> N
     ax.set_yscale("symlog")
     ax.legend(fontsize=7)
     ax.set_title("similarity of kept and removed candidate pairs")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def pairs_per_class_plot(metrics: dict[str, Any], path: Path) -> None:
@@ -134,19 +109,26 @@ def pairs_per_class_plot(metrics: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(counts)), list(counts.keys()), rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("pairs")
     ax.set_title("pairs per class (anchor's label)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _html(recipe: Recipe, metrics: dict[str, Any], grids: dict[str, str]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
-    headline = ["images", "quarantined", "pairs", "precision", "coverage", "mutual_share", "ivf_recall_at_k",
+    headline = ["images", "quarantined", "excluded_near_copies", "pairs", "precision", "coverage", "mutual_share",
+                "ivf_recall_at_k",
                 "zeroshot_accuracy"]
-    rows = "".join(f"<tr><th>{k}</th><td>{fmt(metrics[k])}</td></tr>" for k in headline if metrics[k] is not None)
+    rows = "".join(f"<tr><th>{k}</th><td>{fmt(metrics.get(k))}</td></tr>" for k in headline
+                   if metrics.get(k) is not None)
+    leak = metrics.get("leakage")
+    leakage = "" if not leak else (
+        f"<h2>Leakage</h2><p>Images whose copy score against a reference set is at least {leak['threshold']:.4f} "
+        f"(given as {html.escape(str(leak['threshold_given']))}), or whose bytes equal a reference image's, "
+        "never enter a pair.</p><table><tr><th>reference set</th><th>split</th><th>images</th><th>excluded</th>"
+        "<th>same bytes</th></tr>" + "".join(
+            f"<tr><td>{html.escape(r['name'])}</td><td>{html.escape(r['split'])}</td><td>{r['count']:,}</td>"
+            f"<td>{r['excluded']:,}</td><td>{r['same_digest']:,}</td></tr>" for r in leak["references"]) + "</table>")
     search = metrics["search"]
     funnel = "".join(f"<tr><td>{html.escape(s['step'])}</td><td>{s['removed']:,}</td><td>{s['remaining']:,}</td></tr>"
                      for s in metrics["funnel"])
@@ -165,6 +147,7 @@ duplicate threshold {recipe.dup_threshold}, at most {recipe.max_per_anchor} per 
 Search: {html.escape(search["scope"])}, {search["groups"]} groups, indexes {html.escape(str(search["index_kinds"]))} on {search["device"]}.</p>
 {figures}
 <h2>Numbers</h2><table>{rows}</table>
+{leakage}
 <h2>Filter funnel</h2><table><tr><th>step</th><th>removed</th><th>remaining</th></tr>{funnel}</table>
 <h2>Precision per class</h2><table>{per_class}</table>
 <p>Full figures: <a href="metrics.json">metrics.json</a>.</p>
@@ -203,6 +186,11 @@ def write_report(recipe: Recipe, build_dir: Path, engine=None) -> dict[str, Any]
     if metrics["pairs_per_class"]:
         pairs_per_class_plot(metrics, out / "pairs-per-class.png")
         grids["Pairs per class"] = "pairs-per-class.png"
+    from ..leakage.report import leakage_section
+
+    metrics["leakage"], leak_figures = leakage_section(recipe, build_dir, out)
+    metrics["excluded_near_copies"] = metrics["leakage"]["excluded"] if metrics["leakage"] else None
+    grids.update(leak_figures)
     metrics["figures"] = list(grids.values())
     write_json(out / "metrics.json", metrics)
     with atomic_path(out / "index.html") as tmp:
