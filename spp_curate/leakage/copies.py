@@ -16,9 +16,9 @@ Two steps, both batched:
    thumbnails. faiss returns the nearest references (exact while they fit,
    the mining planner's IVF beyond).
 2. **Verification.** The picture at 24x24 is slid over each candidate
-   reference rendered at 24..28 px (crops down to 86 % of the side, every
-   one-pixel shift); the score is the best normalised cross-correlation,
-   1.0 for a pixel-identical copy.
+   reference rendered at 24..28 px in width and in height (crops down to
+   86 % of either side, every one-pixel shift); the score is the best
+   normalised cross-correlation, 1.0 for a pixel-identical copy.
 """
 
 from __future__ import annotations
@@ -31,22 +31,25 @@ from PIL import Image
 
 COARSE = 8
 FINE = 24
-#: The sizes a reference is rendered at for verification: a copy cropped to FINE/m of the side matches.
-FINE_SIZES: tuple[int, ...] = tuple(range(FINE, round(FINE / 0.86) + 1))
-FINE_OFFSETS = np.cumsum([0] + [m * m for m in FINE_SIZES])
+#: The sizes (width, height) a reference is rendered at for verification: a copy cropped to FINE/w of the
+#: width and FINE/h of the height (each down to 86 %, so crops that change the aspect ratio too) matches.
+FINE_SIDES: tuple[int, ...] = tuple(range(FINE, round(FINE / 0.86) + 1))
+FINE_SIZES: tuple[tuple[int, int], ...] = tuple((w, h) for w in FINE_SIDES for h in FINE_SIDES)
+FINE_OFFSETS = np.cumsum([0] + [w * h for w, h in FINE_SIZES])
 #: Crops of each reference added to the candidate search (share of each side kept).
 CROP_SCALES = (0.94, 0.88)
 VIEWS = 1 + 5 * len(CROP_SCALES)
 #: References verified per picture.
-CANDIDATES = 4
+CANDIDATES = 16
 #: Decode JPEGs at a reduced scale down to this shorter side (the renderings are at most 28 px).
 DRAFT = 64
-VERSION = 1
+VERSION = 2
 VERIFY_BATCH = 2048
 
 
-def _gray(image: Image.Image, size: int, resample: Image.Resampling) -> np.ndarray:
-    return np.asarray(image.convert("L").resize((size, size), resample), dtype=np.uint8).reshape(-1)
+def _gray(image: Image.Image, size: int | tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    size = (size, size) if isinstance(size, int) else size
+    return np.asarray(image.convert("L").resize(size, resample), dtype=np.uint8).reshape(-1)
 
 
 def _crops(image: Image.Image) -> list[Image.Image]:
@@ -65,7 +68,8 @@ def picture_descriptor(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reference_descriptor(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """A reference picture: the thumbnails of it and its crops (VIEWS x 64) and its renderings at FINE_SIZES."""
+    """A reference picture: the thumbnails of it and its crops (VIEWS x 64) and its renderings at FINE_SIZES
+    (16,900 bytes)."""
     coarse = np.stack([_gray(v, COARSE, Image.Resampling.BOX) for v in _crops(image)])
     fine = np.concatenate([_gray(image, m, Image.Resampling.BILINEAR) for m in FINE_SIZES])
     return coarse, fine
@@ -159,9 +163,9 @@ def verify(pictures: Descriptors, references: Descriptors, cand: np.ndarray) -> 
             ref_rows = cand[lo:hi, c]
             rows = np.clip(ref_rows, 0, None)
             score = torch.full((hi - lo,), -1.0)
-            for j, m in enumerate(FINE_SIZES):
+            for j, (w, h) in enumerate(FINE_SIZES):
                 r = torch.from_numpy(references.fine[rows, FINE_OFFSETS[j]: FINE_OFFSETS[j + 1]].astype(np.float32))
-                windows = F.unfold(r.view(-1, 1, m, m), FINE).transpose(1, 2)  # (B, L, FINE*FINE)
+                windows = F.unfold(r.view(-1, 1, h, w), FINE).transpose(1, 2)  # (B, L, FINE*FINE)
                 windows = windows - windows.mean(-1, keepdim=True)
                 windows = windows / windows.norm(dim=-1, keepdim=True).clamp_min(1e-6)
                 score = torch.maximum(score, (windows @ p[:, :, None]).squeeze(-1).amax(1))

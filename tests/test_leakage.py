@@ -1,0 +1,209 @@
+"""Leakage: near-copies of evaluation images are excluded from builds and found in releases.
+
+An image folder of Fashion-MNIST training pictures gets test pictures planted
+into it: pixel-identical PNG copies, JPEG re-encodes, resized copies and
+slightly cropped ones. The reference set is the committed test split itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from spp_curate.curate.sources import FashionMNISTSource
+from spp_curate.leakage.planted import near_copy
+
+from conftest import FMNIST, TEST_ENCODER, run_cli
+
+TRAIN_IMAGES = 400
+PLANTED_PER_KIND = 6
+KINDS = ("exact", "jpeg", "resized", "cropped")  # the kinds whose recall must be 1.0 at the default threshold
+
+
+@pytest.fixture(scope="module")
+def planted_folder(tmp_path_factory, fmnist_root) -> tuple[Path, dict[str, str]]:
+    """Training pictures in class folders plus planted copies of test pictures; ``{key: kind}`` of the planted."""
+    root = tmp_path_factory.mktemp("planted") / "images"
+    train = FashionMNISTSource(str(fmnist_root), "train")
+    test = FashionMNISTSource(str(fmnist_root), "test")
+    for i in range(TRAIN_IMAGES):
+        folder = root / f"class{int(train.labels[i])}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(train.images[i]).save(folder / f"train-{i:05d}.png")
+    rng = np.random.default_rng(7)
+    chosen = rng.choice(len(test.images), PLANTED_PER_KIND * len(KINDS), replace=False)
+    planted = {}
+    for j, t in enumerate(chosen):
+        kind = KINDS[j % len(KINDS)]
+        data, ext = near_copy(Image.fromarray(test.images[t]), kind, rng)
+        key = f"class{int(test.labels[t])}/planted-{kind}-{t:05d}.{ext}"
+        (root / key).write_bytes(data)
+        planted[key] = kind
+    return root, planted
+
+
+def _build(root: Path, out: Path, *extra: str) -> int:
+    return run_cli("build", "--source", "imagefolder", "--root", root, "--out", out, *TEST_ENCODER,
+                   "--workers", "0", "--min-similarity", "0", "--dup-threshold", "0.99999", "--shard-size", "1MB",
+                   *extra)
+
+
+@pytest.fixture(scope="module")
+def builds(planted_folder, fmnist_root, tmp_path_factory) -> dict[str, Path]:
+    root, _ = planted_folder
+    base = tmp_path_factory.mktemp("leak-builds")
+    spec = f"fashion-mnist:{fmnist_root}:test"
+    assert _build(root, base / "clean", "--exclude-near", spec) == 0
+    assert _build(root, base / "plain") == 0
+    return {"clean": base / "clean", "plain": base / "plain", "spec": spec}
+
+
+def _pair_keys(build_dir: Path) -> set[str]:
+    index = pq.read_table(build_dir / "index.parquet", columns=["id", "key"]).to_pandas().set_index("id").key
+    pairs = pq.read_table(build_dir / "pairs.parquet", columns=["anchor_id", "positive_id"]).to_pandas()
+    return set(index[pairs.anchor_id]) | set(index[pairs.positive_id])
+
+
+def test_exclusion_removes_every_planted_copy_and_leaves_the_rest(builds, planted_folder):
+    _, planted = planted_folder
+    table = pq.read_table(builds["clean"] / "exclusion.parquet").to_pandas().set_index("key")
+    missed = {k: (planted[k], float(table.similarity[k])) for k in planted if not table.excluded[k]}
+    assert not missed, f"planted copies not excluded: {missed}"
+    assert not set(planted) & _pair_keys(builds["clean"])
+    natural = table.drop(index=list(planted))
+    assert natural.excluded.sum() <= 0.01 * len(natural)  # look-alikes are not copies
+    # The planted copies are in pairs when nothing is excluded: the exclusion is what took them out.
+    assert set(planted) & _pair_keys(builds["plain"])
+    for key in planted:
+        assert table.reference_key[key].startswith("test/")
+
+
+def test_the_release_records_what_it_is_clean_against(builds, fmnist_root):
+    manifest = json.loads((builds["clean"] / "release" / "manifest.json").read_text())
+    leakage = manifest["leakage"]
+    (ref,) = leakage["references"]
+    assert ref["name"] == builds["spec"] and ref["split"] == "test" and ref["count"] == 1000
+    test_keys = [key for key, _ in FashionMNISTSource(str(fmnist_root), "test").items()]
+    assert ref["keys_sha256"] == hashlib.sha256("\n".join(test_keys).encode()).hexdigest()
+    excluded = pq.read_table(builds["clean"] / "exclusion.parquet").column("excluded").to_numpy()
+    assert leakage["excluded"] == ref["excluded"] == int(excluded.sum()) > 0
+    assert leakage["threshold"] == 0.99
+    card = (builds["clean"] / "release" / "README.md").read_text()
+    assert "## Leakage" in card and builds["spec"] in card and ref["keys_sha256"][:16] in card
+    report = builds["clean"] / "report"
+    html = (report / "index.html").read_text()
+    assert "<h2>Leakage</h2>" in html
+    for figure in ("leak-scores.png", "leak-excluded.png"):
+        assert figure in html and Image.open(report / figure).size[0] > 100
+    plain = json.loads((builds["plain"] / "release" / "manifest.json").read_text())
+    assert plain["leakage"] is None and "not checked against any evaluation set" in \
+        (builds["plain"] / "release" / "README.md").read_text()
+
+
+def test_audit_names_each_planted_image_and_gates(builds, planted_folder, cli):
+    _, planted = planted_folder
+    proc = cli("audit", builds["plain"] / "release", "--against", builds["spec"])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    named = {line.split()[2] for line in proc.stdout.splitlines() if line.startswith("leak: ")}
+    in_release = set(planted) & _pair_keys(builds["plain"])
+    assert in_release and in_release <= named
+    # Whatever else the audit names, the build's own exclusion also took out: one score, two tools.
+    excluded = pq.read_table(builds["clean"] / "exclusion.parquet").to_pandas()
+    assert named - set(planted) <= set(excluded.key[excluded.excluded])
+    assert f"{len(named):,} distinct image(s) leak" in proc.stdout
+    allowed = cli("audit", builds["plain"] / "release", "--against", builds["spec"], "--max-leaks", len(named))
+    assert allowed.returncode == 0
+    clean = cli("audit", builds["clean"] / "release", "--against", builds["spec"])
+    assert clean.returncode == 0, clean.stdout
+    assert "0 distinct image(s) leak" in clean.stdout
+
+
+def test_a_quantile_threshold_gives_what_its_value_gives(builds, planted_folder, tmp_path):
+    root, _ = planted_folder
+    work = tmp_path / "b"
+    shutil.copytree(builds["clean"], work)
+    assert _build(root, work, "--exclude-near", builds["spec"], "--exclude-threshold", "q0.97") == 0
+    stats = json.loads((work / "exclusion.json").read_text())
+    scores = pq.read_table(work / "exclusion.parquet").column("similarity").to_numpy()
+    assert stats["threshold_given"] == "q0.97"
+    assert stats["threshold"] == pytest.approx(float(np.quantile(scores, 0.97)), abs=1e-6)
+    by_quantile = pq.read_table(work / "pairs.parquet")
+    value = repr(stats["threshold"])
+    assert _build(root, work, "--exclude-near", builds["spec"], "--exclude-threshold", value) == 0
+    assert pq.read_table(work / "pairs.parquet").equals(by_quantile)
+
+
+def test_exclusion_resumes_after_sigkill_to_the_same_files(builds, planted_folder, tmp_path):
+    root, _ = planted_folder
+    killed = tmp_path / "killed"
+    shutil.copytree(builds["plain"], killed)  # index and embed done; the exclude stage runs next
+    args = ["build", "--source", "imagefolder", "--root", str(root), "--out", str(killed), *TEST_ENCODER,
+            "--workers", "0", "--min-similarity", "0", "--dup-threshold", "0.99999", "--shard-size", "1MB",
+            "--exclude-near", builds["spec"]]
+    proc = subprocess.Popen([sys.executable, "-m", "spp_curate.cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "references" / "build.json").exists():
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / "references" / "build.json").exists()
+    stats = killed / "exclusion.json"  # the plain build's (no reference set) until the stage completes
+    assert not stats.exists() or not json.loads(stats.read_text())["references"], \
+        "the kill should land inside the exclude stage"
+    assert run_cli(*args) == 0
+    for name in ("exclusion.parquet", "pairs.parquet"):
+        assert pq.read_table(killed / name).equals(pq.read_table(builds["clean"] / name)), name
+
+
+def test_copy_scores_are_one_for_a_copy_and_deterministic(fmnist_root):
+    from spp_curate.engine.local import LocalEngine
+    from spp_curate.leakage.copies import copy_scores, describe
+
+    test = FashionMNISTSource(str(fmnist_root), "test")
+    refs = [Image.fromarray(a).convert("RGB") for a in test.images[:200]]
+    pictures = [refs[5], refs[17].transpose(Image.Transpose.FLIP_LEFT_RIGHT), None]
+    ref_desc = describe(refs, True)
+    scores, rows = copy_scores(describe(pictures, False), ref_desc, LocalEngine())
+    assert scores[0] == pytest.approx(1.0, abs=1e-5) and rows[0] == 5
+    assert scores[1] < 0.99  # a mirrored picture is a different picture
+    assert scores[2] == -1.0 and rows[2] == -1  # one that did not decode matches nothing
+    again, _ = copy_scores(describe(pictures, False), ref_desc, LocalEngine())
+    assert np.array_equal(scores, again)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("nosuch:x", "unknown reference set"),
+    ("imagefolder:{missing}", "does not exist"),
+    ("imagefolder:{empty}", "cannot be read"),
+])
+def test_a_reference_set_that_cannot_be_read_is_one_line(cli, label_build, tmp_path, spec, words):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    spec = spec.format(missing=tmp_path / "missing", empty=empty)
+    work = tmp_path / "b"
+    shutil.copytree(label_build, work)  # index and embed are done: the error comes from the exclude stage
+    proc = cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", work, *TEST_ENCODER,
+               "--workers", "0", "--shard-size", "1MB", "--category", "label", "--exclude-near", spec)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: --exclude-near:") and words in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_bad_exclude_threshold_is_one_line(cli, tmp_path):
+    proc = cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", tmp_path / "o",
+               "--exclude-near", "fashion-mnist:test", "--exclude-threshold", "q1.5")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --exclude-threshold:"), proc.stderr
