@@ -39,8 +39,10 @@ FINE_OFFSETS = np.cumsum([0] + [w * h for w, h in FINE_SIZES])
 #: Crops of each reference added to the candidate search (share of each side kept).
 CROP_SCALES = (0.94, 0.88)
 VIEWS = 1 + 5 * len(CROP_SCALES)
-#: References verified per picture.
+#: References verified per picture, and how many of them (the best on same-aspect renderings) are
+#: checked over every rendering.
 CANDIDATES = 16
+FULL_CHECK = 2
 #: Decode JPEGs at a reduced scale down to this shorter side (the renderings are at most 28 px).
 DRAFT = 64
 VERSION = 2
@@ -148,29 +150,58 @@ def candidates(pictures: Descriptors, references: Descriptors, engine, memory: i
     return first_distinct(ids, min(CANDIDATES, n_ref))
 
 
-def verify(pictures: Descriptors, references: Descriptors, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Best copy score of each picture over its candidate references, and which reference gave it."""
-    import torch
+def _ncc(refs: "torch.Tensor", kernels: "torch.Tensor") -> "torch.Tensor":
+    """Best normalised cross-correlation of each zero-mean, unit-norm ``kernels[i]`` (FINE x FINE) over
+    every window of ``refs[i]`` (B x h x w): a grouped convolution over local window statistics."""
     import torch.nn.functional as F
 
+    b, h, w = refs.shape
+    n = FINE * FINE
+    dots = F.conv2d(refs.view(1, b, h, w), kernels.view(b, 1, FINE, FINE), groups=b)[0]  # sum(window * kernel)
+    sums = F.avg_pool2d(refs.view(b, 1, h, w), FINE, stride=1)[:, 0] * n
+    squares = F.avg_pool2d((refs * refs).view(b, 1, h, w), FINE, stride=1)[:, 0] * n
+    norms = (squares - sums * sums / n).clamp_min(1e-6).sqrt()  # of each window with its mean removed
+    return (dots / norms).flatten(1).amax(1)
+
+
+def _scores(pictures: Descriptors, references: Descriptors, ref_rows: np.ndarray, lo: int, kernels,
+            sizes: list[int]) -> np.ndarray:
+    """Copy scores of pictures ``lo..`` against references ``ref_rows`` over the renderings ``sizes``."""
+    import torch
+
+    rows = np.clip(ref_rows, 0, None)
+    score = torch.full((len(rows),), -1.0)
+    for j in sizes:
+        (w, h), a, b = FINE_SIZES[j], FINE_OFFSETS[j], FINE_OFFSETS[j + 1]
+        refs = torch.from_numpy(references.fine[rows, a:b].astype(np.float32)).reshape(-1, h, w)
+        score = torch.maximum(score, _ncc(refs, kernels))
+    s = score.numpy()
+    s[(ref_rows < 0) | ~references.ok[rows] | ~pictures.ok[lo: lo + len(rows)]] = -1.0
+    return s
+
+
+def verify(pictures: Descriptors, references: Descriptors, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best copy score of each picture over its candidate references, and which reference gave it.
+
+    Every candidate is scored over the same-aspect renderings first; the best ``FULL_CHECK`` of them
+    over every rendering (aspect changes too). The kernel is zero-mean, so its dot product with a
+    window equals that with the window's mean removed.
+    """
+    import torch
+
+    square = [j for j, (w, h) in enumerate(FINE_SIZES) if w == h]
     n = len(pictures.ok)
     best = np.full(n, -1.0, np.float32)
     which = np.full(n, -1, np.int64)
     for lo in range(0, n, VERIFY_BATCH):
         hi = min(n, lo + VERIFY_BATCH)
-        p = torch.from_numpy(_unit_rows(pictures.fine[lo:hi]))
-        for c in range(cand.shape[1]):
-            ref_rows = cand[lo:hi, c]
-            rows = np.clip(ref_rows, 0, None)
-            score = torch.full((hi - lo,), -1.0)
-            for j, (w, h) in enumerate(FINE_SIZES):
-                r = torch.from_numpy(references.fine[rows, FINE_OFFSETS[j]: FINE_OFFSETS[j + 1]].astype(np.float32))
-                windows = F.unfold(r.view(-1, 1, h, w), FINE).transpose(1, 2)  # (B, L, FINE*FINE)
-                windows = windows - windows.mean(-1, keepdim=True)
-                windows = windows / windows.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-                score = torch.maximum(score, (windows @ p[:, :, None]).squeeze(-1).amax(1))
-            s = score.numpy()
-            s[(ref_rows < 0) | ~references.ok[rows] | ~pictures.ok[lo:hi]] = -1.0
+        kernels = torch.from_numpy(_unit_rows(pictures.fine[lo:hi]))
+        first = np.stack([_scores(pictures, references, cand[lo:hi, c], lo, kernels, square)
+                          for c in range(cand.shape[1])], axis=1)
+        order = np.argsort(-first, axis=1, kind="stable")[:, :FULL_CHECK]
+        for c in range(order.shape[1]):
+            ref_rows = np.take_along_axis(cand[lo:hi], order[:, c: c + 1], axis=1)[:, 0]
+            s = _scores(pictures, references, ref_rows, lo, kernels, list(range(len(FINE_SIZES))))
             better = s > best[lo:hi]
             best[lo:hi] = np.where(better, s, best[lo:hi])
             which[lo:hi] = np.where(better, ref_rows, which[lo:hi])

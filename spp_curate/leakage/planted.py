@@ -23,7 +23,7 @@ def near_copy(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[
         image.save(buf, "PNG")
         return buf.getvalue(), "png"
     if kind == "jpeg":
-        image.convert("RGB").save(buf, "JPEG", quality=int(rng.integers(75, 95)))
+        image.save(buf, "JPEG", quality=int(rng.integers(75, 95)))  # L and RGB pictures both
         return buf.getvalue(), "jpg"
     if kind == "resized":
         side = int(rng.integers(36, 64))
