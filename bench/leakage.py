@@ -21,33 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
 
 from spp_curate.cli import main
-from spp_curate.curate.sources import FashionMNISTSource
-from spp_curate.leakage.planted import KINDS, near_copy
+from spp_curate.leakage.planted import KINDS, plant_folder
 
 SUBSET = Path(__file__).resolve().parent.parent / "tests" / "data" / "fashion-mnist"
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
-
-
-def plant(root: Path, fmnist: Path, train_images: int, per_kind: int, seed: int = 0) -> dict[str, str]:
-    train = FashionMNISTSource(str(fmnist), "train")
-    test = FashionMNISTSource(str(fmnist), "test")
-    for i in range(min(train_images, len(train.images))):
-        folder = root / f"class{int(train.labels[i])}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(train.images[i]).save(folder / f"train-{i:05d}.png")
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(test.images), per_kind * len(KINDS), replace=False)
-    planted = {}
-    for j, t in enumerate(chosen):
-        kind = KINDS[j % len(KINDS)]
-        data, ext = near_copy(Image.fromarray(test.images[t]), kind, rng)
-        key = f"class{int(test.labels[t])}/planted-{kind}-{t:05d}.{ext}"
-        (root / key).write_bytes(data)
-        planted[key] = kind
-    return planted
 
 
 def main_(argv: list[str] | None = None) -> dict:
@@ -62,7 +41,7 @@ def main_(argv: list[str] | None = None) -> dict:
     train_images, per_kind = (60_000, 200) if args.full else (3_000, 40)
     with tempfile.TemporaryDirectory() as tmp:
         root, out = Path(tmp) / "images", Path(tmp) / "build"
-        planted = plant(root, fmnist, train_images, per_kind)
+        planted = plant_folder(root, fmnist, train_images, per_kind)
         started = time.time()
         rc = main(["build", "--source", "imagefolder", "--root", str(root), "--out", str(out),
                    "--encoder", "openclip:ViT-S-32", "--image-size", "64", "--dup-threshold", "0.9999",

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from spp_curate.curate.sources import FashionMNISTSource
-from spp_curate.leakage.planted import near_copy
+from spp_curate.leakage.planted import plant_folder
 
 from conftest import FMNIST, TEST_ENCODER, run_cli
 
@@ -36,21 +36,7 @@ KINDS = ("exact", "jpeg", "resized", "cropped")  # the kinds whose recall must b
 def planted_folder(tmp_path_factory, fmnist_root) -> tuple[Path, dict[str, str]]:
     """Training pictures in class folders plus planted copies of test pictures; ``{key: kind}`` of the planted."""
     root = tmp_path_factory.mktemp("planted") / "images"
-    train = FashionMNISTSource(str(fmnist_root), "train")
-    test = FashionMNISTSource(str(fmnist_root), "test")
-    for i in range(TRAIN_IMAGES):
-        folder = root / f"class{int(train.labels[i])}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(train.images[i]).save(folder / f"train-{i:05d}.png")
-    rng = np.random.default_rng(7)
-    chosen = rng.choice(len(test.images), PLANTED_PER_KIND * len(KINDS), replace=False)
-    planted = {}
-    for j, t in enumerate(chosen):
-        kind = KINDS[j % len(KINDS)]
-        data, ext = near_copy(Image.fromarray(test.images[t]), kind, rng)
-        key = f"class{int(test.labels[t])}/planted-{kind}-{t:05d}.{ext}"
-        (root / key).write_bytes(data)
-        planted[key] = kind
+    planted = plant_folder(root, fmnist_root, TRAIN_IMAGES, PLANTED_PER_KIND, KINDS, seed=7)
     return root, planted
 
 

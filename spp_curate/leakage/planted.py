@@ -5,6 +5,7 @@ collection. ``bench/leakage.py`` plants such copies to measure recall, and the t
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -39,3 +40,27 @@ def near_copy(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[
         crop = crop.resize((w, h), Image.Resampling.BILINEAR)
     crop.save(buf, "PNG")
     return buf.getvalue(), "png"
+
+
+def plant_folder(root: Path, fmnist_root: Path, train_images: int, per_kind: int, kinds: tuple[str, ...] = KINDS,
+                 seed: int = 0) -> dict[str, str]:
+    """An image folder (``class<label>/``) of the first Fashion-MNIST training pictures plus ``per_kind`` copies
+    of test pictures of each kind; returns ``{key: kind}`` of the planted copies."""
+    from ..curate.sources import FashionMNISTSource
+
+    train = FashionMNISTSource(str(fmnist_root), "train")
+    test = FashionMNISTSource(str(fmnist_root), "test")
+    for i in range(min(train_images, len(train.images))):
+        folder = root / f"class{int(train.labels[i])}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(train.images[i]).save(folder / f"train-{i:05d}.png")
+    rng = np.random.default_rng(seed)
+    planted = {}
+    for j, t in enumerate(rng.choice(len(test.images), per_kind * len(kinds), replace=False)):
+        kind = kinds[j % len(kinds)]
+        data, ext = near_copy(Image.fromarray(test.images[t]), kind, rng)
+        key = f"class{int(test.labels[t])}/planted-{kind}-{t:05d}.{ext}"
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(data)
+        planted[key] = kind
+    return planted
