@@ -93,7 +93,7 @@ def parse_reference(spec: str, option: str = "--exclude-near") -> ReferenceSpec:
                 "imagenet:/data/imagenet:val, hf:org/name:test, wds:/data/eval-{0000..0009}.tar")
     if kind not in SOURCE_KINDS:
         raise UserError(f"unknown reference set {spec!r}; {accepted}", option=option)
-    default_split = {"imagenet": "val", "fashion-mnist": "test"}.get(kind, "test")
+    default_split = "val" if kind == "imagenet" else "test"
     parts = rest.rsplit(":", 1) if rest else []
     if kind == "fashion-mnist" and len(parts) == 1 and "/" not in parts[0]:
         return ReferenceSpec(spec, kind, None, parts[0])
@@ -116,18 +116,18 @@ def parse_threshold(value: float | str, option: str) -> tuple[str, float]:
     Returns ``("value", x)`` or ``("quantile", q)``.
     """
     text = str(value).strip()
+    wrong = UserError(f"got {text!r}; accepted: a similarity in [-1, 1] or a quantile q0..q1 (e.g. q0.999)",
+                      option=option)
     if text.startswith("q"):
         if not _QUANTILE_RE.match(text) or not 0.0 <= float(text[1:]) <= 1.0:
-            raise UserError(f"got {text!r}; accepted: a similarity in [-1, 1] or a quantile q0..q1 (e.g. q0.999)",
-                            option=option)
+            raise wrong
         return "quantile", float(text[1:])
     try:
         number = float(text)
     except ValueError:
-        raise UserError(f"got {text!r}; accepted: a similarity in [-1, 1] or a quantile q0..q1 (e.g. q0.999)",
-                        option=option) from None
+        raise wrong from None
     if not -1.0 <= number <= 1.0:
-        raise UserError(f"got {number}; accepted: a similarity in [-1, 1] or a quantile q0..q1", option=option)
+        raise wrong
     return "value", number
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..config import Recipe, parse_reference
-from ..export.manifest import load_manifest, release_file, verified_files
+from ..export.manifest import Manifest, load_manifest, release_file, verified_files
 from ..images import BadImage, image_from_bytes
 from ..progress import stage_progress
 from .copies import DRAFT, copy_scores, describe
@@ -55,9 +55,8 @@ class AuditResult:
                 "leaks": [leak.__dict__ for leak in self.leaks]}
 
 
-def _release_images(release: Path, pixels: bool) -> dict[str, dict[str, tuple[str, Any]]]:
+def _release_images(release: Path, manifest: Manifest, pixels: bool) -> dict[str, dict[str, tuple[str, Any]]]:
     """Per side, each distinct key's digest and (with pixels) its picture or None when it does not decode."""
-    manifest = load_manifest(release)
     shards = [release_file(release, e) for e in manifest.entries("parquet")]
     columns = [f"{s}_{c}" for s in SIDES for c in ("key", "digest")] + (list(SIDES) if pixels else [])
     seen: dict[str, dict[str, tuple[str, Any]]] = {s: {} for s in SIDES}
@@ -86,7 +85,7 @@ def audit_release(release: Path, against: str, threshold: str, engine, workers: 
     verified_files(release)  # a release that does not verify is not read further
     manifest = load_manifest(release)
     pixels = manifest.images != "none"
-    seen = _release_images(release, pixels)
+    seen = _release_images(release, manifest, pixels)
     recipe = Recipe(name="audit", source=ref.source, workers=workers)
     with tempfile.TemporaryDirectory(prefix="spp-audit-") as tmp:
         ref_index, ref_desc, _ = prepare_reference(recipe, ref, Path(tmp), engine)
@@ -102,7 +101,7 @@ def audit_release(release: Path, against: str, threshold: str, engine, workers: 
             scores, rows = np.full(len(keys), -1.0, np.float32), np.full(len(keys), -1, np.int64)
         per_side[side] = (keys, digests, scores, rows)
     all_scores = np.concatenate([v[2] for v in per_side.values()])
-    cut = resolve_threshold(threshold, all_scores)
+    cut = resolve_threshold(threshold, all_scores, "--threshold")
     result = AuditResult(against, cut, pixels, {s: len(v[0]) for s, v in per_side.items()})
     for side, (keys, digests, scores, rows) in per_side.items():
         for key, digest, score, row in zip(keys, digests, scores, rows):

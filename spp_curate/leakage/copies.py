@@ -24,7 +24,6 @@ Two steps, both batched:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -215,8 +214,3 @@ def copy_scores(pictures: Descriptors, references: Descriptors, engine, memory: 
         return np.full(len(pictures.ok), -1.0, np.float32), np.full(len(pictures.ok), -1, np.int64)
     return verify(pictures, references, candidates(pictures, references, engine, memory))
 
-
-def summary(scores: np.ndarray) -> dict[str, Any]:
-    if not len(scores):
-        return {}
-    return {q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.99", "0.999")} | {"max": float(scores.max())}

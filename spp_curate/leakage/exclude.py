@@ -94,19 +94,19 @@ def _unreadable(ref: ReferenceSpec, exc: Exception) -> UserError:
     return UserError(f"reference set {ref.spec!r} cannot be read: {reason}", option=OPTION)
 
 
-def _save(path: Path, descriptors: Descriptors) -> None:
-    with atomic_path(path) as tmp:
-        descriptors.save(tmp)
-
-
-def _cached(record_path: Path, record: dict[str, Any], path: Path) -> Descriptors | None:
-    """The descriptors at ``path`` if the record beside them says they were made from the same files."""
+def _described(record_path: Path, path: Path, record: dict[str, Any], make) -> Descriptors:
+    """The descriptors at ``path`` if the record beside them says they were made from the same files;
+    else ``make()``'s, saved, and the record written last (a killed run leaves no record, so it redoes them)."""
     try:
         if read_json(record_path) == record:
             return Descriptors.load(path)
     except (OSError, ValueError, KeyError):
         pass
-    return None
+    descriptors = make()
+    with atomic_path(path) as tmp:
+        descriptors.save(tmp)
+    write_json(record_path, record)
+    return descriptors
 
 
 def prepare_reference(recipe: Recipe, ref: ReferenceSpec, build_dir: Path, engine
@@ -122,9 +122,8 @@ def prepare_reference(recipe: Recipe, ref: ReferenceSpec, build_dir: Path, engin
         state = source.state()
     except (UserError, OSError, ValueError) as exc:
         raise _unreadable(ref, exc) from None
-    record = {"spec": ref.spec, "state": state, "version": VERSION}
-    descriptors = _cached(folder / "record.json", record, folder / "descriptors.npz")
-    if descriptors is None:
+
+    def make() -> Descriptors:
         if folder.exists():
             remove_owned(folder, layout.REFERENCE_FILES, OPTION)
         folder.mkdir(parents=True)
@@ -133,9 +132,10 @@ def prepare_reference(recipe: Recipe, ref: ReferenceSpec, build_dir: Path, engin
         except UserError as exc:
             raise _unreadable(ref, exc) from None
         keys = pq.read_table(folder / layout.INDEX, columns=["key"]).column("key").to_pylist()
-        descriptors = describe_keys(ref_recipe, source, keys, True, engine, f"exclude: describe {ref.spec}")
-        _save(folder / "descriptors.npz", descriptors)
-        write_json(folder / "record.json", record)
+        return describe_keys(ref_recipe, source, keys, True, engine, f"exclude: describe {ref.spec}")
+
+    record = {"spec": ref.spec, "state": state, "version": VERSION}
+    descriptors = _described(folder / "record.json", folder / "descriptors.npz", record, make)
     index = pq.read_table(folder / layout.INDEX, columns=["key", "digest"])
     keys = index.column("key").to_pylist()
     info = {"name": ref.spec, "source": ref.source, "split": ref.split, "count": len(keys),
@@ -148,18 +148,15 @@ def build_descriptors(recipe: Recipe, build_dir: Path, keys: list[str], engine) 
     from ..curate.sources import open_source
 
     folder = build_dir / layout.REFERENCES
+    folder.mkdir(parents=True, exist_ok=True)
     record = {"fingerprint": recipe.fingerprint("index"), "version": VERSION}
-    descriptors = _cached(folder / "build.json", record, folder / "build.npz")
-    if descriptors is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        descriptors = describe_keys(recipe, open_source(recipe), keys, False, engine, "exclude: describe build")
-        _save(folder / "build.npz", descriptors)
-        write_json(folder / "build.json", record)
-    return descriptors
+    return _described(folder / "build.json", folder / "build.npz", record,
+                      lambda: describe_keys(recipe, open_source(recipe), keys, False, engine, "exclude: describe build"))
 
 
-def resolve_threshold(given: str, scores: np.ndarray) -> float:
-    kind, value = parse_threshold(given, "--exclude-threshold")
+def resolve_threshold(given: str, scores: np.ndarray, option: str = "--exclude-threshold") -> float:
+    """A threshold's value: as given, or the quantile of the scores of pictures that had a candidate."""
+    kind, value = parse_threshold(given, option)
     if kind == "value":
         return value
     valid = scores[scores > -1.0]

@@ -26,7 +26,6 @@ from ..files import atomic_path, read_json, write_json  # noqa: E402
 from ..figures import grid, save_figure, thumb  # noqa: E402
 
 
-
 def compute_metrics(index: pd.DataFrame, pairs: pd.DataFrame, stats: dict[str, Any],
                     quarantined: int) -> dict[str, Any]:
     """Precision, coverage, counts and the filter funnel."""
@@ -117,8 +116,7 @@ def _html(recipe: Recipe, metrics: dict[str, Any], grids: dict[str, str]) -> str
         return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
     headline = ["images", "quarantined", "excluded_near_copies", "pairs", "precision", "coverage", "mutual_share",
-                "ivf_recall_at_k",
-                "zeroshot_accuracy"]
+                "ivf_recall_at_k", "zeroshot_accuracy"]
     rows = "".join(f"<tr><th>{k}</th><td>{fmt(metrics.get(k))}</td></tr>" for k in headline
                    if metrics.get(k) is not None)
     leak = metrics.get("leakage")
