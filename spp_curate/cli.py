@@ -125,7 +125,7 @@ def build(
     until: Optional[str] = typer.Option(None, help=f"stop after this stage: {' | '.join(STAGES)}"),
     force: bool = typer.Option(False, "--force", help="rerun every stage"),
 ) -> None:
-    """Build a release: index -> embed -> mine -> report -> export. Complete stages are skipped."""
+    """Build a release: index -> embed -> exclude -> mine -> report -> export. Complete stages are skipped."""
     from .stages import build as run_build
 
     overrides = dict(root=str(root) if root else None, encoder=encoder, image_size=image_size, category=category,

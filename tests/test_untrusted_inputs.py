@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from spp_curate.pipeline import STAGES
+
 from conftest import FMNIST, TEST_ENCODER, run_cli, run_cli_process
 from images import fmnist_pictures, jpeg_bytes, png_bytes, write_imagefolder
 
@@ -73,7 +75,7 @@ def test_an_edited_added_or_removed_image_reruns_the_build_and_the_release_holds
     assert run_cli("verify", out / "release") == 0
     # nothing changed: nothing runs
     again = folder_build(cli, root, out)
-    assert again.stderr.count("complete, skipped") == 5, again.stderr
+    assert again.stderr.count("complete, skipped") == len(STAGES), again.stderr
 
 
 # ---------------------------------------------------------------- 11-13: the listing loses nothing silently
@@ -169,7 +171,7 @@ def test_two_builds_into_one_folder_do_not_run_at_once(cli, tmp_path):
         first.wait(timeout=600)
     assert first.returncode == 0
     if second.returncode == 0:  # the first finished before the second began: then the second skipped all
-        assert second.stderr.count("complete, skipped") == 5
+        assert second.stderr.count("complete, skipped") == len(STAGES)
     else:
         one_line_error(second, "--out", f"process {first.pid}")
     assert run_cli("verify", out / "release") == 0
