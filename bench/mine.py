@@ -60,7 +60,7 @@ def mine(vecs: np.ndarray, k: int, plan: SearchPlan, recipe: Recipe):
     rank = np.arange(1, nb.shape[1] + 1)[None, :] - np.cumsum(is_self, axis=1)
     keep = found & ~is_self & (rank <= k)
     cand = F.Candidates(anchor[keep], nb[keep], sims[keep], rank[keep].astype(np.int32))
-    kept, funnel, _ = apply_rules(recipe, cand, n, np.arange(n), np.zeros(n, np.int64))
+    kept = apply_rules(recipe, cand, n, np.arange(n), np.zeros(n, np.int64)).kept
     return kept, nb, t_search, time.perf_counter() - t0
 
 

@@ -97,8 +97,11 @@ def build(
     image_column: Optional[str] = typer.Option(None, help="hf sources: the image column [default: detected]"),
     label_column: Optional[str] = typer.Option(None, help="hf sources: the label column [default: detected]"),
     k: Optional[int] = typer.Option(None, min=1, help="neighbours searched per image"),
-    min_similarity: Optional[float] = typer.Option(None, help="minimum cosine similarity of a pair"),
-    dup_threshold: Optional[float] = typer.Option(None, help="pairs at or above this similarity are near-duplicates"),
+    min_similarity: Optional[str] = typer.Option(
+        None, help="minimum cosine similarity of a pair (0.5), or a quantile of the build's candidate "
+        "similarities (q0.2)"),
+    dup_threshold: Optional[str] = typer.Option(
+        None, help="pairs at or above this similarity are near-duplicates (0.985), or a quantile (q0.999)"),
     max_per_anchor: Optional[int] = typer.Option(None, min=1, help="pairs kept per anchor"),
     mutual: Optional[bool] = typer.Option(None, "--mutual/--no-mutual", help="keep mutual neighbours only"),
     pairs_per_class: Optional[int] = typer.Option(None, min=1, help="cap and balance pairs per category"),
@@ -165,24 +168,62 @@ def embed_command(
     workers: Optional[int] = typer.Option(None, min=0, help="decode processes"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="images per encoder batch"),
 ) -> None:
+    _run_with(build_dir, "embed", force, chunk_size=chunk_size, workers=workers, batch_size=batch_size)
+
+
+def _run_with(build_dir: Path, stage: str, force: bool, **changes) -> None:
+    """Run one stage on a build directory, with recipe fields changed (and saved) where options were given."""
     from .config import validate_recipe
     from .stages import load_recipe, run_stage, save_recipe
 
     recipe = load_recipe(build_dir)
-    changes = {k: v for k, v in dict(chunk_size=chunk_size, workers=workers, batch_size=batch_size).items()
-               if v is not None}
+    changes = {k: v for k, v in changes.items() if v is not None}
     if changes:
         recipe = validate_recipe({**recipe.model_dump(), **changes})
         save_recipe(build_dir, recipe)
-    _print_stage("embed", run_stage(build_dir, recipe, "embed", force=force))
+    _print_stage(stage, run_stage(build_dir, recipe, stage, force=force))
+
+
+def export_command(
+    build_dir: Path = DirArg,
+    force: bool = ForceOpt,
+    reviewed: Optional[str] = typer.Option(
+        None, help="which pairs the release holds: all | accepted (a reviewer accepted, none rejected) | "
+        "not-rejected (no reviewer rejected); decisions come from `spp-curate review`"),
+) -> None:
+    _run_with(build_dir, "export", force, reviewed=reviewed)
 
 
 embed_command.__doc__ = STAGE_BY_NAME["embed"].help
+export_command.__doc__ = STAGE_BY_NAME["export"].help + " --reviewed keeps the pairs the review page accepted."
+_COMMANDS = {"embed": embed_command, "export": export_command}
 for _stage in PIPELINE:  # registered in pipeline order, so --help lists them so
-    if _stage.name == "embed":
-        app.command(name="embed")(embed_command)
+    if _stage.name in _COMMANDS:
+        app.command(name=_stage.name)(_COMMANDS[_stage.name])
     else:
         _stage_command(_stage.name, _stage.help)
+
+
+@app.command()
+def review(
+    build_dir: Path = DirArg,
+    port: int = typer.Option(8765, min=0, max=65535, help="port to listen on (0: any free port)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; anything but 127.0.0.1 lets others in"),
+    reviewer: Optional[str] = typer.Option(None, help="your name, recorded with each decision [default: $USER]"),
+) -> None:
+    """Review pairs in the browser: accept (a), reject (r), skip (s); decisions go to DIR/reviews.parquet."""
+    import getpass
+
+    from .review.server import serve
+
+    try:
+        default = getpass.getuser()
+    except (OSError, KeyError):
+        default = "reviewer"
+    name = (reviewer if reviewer is not None else default).strip()
+    if not name or len(name) > 100 or any(not c.isprintable() for c in name):
+        raise UserError(f"got {reviewer!r}; accepted: a printable name of at most 100 characters", option="--reviewer")
+    serve(build_dir, host, port, name, say=lambda line: out.print(line, markup=False, highlight=False))
 
 
 @app.command()

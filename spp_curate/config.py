@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
@@ -131,6 +132,20 @@ def parse_threshold(value: float | str, option: str) -> tuple[str, float]:
     return "value", number
 
 
+def resolve_threshold(given: float | str, scores: np.ndarray, option: str) -> float:
+    """A threshold's value: as given, or that quantile of ``scores`` (1.0 when there are none)."""
+    kind, value = parse_threshold(given, option)
+    if kind == "value":
+        return value
+    return float(np.quantile(scores, value)) if len(scores) else 1.0
+
+
+def check_threshold_order(min_similarity: float, dup_threshold: float) -> None:
+    if dup_threshold <= min_similarity:
+        raise UserError(f"the duplicate threshold ({dup_threshold:.6g}) must be above the minimum similarity "
+                        f"({min_similarity:.6g}), or no pair can pass both", option="--dup-threshold")
+
+
 def parse_encoder(spec: str) -> EncoderSpec:
     kind, _, rest = spec.partition(":")
     if kind not in ENCODER_KINDS or not rest:
@@ -183,8 +198,10 @@ class Recipe(BaseModel):
     category: Literal["label", "zeroshot", "cluster", "none"] = "label"
     class_names: str | None = Field(default=None, description="file of class names, one per line (zeroshot)")
     clusters: int = Field(default=100, ge=2, description="k-means clusters (category cluster)")
-    min_similarity: float = Field(default=0.5, ge=-1.0, le=1.0)
-    dup_threshold: float = Field(default=0.985, ge=-1.0, le=1.0)
+    #: Similarity thresholds: a cosine similarity, or a quantile of the build's own candidate similarities
+    #: (``q0.2``), resolved by the mine stage and recorded in ``mine_stats.json``.
+    min_similarity: float | str = 0.5
+    dup_threshold: float | str = 0.985
     max_per_anchor: int = Field(default=2, ge=1)
     mutual: bool = False
     pairs_per_class: int | None = Field(default=None, ge=1, description="cap and balance pairs per category")
@@ -198,6 +215,8 @@ class Recipe(BaseModel):
     exclude_threshold: str = "0.99"
 
     grid_pairs: int = Field(default=24, ge=1)
+    #: Which pairs a release holds: all, or those the review page's decisions accepted / did not reject.
+    reviewed: Literal["all", "accepted", "not-rejected"] = "all"
     engine: Literal["local", "ray"] = Field(default="local", description="where stages run; results are the same")
 
     shard_size: int = Field(default=500 * 10**6, ge=1)
@@ -233,6 +252,12 @@ class Recipe(BaseModel):
             raise ValueError("a reference set is named twice")
         return value
 
+    @field_validator("min_similarity", "dup_threshold", mode="before")
+    @classmethod
+    def _similarity_threshold(cls, value: Any, info: Any) -> float | str:
+        kind, number = parse_threshold(value, option_name(info.field_name))
+        return number if kind == "value" else str(value).strip()
+
     @field_validator("exclude_threshold", mode="before")
     @classmethod
     def _exclude_threshold(cls, value: Any) -> str:
@@ -253,9 +278,8 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _thresholds(self) -> "Recipe":
-        if self.dup_threshold <= self.min_similarity:
-            raise ValueError(f"the duplicate threshold ({self.dup_threshold}) must be above the minimum "
-                             f"similarity ({self.min_similarity}), or no pair can pass both")
+        if isinstance(self.min_similarity, float) and isinstance(self.dup_threshold, float):
+            check_threshold_order(self.min_similarity, self.dup_threshold)
         return self
 
     def with_source_state(self, state: str) -> "Recipe":

@@ -54,11 +54,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_temps(directory: str | os.PathLike[str]) -> int:
     """Delete the temporary files (``.NAME.tmp-PID``) a killed run left under ``directory``; return how many.
 
     Only names of the program's own temporary pattern are touched, never through a symlink, and never
-    those of this process (the build lock keeps other live runs out of the folder).
+    those of a live process (a review server writes its decisions beside a running build).
     """
     directory = Path(directory)
     if not directory.is_dir() or directory.is_symlink():
@@ -69,7 +81,7 @@ def remove_stale_temps(directory: str | os.PathLike[str]) -> int:
         for name in filenames:
             match = TEMP_RE.match(name)
             path = Path(dirpath, name)
-            if match and int(match.group(1)) != os.getpid() and path.is_file() and not path.is_symlink():
+            if match and not _alive(int(match.group(1))) and path.is_file() and not path.is_symlink():
                 path.unlink()
                 removed += 1
     return removed

@@ -34,6 +34,9 @@ STAGE_RECORDS = "stages"
 #: Near-copies of reference (evaluation) sets: every image's best copy score, and the summary.
 EXCLUSION = "exclusion.parquet"
 EXCLUSION_STATS = "exclusion.json"
+#: Decisions of the review page (one row per decision), and the lock its writers take turns on.
+REVIEWS = "reviews.parquet"
+REVIEWS_LOCK = ".reviews.lock"
 #: Reference sets indexed and described for the exclusion (one folder each), and the build's own descriptors.
 REFERENCES = "references"
 
@@ -103,5 +106,6 @@ SHARD_FOLDERS = ("data", "wds", "assets")
 #: Every file the program writes directly in a build directory (sub-folders have their own patterns).
 BUILD_FILES = [re.compile(p) for p in (re.escape(BUILD_RECIPE), re.escape(LOCK), re.escape(INDEX),
                                        re.escape(QUARANTINE), re.escape(PAIRS), re.escape(MINE_STATS),
-                                       re.escape(EXCLUSION), re.escape(EXCLUSION_STATS),
+                                       re.escape(EXCLUSION), re.escape(EXCLUSION_STATS), re.escape(REVIEWS),
+                                       re.escape(REVIEWS_LOCK),
                                        r"stages/[a-z]+\.json")]

@@ -24,6 +24,9 @@ class Stage:
     outputs: tuple[str, ...]
     runner: str
     help: str
+    #: Files of the build directory that the stage reads but no stage writes (decisions made by hand):
+    #: a change to one of them makes the stage run again.
+    watches: tuple[str, ...] = ()
 
     def run(self, recipe: Any, build_dir: Any, engine: Any) -> dict[str, Any]:
         """Run the stage on a build directory, its units of work mapped by ``engine``."""
@@ -51,10 +54,10 @@ PIPELINE: tuple[Stage, ...] = (
           (layout.INDEX, layout.QUARANTINE, layout.PAIRS, layout.MINE_STATS), (layout.METRICS, layout.REPORT_HTML),
           "spp_curate.pairing.quality:write_report",
           "Write report/: metrics.json, pair grids, histograms, index.html."),
-    Stage("export", ("name", "license", "shard_size", "description", "images", "max_side"),
+    Stage("export", ("name", "license", "shard_size", "description", "images", "max_side", "reviewed"),
           (layout.INDEX, layout.QUARANTINE, layout.PAIRS, layout.METRICS), (f"{layout.RELEASE}/{layout.MANIFEST}",),
           "spp_curate.export.release:export_release",
-          "Write release/: Parquet and WebDataset shards, dataset card, manifest.json."),
+          "Write release/: Parquet and WebDataset shards, dataset card, manifest.json.", watches=(layout.REVIEWS,)),
 )
 STAGE_BY_NAME: dict[str, Stage] = {s.name: s for s in PIPELINE}
 STAGES: tuple[str, ...] = tuple(STAGE_BY_NAME)

@@ -13,6 +13,7 @@ and first removes the temporary files a killed run left there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -76,12 +77,28 @@ def _record(build_dir: Path, stage: str) -> Path:
     return build_dir / layout.STAGE_RECORDS / f"{stage}.json"
 
 
+def stage_fingerprint(build_dir: Path, recipe: Recipe, stage: str) -> str:
+    """The recipe's fingerprint of ``stage``, with the state (size, time) of the files the stage watches."""
+    watched = [build_dir / w for w in STAGE_BY_NAME[stage].watches]
+    if not watched:
+        return recipe.fingerprint(stage)
+    states = [f"{s.st_size}:{s.st_mtime_ns}" if (s := _stat(p)) else "absent" for p in watched]
+    return recipe.fingerprint(stage) + ":" + hashlib.sha256("|".join(states).encode()).hexdigest()[:16]
+
+
+def _stat(path: Path):
+    try:
+        return path.stat() if path.is_file() and not path.is_symlink() else None
+    except OSError:
+        return None
+
+
 def is_complete(build_dir: Path, recipe: Recipe, stage: str) -> bool:
     record = _record(build_dir, stage)
     if not record.is_file() or not all((build_dir / o).exists() for o in STAGE_BY_NAME[stage].outputs):
         return False
     try:
-        return read_json(record).get("fingerprint") == recipe.fingerprint(stage)
+        return read_json(record).get("fingerprint") == stage_fingerprint(build_dir, recipe, stage)
     except (ValueError, OSError, AttributeError):
         return False  # a damaged record: the stage runs again
 
@@ -105,11 +122,12 @@ def _run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False)
     for after in STAGES[position:]:
         _record(build_dir, after).unlink(missing_ok=True)
     started = time.time()
+    fingerprint = stage_fingerprint(build_dir, recipe, stage)  # before the run: a change during it reruns
     summary = STAGE_BY_NAME[stage].run(recipe, build_dir, get_engine(recipe.engine))
     metrics_keys = ("precision", "coverage", "pairs", "images", "quarantined")
     short = {k: v for k, v in (summary or {}).items()
              if (k in metrics_keys and v is not None) or (isinstance(v, int) and not isinstance(v, bool))}
-    write_json(_record(build_dir, stage), {"fingerprint": recipe.fingerprint(stage),
+    write_json(_record(build_dir, stage), {"fingerprint": fingerprint,
                                            "seconds": round(time.time() - started, 2), "summary": short})
     return short
 

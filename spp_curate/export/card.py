@@ -65,13 +65,45 @@ def leakage_lines(leakage: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
+def _threshold(thresholds: dict[str, dict[str, Any]], field: str) -> str:
+    """A rule's threshold as used, with the quantile of the candidates it was given as."""
+    t = thresholds.get(field)
+    if t is None:
+        return "(not recorded)"
+    given = str(t["given"])
+    return f"{t['value']:.4g}" + (f" (the {given[1:]} quantile of the candidates' similarities)"
+                                  if given.startswith("q") else "")
+
+
+def review_lines(review: dict[str, Any] | None) -> list[str]:
+    """The card's review section: what people decided on the pairs, and which pairs this release holds."""
+    if not review:
+        return []
+    held = {"all": "every mined pair, whatever the reviews say",
+            "accepted": "only the pairs a reviewer accepted and none rejected",
+            "not-rejected": "every mined pair that no reviewer rejected"}[review["selected"]]
+    agreement = ("no pair was reviewed by two people" if review["agreement"] is None else
+                 f"on the {review['pairs_reviewed_by_two_or_more']:,} pairs reviewed by two or more, they agreed on "
+                 f"{review['agreement']:.1%}")
+    precision = review.get("precision_released")
+    return ["## Review", "",
+            f"{review['pairs_reviewed']:,} of the {review['pairs_mined']:,} mined pairs were reviewed by hand by "
+            f"{len(review['reviewers'])} reviewer(s): {review['accepted']:,} accepted, {review['rejected']:,} "
+            f"rejected; {agreement}. This release holds {held}: {review['pairs_released']:,} pairs"
+            + (f" (labels agree on {precision:.4f} of them)." if precision is not None else "."), ""]
+
+
 def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, int], parquet_bytes: int,
-                metrics: dict[str, Any] | None, figure: str | None, image_ext: str) -> str:
+                metrics: dict[str, Any] | None, figure: str | None, image_ext: str,
+                review: dict[str, Any] | None = None) -> str:
     header = yaml.safe_dump(card_header(recipe, features, counts["pairs"], parquet_bytes), sort_keys=False,
                             allow_unicode=True)
     lines = [f"# {recipe.name}", ""]
     if recipe.description:
         lines += [recipe.description, ""]
+    thresholds = (metrics or {}).get("thresholds") or {
+        f: {"given": str(getattr(recipe, f)), "value": getattr(recipe, f)} for f in ("min_similarity", "dup_threshold")
+        if isinstance(getattr(recipe, f), float)}
     lines += [
         "Semantic positive pairs: each row holds two *different* images of the *same category*, "
         "for use as extra positives in self-supervised instance discrimination (MoCo-v2, SimCLR, SimSiam, BYOL).",
@@ -81,7 +113,8 @@ def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, i
         f"- source: `{recipe.source}` (split `{recipe.split}`)",
         f"- encoder: `{recipe.encoder}`" + (f" at {recipe.image_size}px" if recipe.image_size else ""),
         f"- rules: same category by `{recipe.category}`, {recipe.k} nearest neighbours, similarity >= "
-        f"{recipe.min_similarity}, below the duplicate threshold {recipe.dup_threshold} and not byte-identical, "
+        f"{_threshold(thresholds, 'min_similarity')}, below the duplicate threshold "
+        f"{_threshold(thresholds, 'dup_threshold')} and not byte-identical, "
         f"at most {recipe.max_per_anchor} per anchor{', mutual neighbours only' if recipe.mutual else ''}, "
         "each unordered pair once",
         "",
@@ -94,6 +127,7 @@ def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, i
                   f"- coverage (share of images in at least one pair): {metrics['coverage']:.4f}",
                   "- removed by each filter: " + ", ".join(f"{k} {v:,}" for k, v in metrics["filter_removed"].items()),
                   ""]
+    lines += review_lines(review)
     lines += leakage_lines(metrics.get("leakage") if metrics else None)
     if figure:
         lines += [f"![pair grid: anchor | positive]({figure})", ""]

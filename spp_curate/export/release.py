@@ -33,8 +33,10 @@ from ..config import Recipe
 from ..images import read_image
 from ..layout import read_class_names
 from ..curate.sources import Source, open_source
-from ..files import atomic_path, read_json, recover_swap, refuse_foreign, remove_owned, remove_stale_temps, swap_in, \
-    write_json
+from ..errors import UserError
+from ..files import atomic_path, read_json, recover_swap, refuse_foreign, remove_owned, remove_stale_temps, \
+    sha256_bytes, swap_in, write_json
+from ..review.store import read_reviews, select as select_reviewed, summary as review_summary
 from ..progress import stage_progress
 from .card import render_card
 from .manifest import SCHEMA_VERSION, file_entry, library_versions
@@ -63,6 +65,8 @@ class ReleaseInput:
     counts: dict[str, int]  # images, quarantined
     metrics: dict[str, Any] | None = None
     figure: Path | None = None
+    #: What the review page's decisions did to the pairs (``review.store.summary``), when there are any.
+    review: dict[str, Any] | None = None
 
 
 def release_format(formats: list[str]) -> str:
@@ -153,6 +157,7 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         "anchor_digest": a.digest.to_numpy(), "positive_digest": p.digest.to_numpy(),
         "label": pairs.label.to_numpy(), "label_name": pairs.label_name.to_numpy(),
         "similarity": pairs.similarity.to_numpy()})
+    table, review = reviewed_pairs(recipe, build_dir, table, pairs)
     metrics_path = build_dir / layout.METRICS
     grid = build_dir / layout.REPORT / layout.STRONGEST_GRID
     return ReleaseInput(
@@ -160,7 +165,27 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         class_names=read_class_names(build_dir / "index.parquet"),
         counts={"images": len(index), "quarantined": pq.read_metadata(build_dir / "quarantine.parquet").num_rows},
         metrics=read_json(metrics_path) if metrics_path.exists() else None,
-        figure=grid if grid.exists() else None)
+        figure=grid if grid.exists() else None, review=review)
+
+
+def reviewed_pairs(recipe: Recipe, build_dir: Path, table: pd.DataFrame,
+                   pairs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+    """The pairs ``recipe.reviewed`` keeps, and the review's summary (None when nobody reviewed and all are kept)."""
+    reviews = read_reviews(build_dir)
+    if recipe.reviewed == "all" and not len(reviews):
+        return table, None
+    review = review_summary(table, reviews, recipe.reviewed)
+    chosen = select_reviewed(table, reviews, recipe.reviewed)
+    if not len(chosen):
+        raise UserError(f"no pair is {recipe.reviewed} by the reviews ({review['pairs_reviewed']:,} reviewed, "
+                        f"{review['accepted']:,} accepted, {review['rejected']:,} rejected); review with "
+                        "`spp-curate review DIR`, or choose another", option="--reviewed")
+    rows = pairs.set_index("pair_id").loc[chosen.pair_id]
+    labelled = (rows.label >= 0) & (rows.positive_label >= 0)
+    review["pairs_released"] = len(chosen)
+    review["precision_released"] = (float((rows.label == rows.positive_label)[labelled].mean())
+                                    if labelled.any() else None)
+    return chosen.reset_index(drop=True), review
 
 
 def _staging(release: Path, plan: dict[str, Any], option: str) -> Path:
@@ -203,7 +228,8 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
     shards = plan_shards(pair_bytes, recipe.shard_size)
     n = len(shards)
 
-    plan = {"fingerprint": recipe.fingerprint("export"), "shards": n, "image_ext": ext, "pairs": len(pairs)}
+    plan = {"fingerprint": recipe.fingerprint("export"), "shards": n, "image_ext": ext, "pairs": len(pairs),
+            "pair_ids_sha256": sha256_bytes(pairs.pair_id.to_numpy(dtype=np.int64).tobytes())}
     release = _staging(final, plan, option)
     if not id_only:
         (release / "wds").mkdir(parents=True, exist_ok=True)
@@ -246,7 +272,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
         entries += [file_entry(release, t, "webdataset", len(rows)) for (_, t), rows in zip(paths, shards)]
     parquet_bytes = sum(e["bytes"] for e in entries if e["kind"] == "parquet")
     with atomic_path(release / layout.CARD) as tmp:
-        tmp.write_text(render_card(recipe, features, counts, parquet_bytes, inp.metrics, figure, ext))
+        tmp.write_text(render_card(recipe, features, counts, parquet_bytes, inp.metrics, figure, ext, inp.review))
     entries.append(file_entry(release, release / layout.CARD, "card", None))
     if figure:
         entries.append(file_entry(release, release / figure, "asset", None))
@@ -260,9 +286,12 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
         "counts": counts,
         "image_ext": ext,
         "class_names": inp.class_names,
-        "metrics": {k: metrics.get(k) for k in ("precision", "coverage", "filter_removed")} if metrics else None,
+        "metrics": ({k: metrics.get(k) for k in ("precision", "coverage", "filter_removed", "thresholds")}
+                    if metrics else None),
         # What the pairs are clean against: reference sets, their key-list digests, threshold, counts.
         "leakage": metrics.get("leakage") if metrics else None,
+        # Decisions made on the review page: which pairs were kept, counts, reviewers, their agreement.
+        "review": inp.review,
         "files": entries,
     }
     write_json(release / layout.MANIFEST, manifest)

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..config import Recipe, parse_reference
+from ..config import Recipe, parse_reference, resolve_threshold
 from ..export.manifest import Manifest, load_manifest, release_file, verified_files
 from ..images import BadImage, image_from_bytes
 from ..progress import stage_progress
 from .copies import DRAFT, copy_scores, describe
-from .exclude import prepare_reference, resolve_threshold
+from .exclude import prepare_reference
 
 SIDES = ("anchor", "positive")
 READ_BATCH = 256
@@ -101,7 +101,7 @@ def audit_release(release: Path, against: str, threshold: str, engine, workers: 
             scores, rows = np.full(len(keys), -1.0, np.float32), np.full(len(keys), -1, np.int64)
         per_side[side] = (keys, digests, scores, rows)
     all_scores = np.concatenate([v[2] for v in per_side.values()])
-    cut = resolve_threshold(threshold, all_scores, "--threshold")
+    cut = resolve_threshold(threshold, all_scores[all_scores > -1.0], "--threshold")
     result = AuditResult(against, cut, pixels, {s: len(v[0]) for s, v in per_side.items()})
     for side, (keys, digests, scores, rows) in per_side.items():
         for key, digest, score, row in zip(keys, digests, scores, rows):

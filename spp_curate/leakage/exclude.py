@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import layout
-from ..config import Recipe, ReferenceSpec, parse_threshold
+from ..config import Recipe, ReferenceSpec, resolve_threshold
 from ..devices import auto_workers
 from ..errors import UserError
 from ..files import atomic_path, read_json, remove_owned, write_json, write_table
@@ -154,15 +154,6 @@ def build_descriptors(recipe: Recipe, build_dir: Path, keys: list[str], engine) 
                       lambda: describe_keys(recipe, open_source(recipe), keys, False, engine, "exclude: describe build"))
 
 
-def resolve_threshold(given: str, scores: np.ndarray, option: str = "--exclude-threshold") -> float:
-    """A threshold's value: as given, or the quantile of the scores of pictures that had a candidate."""
-    kind, value = parse_threshold(given, option)
-    if kind == "value":
-        return value
-    valid = scores[scores > -1.0]
-    return float(np.quantile(valid, value)) if len(valid) else 1.0
-
-
 def exclude_near(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     """Write ``exclusion.parquet`` and ``exclusion.json``; return how many images are excluded."""
     index = pq.read_table(build_dir / layout.INDEX, columns=["id", "key", "digest"])
@@ -193,7 +184,8 @@ def exclude_near(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
             same_digest |= digest_hit
             per_set.append((scores, digest_hit))
             infos.append(info)
-    threshold = resolve_threshold(recipe.exclude_threshold, best) if refs else None
+    threshold = (resolve_threshold(recipe.exclude_threshold, best[best > -1.0], "--exclude-threshold")
+                 if refs else None)
     excluded = (best >= threshold) | same_digest if refs else np.zeros(n, bool)
     for info, (scores, digest_hit) in zip(infos, per_set):
         info["excluded"] = int(((scores >= threshold) | digest_hit).sum())

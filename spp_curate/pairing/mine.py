@@ -8,6 +8,7 @@ search runs over everything (the SePP-ID semantic sampler alone).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..leakage.exclude import excluded_ids
 from . import filters as F
 from .categories import Categories, assign_categories, read_class_names_file
 from .knn import SearchPlan, ivf_recall, knn_search, plan_search
+from .thresholds import resolve_thresholds, threshold_curve
 
 PAIRS_SCHEMA = pa.schema([
     ("pair_id", pa.int64()), ("anchor_id", pa.int64()), ("positive_id", pa.int64()),
@@ -66,13 +68,25 @@ def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int, engine, p
                           for f in ("anchor", "positive", "similarity", "rank")))
 
 
-def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray,
-                categories: np.ndarray) -> tuple[F.Candidates, F.Funnel, np.ndarray]:
-    """The pair rules in order; returns the kept pairs (sorted by anchor, rank), the funnel, and mutual flags."""
+@dataclass
+class Mined:
+    """What the pair rules kept, and what the report needs to show how."""
+
+    kept: F.Candidates  # sorted by anchor, rank
+    funnel: F.Funnel
+    mutual: np.ndarray  # per kept pair: the anchor is also among the positive's neighbours
+    thresholds: dict[str, dict[str, Any]]  # min_similarity and dup_threshold: given, value
+    unthresholded: F.Candidates  # candidates passing every rule but the minimum similarity and the caps
+
+
+def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray, categories: np.ndarray) -> Mined:
+    """The pair rules in order, thresholds resolved on the candidates' own similarities."""
+    thresholds = resolve_thresholds(recipe, cand.similarity)
+    min_similarity, dup_threshold = (thresholds[f]["value"] for f in ("min_similarity", "dup_threshold"))
     neighbour_codes = np.sort(F.pair_codes(cand.anchor, cand.positive, n))
     funnel = F.Funnel(cand)
-    funnel.apply("below_min_similarity", F.at_least(funnel.candidates, recipe.min_similarity))
-    funnel.apply("near_duplicate", F.not_near_duplicate(funnel.candidates, recipe.dup_threshold, digests))
+    funnel.apply("below_min_similarity", F.at_least(funnel.candidates, min_similarity))
+    funnel.apply("near_duplicate", F.not_near_duplicate(funnel.candidates, dup_threshold, digests))
     if recipe.mutual:
         funnel.apply("not_mutual", F.is_mutual(funnel.candidates, neighbour_codes, n))
     funnel.apply("anchor_cap", F.top_per_anchor(funnel.candidates, recipe.max_per_anchor))
@@ -82,7 +96,10 @@ def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray,
                                                          recipe.seed))
     kept = funnel.candidates
     kept = kept.select(np.lexsort((kept.rank, kept.anchor)))
-    return kept, funnel, F.is_mutual(kept, neighbour_codes, n)
+    loose = F.not_near_duplicate(cand, dup_threshold, digests)
+    if recipe.mutual:
+        loose &= F.is_mutual(cand, neighbour_codes, n)
+    return Mined(kept, funnel, F.is_mutual(kept, neighbour_codes, n), thresholds, cand.select(loose))
 
 
 # The option that loosens each rule, for the message when a rule leaves no pair.
@@ -140,7 +157,8 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     plans = [plan_search(len(g), d, recipe.memory, recipe.index, recipe.nprobe) for g in groups]
     recall: list = []
     cand = raw_candidates(vecs, groups, recipe.k, engine, plans, recipe.seed, recall)
-    kept, funnel, mutual = apply_rules(recipe, cand, n, digests, cats.ids)
+    mined = apply_rules(recipe, cand, n, digests, cats.ids)
+    kept, funnel, mutual = mined.kept, mined.funnel, mined.mutual
     if len(kept) == 0:
         raise no_pairs_error(funnel, int(valid.sum()))
 
@@ -162,6 +180,9 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
         "search": _search_summary(recipe, cats, plans, recall),
         "categories": {"mode": cats.mode, "count": len(groups), **cats.info},
         "funnel": funnel.steps,
+        "thresholds": mined.thresholds,
+        "curve": threshold_curve(mined.unthresholded, recipe.max_per_anchor, labels, n,
+                                 mined.thresholds["min_similarity"]["value"]),
         "hist_bins": F.HIST_BINS.tolist(),
         "kept_hist": np.histogram(kept.similarity, F.HIST_BINS)[0].tolist(),
         "removed_hist": funnel.removed_hist,

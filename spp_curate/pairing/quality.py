@@ -57,6 +57,7 @@ def compute_metrics(index: pd.DataFrame, pairs: pd.DataFrame, stats: dict[str, A
         "categories": stats["categories"],
         "funnel": stats["funnel"],
         "search": stats["search"],
+        "thresholds": stats["thresholds"],
     }
 
 
@@ -75,6 +76,33 @@ def pair_grid(source: Source, keys: dict[int, str], pairs: pd.DataFrame, path: P
     grid(cells, path)
 
 
+def threshold_values(stats: dict[str, Any]) -> tuple[float, float]:
+    """The minimum similarity and duplicate threshold the mine stage used (quantiles resolved)."""
+    return stats["thresholds"]["min_similarity"]["value"], stats["thresholds"]["dup_threshold"]["value"]
+
+
+def threshold_curve_plot(curve: dict[str, Any], path: Path) -> None:
+    """Precision and coverage (left axis) and pairs (right axis) against the minimum similarity."""
+    x = np.asarray(curve["threshold"])
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    if curve["precision"] is not None:
+        ax.plot(x, [np.nan if p is None else p for p in curve["precision"]], label="precision (labels agree)")
+    ax.plot(x, curve["coverage"], label="coverage (images in a pair)")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("minimum similarity")
+    ax.set_ylabel("share")
+    right = ax.twinx()
+    right.plot(x, curve["pairs"], color="grey", linestyle=":", label="pairs")
+    right.set_ylabel("pairs")
+    ax.axvline(curve["current"], color="black", linestyle="--", linewidth=0.8)
+    ax.annotate("this build", (curve["current"], 0.02), fontsize=7, rotation=90, va="bottom")
+    lines = ax.get_legend_handles_labels()
+    extra = right.get_legend_handles_labels()
+    ax.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=7, loc="lower left")
+    ax.set_title("what each minimum similarity would keep (before any per-class cap)")
+    save_figure(fig, path)
+
+
 def similarity_histogram(stats: dict[str, Any], recipe: Recipe, path: Path) -> None:
     """Kept vs removed candidates by similarity, with the thresholds drawn in."""
     bins = np.asarray(stats["hist_bins"])
@@ -84,7 +112,7 @@ def similarity_histogram(stats: dict[str, Any], recipe: Recipe, path: Path) -> N
     if len(occupied):
         ax.set_xlim(bins[max(occupied[0] - 2, 0)], bins[min(occupied[-1] + 3, len(bins) - 1)])
     lo, hi = ax.get_xlim()
-    for x, name in ((recipe.min_similarity, "min similarity"), (recipe.dup_threshold, "duplicate threshold")):
+    for x, name in zip(threshold_values(stats), ("min similarity", "duplicate threshold")):
         if not lo <= x <= hi:
             continue
         ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
@@ -111,13 +139,26 @@ def pairs_per_class_plot(metrics: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
+HEADLINE = ("pairs", "precision", "coverage", "quarantined")
+
+
+def threshold_text(thresholds: dict[str, dict[str, Any]], field: str) -> str:
+    """``0.9812`` or ``0.9812 (q0.2)``: the value used, and the quantile it was given as."""
+    t = thresholds[field]
+    given = str(t["given"])
+    return f"{t['value']:.4f}" + (f" ({given})" if given.startswith("q") else "")
+
+
 def _html(recipe: Recipe, metrics: dict[str, Any], grids: dict[str, str]) -> str:
     def fmt(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+        return f"{v:,}" if isinstance(v, int) else f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
-    headline = ["images", "quarantined", "excluded_near_copies", "pairs", "precision", "coverage", "mutual_share",
-                "ivf_recall_at_k", "zeroshot_accuracy"]
-    rows = "".join(f"<tr><th>{k}</th><td>{fmt(metrics.get(k))}</td></tr>" for k in headline
+    cards = "".join(f"<div class='headline'><div class='value' id='headline-{k}'>"
+                    f"{'n/a' if metrics.get(k) is None else fmt(metrics.get(k))}</div><div>{k}</div></div>"
+                    for k in HEADLINE)
+    more = ["images", "excluded_near_copies", "images_in_pairs", "mutual_share", "ivf_recall_at_k",
+            "zeroshot_accuracy"]
+    rows = "".join(f"<tr><th>{k}</th><td>{fmt(metrics.get(k))}</td></tr>" for k in more
                    if metrics.get(k) is not None)
     leak = metrics.get("leakage")
     leakage = "" if not leak else (
@@ -137,16 +178,19 @@ def _html(recipe: Recipe, metrics: dict[str, Any], grids: dict[str, str]) -> str
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(recipe.name)}: pair report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}} img{{max-width:100%}}</style></head>
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}} img{{max-width:100%}}
+.headlines{{display:flex;gap:1em;margin:1em 0}} .headline{{border:1px solid #ccc;padding:.5em 1em;text-align:center}}
+.headline .value{{font-size:1.8em;font-weight:bold}}</style></head>
 <body><h1>{html.escape(recipe.name)}: semantic pair report</h1>
+<div class="headlines">{cards}</div>
+<table>{rows}</table>
+<h2>Filter funnel</h2><table><tr><th>step</th><th>removed</th><th>remaining</th></tr>{funnel}</table>
 <p>source <code>{html.escape(recipe.source)}</code>, encoder <code>{html.escape(recipe.encoder)}</code>,
-category <code>{recipe.category}</code>, k={recipe.k}, min similarity {recipe.min_similarity},
-duplicate threshold {recipe.dup_threshold}, at most {recipe.max_per_anchor} per anchor{", mutual only" if recipe.mutual else ""}{f", at most {recipe.pairs_per_class} per class" if recipe.pairs_per_class else ""}.
+category <code>{recipe.category}</code>, k={recipe.k}, min similarity {threshold_text(metrics["thresholds"], "min_similarity")},
+duplicate threshold {threshold_text(metrics["thresholds"], "dup_threshold")}, at most {recipe.max_per_anchor} per anchor{", mutual only" if recipe.mutual else ""}{f", at most {recipe.pairs_per_class} per class" if recipe.pairs_per_class else ""}.
 Search: {html.escape(search["scope"])}, {search["groups"]} groups, indexes {html.escape(str(search["index_kinds"]))} on {search["device"]}.</p>
 {figures}
-<h2>Numbers</h2><table>{rows}</table>
 {leakage}
-<h2>Filter funnel</h2><table><tr><th>step</th><th>removed</th><th>remaining</th></tr>{funnel}</table>
 <h2>Precision per class</h2><table>{per_class}</table>
 <p>Full figures: <a href="metrics.json">metrics.json</a>.</p>
 </body></html>
@@ -179,6 +223,8 @@ def write_report(recipe: Recipe, build_dir: Path, engine=None) -> dict[str, Any]
         if len(chosen):
             pair_grid(source, keys, chosen, out / name, source.class_names)
             grids[title] = name
+    threshold_curve_plot(stats["curve"], out / "threshold-curve.png")
+    grids = {"Precision and coverage against the minimum similarity": "threshold-curve.png", **grids}
     similarity_histogram(stats, recipe, out / "similarity.png")
     grids["Similarity histogram"] = "similarity.png"
     if metrics["pairs_per_class"]:

@@ -1,0 +1,1 @@
+"""Curation by hand: the review page (``server``) and the decisions it records (``store``)."""

@@ -1,0 +1,210 @@
+"""``spp-curate review DIR``: a local web page to accept, reject or skip a build's pairs.
+
+The page (``page.html``) talks to a small JSON API (FastAPI, served by
+uvicorn). Nothing in a request names a file: pairs are asked for by pair id,
+pictures by index id, and each is looked up in the build's own tables; the
+pictures are read from the build's source through the project's one decode
+path. Each decision is written to ``DIR/reviews.parquet`` before the answer is
+sent (``store.record``).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, ConfigDict
+
+from .. import layout
+from ..errors import UserError
+from ..files import read_json
+from ..images import BadImage, load_image
+from . import store
+
+PAGE = Path(__file__).with_name("page.html")
+#: Longest side of a picture on the page; small ones are enlarged by the browser, pixel for pixel.
+PICTURE_SIDE = 512
+DEFAULT_PORT = 8765
+
+
+class Decision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pair_id: int
+    decision: Literal["accept", "reject", "skip"]
+
+
+class Build:
+    """A build directory's pairs, image keys and figures, read once when the server starts."""
+
+    def __init__(self, build_dir: Path) -> None:
+        from ..curate.sources import open_source
+        from ..stages import load_recipe
+
+        self.dir = build_dir
+        self.recipe = load_recipe(build_dir)
+        if not (build_dir / layout.PAIRS).is_file():
+            raise UserError(f"{build_dir} has no pairs yet; run `spp-curate build` (or `spp-curate mine`) first",
+                            option="DIR")
+        index = pq.read_table(build_dir / layout.INDEX, columns=["id", "key", "label", "label_name"]).to_pandas()
+        self.keys = dict(zip(index.id.tolist(), index.key.tolist()))
+        names = dict(zip(index.label.tolist(), index.label_name.tolist()))
+        pairs = pq.read_table(build_dir / layout.PAIRS).to_pandas()
+        pairs["anchor_key"] = pairs.anchor_id.map(self.keys)
+        pairs["positive_key"] = pairs.positive_id.map(self.keys)
+        pairs["positive_label_name"] = pairs.positive_label.map(names).fillna("")
+        pairs["key"] = store.pair_key(pairs.anchor_key, pairs.positive_key)
+        pairs["disagree"] = (pairs.label >= 0) & (pairs.positive_label >= 0) & (pairs.label != pairs.positive_label)
+        self.pairs = pairs.set_index("pair_id", drop=False)
+        self.stats = read_json(build_dir / layout.MINE_STATS)
+        self.source = open_source(self.recipe)
+
+    def decisions(self, reviewer: str | None) -> tuple[pd.Series, pd.Series]:
+        """Per pair key: this reviewer's last decision, and the consensus of all reviewers."""
+        last = store.last_decisions(store.read_reviews(self.dir))
+        mine = last[last.reviewer == reviewer].set_index("pair").decision if reviewer is not None else pd.Series()
+        return mine, store.consensus(last)
+
+
+def counts(build: Build, reviewer: str) -> dict[str, Any]:
+    mine, verdict = build.decisions(reviewer)
+    mine = mine[mine.index.isin(build.pairs.key)]
+    verdict = verdict[verdict.index.isin(build.pairs.key)]
+    return {
+        "pairs": len(build.pairs),
+        "reviewer": reviewer,
+        "reviewed": int(len(mine)),
+        "accepted": int((mine == "accept").sum()),
+        "rejected": int((mine == "reject").sum()),
+        "skipped": int((mine == "skip").sum()),
+        "all_reviewers": {"accepted": int((verdict == "accepted").sum()),
+                          "rejected": int((verdict == "rejected").sum())},
+    }
+
+
+def review_curve(build: Build) -> dict[str, Any]:
+    """The mine stage's curve (labels) and precision as the reviews measure it, on the same thresholds."""
+    curve = dict(build.stats["curve"])
+    _, verdict = build.decisions(None)
+    decided = build.pairs[build.pairs.key.map(verdict).isin(["accepted", "rejected"])]
+    sims = decided.similarity.to_numpy(dtype=np.float64)
+    good = (decided.key.map(verdict) == "accepted").to_numpy()
+    reviewed, accepted = [], []
+    for t in curve["threshold"]:
+        above = sims >= t
+        reviewed.append(int(above.sum()))
+        accepted.append(int((good & above).sum()))
+    curve["reviewed"] = reviewed
+    curve["review_precision"] = [a / r if r else None for a, r in zip(accepted, reviewed)]
+    return curve
+
+
+def create_app(build_dir: Path, reviewer: str) -> FastAPI:
+    build = Build(build_dir)
+    app = FastAPI(title="spp-curate review", docs_url=None, redoc_url=None, openapi_url=None)
+    page = PAGE.read_text()
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/api/summary")
+    def summary() -> dict[str, Any]:
+        sims = build.pairs.similarity
+        return {
+            "name": build.recipe.name, "counts": counts(build, reviewer),
+            "classes": sorted(build.pairs.label_name.unique().tolist()),
+            "similarity": [float(sims.min()), float(sims.max())],
+            "funnel": build.stats["funnel"], "thresholds": build.stats["thresholds"],
+            "labels": bool((build.pairs.label >= 0).any()),
+        }
+
+    @app.get("/api/curve")
+    def curve() -> dict[str, Any]:
+        return review_curve(build)
+
+    @app.get("/api/pairs")
+    def pairs(label: str | None = None, min_similarity: float | None = None, max_similarity: float | None = None,
+              disagree: bool = False, mutual: Literal["any", "yes", "no"] = "any", unreviewed: bool = False,
+              order: Literal["pair", "similarity", "-similarity"] = "pair",
+              offset: int = Query(0, ge=0), limit: int = Query(200, ge=1, le=5000)) -> dict[str, Any]:
+        chosen = build.pairs
+        if label:
+            chosen = chosen[chosen.label_name == label]
+        if min_similarity is not None:
+            chosen = chosen[chosen.similarity >= min_similarity]
+        if max_similarity is not None:
+            chosen = chosen[chosen.similarity <= max_similarity]
+        if disagree:
+            chosen = chosen[chosen.disagree]
+        if mutual != "any":
+            chosen = chosen[chosen.mutual == (mutual == "yes")]
+        mine, verdict = build.decisions(reviewer)
+        decision = chosen.key.map(mine)
+        if unreviewed:
+            chosen, decision = chosen[decision.isna()], decision[decision.isna()]
+        if order != "pair":
+            by = chosen.similarity.sort_values(ascending=order == "similarity", kind="stable").index
+            chosen, decision = chosen.loc[by], decision.loc[by]
+        page_rows = chosen.iloc[offset: offset + limit]
+        return {"total": len(chosen), "offset": offset, "pairs": [
+            {"pair_id": int(r.pair_id), "anchor_id": int(r.anchor_id), "positive_id": int(r.positive_id),
+             "anchor_key": r.anchor_key, "positive_key": r.positive_key, "similarity": float(r.similarity),
+             "label_name": r.label_name, "positive_label_name": r.positive_label_name, "mutual": bool(r.mutual),
+             "disagree": bool(r.disagree), "decision": None if pd.isna(d) else d,
+             "consensus": verdict.get(r.key)}
+            for r, d in zip(page_rows.itertuples(), decision.iloc[offset: offset + limit])]}
+
+    @app.post("/api/decision")
+    def decide(body: Decision) -> dict[str, Any]:
+        if body.pair_id not in build.pairs.index:
+            raise HTTPException(404, f"no pair {body.pair_id} in this build")
+        row = build.pairs.loc[body.pair_id]
+        store.record(build.dir, [{"pair_id": body.pair_id, "anchor_key": row.anchor_key,
+                                  "positive_key": row.positive_key, "decision": body.decision,
+                                  "reviewer": reviewer}])
+        return {"pair_id": body.pair_id, "decision": body.decision, "counts": counts(build, reviewer)}
+
+    @functools.lru_cache(maxsize=512)
+    def picture(image_id: int) -> bytes:
+        img = load_image(build.source, build.keys[image_id])
+        img.thumbnail((PICTURE_SIDE, PICTURE_SIDE))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    @app.get("/image/{image_id}.png")
+    def image(image_id: int) -> Response:
+        if image_id not in build.keys:
+            raise HTTPException(404, f"no image {image_id} in this build")
+        try:
+            data = picture(image_id)
+        except (BadImage, OSError) as exc:
+            raise HTTPException(410, f"image {image_id} cannot be read now: {exc}") from None
+        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    return app
+
+
+def serve(build_dir: Path, host: str, port: int, reviewer: str, say=print) -> None:
+    """Bind ``host:port`` (port 0: any free one), say the address, and serve until interrupted."""
+    import uvicorn
+
+    app = create_app(build_dir, reviewer)
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", option="--port") from None
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    say(f"review: http://{shown}:{bound}/ (reviewer {reviewer}; decisions go to {build_dir / layout.REVIEWS})")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server.run(sockets=[sock])
