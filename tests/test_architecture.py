@@ -128,3 +128,17 @@ def test_engines_import_no_stage_and_stages_import_no_engine():
         if module.startswith(stage_packages):
             wrong = sorted(t for t in targets if t.startswith("spp_curate.engine"))
             assert not wrong, f"{module} imports {wrong}"
+
+
+def test_review_decisions_are_read_and_written_by_the_store_alone():
+    graph = import_graph()
+    store = graph["spp_curate.review.store"]
+    assert all(not t.startswith(("spp_curate.curate", "spp_curate.pairing", "spp_curate.export", "spp_curate.train",
+                                 "spp_curate.stages", "spp_curate.review.server")) for t in store), store
+    for module, targets in graph.items():
+        if module != "spp_curate.cli":
+            assert "spp_curate.review.server" not in targets, f"{module} imports the review server"
+    touching = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+                if "layout.REVIEWS" in p.read_text()]
+    # the stage table watches the file, the server names it to the user; only the store opens it
+    assert sorted(touching) == ["pipeline.py", "review/server.py", "review/store.py"], touching
