@@ -353,6 +353,32 @@ def materialize(
 
 
 @app.command()
+def diff(
+    old: Path = typer.Argument(..., help="the earlier release directory"),
+    new: Path = typer.Argument(..., help="the later release directory"),
+    show: int = typer.Option(10, min=0, help="keys shown for each kind of change"),
+) -> None:
+    """Print what changed between two releases: pairs added and removed, images added, removed, changed."""
+    from .export.versions import diff_releases
+
+    d = diff_releases(old, new)
+    say = lambda line: out.print(line, markup=False, highlight=False)  # noqa: E731
+    versions = ["?" if v is None else str(v) for v in d["versions"]]
+    say(f"{old} (version {versions[0]}) -> {new} (version {versions[1]}): "
+        + ("NEW's parent is OLD" if d["descends"] else "NEW does not name OLD as its parent"))
+    p = d["pairs"]
+    say(f"pairs: +{p['added']:,} -{p['removed']:,} ({p['kept']:,} in both)")
+    for title, changes in (("images in pairs", d["images_in_pairs"]),
+                           ("source images (NEW's changelog)", (d["changelog"] or {}).get("images"))):
+        if changes is None:
+            continue
+        say(f"{title}: +{len(changes['added']):,} -{len(changes['removed']):,} ~{len(changes['changed']):,}")
+        for sign, kind in (("+", "added"), ("-", "removed"), ("~", "changed")):
+            for key in changes[kind][:show]:
+                say(f"  {sign} {key}")
+
+
+@app.command()
 def audit(
     release: Path = typer.Argument(..., help="a release directory (verified first; from anywhere)"),
     against: str = typer.Option(..., help="the reference set, KIND[:ROOT][:SPLIT]: fashion-mnist:test, "

@@ -292,12 +292,14 @@ class Recipe(BaseModel):
     def source_state(self) -> str | None:
         return self._source_state
 
-    def fingerprint(self, stage: str) -> str:
+    def fingerprint(self, stage: str, source_state: bool = True) -> str:
         """Hash of the fields ``stage`` and every stage before it depend on, and of the source's state.
 
         An encoder read from a file (``ssl:RUN/last.pt``, ``openclip:MODEL:/weights``) counts
         with the file's size and modification time, so retraining a run in place re-embeds; an
         added, removed or edited source image changes the source state and so every stage's print.
+        ``source_state=False`` leaves the source's state out: what the index and embed stages reuse
+        image by image depends on the recipe alone.
         """
         upto = STAGES[: STAGES.index(stage) + 1]
         fields = {f: getattr(self, f) for s in upto for f in STAGE_FIELDS[s]}
@@ -305,7 +307,7 @@ class Recipe(BaseModel):
             weights = self.encoder_spec.weights_file
             stat = weights.stat() if weights else None
             fields["encoder_file"] = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None
-        fields["source_state"] = self._source_state
+        fields["source_state"] = self._source_state if source_state else None
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -18,6 +18,8 @@ import numpy as np
 BUILD_RECIPE = "build.yaml"
 LOCK = ".lock"
 INDEX = "index.parquet"
+#: Each indexed image's file identity (size, modification time), so the next index reads only what changed.
+INDEX_STATS = "index-stats.parquet"
 QUARANTINE = "quarantine.parquet"
 EMBEDDINGS = "embeddings"
 EMBEDDINGS_META = "embeddings/meta.json"
@@ -34,6 +36,8 @@ STAGE_RECORDS = "stages"
 #: Near-copies of reference (evaluation) sets: every image's best copy score, and the summary.
 EXCLUSION = "exclusion.parquet"
 EXCLUSION_STATS = "exclusion.json"
+#: The index (key, digest) as it was at the last export: what the next release's changelog compares with.
+RELEASED_INDEX = "released-index.parquet"
 #: Decisions of the review page (one row per decision), and the lock its writers take turns on.
 REVIEWS = "reviews.parquet"
 REVIEWS_LOCK = ".reviews.lock"
@@ -57,19 +61,30 @@ def chunk_paths(emb_dir: Path, chunk: int) -> tuple[Path, Path]:
     return emb_dir / f"chunk-{chunk:05d}.npy", emb_dir / f"chunk-{chunk:05d}.ids.npy"
 
 
+def chunk_keys_path(emb_dir: Path, chunk: int) -> Path:
+    """The key and digest of each row of a chunk: what lets a changed source reuse the rows of unchanged images."""
+    return emb_dir / f"chunk-{chunk:05d}.keys.parquet"
+
+
+
 def load_embeddings(build_dir: Path, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """All embeddings as ``(N, d)`` rows of ``dtype`` with their ids, in index order (no torch needed)."""
+    """All embeddings as ``(N, d)`` rows of ``dtype`` with their ids, in index (id) order (no torch needed)."""
     emb_dir = build_dir / EMBEDDINGS
     meta = json.loads((build_dir / EMBEDDINGS_META).read_text())
     vecs, ids = [], []
-    for c in range(meta["chunks"]):
+    for c in meta.get("chunk_files", range(meta["chunks"])):
         emb_path, ids_path = chunk_paths(emb_dir, c)
         vecs.append(np.load(emb_path).astype(dtype, copy=False))
         ids.append(np.load(ids_path))
-    return np.concatenate(vecs), np.concatenate(ids)
+    vecs_all, ids_all = np.concatenate(vecs), np.concatenate(ids)
+    if np.all(ids_all[1:] >= ids_all[:-1]):
+        return vecs_all, ids_all
+    order = np.argsort(ids_all, kind="stable")  # appended chunks of an updated build: back to index order
+    return vecs_all[order], ids_all[order]
 
 
-EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.ids\.npy", r"meta\.json",
+EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.ids\.npy", r"chunk-\d{5}\.keys\.parquet",
+                                           r"meta\.json",
                                            r"run\.json", r"encoder\.json")]
 REPORT_FILES = [re.compile(p) for p in (r"[A-Za-z0-9_-]+\.png", r"index\.html", r"metrics\.json")]
 #: Files of one reference set's folder under ``references/``.
@@ -107,5 +122,6 @@ SHARD_FOLDERS = ("data", "wds", "assets")
 BUILD_FILES = [re.compile(p) for p in (re.escape(BUILD_RECIPE), re.escape(LOCK), re.escape(INDEX),
                                        re.escape(QUARANTINE), re.escape(PAIRS), re.escape(MINE_STATS),
                                        re.escape(EXCLUSION), re.escape(EXCLUSION_STATS), re.escape(REVIEWS),
-                                       re.escape(REVIEWS_LOCK),
+                                       re.escape(REVIEWS_LOCK), re.escape(RELEASED_INDEX),
+                                       re.escape(INDEX_STATS),
                                        r"stages/[a-z]+\.json")]

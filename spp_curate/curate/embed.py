@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -21,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import Recipe
 from ..devices import auto_workers, autocast_for, default_device
 from .. import layout
-from ..layout import chunk_paths
-from ..files import atomic_path, read_json, remove_owned, remove_stale_temps, write_json
+from ..layout import chunk_keys_path, chunk_paths
+from ..files import atomic_path, read_json, remove_owned, remove_stale_temps, write_json, write_table
 from ..progress import stage_progress
 from .encoders import Encoder, load_encoder
 from ..images import BadImage, load_image
@@ -54,13 +55,22 @@ def load_pixels(source: Source, key: str, preprocess, image_size: int,
         return torch.zeros(3, image_size, image_size), False
 
 
+#: Batches smaller than this are padded (with copies of their first image): below it a CPU matrix product
+#: may take another code path and give other last bits, and an image's embedding must not depend on
+#: how many others were encoded with it (an incremental build embeds a few new images alone).
+MIN_BATCH = 16
+
+
 def encode_batch(encoder: Encoder, images: torch.Tensor, ok: torch.Tensor, device: torch.device) -> np.ndarray:
     """L2-normalised float16 features of a batch; rows that failed to decode stay zero."""
+    n = len(images)
+    if 0 < n < MIN_BATCH:
+        images = torch.cat([images, images[:1].expand(MIN_BATCH - n, *images.shape[1:])])
     with torch.inference_mode(), autocast_for(device):
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        feats = torch.nn.functional.normalize(encoder(images).float(), dim=-1)
+        feats = torch.nn.functional.normalize(encoder(images).float(), dim=-1)[:n]
         feats[~ok.to(device)] = 0.0
         return feats.cpu().numpy().astype(np.float16)
 
@@ -121,32 +131,102 @@ class EmbedWork:
         return np.concatenate(outs), self.describe()
 
 
+CHUNK_KEYS_SCHEMA = pa.schema([("key", pa.string()), ("digest", pa.string())])
+
+
+def _complete_chunks(emb_dir: Path) -> list[int]:
+    """Chunk numbers whose three files are all there (the keys file is written last, removed first);
+    the files of any other chunk, left by a killed run, are removed."""
+    numbers = sorted({int(p.name[6:11]) for p in emb_dir.glob("chunk-?????.*") if p.name[6:11].isdigit()})
+    complete = []
+    for c in numbers:
+        files = (*chunk_paths(emb_dir, c), chunk_keys_path(emb_dir, c))
+        if all(f.is_file() for f in files):
+            complete.append(c)
+        else:
+            for f in files:
+                f.unlink(missing_ok=True)
+    return complete
+
+
+def _write_chunk(emb_dir: Path, c: int, vecs: np.ndarray, ids: np.ndarray, keys: list[str],
+                 digests: list[str]) -> None:
+    emb_path, ids_path = chunk_paths(emb_dir, c)
+    _save_npy(emb_path, vecs)
+    _save_npy(ids_path, ids.astype(np.int64))
+    write_table(chunk_keys_path(emb_dir, c), pa.table({"key": keys, "digest": digests}, schema=CHUNK_KEYS_SCHEMA))
+
+
+def _remove_chunk(emb_dir: Path, c: int) -> None:
+    chunk_keys_path(emb_dir, c).unlink()  # first: the chunk stops counting as complete
+    for f in chunk_paths(emb_dir, c):
+        f.unlink()
+
+
 def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = None,
                 draft: bool = True) -> dict[str, int]:
-    """Embed ``build_dir/index.parquet`` into ``build_dir/embeddings/``; resumes finished chunks."""
+    """Embed ``build_dir/index.parquet`` into ``build_dir/embeddings/``, reusing every row already there.
+
+    A row is reused when its image (key and sha256 digest) is still in the index; rows of removed or
+    changed images are dropped by rewriting their chunk from the rows that stay (nothing is encoded
+    again); images not yet embedded are encoded into new chunks of ``chunk_size`` rows, in index order.
+    A fresh build is the case with nothing to reuse: chunk ``c`` covers index rows
+    ``[c * chunk_size, (c + 1) * chunk_size)``. A killed run resumes from the chunks it completed.
+    Each chunk's ``.ids.npy`` is rewritten to the index's current ids.
+    """
     emb_dir = build_dir / layout.EMBEDDINGS
     chunk_size = recipe.chunk_size
     run_file = emb_dir / "run.json"
     encoder_file = emb_dir / "encoder.json"
-    run = {"fingerprint": recipe.fingerprint("embed"), "chunk_size": chunk_size}
+    run = {"fingerprint": recipe.fingerprint("embed", source_state=False), "chunk_size": chunk_size, "rows": "keyed"}
     if emb_dir.exists() and (not run_file.exists() or read_json(run_file) != run):
-        # Made by another encoder, chunking or source state: nothing to reuse (and nothing of the user's removed).
+        # Made by another encoder or chunking: nothing to reuse (and nothing of the user's removed).
         remove_owned(emb_dir, layout.EMBEDDING_FILES, "--out")
     emb_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(emb_dir)
     write_json(run_file, run)
 
-    index = pq.read_table(build_dir / layout.INDEX, columns=["id", "key"])
+    index = pq.read_table(build_dir / layout.INDEX, columns=["id", "key", "digest"])
     ids = index.column("id").to_numpy()
     keys = index.column("key").to_pylist()
-    n_chunks = max(1, -(-len(ids) // chunk_size))
-    todo = [c for c in range(n_chunks) if not all(p.exists() for p in chunk_paths(emb_dir, c))]
-    if not todo and not encoder_file.exists():
-        todo = [0]  # an older build directory: embed one chunk again to learn the encoder's description
-    spans = [(c * chunk_size, min(len(ids), (c + 1) * chunk_size)) for c in todo]
+    digests = index.column("digest").to_pylist()
+    wanted = {(k, d): int(i) for i, k, d in zip(ids, keys, digests)}
+
+    chunks = _complete_chunks(emb_dir)
+    stored: set[tuple[str, str]] = set()
+    kept: list[int] = []
+    dirty: list[tuple[int, np.ndarray, pa.Table]] = []
+    for c in chunks:
+        table = pq.read_table(chunk_keys_path(emb_dir, c))
+        rows = list(zip(table.column("key").to_pylist(), table.column("digest").to_pylist()))
+        live = np.array([r in wanted and r not in stored for r in rows], dtype=bool)
+        stored.update(r for r, ok in zip(rows, live) if ok)
+        if live.all():
+            kept.append(c)
+        else:
+            dirty.append((c, live, table))
+    next_chunk = max(chunks, default=-1) + 1
+    dropped = 0
+    for c, live, table in dirty:  # drop removed and changed images' rows; the others are kept as they are
+        if live.any():
+            vecs = np.load(chunk_paths(emb_dir, c)[0])[live]
+            sub = table.filter(pa.array(live))
+            sub_keys, sub_digests = sub.column("key").to_pylist(), sub.column("digest").to_pylist()
+            _write_chunk(emb_dir, next_chunk, vecs, np.array([wanted[r] for r in zip(sub_keys, sub_digests)]),
+                         sub_keys, sub_digests)
+            kept.append(next_chunk)
+            next_chunk += 1
+        _remove_chunk(emb_dir, c)
+        dropped += int((~live).sum())
+
+    needed = np.array([i for i, r in enumerate(zip(keys, digests)) if r not in stored], dtype=np.int64)
+    spans = [needed[lo: lo + chunk_size] for lo in range(0, len(needed), chunk_size)]
+    todo = list(range(next_chunk, next_chunk + len(spans)))
+    if not spans and not encoder_file.exists() and len(ids):
+        raise RuntimeError("embeddings without encoder.json; remove DIR/embeddings and run embed again")
 
     with stage_progress("embed", len(ids), quarantine=True) as (bar, task):
-        bar.update(task, completed=len(ids) - sum(hi - lo for lo, hi in spans))
+        bar.update(task, completed=len(ids) - len(needed))
         bad = shown = 0  # shown: images counted by on_batch since the last saved chunk
 
         def on_batch(n: int, failed: int) -> None:  # called only where the work runs in this process
@@ -157,23 +237,32 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
         def save(position: int, result: tuple[np.ndarray, dict[str, Any]]) -> None:
             nonlocal shown
             feats, description = result
-            (lo, hi), c = spans[position], todo[position]
+            rows = spans[position]
             if not encoder_file.exists():
                 write_json(encoder_file, description)
-            emb_path, ids_path = chunk_paths(emb_dir, c)
-            _save_npy(ids_path, ids[lo:hi].astype(np.int64))
-            _save_npy(emb_path, feats)
-            bar.update(task, advance=(hi - lo) - shown)
+            _write_chunk(emb_dir, todo[position], feats, ids[rows], [keys[i] for i in rows],
+                         [digests[i] for i in rows])
+            bar.update(task, advance=len(rows) - shown)
             shown = 0
 
-        engine.map(EmbedWork(recipe, draft, device, on_batch), [keys[lo:hi] for lo, hi in spans], on_result=save)
+        engine.map(EmbedWork(recipe, draft, device, on_batch), [[keys[i] for i in rows] for rows in spans],
+                   on_result=save)
+    chunk_files = sorted(kept + todo)
+    for c in chunk_files:  # ids follow the index (a changed source renumbers its rows)
+        table = pq.read_table(chunk_keys_path(emb_dir, c))
+        current = np.array([wanted[r] for r in zip(table.column("key").to_pylist(),
+                                                     table.column("digest").to_pylist())], dtype=np.int64)
+        ids_path = chunk_paths(emb_dir, c)[1]
+        if not np.array_equal(np.load(ids_path), current):
+            _save_npy(ids_path, current)
     # Rows left zero are images that no longer decode; counted from the chunks so a resumed run sees them too.
-    failed = [int(i) for c in range(n_chunks) for i in _zero_rows(emb_dir, c)]
+    failed = sorted(int(i) for c in chunk_files for i in _zero_rows(emb_dir, c))
     described = read_json(encoder_file)
-    meta = {**described, "dtype": "float16", "normalized": "l2", "count": int(len(ids)), "chunks": n_chunks,
-            "chunk_size": chunk_size, "failed_ids": failed}
+    meta = {**described, "dtype": "float16", "normalized": "l2", "count": int(len(ids)),
+            "chunks": len(chunk_files), "chunk_files": chunk_files, "chunk_size": chunk_size, "failed_ids": failed}
     write_json(emb_dir / "meta.json", meta)
-    return {"embedded": int(len(ids)) - len(failed), "failed": len(failed)}
+    return {"embedded": int(len(needed)), "reused": int(len(ids) - len(needed)), "dropped": dropped,
+            "failed": len(failed)}
 
 
 def _zero_rows(emb_dir: Path, chunk: int) -> np.ndarray:

@@ -78,25 +78,58 @@ class ProbeWork:
 PROBE_BATCH = 64
 
 
+def known_probes(recipe: Recipe, out_dir: Path) -> dict[str, tuple[str, Probe]]:
+    """The last index's images by key, with their file identity: ``key -> (stat, probe)``.
+
+    Empty unless the last index was made by the same recipe (source, root, split, limit, columns).
+    """
+    stats_path, index_path = out_dir / layout.INDEX_STATS, out_dir / layout.INDEX
+    if not (stats_path.is_file() and index_path.is_file()):
+        return {}
+    stats = pq.read_table(stats_path)
+    meta = stats.schema.metadata or {}
+    if meta.get(b"spp_curate.recipe") != recipe.fingerprint("index", source_state=False).encode():
+        return {}
+    index = pq.read_table(index_path).to_pylist()
+    stat_of = dict(zip(stats.column("key").to_pylist(), stats.column("stat").to_pylist()))
+    return {row["key"]: (stat_of[row["key"]], Probe(row["key"], row["label"], row["width"], row["height"],
+                                                     row["nbytes"], row["digest"], row["format"]))
+            for row in index if stat_of.get(row["key"])}
+
+
 def index_source(recipe: Recipe, out_dir: Path, engine) -> dict[str, int]:
-    """Write ``index.parquet`` and ``quarantine.parquet`` under ``out_dir``; return counts."""
+    """Write ``index.parquet`` and ``quarantine.parquet`` under ``out_dir``; return counts.
+
+    An image whose file identity (size, modification time) is what the last index recorded is not
+    read again: its row is taken over. Only new and changed files are read, hashed and decoded.
+    """
     source = open_source(recipe)
     items = source.items()
     if recipe.limit is not None:
         items = itertools.islice(items, recipe.limit)
     items = list(items)
+    known = known_probes(recipe, out_dir)
+    stats = {key: source.stat(key) for key, _ in items}  # taken before reading: a later edit reads again
+    reused: dict[str, Probe] = {}
+    for key, label in items:
+        seen = known.get(key)
+        if seen is not None and stats.get(key) == seen[0]:
+            reused[key] = Probe(**{**seen[1].__dict__, "label": label})
+    todo = [(key, label) for key, label in items if key not in reused]
     workers = auto_workers() if recipe.workers is None else recipe.workers
-    batches = [items[lo: lo + PROBE_BATCH] for lo in range(0, len(items), PROBE_BATCH)]
+    batches = [todo[lo: lo + PROBE_BATCH] for lo in range(0, len(todo), PROBE_BATCH)]
     bad = 0
     with stage_progress("index", len(items), quarantine=True) as (bar, task):
+        bar.update(task, advance=len(reused))
         def done(_: int, batch: list[Probe]) -> None:
             nonlocal bad
             bad += sum(p.error is not None for p in batch)
             bar.update(task, advance=len(batch), quarantined=bad)
 
-        results = engine.map(ProbeWork(recipe, source), batches, workers=workers if len(items) > 256 else 0,
+        results = engine.map(ProbeWork(recipe, source), batches, workers=workers if len(todo) > 256 else 0,
                              on_result=done)
-    probes: list[Probe] = [p for batch in results for p in batch]
+    probed = {p.key: p for batch in results for p in batch}
+    probes: list[Probe] = [reused.get(key) or probed[key] for key, _ in items]
 
     # What the listing itself could not use (unreadable folders, symlinks not followed, ...) is quarantined too.
     probes += [Probe(key, -1, error=reason) for key, reason in source.listing_problems]
@@ -128,5 +161,28 @@ def index_source(recipe: Recipe, out_dir: Path, engine) -> dict[str, int]:
         raise UserError(f"no usable images in {source.describe()}"
                         + (f" ({len(probes)} quarantined; reasons in {out_dir / layout.QUARANTINE})" if probes
                            else ""), option="--source")
+    changes = source_changes(out_dir / layout.INDEX, table)
+    stat_table = pa.table({"key": [p.key for p in good], "stat": [stats.get(p.key) for p in good]},
+                          schema=pa.schema([("key", pa.string()), ("stat", pa.string())]))
+    stat_table = stat_table.replace_schema_metadata(
+        {b"spp_curate.recipe": recipe.fingerprint("index", source_state=False).encode()})
+    (out_dir / layout.INDEX_STATS).unlink(missing_ok=True)  # never beside an index it does not describe
     write_table(out_dir / layout.INDEX, table)
-    return {"images": len(good), "quarantined": len(probes) - len(good)}
+    write_table(out_dir / layout.INDEX_STATS, stat_table)
+    return {"images": len(good), "quarantined": len(probes) - len(good), "read": len(todo), **changes}
+
+
+def source_changes(previous: Path, table: pa.Table) -> dict[str, int]:
+    """How many images were added, removed, or kept their key with other bytes, since the last index."""
+    if not previous.is_file():
+        return {}
+    old = pq.read_table(previous, columns=["key", "digest"])
+    changes = key_changes(dict(zip(old.column("key").to_pylist(), old.column("digest").to_pylist())),
+                          dict(zip(table.column("key").to_pylist(), table.column("digest").to_pylist())))
+    return {kind: len(keys) for kind, keys in changes.items()}
+
+
+def key_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, list[str]]:
+    """Keys added, removed, and kept with another digest, from one ``key -> digest`` map to another (sorted)."""
+    return {"added": sorted(after.keys() - before.keys()), "removed": sorted(before.keys() - after.keys()),
+            "changed": sorted(k for k in before.keys() & after.keys() if before[k] != after[k])}

@@ -67,6 +67,11 @@ class Source(ABC):
     def describe(self) -> str:
         return self.kind
 
+    def stat(self, key: str) -> str | None:
+        """A cheap identity of one image's file (size and modification time), where each image is a file:
+        an image whose identity is unchanged since the last index is not read again. None elsewhere."""
+        return None
+
 
 class FashionMNISTSource(Source):
     """Fashion-MNIST from its four IDX files, or the Hub copy when they are absent.
@@ -234,15 +239,15 @@ class ImageFolderSource(Source):
     def read(self, key: str) -> bytes:
         return self.path_of(key).read_bytes()
 
-    def state(self) -> str:
-        def identity(key: str) -> str:
-            try:
-                st = (self.root / key).stat()
-                return f"{key}:{st.st_size}:{st.st_mtime_ns}"
-            except OSError:
-                return f"{key}:unreadable"
+    def stat(self, key: str) -> str | None:
+        try:
+            st = (self.root / key).stat()
+        except OSError:
+            return None
+        return f"{st.st_size}:{st.st_mtime_ns}"
 
-        return _state_hash(f"{identity(key)}:{label}" for key, label in self.items())
+    def state(self) -> str:
+        return _state_hash(f"{key}:{self.stat(key) or 'unreadable'}:{label}" for key, label in self.items())
 
     def describe(self) -> str:
         return f"imagefolder {self.root} ({len(self.class_names)} classes)"

@@ -93,9 +93,26 @@ def review_lines(review: dict[str, Any] | None) -> list[str]:
             + (f" (labels agree on {precision:.4f} of them)." if precision is not None else "."), ""]
 
 
+def version_lines(versions: dict[str, Any] | None) -> list[str]:
+    """The card's version section: this release's version, its parent, and what changed since."""
+    if not versions or not versions.get("parent"):
+        return []
+    parent, log = versions["parent"], versions["changelog"] or {}
+    lines = ["## Changes", "",
+             f"Version {versions['version']}, replacing version {parent['version']} (manifest sha256 "
+             f"`{parent['manifest_sha256'][:16]}`; `spp-curate diff OLD NEW` compares two releases).", ""]
+    if log.get("pairs"):
+        lines.append(f"- pairs: {log['pairs']['added']:,} added, {log['pairs']['removed']:,} removed, "
+                     f"{log['pairs']['kept']:,} kept")
+    if log.get("images"):
+        lines.append(f"- source images: {len(log['images']['added']):,} added, {len(log['images']['removed']):,} "
+                     f"removed, {len(log['images']['changed']):,} changed (listed in manifest.json)")
+    return lines + [""]
+
+
 def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, int], parquet_bytes: int,
                 metrics: dict[str, Any] | None, figure: str | None, image_ext: str,
-                review: dict[str, Any] | None = None) -> str:
+                review: dict[str, Any] | None = None, versions: dict[str, Any] | None = None) -> str:
     header = yaml.safe_dump(card_header(recipe, features, counts["pairs"], parquet_bytes), sort_keys=False,
                             allow_unicode=True)
     lines = [f"# {recipe.name}", ""]
@@ -127,6 +144,7 @@ def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, i
                   f"- coverage (share of images in at least one pair): {metrics['coverage']:.4f}",
                   "- removed by each filter: " + ", ".join(f"{k} {v:,}" for k, v in metrics["filter_removed"].items()),
                   ""]
+    lines += version_lines(versions)
     lines += review_lines(review)
     lines += leakage_lines(metrics.get("leakage") if metrics else None)
     if figure:

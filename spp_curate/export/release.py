@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -35,11 +36,12 @@ from ..layout import read_class_names
 from ..curate.sources import Source, open_source
 from ..errors import UserError
 from ..files import atomic_path, read_json, recover_swap, refuse_foreign, remove_owned, remove_stale_temps, \
-    sha256_bytes, swap_in, write_json
+    sha256_bytes, swap_in, write_json, write_table
 from ..review.store import read_reviews, select as select_reviewed, summary as review_summary
 from ..progress import stage_progress
 from .card import render_card
 from .manifest import SCHEMA_VERSION, file_entry, library_versions
+from .versions import version_block
 from .parquet import PairParquetWriter, id_features, pair_features
 from .samples import PairSample
 from .webdataset import PairTarWriter
@@ -67,6 +69,9 @@ class ReleaseInput:
     figure: Path | None = None
     #: What the review page's decisions did to the pairs (``review.store.summary``), when there are any.
     review: dict[str, Any] | None = None
+    #: The build's index (key, digest) and where the build keeps its snapshot at each export (versions.py).
+    index_keys: pd.DataFrame | None = None
+    snapshot: Path | None = None
 
 
 def release_format(formats: list[str]) -> str:
@@ -165,7 +170,8 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         class_names=read_class_names(build_dir / "index.parquet"),
         counts={"images": len(index), "quarantined": pq.read_metadata(build_dir / "quarantine.parquet").num_rows},
         metrics=read_json(metrics_path) if metrics_path.exists() else None,
-        figure=grid if grid.exists() else None, review=review)
+        figure=grid if grid.exists() else None, review=review,
+        index_keys=index[["key", "digest"]].reset_index(drop=True), snapshot=build_dir / layout.RELEASED_INDEX)
 
 
 def reviewed_pairs(recipe: Recipe, build_dir: Path, table: pd.DataFrame,
@@ -270,9 +276,13 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
     entries = [file_entry(release, p, "parquet", len(rows)) for (p, _), rows in zip(paths, shards)]
     if not id_only:
         entries += [file_entry(release, t, "webdataset", len(rows)) for (_, t), rows in zip(paths, shards)]
+    snapshot = (pq.read_table(inp.snapshot, columns=["key", "digest"]).to_pandas()
+                if inp.snapshot is not None and inp.snapshot.is_file() else None)
+    versions = version_block(final, pairs, inp.index_keys, snapshot)
     parquet_bytes = sum(e["bytes"] for e in entries if e["kind"] == "parquet")
     with atomic_path(release / layout.CARD) as tmp:
-        tmp.write_text(render_card(recipe, features, counts, parquet_bytes, inp.metrics, figure, ext, inp.review))
+        tmp.write_text(render_card(recipe, features, counts, parquet_bytes, inp.metrics, figure, ext, inp.review,
+                                   versions))
     entries.append(file_entry(release, release / layout.CARD, "card", None))
     if figure:
         entries.append(file_entry(release, release / figure, "asset", None))
@@ -292,10 +302,14 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
         "leakage": metrics.get("leakage") if metrics else None,
         # Decisions made on the review page: which pairs were kept, counts, reviewers, their agreement.
         "review": inp.review,
+        # This release's version, its parent's manifest digest, and what changed since (versions.py).
+        **versions,
         "files": entries,
     }
     write_json(release / layout.MANIFEST, manifest)
     swap_in(release, final, layout.RELEASE_FILES, option)
+    if inp.snapshot is not None and inp.index_keys is not None:
+        write_table(inp.snapshot, pa.Table.from_pandas(inp.index_keys, preserve_index=False))
     return counts
 
 

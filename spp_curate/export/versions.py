@@ -1,0 +1,125 @@
+"""Release versions: each export names its parent release and says what changed since it.
+
+A release written where another stands becomes its next version: the manifest
+carries ``version``, the parent's version and the sha256 of the parent's
+``manifest.json``, and a changelog: pairs added and removed (a pair is its two
+images, each by key and digest, in either order), and the source images
+added, removed and changed (key kept, bytes changed) since the parent. The
+image part compares the build's index with the snapshot the build kept at its
+last export (``DIR/released-index.parquet``); it is only given when that
+snapshot is the parent's (its digest is in the parent's manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..curate.index import key_changes
+from ..errors import UserError
+from ..files import sha256_file
+from .manifest import Manifest, load_manifest, release_file
+
+PAIR_KEY_COLUMNS = ["anchor_key", "positive_key", "anchor_digest", "positive_digest"]
+
+
+def pair_identity(pairs: pd.DataFrame) -> np.ndarray:
+    """One string per pair: its two images (key and digest), in either order."""
+    a = (pairs.anchor_key.astype(str) + "@" + pairs.anchor_digest.astype(str)).to_numpy(dtype=object)
+    p = (pairs.positive_key.astype(str) + "@" + pairs.positive_digest.astype(str)).to_numpy(dtype=object)
+    first = a <= p
+    return np.where(first, a, p) + "\x00" + np.where(first, p, a)
+
+
+def index_digest(images: pd.DataFrame) -> str:
+    """sha256 of an index's sorted ``key digest`` lines: what the source held when the release was made."""
+    lines = sorted(f"{k}\t{d}" for k, d in zip(images.key, images.digest))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def image_changes(old: pd.DataFrame, new: pd.DataFrame) -> dict[str, list[str]]:
+    """Keys added, removed, and kept with other bytes, between two ``key, digest`` tables (sorted lists)."""
+    return key_changes(dict(zip(old.key, old.digest)), dict(zip(new.key, new.digest)))
+
+
+def pair_changes(old: pd.DataFrame, new: pd.DataFrame) -> dict[str, int]:
+    before, after = set(pair_identity(old)), set(pair_identity(new))
+    return {"added": len(after - before), "removed": len(before - after), "kept": len(after & before)}
+
+
+def release_pairs(release: Path, manifest: Manifest) -> pd.DataFrame:
+    """The pairs of a (verified) release: keys and digests of both images, from its Parquet shards."""
+    parts = [pq.read_table(release_file(release, e), columns=PAIR_KEY_COLUMNS).to_pandas()
+             for e in manifest.entries("parquet")]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=PAIR_KEY_COLUMNS)
+
+
+def parent_of(final: Path) -> tuple[Manifest, str] | None:
+    """The release standing at ``final`` and its manifest's sha256, if there is a usable one."""
+    try:
+        manifest = load_manifest(final)
+    except UserError:
+        return None
+    return manifest, sha256_file(final / "manifest.json")
+
+
+def version_block(final: Path, pairs: pd.DataFrame, images: pd.DataFrame | None,
+                  snapshot: pd.DataFrame | None) -> dict[str, Any]:
+    """The manifest's ``version``, ``parent`` and ``changelog`` for a release about to replace ``final``.
+
+    ``images`` is the build's index (key, digest) now; ``snapshot`` the one kept at the last export.
+    """
+    block: dict[str, Any] = {"version": 1, "parent": None, "changelog": None,
+                             "index_sha256": index_digest(images) if images is not None else None}
+    parent = parent_of(final)
+    if parent is None:
+        return block
+    manifest, digest = parent
+    extra = manifest.model_extra or {}
+    given = extra.get("version")
+    version = given if isinstance(given, int) and not isinstance(given, bool) and given >= 1 else 1
+    block["version"] = version + 1
+    block["parent"] = {"version": version, "manifest_sha256": digest}
+    try:
+        old_pairs = release_pairs(final, manifest)
+    except (OSError, ValueError, pa.ArrowException):
+        old_pairs = None  # a damaged parent: its pairs cannot be compared
+    changelog: dict[str, Any] = {"pairs": None if old_pairs is None else pair_changes(old_pairs, pairs),
+                                 "images": None}
+    if (images is not None and snapshot is not None and isinstance(extra.get("index_sha256"), str)
+            and index_digest(snapshot) == extra["index_sha256"]):
+        changelog["images"] = image_changes(snapshot, images)
+    block["changelog"] = changelog
+    return block
+
+
+def diff_releases(old: Path, new: Path) -> dict[str, Any]:
+    """What changed from release ``old`` to release ``new`` (both verified first): versions, whether ``new``
+    descends from ``old``, pairs added/removed/kept, and the images of the pairs added, removed, changed."""
+    from .manifest import verified_files
+
+    manifests = []
+    for release in (old, new):
+        verified_files(release)  # every file checked against its manifest, or a one-line error
+        manifests.append(load_manifest(release))
+    old_pairs, new_pairs = release_pairs(old, manifests[0]), release_pairs(new, manifests[1])
+
+    def images(pairs: pd.DataFrame) -> pd.DataFrame:
+        both = pd.concat([pairs[["anchor_key", "anchor_digest"]].set_axis(["key", "digest"], axis=1),
+                          pairs[["positive_key", "positive_digest"]].set_axis(["key", "digest"], axis=1)])
+        return both.drop_duplicates("key")
+
+    parent = (manifests[1].model_extra or {}).get("parent") or {}
+    return {
+        "versions": [(m.model_extra or {}).get("version") for m in manifests],
+        "descends": parent.get("manifest_sha256") == sha256_file(old / "manifest.json"),
+        "pairs": pair_changes(old_pairs, new_pairs),
+        "images_in_pairs": image_changes(images(old_pairs), images(new_pairs)),
+        "changelog": (manifests[1].model_extra or {}).get("changelog"),
+    }
