@@ -121,6 +121,11 @@ class LoadedImage:
     format: str
 
 
+def read_bytes(source: Any, key: str) -> bytes:
+    """The encoded bytes under ``key``, not decoded; :class:`BadImage` when they cannot be read."""
+    return _read(source, key)
+
+
 def _read(source: Any, key: str) -> bytes:
     try:
         return source.read(key)

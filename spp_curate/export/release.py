@@ -17,6 +17,7 @@ from the user's own copy of the source.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from PIL import Image
 
 from .. import layout
 from ..config import Recipe
-from ..images import read_image
+from ..images import read_bytes, read_image
 from ..layout import read_class_names
 from ..curate.sources import Source, open_source
 from ..errors import UserError
@@ -80,12 +81,18 @@ def release_format(formats: list[str]) -> str:
     return "JPEG" if common and common[0][0] == "JPEG" else "PNG"
 
 
-def encoded_image(source: Source, key: str, fmt: str, target: str, max_side: int | None = None) -> bytes:
-    """The image's original bytes, or a re-encode when its container differs or it must shrink."""
+def encoded_image(source: Source, key: str, digest: str, fmt: str, target: str,
+                  max_side: int | None = None) -> bytes:
+    """The image's original bytes (checked against the digest indexed), or a re-encode when its container
+    differs or it must shrink. Bytes passed through are not decoded again: the index stage decoded them."""
+    if fmt == target and not max_side:
+        data = read_bytes(source, key)
+        if sha256_bytes(data) != digest:
+            raise UserError(f"{key} changed since it was indexed; run `spp-curate build` again to take the change "
+                            "in", option="--source")
+        return data
     loaded = read_image(source, key)
     data, img = loaded.data, loaded.image
-    if fmt == target and not max_side:
-        return data
     if max_side and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     elif fmt == target:
@@ -112,8 +119,10 @@ def write_shard(recipe: Recipe, source: Source | None, rows: pd.DataFrame, forma
     for row in rows.itertuples(index=False):
         anchor = positive = b""
         if tar_path is not None:
-            anchor = encoded_image(source, row.anchor_key, formats[row.anchor_key], target, recipe.max_side)
-            positive = encoded_image(source, row.positive_key, formats[row.positive_key], target, recipe.max_side)
+            anchor = encoded_image(source, row.anchor_key, row.anchor_digest, formats[row.anchor_key], target,
+                                   recipe.max_side)
+            positive = encoded_image(source, row.positive_key, row.positive_digest, formats[row.positive_key], target,
+                                     recipe.max_side)
         sample = PairSample(
             pair_id=int(row.pair_id), anchor=anchor, positive=positive,
             anchor_key=row.anchor_key, positive_key=row.positive_key, anchor_digest=row.anchor_digest,
@@ -260,9 +269,13 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
             bar.update(task, advance=written - shown)
             shown = 0
 
-        work = ShardWork(recipe, source, formats, target, ext, features, row_group_rows, on_pair)
+        # One process per shard, up to the cores (or --workers): shards are independent files.
+        workers = min(len(todo), os.cpu_count() or 1) if recipe.workers is None else min(len(todo), recipe.workers)
+        workers = workers if workers > 1 else 0
+        work = ShardWork(recipe, source, formats, target, ext, features, row_group_rows,
+                         None if workers else on_pair)
         engine.map(work, [(pairs.iloc[shards[i]], pq_path, tar_path) for i, pq_path, tar_path in todo],
-                   on_result=on_shard)
+                   workers=workers, on_result=on_shard)
 
     counts = {**inp.counts, "pairs": len(pairs), "shards": n,
               "images_reencoded": 0 if id_only else int(sum(formats.loc[used] != target))}
