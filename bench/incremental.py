@@ -11,7 +11,6 @@ and how many images each run read and embedded. Ends with one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -24,8 +23,7 @@ from spp_curate.cli import main
 from spp_curate.curate.sources import FashionMNISTSource
 from spp_curate.pipeline import STAGES
 
-SUBSET = Path(__file__).resolve().parent.parent / "tests" / "data" / "fashion-mnist"
-DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+from _common import DEBIAN, SUBSET, mode_parser
 
 
 def write_pictures(root: Path, source: FashionMNISTSource, rows: np.ndarray, prefix: str) -> None:
@@ -46,14 +44,11 @@ def timed_build(root: Path, out: Path, encoder: list[str]) -> tuple[float, dict[
 
 
 def main_(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true")
-    mode.add_argument("--full", action="store_true")
-    parser.add_argument("--root", type=Path, help="Fashion-MNIST IDX files [default: Debian's, else the subset]")
+    parser = mode_parser(__doc__)
     parser.add_argument("--images", type=int, help="pictures in the first build [6,000 quick, 60,000 full]")
     parser.add_argument("--new", type=float, default=0.01, help="share of new pictures in the update")
     parser.add_argument("--encoder", help="encoder spec [quick: openclip:ViT-S-32 at 64 px; full: the default]")
+    parser.add_argument("--image-size", type=int, help="encoder input size override (with --encoder)")
     args = parser.parse_args(argv)
     fmnist = args.root or (DEBIAN if DEBIAN.is_dir() else SUBSET)
     source = FashionMNISTSource(str(fmnist), "train")
@@ -61,7 +56,8 @@ def main_(argv: list[str] | None = None) -> dict:
     added = max(1, int(round(n * args.new)))
     if n + added > len(source.labels):
         n = len(source.labels) - added
-    encoder = (["--encoder", args.encoder] if args.encoder else
+    encoder = (["--encoder", args.encoder, *(["--image-size", str(args.image_size)] if args.image_size else [])]
+               if args.encoder else
                [] if args.full else ["--encoder", "openclip:ViT-S-32", "--image-size", "64"])
     rows = np.random.default_rng(0).permutation(len(source.labels))
     with tempfile.TemporaryDirectory() as tmp:

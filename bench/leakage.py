@@ -13,7 +13,6 @@ machine). Ends with one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -25,16 +24,11 @@ import pyarrow.parquet as pq
 from spp_curate.cli import main
 from spp_curate.leakage.planted import KINDS, plant_folder
 
-SUBSET = Path(__file__).resolve().parent.parent / "tests" / "data" / "fashion-mnist"
-DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+from _common import DEBIAN, SUBSET, mode_parser
 
 
 def main_(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true")
-    mode.add_argument("--full", action="store_true")
-    parser.add_argument("--root", type=Path, help="Fashion-MNIST IDX files (full mode) [default: Debian's]")
+    parser = mode_parser(__doc__)
     parser.add_argument("--threshold", default="0.99")
     args = parser.parse_args(argv)
     fmnist = SUBSET if not args.full else (args.root or DEBIAN)
