@@ -119,3 +119,26 @@ def test_mutual_pairs_are_a_subset(tmp_path, label_build):
     assert pairs.mutual.all()
     funnel = json.loads((out / "report" / "metrics.json").read_text())["filter_removed"]
     assert funnel["not_mutual"] > 0
+
+
+def test_exact_search_through_torch_finds_what_faiss_finds(none_build):
+    """The exact search a GPU machine with faiss-cpu uses (torch, blockwise, partial top-k), run on the CPU
+    with blocks small enough to merge many times, against faiss on the build's real embeddings."""
+    from spp_curate.layout import load_embeddings
+    from spp_curate.pairing.knn import SearchPlan, plan_search, torch_knn
+
+    vecs, _ = load_embeddings(none_build, dtype=np.float16)
+    sims, pos = torch_knn(vecs, 9, "cpu", query_batch=700, column_block=450)
+    flat = raw_candidates(vecs, [np.arange(len(vecs))], 8, LocalEngine(), [SearchPlan("flat")])
+    on_torch = raw_candidates(vecs, [np.arange(len(vecs))], 8, LocalEngine(),
+                              [SearchPlan("flat", device="cpu", backend="torch")])
+    assert np.array_equal(flat.anchor, on_torch.anchor)
+    assert np.abs(flat.similarity - on_torch.similarity).max() < 1e-5
+    # the same neighbours, up to the order of equal similarities
+    same = np.mean(flat.positive == on_torch.positive)
+    assert same > 0.99, same
+    assert np.all(np.diff(sims, axis=1) <= 0) and np.all(sims[:, 0] > 0.999)  # each row finds itself
+
+    plan = plan_search(1_000_000, 512, 8 * 10**9, cuda=True)
+    assert (plan.kind, plan.backend, plan.device) == ("flat", "torch", "cuda")
+    assert plan_search(1_000_000, 512, 8 * 10**9, cuda=False).kind == "ivf-flat"

@@ -39,6 +39,8 @@ class SearchPlan:
     pq_m: int = 0
     device: str = "cpu"
     reason: str = ""
+    #: ``faiss``, or ``torch`` for exact search on a CUDA device that faiss does not see (faiss-cpu installed)
+    backend: str = "faiss"
 
     def describe(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (0, "")}
@@ -57,13 +59,24 @@ def _pq_m(d: int, n: int, memory: int) -> int:
 MIN_TRAIN = {"ivf-flat": 39, "ivf-pq": 256}
 
 
-def plan_search(n: int, d: int, memory: int, kind: str = "auto", nprobe: int | None = None) -> SearchPlan:
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def plan_search(n: int, d: int, memory: int, kind: str = "auto", nprobe: int | None = None,
+                cuda: bool | None = None) -> SearchPlan:
     """Pick exact or IVF search for ``n`` vectors of dimension ``d`` within ``memory`` bytes.
 
     ``auto`` searches a group too small to train an approximate index exactly (its vectors are
-    few). A forced ``ivf-flat`` or ``ivf-pq`` on such a group is a :class:`UserError`.
+    few). A forced ``ivf-flat`` or ``ivf-pq`` on such a group is a :class:`UserError`. Exact search
+    runs on the GPU through faiss when faiss sees one, else through torch when torch sees CUDA
+    (``cuda``: whether it does; found out when None), so a GPU machine with faiss-cpu searches
+    millions of vectors exactly.
     """
-    device = "gpu" if faiss_gpus() > 0 else "cpu"
+    on_torch = faiss_gpus() == 0 and (torch_cuda() if cuda is None else cuda)
+    device = "gpu" if faiss_gpus() > 0 or on_torch else "cpu"
     flat_bytes = n * d * 4
     if kind == "auto":
         if flat_bytes <= memory and n <= FLAT_MAX_N[device]:
@@ -84,7 +97,11 @@ def plan_search(n: int, d: int, memory: int, kind: str = "auto", nprobe: int | N
             raise UserError(f"{kind} needs at least {MIN_TRAIN[kind]} vectors to train, and a category here has "
                             f"{n}; use --index auto or flat", option="--index")
     if kind == "flat":
+        if on_torch:
+            return SearchPlan("flat", device="cuda", reason=reason + "; torch on the GPU", backend="torch")
         return SearchPlan("flat", device=device, reason=reason)
+    if on_torch:
+        device = "cpu"  # an approximate index needs faiss, and this faiss has no GPU
     nlist = int(2 ** round(math.log2(max(16.0, 4 * math.sqrt(n)))))
     nlist = max(1, min(nlist, n // 39))  # faiss wants >= 39 training points per list
     # 1/64 of the lists, at least 16. The report always measures recall against
@@ -174,8 +191,55 @@ def knn_search(vectors: np.ndarray, k: int, engine, plan: SearchPlan | None = No
     if len(vectors) == 0:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
     plan = plan or SearchPlan("flat", device="gpu" if faiss_gpus() else "cpu")
+    if plan.backend == "torch":
+        return torch_knn(vectors, k, plan.device, on_batch=on_batch)
     index = build_faiss_index(vectors, plan, seed)
     return search(index, vectors, k, engine, on_batch=on_batch)
+
+
+def torch_knn(vectors: np.ndarray, k: int, device: str = "cuda", query_batch: int | None = None,
+              column_block: int | None = None,
+              on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner products of every row among all rows, with torch on ``device``.
+
+    The base sits on the device once (fp16 on CUDA); each block of queries is multiplied with a block
+    of columns at a time, ``torch.topk`` selects each block's best ``k`` (a partial selection, not a
+    sort of every column), and blocks are merged. The ``k`` found are scored again in float32 and
+    ordered by that score, so similarities match a float32 search of the same vectors.
+    """
+    import torch
+
+    dev = torch.device(device)
+    half = dev.type == "cuda"
+    base32 = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(dev)
+    base = base32.half() if half else base32
+    n = len(base)
+    k = min(k, n)
+    query_batch = query_batch or (8192 if half else 2048)
+    column_block = column_block or (262_144 if half else 65_536)
+    sims = np.empty((n, k), np.float32)
+    positions = np.empty((n, k), np.int64)
+    with torch.inference_mode():
+        for q0 in range(0, n, query_batch):
+            q = base[q0: q0 + query_batch]
+            best_s = best_i = None
+            for c0 in range(0, n, column_block):
+                block = q @ base[c0: c0 + column_block].T
+                s, i = torch.topk(block, min(k, block.shape[1]), dim=1)
+                i = i + c0
+                if best_s is None:
+                    best_s, best_i = s, i
+                else:
+                    s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+                    best_s, pick = torch.topk(s, k, dim=1)
+                    best_i = torch.gather(i, 1, pick)
+            exact = (base32[q0: q0 + query_batch, None, :] * base32[best_i]).sum(-1)
+            exact, order = torch.sort(exact, dim=1, descending=True, stable=True)
+            sims[q0: q0 + len(q)] = exact.cpu().numpy()
+            positions[q0: q0 + len(q)] = torch.gather(best_i, 1, order).cpu().numpy()
+            if on_batch:
+                on_batch(len(q))
+    return sims, positions
 
 
 def ivf_recall(vectors: np.ndarray, approx_positions: np.ndarray, sample: int = 1000, seed: int = 0,
