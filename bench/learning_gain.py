@@ -47,6 +47,7 @@ def main() -> None:
         build(work / "pairs", recipe)
         release = str(work / "pairs" / "release")
         rows = {}
+        pixel = None
         for method in args.methods.split(","):
             for positives in ("augment", "semantic", "both"):
                 knn, lin = [], []
@@ -56,6 +57,7 @@ def main() -> None:
                                       backbone=args.backbone, epochs=args.epochs, seed=seed))
                     result = evaluate(run, "fashion-mnist", args.root, limit=args.eval_limit)
                     knn.append(result["knn_top1"])
+                    pixel = result["pixel_knn_top1"], result["pixel_1nn_top1"]
                     lin.append(result["linear_top1"])
                 rows[(method, positives)] = (np.mean(knn), np.std(knn), np.mean(lin), np.std(lin))
                 print(f"{method} {positives}: kNN {np.mean(knn):.4f} +- {np.std(knn):.4f}, "
@@ -64,10 +66,12 @@ def main() -> None:
         print("| method | positives | kNN top-1 | linear top-1 |\n|---|---|---|---|")
         for (method, positives), (km, ks, lm, ls) in rows.items():
             print(f"| {method} | {positives} | {km:.4f} ± {ks:.4f} | {lm:.4f} ± {ls:.4f} |")
+        print(f"| raw pixels (same split, reference) | - | {pixel[0]:.4f} (1-NN {pixel[1]:.4f}) | - |")
         base = rows.get(("simclr", "augment")) or next(iter(rows.values()))
         best = rows.get(("simclr", "both")) or base
         print(json.dumps({"figure": round(float(best[0]), 4), "unit": "kNN top-1", "baseline": "simclr-augment",
-                          "ratio": round(float(best[0] / base[0]), 4)}))
+                          "ratio": round(float(best[0] / base[0]), 4),
+                          "pixel_knn_top1": round(float(pixel[0]), 4)}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -60,4 +60,6 @@ def results_table(summary: dict[str, Any], method: str) -> Table:
         table.add_row(f"{method}/{positives}", f"{summary['precision']['none']:.4f}",
                       f"{result['knn_top1']:.4f}", f"{result['linear_top1']:.4f}")
     table.add_row("label pairs", f"{summary['precision']['label']:.4f}", "-", "-")
+    first = next(iter(summary["results"].values()))
+    table.add_row("raw pixels (reference)", "-", f"{first['pixel_knn_top1']:.4f}", "-")
     return table

@@ -1,4 +1,5 @@
-"""Evaluation of a run's backbone: weighted kNN (k=200, T=0.1) and a linear probe, BatchNorm in eval mode."""
+"""Evaluation of a run's backbone: weighted kNN (k=200, T=0.1) and a linear probe, BatchNorm in eval mode,
+with the raw-pixel kNN and 1-NN of the same split as the reference line."""
 
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ from ..checkpoint import eval_transform, load_backbone
 
 @torch.no_grad()
 def extract(backbone: torch.nn.Module, source, image_size: int, limit: int | None = None,
-            batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised backbone features and labels of a source's images (those that do not load are left out)."""
+            batch: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """L2-normalised backbone features, L2-normalised raw pixels (the eval transform's input to the backbone,
+    flattened, float16) and labels of a source's images; those that do not load are left out."""
     backbone.eval()  # BatchNorm statistics from training, not from this batch
     transform = eval_transform(image_size)
     items = list(itertools.islice(source.items(), limit))
-    feats, labels, skipped = [], [], 0
+    feats, pixels, labels, skipped = [], [], [], 0
     with stage_progress("eval: features", len(items), quarantine=True) as (bar, task):
         for lo in range(0, len(items), batch):
             chunk = items[lo: lo + batch]
@@ -35,11 +37,12 @@ def extract(backbone: torch.nn.Module, source, image_size: int, limit: int | Non
             if kept:
                 x = torch.stack([transform(img) for img, _ in kept])
                 feats.append(torch.nn.functional.normalize(backbone(x).float(), dim=1).numpy())
+                pixels.append(torch.nn.functional.normalize(x.flatten(1), dim=1).half().numpy())
                 labels.extend(label for _, label in kept)
             bar.update(task, advance=len(chunk), quarantined=skipped)
     if not feats:
         raise UserError("no image of this split could be loaded", option="--source")
-    return np.concatenate(feats), np.asarray(labels)
+    return np.concatenate(feats), np.concatenate(pixels), np.asarray(labels)
 
 
 def knn_top1(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray, test_y: np.ndarray,
@@ -92,10 +95,14 @@ def evaluate(run: Path, source: str, root: str | None, test_root: str | None = N
     else:
         raise UserError("this source needs --test-root for the test split (--root is the train split)",
                         option="--test-root")
-    train_f, train_y = extract(backbone, train_src, image_size, limit)
-    test_f, test_y = extract(backbone, test_src, image_size, limit)
+    train_f, train_px, train_y = extract(backbone, train_src, image_size, limit)
+    test_f, test_px, test_y = extract(backbone, test_src, image_size, limit)
+    train_px, test_px = train_px.astype(np.float32), test_px.astype(np.float32)
     result = {"knn_top1": knn_top1(train_f, train_y, test_f, test_y),
               "linear_top1": linear_top1(train_f, train_y, test_f, test_y),
+              # The reference every result is read against: the same kNN, and 1-NN, on raw pixels.
+              "pixel_knn_top1": knn_top1(train_px, train_y, test_px, test_y),
+              "pixel_1nn_top1": knn_top1(train_px, train_y, test_px, test_y, k=1),
               "train_images": len(train_y), "test_images": len(test_y), "knn_k": 200, "knn_t": 0.1}
     write_json(run / "eval.json", result)
     return result
