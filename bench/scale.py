@@ -1,0 +1,108 @@
+"""Benchmark a whole build, stage by stage, against the encoder alone measured in the same run.
+
+    python bench/scale.py --quick                 # 1,000 generated ImageNet-like JPEGs, ViT-S-32, CPU (minutes)
+    python bench/scale.py --full                  # 64,000 of them, ViT-B-32, on a GPU machine
+    python bench/scale.py --full --root /data/imagenet/train --images 200000
+
+Builds an image folder of ImageNet-like JPEGs (``bench/embed.py``'s generator) or the folder given, then
+runs ``spp-curate build`` on it and prints images/s (index, embed) or pairs/s (mine, export) per stage.
+The yardstick is the encoder alone on synthetic input of the same size and batch, on the same device, in
+the same process: the embed stage's rate over it says how well the stage feeds the model. Ends with one
+JSON line holding ``embed_img_s``, ``model_only_img_s``, ``embed_over_model``,
+``index_plus_embed_over_embed``, ``export_pairs_s`` and ``device``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from spp_curate.config import resolve_recipe
+from spp_curate.curate.embed import encode_batch, prepare_encoder
+from spp_curate.devices import default_device
+from spp_curate.pipeline import STAGES
+from spp_curate.stages import build
+
+from _common import mode_parser
+from embed import imagenet_like
+
+
+def model_alone(encoder: str, image_size: int | None, batch: int, seconds: float = 20.0) -> float:
+    """Images/s of the encoder on random input already on the device: the stage's ceiling."""
+    recipe = resolve_recipe("imagefolder", {"encoder": encoder, "image_size": image_size})
+    device = default_device()
+    enc = prepare_encoder(recipe, device)
+    x = torch.randn(batch, 3, enc.image_size, enc.image_size)
+    ok = torch.ones(batch, dtype=torch.bool)
+    encode_batch(enc, x, ok, device)  # warm-up: kernels chosen, memory allocated
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or done < 2 * batch:
+        encode_batch(enc, x, ok, device)
+        done += batch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - started)
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def main_(argv: list[str] | None = None) -> dict:
+    parser = mode_parser(__doc__)
+    parser.add_argument("--images", type=int, help="generated pictures [1,000 quick, 64,000 full]")
+    parser.add_argument("--encoder", help="[quick: openclip:ViT-S-32; full: openclip:ViT-B-32]")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--batch-size", type=int, help="[quick: 64; full: 1024]")
+    parser.add_argument("--workers", type=int, help="decode processes [default: spare cores]")
+    args = parser.parse_args(argv)
+    n = args.images or (64_000 if args.full else 1_000)
+    encoder = args.encoder or ("openclip:ViT-B-32" if args.full else "openclip:ViT-S-32")
+    batch = args.batch_size or (1024 if args.full else 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root
+        if root is None:
+            root = Path(tmp) / "images"
+            started = time.perf_counter()
+            imagenet_like(root, n)
+            print(f"generated {n:,} JPEGs of 500x375 in {time.perf_counter() - started:.1f} s", flush=True)
+        n = sum(1 for p in root.rglob("*") if p.is_file())
+        out = Path(tmp) / "build"
+        recipe = resolve_recipe("imagefolder", {"root": str(root), "encoder": encoder, "image_size": args.image_size,
+                                                "batch_size": batch, "workers": args.workers,
+                                                "min_similarity": "q0.5", "dup_threshold": "q0.999"})
+        started = time.perf_counter()
+        build(out, recipe)
+        wall = time.perf_counter() - started
+        records = {s: json.loads((out / "stages" / f"{s}.json").read_text()) for s in STAGES}
+    seconds = {s: r["seconds"] for s, r in records.items()}
+    images = records["index"]["summary"]["images"]
+    pairs = records["mine"]["summary"]["pairs"]
+    model = model_alone(encoder, args.image_size, batch)
+    rates = {"index": (images, "img"), "embed": (images, "img"), "exclude": (images, "img"),
+             "mine": (pairs, "pair"), "report": (pairs, "pair"), "export": (pairs, "pair")}
+    for stage in STAGES:
+        count, unit = rates[stage]
+        print(f"{stage:>8}: {seconds[stage]:8.2f} s  {count / max(seconds[stage], 1e-9):10,.0f} {unit}/s")
+    embed_img_s = images / max(seconds["embed"], 1e-9)
+    print(f"model alone ({encoder}, batch {batch}): {model:,.0f} img/s; the embed stage runs at "
+          f"{embed_img_s / model:.2f} of it; whole build {wall:.1f} s on {device_name()}")
+    result = {"mode": "full" if args.full else "quick", "images": images, "pairs": pairs, "encoder": encoder,
+              "batch": batch, "embed_img_s": round(embed_img_s, 1), "model_only_img_s": round(model, 1),
+              "embed_over_model": round(embed_img_s / model, 4),
+              "index_plus_embed_over_embed": round((seconds["index"] + seconds["embed"]) / seconds["embed"], 4),
+              "export_pairs_s": round(pairs / max(seconds["export"], 1e-9), 1), "stage_s": seconds,
+              "build_s": round(wall, 2), "device": device_name()}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main_()
