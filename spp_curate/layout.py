@@ -66,7 +66,6 @@ def chunk_keys_path(emb_dir: Path, chunk: int) -> Path:
     return emb_dir / f"chunk-{chunk:05d}.keys.parquet"
 
 
-
 def load_embeddings(build_dir: Path, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """All embeddings as ``(N, d)`` rows of ``dtype`` with their ids, in index (id) order (no torch needed)."""
     emb_dir = build_dir / EMBEDDINGS
@@ -83,9 +82,9 @@ def load_embeddings(build_dir: Path, dtype=np.float32) -> tuple[np.ndarray, np.n
     return vecs_all[order], ids_all[order]
 
 
-EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.ids\.npy", r"chunk-\d{5}\.keys\.parquet",
-                                           r"meta\.json",
-                                           r"run\.json", r"encoder\.json")]
+EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.ids\.npy",
+                                           r"chunk-\d{5}\.keys\.parquet", r"meta\.json", r"run\.json",
+                                           r"encoder\.json")]
 REPORT_FILES = [re.compile(p) for p in (r"[A-Za-z0-9_-]+\.png", r"index\.html", r"metrics\.json")]
 #: Files of one reference set's folder under ``references/``.
 REFERENCE_FILES = [re.compile(p) for p in (re.escape(INDEX), re.escape(QUARANTINE), r"descriptors\.npz",

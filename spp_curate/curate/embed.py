@@ -194,27 +194,25 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
 
     chunks = _complete_chunks(emb_dir)
     stored: set[tuple[str, str]] = set()
-    kept: list[int] = []
-    dirty: list[tuple[int, np.ndarray, pa.Table]] = []
+    rows_of: dict[int, list[tuple[str, str]]] = {}  # every chunk kept or written: its rows' (key, digest)
+    dirty: list[tuple[int, np.ndarray, list[tuple[str, str]]]] = []
     for c in chunks:
         table = pq.read_table(chunk_keys_path(emb_dir, c))
         rows = list(zip(table.column("key").to_pylist(), table.column("digest").to_pylist()))
         live = np.array([r in wanted and r not in stored for r in rows], dtype=bool)
         stored.update(r for r, ok in zip(rows, live) if ok)
         if live.all():
-            kept.append(c)
+            rows_of[c] = rows
         else:
-            dirty.append((c, live, table))
+            dirty.append((c, live, rows))
     next_chunk = max(chunks, default=-1) + 1
     dropped = 0
-    for c, live, table in dirty:  # drop removed and changed images' rows; the others are kept as they are
+    for c, live, rows in dirty:  # drop removed and changed images' rows; the others are kept as they are
         if live.any():
-            vecs = np.load(chunk_paths(emb_dir, c)[0])[live]
-            sub = table.filter(pa.array(live))
-            sub_keys, sub_digests = sub.column("key").to_pylist(), sub.column("digest").to_pylist()
-            _write_chunk(emb_dir, next_chunk, vecs, np.array([wanted[r] for r in zip(sub_keys, sub_digests)]),
-                         sub_keys, sub_digests)
-            kept.append(next_chunk)
+            sub = [r for r, ok in zip(rows, live) if ok]
+            _write_chunk(emb_dir, next_chunk, np.load(chunk_paths(emb_dir, c)[0])[live],
+                         np.array([wanted[r] for r in sub]), [k for k, _ in sub], [d for _, d in sub])
+            rows_of[next_chunk] = sub
             next_chunk += 1
         _remove_chunk(emb_dir, c)
         dropped += int((~live).sum())
@@ -242,16 +240,15 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
                 write_json(encoder_file, description)
             _write_chunk(emb_dir, todo[position], feats, ids[rows], [keys[i] for i in rows],
                          [digests[i] for i in rows])
+            rows_of[todo[position]] = [(keys[i], digests[i]) for i in rows]
             bar.update(task, advance=len(rows) - shown)
             shown = 0
 
         engine.map(EmbedWork(recipe, draft, device, on_batch), [[keys[i] for i in rows] for rows in spans],
                    on_result=save)
-    chunk_files = sorted(kept + todo)
+    chunk_files = sorted(rows_of)
     for c in chunk_files:  # ids follow the index (a changed source renumbers its rows)
-        table = pq.read_table(chunk_keys_path(emb_dir, c))
-        current = np.array([wanted[r] for r in zip(table.column("key").to_pylist(),
-                                                     table.column("digest").to_pylist())], dtype=np.int64)
+        current = np.array([wanted[r] for r in rows_of[c]], dtype=np.int64)
         ids_path = chunk_paths(emb_dir, c)[1]
         if not np.array_equal(np.load(ids_path), current):
             _save_npy(ids_path, current)

@@ -8,6 +8,7 @@ decoded, with the reason. A bad image never stops the run.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
@@ -78,23 +79,23 @@ class ProbeWork:
 PROBE_BATCH = 64
 
 
-def known_probes(recipe: Recipe, out_dir: Path) -> dict[str, tuple[str, Probe]]:
+def known_probes(recipe: Recipe, out_dir: Path, previous: list[dict]) -> dict[str, tuple[str, Probe]]:
     """The last index's images by key, with their file identity: ``key -> (stat, probe)``.
 
-    Empty unless the last index was made by the same recipe (source, root, split, limit, columns).
+    Empty unless the last index (``previous``, its rows) was made by the same recipe (source, root, split,
+    limit, columns).
     """
-    stats_path, index_path = out_dir / layout.INDEX_STATS, out_dir / layout.INDEX
-    if not (stats_path.is_file() and index_path.is_file()):
+    stats_path = out_dir / layout.INDEX_STATS
+    if not (previous and stats_path.is_file()):
         return {}
     stats = pq.read_table(stats_path)
     meta = stats.schema.metadata or {}
     if meta.get(b"spp_curate.recipe") != recipe.fingerprint("index", source_state=False).encode():
         return {}
-    index = pq.read_table(index_path).to_pylist()
     stat_of = dict(zip(stats.column("key").to_pylist(), stats.column("stat").to_pylist()))
     return {row["key"]: (stat_of[row["key"]], Probe(row["key"], row["label"], row["width"], row["height"],
                                                      row["nbytes"], row["digest"], row["format"]))
-            for row in index if stat_of.get(row["key"])}
+            for row in previous if stat_of.get(row["key"])}
 
 
 def index_source(recipe: Recipe, out_dir: Path, engine) -> dict[str, int]:
@@ -108,13 +109,15 @@ def index_source(recipe: Recipe, out_dir: Path, engine) -> dict[str, int]:
     if recipe.limit is not None:
         items = itertools.islice(items, recipe.limit)
     items = list(items)
-    known = known_probes(recipe, out_dir)
+    index_path = out_dir / layout.INDEX
+    previous = pq.read_table(index_path).to_pylist() if index_path.is_file() else []
+    known = known_probes(recipe, out_dir, previous)
     stats = {key: source.stat(key) for key, _ in items}  # taken before reading: a later edit reads again
     reused: dict[str, Probe] = {}
     for key, label in items:
         seen = known.get(key)
         if seen is not None and stats.get(key) == seen[0]:
-            reused[key] = Probe(**{**seen[1].__dict__, "label": label})
+            reused[key] = dataclasses.replace(seen[1], label=label)
     todo = [(key, label) for key, label in items if key not in reused]
     workers = auto_workers() if recipe.workers is None else recipe.workers
     batches = [todo[lo: lo + PROBE_BATCH] for lo in range(0, len(todo), PROBE_BATCH)]
@@ -161,23 +164,22 @@ def index_source(recipe: Recipe, out_dir: Path, engine) -> dict[str, int]:
         raise UserError(f"no usable images in {source.describe()}"
                         + (f" ({len(probes)} quarantined; reasons in {out_dir / layout.QUARANTINE})" if probes
                            else ""), option="--source")
-    changes = source_changes(out_dir / layout.INDEX, table)
+    changes = source_changes(previous, table)
     stat_table = pa.table({"key": [p.key for p in good], "stat": [stats.get(p.key) for p in good]},
                           schema=pa.schema([("key", pa.string()), ("stat", pa.string())]))
     stat_table = stat_table.replace_schema_metadata(
         {b"spp_curate.recipe": recipe.fingerprint("index", source_state=False).encode()})
     (out_dir / layout.INDEX_STATS).unlink(missing_ok=True)  # never beside an index it does not describe
-    write_table(out_dir / layout.INDEX, table)
+    write_table(index_path, table)
     write_table(out_dir / layout.INDEX_STATS, stat_table)
     return {"images": len(good), "quarantined": len(probes) - len(good), "read": len(todo), **changes}
 
 
-def source_changes(previous: Path, table: pa.Table) -> dict[str, int]:
+def source_changes(previous: list[dict], table: pa.Table) -> dict[str, int]:
     """How many images were added, removed, or kept their key with other bytes, since the last index."""
-    if not previous.is_file():
+    if not previous:
         return {}
-    old = pq.read_table(previous, columns=["key", "digest"])
-    changes = key_changes(dict(zip(old.column("key").to_pylist(), old.column("digest").to_pylist())),
+    changes = key_changes({row["key"]: row["digest"] for row in previous},
                           dict(zip(table.column("key").to_pylist(), table.column("digest").to_pylist())))
     return {kind: len(keys) for kind, keys in changes.items()}
 

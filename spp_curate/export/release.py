@@ -38,7 +38,7 @@ from ..curate.sources import Source, open_source
 from ..errors import UserError
 from ..files import atomic_path, read_json, recover_swap, refuse_foreign, remove_owned, remove_stale_temps, \
     sha256_bytes, swap_in, write_json, write_table
-from ..review.store import read_reviews, select as select_reviewed, summary as review_summary
+from ..review.store import apply_reviews, read_reviews
 from ..progress import stage_progress
 from .card import render_card
 from .manifest import SCHEMA_VERSION, file_entry, library_versions
@@ -68,7 +68,7 @@ class ReleaseInput:
     counts: dict[str, int]  # images, quarantined
     metrics: dict[str, Any] | None = None
     figure: Path | None = None
-    #: What the review page's decisions did to the pairs (``review.store.summary``), when there are any.
+    #: What the review page's decisions did to the pairs (``review.store.apply_reviews``), when there are any.
     review: dict[str, Any] | None = None
     #: The build's index (key, digest) and where the build keeps its snapshot at each export (versions.py).
     index_keys: pd.DataFrame | None = None
@@ -195,8 +195,7 @@ def reviewed_pairs(recipe: Recipe, build_dir: Path, table: pd.DataFrame,
     reviews = read_reviews(build_dir)
     if recipe.reviewed == "all" and not len(reviews):
         return table, None
-    review = review_summary(table, reviews, recipe.reviewed)
-    chosen = select_reviewed(table, reviews, recipe.reviewed)
+    chosen, review = apply_reviews(table, reviews, recipe.reviewed)
     if not len(chosen):
         raise UserError(f"no pair is {recipe.reviewed} by the reviews ({review['pairs_reviewed']:,} reviewed, "
                         f"{review['accepted']:,} accepted, {review['rejected']:,} rejected); review with "
@@ -276,7 +275,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
             shown = 0
 
         # One process per shard, up to the cores (or --workers): shards are independent files.
-        workers = min(len(todo), os.cpu_count() or 1) if recipe.workers is None else min(len(todo), recipe.workers)
+        workers = min(len(todo), (os.cpu_count() or 1) if recipe.workers is None else recipe.workers)
         workers = workers if workers > 1 else 0
         work = ShardWork(recipe, source, formats, target, ext, features, row_group_rows,
                          None if workers else on_pair)

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from ..curate.index import key_changes
 from ..errors import UserError
 from ..files import sha256_file
+from ..review.store import pair_key
 from .manifest import Manifest, load_manifest, release_file
 
 PAIR_KEY_COLUMNS = ["anchor_key", "positive_key", "anchor_digest", "positive_digest"]
@@ -31,10 +32,8 @@ PAIR_KEY_COLUMNS = ["anchor_key", "positive_key", "anchor_digest", "positive_dig
 
 def pair_identity(pairs: pd.DataFrame) -> np.ndarray:
     """One string per pair: its two images (key and digest), in either order."""
-    a = (pairs.anchor_key.astype(str) + "@" + pairs.anchor_digest.astype(str)).to_numpy(dtype=object)
-    p = (pairs.positive_key.astype(str) + "@" + pairs.positive_digest.astype(str)).to_numpy(dtype=object)
-    first = a <= p
-    return np.where(first, a, p) + "\x00" + np.where(first, p, a)
+    return pair_key(pairs.anchor_key.astype(str) + "@" + pairs.anchor_digest.astype(str),
+                    pairs.positive_key.astype(str) + "@" + pairs.positive_digest.astype(str))
 
 
 def index_digest(images: pd.DataFrame) -> str:

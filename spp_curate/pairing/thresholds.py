@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Recipe, check_threshold_order, resolve_threshold
+from ..config import Recipe, check_threshold_order, option_name, resolve_threshold
 from . import filters as F
 
 CURVE_POINTS = 101
@@ -23,7 +23,7 @@ CURVE_POINTS = 101
 def resolve_thresholds(recipe: Recipe, similarities: np.ndarray) -> dict[str, dict[str, Any]]:
     """``min_similarity`` and ``dup_threshold`` as given and as values (quantiles of ``similarities``)."""
     resolved = {field: {"given": str(getattr(recipe, field)),
-                        "value": resolve_threshold(getattr(recipe, field), similarities, "--" + field.replace("_", "-"))}
+                        "value": resolve_threshold(getattr(recipe, field), similarities, option_name(field))}
                 for field in ("min_similarity", "dup_threshold")}
     check_threshold_order(resolved["min_similarity"]["value"], resolved["dup_threshold"]["value"])
     return resolved
@@ -38,11 +38,7 @@ def eligible_pairs(c: F.Candidates, cap: int) -> tuple[np.ndarray, np.ndarray, n
     anchor's list and the anchor cap keeps its first ``cap``: a candidate past position ``cap`` never
     survives, whatever the threshold. An unordered pair enters with the larger similarity of its two rows.
     """
-    order = np.lexsort((c.rank, c.anchor))
-    anchors = c.anchor[order]
-    starts = np.r_[0, np.flatnonzero(anchors[1:] != anchors[:-1]) + 1] if len(anchors) else np.empty(0, np.int64)
-    run_start = np.repeat(starts, np.diff(np.r_[starts, len(anchors)]))
-    chosen = order[(np.arange(len(anchors)) - run_start) < cap]
+    chosen = np.flatnonzero(F.top_per_anchor(c, cap))
     lo = np.minimum(c.anchor[chosen], c.positive[chosen])
     hi = np.maximum(c.anchor[chosen], c.positive[chosen])
     sims = c.similarity[chosen].astype(np.float64)

@@ -95,27 +95,21 @@ def consensus(last: pd.DataFrame) -> pd.Series:
     return pd.Series(np.where(rejected, "rejected", np.where(accepted, "accepted", "undecided")), index=rejected.index)
 
 
-def select(pairs: pd.DataFrame, reviews: pd.DataFrame, reviewed: str) -> pd.DataFrame:
-    """The pairs a release of ``reviewed`` holds (``pairs`` has anchor_key and positive_key)."""
-    if reviewed == "all":
-        return pairs
-    verdict = consensus(last_decisions(reviews))
+def apply_reviews(pairs: pd.DataFrame, reviews: pd.DataFrame,
+                  reviewed: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The pairs a release of ``reviewed`` holds (``pairs`` has anchor_key and positive_key), and what the
+    release records of the review: counts over the build's pairs, reviewers, their agreement."""
     keys = pair_key(pairs.anchor_key, pairs.positive_key)
-    state = pd.Series(keys).map(verdict).fillna("unreviewed").to_numpy()
-    keep = state == "accepted" if reviewed == "accepted" else state != "rejected"
-    return pairs[keep]
-
-
-def summary(pairs: pd.DataFrame, reviews: pd.DataFrame, reviewed: str) -> dict[str, Any]:
-    """What a release records of the review: counts over the build's pairs, reviewers, their agreement."""
     last = last_decisions(reviews)
-    keys = set(pair_key(pairs.anchor_key, pairs.positive_key))
-    last = last[last.pair.isin(keys)]
+    last = last[last.pair.isin(set(keys))]
     verdict = consensus(last)
+    state = pd.Series(keys).map(verdict).fillna("unreviewed").to_numpy()
+    keep = (np.ones(len(pairs), bool) if reviewed == "all" else
+            state == "accepted" if reviewed == "accepted" else state != "rejected")
     decided = last[last.decision != "skip"]
     per_pair = decided.groupby("pair").decision.agg(["nunique", "size"])
     shared = per_pair[per_pair["size"] >= 2]
-    return {
+    return pairs[keep], {
         "selected": reviewed,
         "pairs_mined": len(pairs),
         "pairs_reviewed": int(decided.pair.nunique()),
