@@ -87,8 +87,8 @@ EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.i
                                            r"encoder\.json")]
 REPORT_FILES = [re.compile(p) for p in (r"[A-Za-z0-9_-]+\.png", r"index\.html", r"metrics\.json")]
 #: Files of one reference set's folder under ``references/``.
-REFERENCE_FILES = [re.compile(p) for p in (re.escape(INDEX), re.escape(QUARANTINE), r"descriptors\.npz",
-                                           r"record\.json")]
+REFERENCE_FILES = [re.compile(p) for p in (re.escape(INDEX), re.escape(QUARANTINE), re.escape(INDEX_STATS),
+                                           r"descriptors\.npz", r"record\.json")]
 
 # ---------------------------------------------------------------- a release
 MANIFEST = "manifest.json"
