@@ -225,6 +225,8 @@ class Recipe(BaseModel):
 
     #: What the source held when this build looked (``Source.state()``); part of every fingerprint.
     _source_state: str | None = PrivateAttr(default=None)
+    #: What the ``exclude_near`` reference sets hold (``leakage.exclude.reference_state``), when there are any.
+    _reference_state: str | None = PrivateAttr(default=None)
 
     @field_validator("shard_size", "memory", mode="before")
     @classmethod
@@ -282,10 +284,12 @@ class Recipe(BaseModel):
             check_threshold_order(self.min_similarity, self.dup_threshold)
         return self
 
-    def with_source_state(self, state: str) -> "Recipe":
-        """This recipe, bound to what the source holds now: a changed source changes every fingerprint."""
+    def with_source_state(self, state: str, reference_state: str | None = None) -> "Recipe":
+        """This recipe, bound to what the source holds now: a changed source changes every fingerprint;
+        and to what its reference sets hold: a changed set changes the prints from the exclude stage on."""
         bound = self.model_copy()
         bound._source_state = state
+        bound._reference_state = reference_state
         return bound
 
     @property
@@ -308,6 +312,8 @@ class Recipe(BaseModel):
             stat = weights.stat() if weights else None
             fields["encoder_file"] = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None
         fields["source_state"] = self._source_state if source_state else None
+        if source_state and "exclude_near" in fields and self._reference_state is not None:
+            fields["reference_state"] = self._reference_state
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

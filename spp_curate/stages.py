@@ -65,12 +65,14 @@ def check_build_dir(build_dir: Path) -> None:
 
 
 def bind_source_state(recipe: Recipe) -> Recipe:
-    """The recipe bound to what its source holds now (listing, sizes, modification times)."""
+    """The recipe bound to what its source and its reference sets hold now (listing, sizes, modification
+    times): an edited reference set runs the exclude stage again, as an edited source runs every stage."""
     if recipe.source_state is not None:
         return recipe
     from .curate.sources import open_source
+    from .leakage.exclude import reference_state
 
-    return recipe.with_source_state(open_source(recipe).state())
+    return recipe.with_source_state(open_source(recipe).state(), reference_state(recipe))
 
 
 def _record(build_dir: Path, stage: str) -> Path:

@@ -193,3 +193,35 @@ def test_a_bad_exclude_threshold_is_one_line(cli, tmp_path):
     proc = cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", tmp_path / "o",
                "--exclude-near", "fashion-mnist:test", "--exclude-threshold", "q1.5")
     assert proc.returncode == 2 and proc.stderr.startswith("error: --exclude-threshold:"), proc.stderr
+
+
+def test_an_edited_reference_set_runs_the_exclude_stage_again(cli, label_build, tmp_path):
+    """A reference folder holding exact copies of five build pictures; two copies are then deleted. The next
+    plain build reruns the exclude stage (and not index or embed), indexes the folder anew, and lets the two
+    pictures back in."""
+    train = FashionMNISTSource(str(FMNIST), "train")
+    ref = tmp_path / "ref"
+    (ref / "copies").mkdir(parents=True)
+    copied = [3, 50, 120, 777, 1500]
+    for i in copied:
+        Image.fromarray(train.images[i], "L").save(ref / "copies" / f"{i:05d}.png")
+    work = tmp_path / "b"
+    shutil.copytree(label_build, work)
+    args = ["build", "--source", "fashion-mnist", "--root", FMNIST, "--out", work, *TEST_ENCODER, "--workers", "0",
+            "--shard-size", "1MB", "--category", "label", "--exclude-near", f"imagefolder:{ref}", "--until", "exclude"]
+
+    def excluded() -> set[str]:
+        table = pq.read_table(work / "exclusion.parquet").to_pandas()
+        return set(table.key[table.excluded])
+
+    assert cli(*args).returncode == 0
+    assert {f"train/{i:05d}" for i in copied} <= excluded()
+    for i in copied[:2]:
+        (ref / "copies" / f"{i:05d}.png").unlink()
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    skipped = [line.split(":")[0] for line in proc.stderr.splitlines() if line.endswith("complete, skipped")]
+    assert skipped == ["index", "embed"], proc.stderr
+    now = excluded()
+    assert {f"train/{i:05d}" for i in copied[2:]} <= now
+    assert not {f"train/{i:05d}" for i in copied[:2]} & now

@@ -109,19 +109,33 @@ def _described(record_path: Path, path: Path, record: dict[str, Any], make) -> D
     return descriptors
 
 
+def _open_reference(recipe: Recipe, ref: ReferenceSpec) -> tuple[Recipe, Any, str]:
+    """A reference set's recipe, open source and state; a one-line error when it cannot be read."""
+    from ..curate.sources import open_source
+
+    ref_recipe = reference_recipe(recipe, ref)
+    try:
+        source = open_source(ref_recipe)
+        return ref_recipe, source, source.state()
+    except (UserError, OSError, ValueError) as exc:
+        raise _unreadable(ref, exc) from None
+
+
+def reference_state(recipe: Recipe) -> str | None:
+    """A hash of what every reference set holds now (None without any), for the stage fingerprints."""
+    if not recipe.references:
+        return None
+    states = [f"{ref.spec}={_open_reference(recipe, ref)[2]}" for ref in recipe.references]
+    return hashlib.sha256("\n".join(states).encode()).hexdigest()[:16]
+
+
 def prepare_reference(recipe: Recipe, ref: ReferenceSpec, build_dir: Path, engine
                       ) -> tuple[pa.Table, Descriptors, dict[str, Any]]:
     """Index and describe one reference set (or reuse the folder a run before made for the same files)."""
     from ..curate.index import index_source
-    from ..curate.sources import open_source
 
     folder = build_dir / layout.REFERENCES / reference_folder(ref)
-    ref_recipe = reference_recipe(recipe, ref)
-    try:
-        source = open_source(ref_recipe)
-        state = source.state()
-    except (UserError, OSError, ValueError) as exc:
-        raise _unreadable(ref, exc) from None
+    ref_recipe, source, state = _open_reference(recipe, ref)
 
     def make() -> Descriptors:
         if folder.exists():
