@@ -254,7 +254,8 @@ def train(
     image_size: int = typer.Option(32, min=8, help="training input size"),
     limit: Optional[int] = typer.Option(None, min=1, help="use the first N pairs or images"),
     seed: int = typer.Option(0),
-    workers: int = typer.Option(0, min=0, help="data loader processes"),
+    workers: Optional[int] = typer.Option(None, min=0, help="decode processes [default: spare cores]"),
+    cache: str = typer.Option("auto", help="decoded pictures: auto | memory | disk (RUN/cache/, memory-mapped)"),
     resume: bool = typer.Option(False, "--resume", help="continue from RUN/last.pt"),
 ) -> None:
     """Pretrain MoCo-v2, SimCLR, SimSiam or BYOL on pair shards (or single images); checkpoints every epoch."""
@@ -262,7 +263,8 @@ def train(
 
     cfg = TrainConfig(out=str(out_dir), method=method, positives=positives, backbone=backbone, pairs=pairs,
                       source=source, root=str(root) if root else None, limit=limit, epochs=epochs,
-                      batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, workers=workers)
+                      batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, workers=workers,
+                      cache=cache)
     metrics = run_train(cfg, resume=resume)
     out.print(f"run: {out_dir} (epoch {metrics.get('epoch')}, loss {metrics.get('loss', float('nan')):.4f}); "
               f"use it as --encoder ssl:{out_dir / 'last.pt'}")

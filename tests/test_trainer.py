@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spp_curate.backbones import build_backbone
-from spp_curate.train.data import PairViews, collate_views
+from spp_curate.train.data import ViewMaker, pair_data
 from spp_curate.train.evaluate import knn_top1
 from spp_curate.train.losses import multi_positive_info_nce, view_masks
 from spp_curate.train.loop import TrainConfig, load_checkpoint, train
@@ -84,11 +84,10 @@ def test_moco_masks_the_partner_out_of_the_queue():
 
 @pytest.fixture(scope="module")
 def pair_batches(label_build):
-    out = {}
-    for mode in ("augment", "semantic", "both"):
-        data = PairViews(str(label_build / "release"), mode, image_size=32, seed=0, limit=32)
-        out[mode] = collate_views(list(data))
-    return out
+    data = pair_data(str(label_build / "release"), 32, workers=0, limit=32)
+    torch.manual_seed(0)
+    return {mode: ViewMaker(data, mode, 32, torch.device("cpu"))(torch.arange(len(data)))
+            for mode in ("augment", "semantic", "both")}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -97,10 +96,9 @@ def test_every_method_and_positive_mode_learns(pair_batches, method, positives):
     torch.manual_seed(0)
     backbone, dim = build_backbone("small-cnn", 32)
     model = build_method(method, backbone, dim, use_partner=positives != "augment")
-    tensors, images, partners, _ = pair_batches[positives]
-    assert len(tensors) == (3 if positives == "both" else 2)
+    views = pair_batches[positives]
+    assert len(views.tensors) == (3 if positives == "both" else 2)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    views = Views(tensors, images, partners)
     # MoCo's queue fills with real keys as it trains, which makes its loss harder by design;
     # hold the queue fixed so the steps show the encoder learning on this batch.
     queue = {k: v.clone() for k, v in model.named_buffers() if k.startswith("queue")}

@@ -11,38 +11,47 @@ import numpy as np
 import torch
 
 from ..config import parse_source, resolve_recipe
-from ..images import load_images
 from ..curate.sources import open_source
+from ..devices import auto_workers, autocast_for, default_device
 from ..errors import UserError
 from ..files import write_json
 from ..progress import stage_progress
-from ..checkpoint import eval_transform, load_backbone
+from ..checkpoint import load_backbone
+from .augment import normalise
+from .cache import CACHE_DIR, SourceReader, decode_into
 
 
 @torch.no_grad()
 def extract(backbone: torch.nn.Module, source, image_size: int, limit: int | None = None,
-            batch: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            batch: int | None = None, workers: int | None = None, spill_dir: Path | None = None,
+            label: str = "eval") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """L2-normalised backbone features, L2-normalised raw pixels (the eval transform's input to the backbone,
-    flattened, float16) and labels of a source's images; those that do not load are left out."""
-    backbone.eval()  # BatchNorm statistics from training, not from this batch
-    transform = eval_transform(image_size)
+    flattened, float16) and labels of a source's images; those that do not load are left out.
+
+    The pictures are decoded once by ``workers`` processes into the cache the trainer uses (same geometry
+    as the eval transform); features are computed on the device in batches of ``batch`` (1,024 on a GPU).
+    """
+    device = default_device()
+    backbone = backbone.to(device).to(memory_format=torch.channels_last).eval()  # BatchNorm from training
+    batch = batch or (1024 if device.type == "cuda" else 256)
     items = list(itertools.islice(source.items(), limit))
-    feats, pixels, labels, skipped = [], [], [], 0
-    with stage_progress("eval: features", len(items), quarantine=True) as (bar, task):
-        for lo in range(0, len(items), batch):
-            chunk = items[lo: lo + batch]
-            images, _ = load_images(source, [k for k, _ in chunk])
-            kept = [(img, label) for img, (_, label) in zip(images, chunk) if img is not None]
-            skipped += len(chunk) - len(kept)
-            if kept:
-                x = torch.stack([transform(img) for img, _ in kept])
-                feats.append(torch.nn.functional.normalize(backbone(x).float(), dim=1).numpy())
-                pixels.append(torch.nn.functional.normalize(x.flatten(1), dim=1).half().numpy())
-                labels.extend(label for _, label in kept)
-            bar.update(task, advance=len(chunk), quarantined=skipped)
-    if not feats:
+    cache = decode_into(SourceReader(source, [k for k, _ in items]), image_size,
+                        auto_workers() if workers is None else workers, spill_dir=spill_dir,
+                        label=f"{label}: decode")
+    kept = np.flatnonzero(cache.ok)
+    if not len(kept):
         raise UserError("no image of this split could be loaded", option="--source")
-    return np.concatenate(feats), np.concatenate(pixels), np.asarray(labels)
+    labels = np.asarray([items[i][1] for i in kept])
+    feats, pixels = [], []
+    with stage_progress(f"{label}: features", len(kept)) as (bar, task):
+        for lo in range(0, len(kept), batch):
+            x = normalise(torch.from_numpy(cache.pixels[kept[lo: lo + batch]]).to(device))
+            with autocast_for(device):
+                f = backbone(x.contiguous(memory_format=torch.channels_last))
+            feats.append(torch.nn.functional.normalize(f.float(), dim=1).cpu().numpy())
+            pixels.append(torch.nn.functional.normalize(x.flatten(1), dim=1).half().cpu().numpy())
+            bar.update(task, advance=len(x))
+    return np.concatenate(feats), np.concatenate(pixels), labels
 
 
 def knn_top1(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray, test_y: np.ndarray,
@@ -57,14 +66,17 @@ def knn_accuracies(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray,
     classes = int(max(train_y.max(), test_y.max())) + 1
     ks = [min(k, len(train_f)) for k in ks]
     correct = [0] * len(ks)
-    labels = torch.from_numpy(train_y)
+    device = default_device()
+    labels = torch.from_numpy(train_y).to(device)
+    train_t = torch.from_numpy(train_f).to(device)
+    test_t, test_l = torch.from_numpy(test_f).to(device), torch.from_numpy(test_y).to(device)
     for lo in range(0, len(test_f), batch):
-        sims = torch.from_numpy(test_f[lo: lo + batch]) @ torch.from_numpy(train_f).T
+        sims = test_t[lo: lo + batch] @ train_t.T
         top, idx = sims.topk(max(ks), dim=1)  # sorted: the first k columns are the k nearest
         weights, votes_for = (top / temperature).exp(), labels[idx].long()
         for j, k in enumerate(ks):
-            votes = torch.zeros(len(top), classes).scatter_add_(1, votes_for[:, :k], weights[:, :k])
-            correct[j] += int((votes.argmax(1).numpy() == test_y[lo: lo + batch]).sum())
+            votes = torch.zeros(len(top), classes, device=device).scatter_add_(1, votes_for[:, :k], weights[:, :k])
+            correct[j] += int((votes.argmax(1) == test_l[lo: lo + batch]).sum())
     return [c / len(test_f) for c in correct]
 
 
@@ -73,8 +85,9 @@ def linear_top1(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray, te
     """A linear classifier on frozen features (full-batch L-BFGS, light weight decay)."""
     torch.manual_seed(seed)
     classes = int(max(train_y.max(), test_y.max())) + 1
-    x, y = torch.from_numpy(train_f), torch.from_numpy(train_y).long()
-    probe = torch.nn.Linear(x.shape[1], classes)
+    device = default_device()
+    x, y = torch.from_numpy(train_f).to(device), torch.from_numpy(train_y).long().to(device)
+    probe = torch.nn.Linear(x.shape[1], classes).to(device)
     opt = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=epochs, history_size=20)
 
     def closure():
@@ -85,7 +98,7 @@ def linear_top1(train_f: np.ndarray, train_y: np.ndarray, test_f: np.ndarray, te
 
     opt.step(closure)
     with torch.no_grad():
-        pred = probe(torch.from_numpy(test_f)).argmax(1).numpy()
+        pred = probe(torch.from_numpy(test_f).to(device)).argmax(1).cpu().numpy()
     return float((pred == test_y).mean())
 
 
@@ -103,8 +116,9 @@ def evaluate(run: Path, source: str, root: str | None, test_root: str | None = N
     else:
         raise UserError("this source needs --test-root for the test split (--root is the train split)",
                         option="--test-root")
-    train_f, train_px, train_y = extract(backbone, train_src, image_size, limit)
-    test_f, test_px, test_y = extract(backbone, test_src, image_size, limit)
+    spill = Path(run) / CACHE_DIR
+    train_f, train_px, train_y = extract(backbone, train_src, image_size, limit, spill_dir=spill, label="eval train")
+    test_f, test_px, test_y = extract(backbone, test_src, image_size, limit, spill_dir=spill, label="eval test")
     train_px, test_px = train_px.astype(np.float32), test_px.astype(np.float32)
     result = {"knn_top1": knn_top1(train_f, train_y, test_f, test_y),
               "linear_top1": linear_top1(train_f, train_y, test_f, test_y),

@@ -9,16 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from ..checkpoint import CHECKPOINT, load_checkpoint
-from ..devices import autocast_for, default_device
+from ..devices import auto_workers, autocast_for, default_device
 from ..errors import UserError
 from ..files import atomic_path
 from ..progress import console, stage_progress
 from ..backbones import BACKBONES, build_backbone
-from .data import POSITIVE_MODES, PairViews, SingleImageViews, collate_views
+from .cache import CACHE_MODES
+from .data import POSITIVE_MODES, TrainData, ViewMaker, pair_data, single_data
 from .methods import METHODS, Views, build_method
+
+
+#: Options a resumed run may change: they do not change what it computes.
+RESUMABLE_CHANGES = ("epochs", "workers", "cache")
 
 
 @dataclass
@@ -37,11 +41,13 @@ class TrainConfig:
     weight_decay: float = 5e-4
     image_size: int = 32
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # decode processes; None: one per spare core
+    cache: str = "auto"
 
     def check(self) -> None:
         for name, value, accepted in (("--method", self.method, tuple(METHODS)),
                                       ("--positives", self.positives, POSITIVE_MODES),
+                                      ("--cache", self.cache, CACHE_MODES),
                                       ("--backbone", self.backbone, BACKBONES)):
             if value not in accepted:
                 raise UserError(f"got {value!r}; accepted: {', '.join(accepted)}", option=name)
@@ -52,14 +58,16 @@ class TrainConfig:
                             option="--positives")
 
 
-def _dataset(cfg: TrainConfig):
+def _dataset(cfg: TrainConfig) -> TrainData:
+    """The run's rows and pictures, decoded once (by row ranges of the release, or of the source's keys)."""
+    workers = auto_workers() if cfg.workers is None else cfg.workers
     if cfg.pairs is not None:
-        return PairViews(cfg.pairs, cfg.positives, cfg.image_size, cfg.seed, limit=cfg.limit)
+        return pair_data(cfg.pairs, cfg.image_size, workers, cfg.cache, Path(cfg.out), cfg.limit)
     from ..config import resolve_recipe
     from ..curate.sources import open_source
 
     source = open_source(resolve_recipe(cfg.source, {"root": cfg.root}))
-    return SingleImageViews(source, cfg.image_size, cfg.limit)
+    return single_data(source, cfg.image_size, workers, cfg.cache, Path(cfg.out), cfg.limit)
 
 
 def build_model(cfg: TrainConfig):
@@ -80,8 +88,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     torch.manual_seed(cfg.seed)
     model, dim = build_model(cfg)
     model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    # channels-last: 1.6x the small CNN's training rate on a 2-core CPU, and the layout cuDNN prefers
+    model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr * cfg.batch_size / 256, momentum=0.9,
                                 weight_decay=cfg.weight_decay)
@@ -90,8 +98,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, option="--resume")
-        if {k: v for k, v in ckpt["config"].items() if k != "epochs"} != \
-                {k: v for k, v in asdict(cfg).items() if k != "epochs"}:
+        if {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE_CHANGES} != \
+                {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}:
             raise UserError(f"{ckpt_path} was trained with other options; use another --out", option="--resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -99,45 +107,37 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         start, history = int(ckpt["epoch"]), list(ckpt["history"])
 
     data = _dataset(cfg)
-    # Momentum schedules follow training progress. A stream of unknown length (hf://) takes its
-    # steps per epoch from the epoch before; its first epoch holds the starting momentum.
-    known_steps = len(data) // cfg.batch_size or None
+    if data.skipped:
+        console.print(f"[yellow]{data.skipped} {data.unit}(s) left out: their images do not decode "
+                      f"(first: {data.cache.first_failure})[/yellow]")
+    if len(data) < 2:
+        raise UserError(f"{len(data)} {data.unit}(s) to train on; at least 2 are needed",
+                        option="--pairs" if cfg.pairs else "--source")
+    make_views = ViewMaker(data, cfg.positives, cfg.image_size, device)
     for epoch in range(start, min(cfg.epochs, stop_after or cfg.epochs)):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # each epoch's augmentations, resumable
-        if hasattr(data, "set_epoch"):
-            data.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        loader = DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=True,
-                            collate_fn=collate_views, pin_memory=device.type == "cuda",
-                            **({} if isinstance(data, torch.utils.data.IterableDataset)
-                               else {"shuffle": True, "generator": generator}))
+        batches = data.batches(cfg.batch_size, cfg.seed, epoch)
         model.train()
-        total, seen, steps, skipped, started = 0.0, 0, 0, 0, time.perf_counter()
-        per_epoch = known_steps or (history[-1].get("steps") if history else None)
+        total, seen, steps, started = 0.0, 0, 0, time.perf_counter()
         label = f"{cfg.method}/{cfg.positives} {epoch + 1}/{cfg.epochs}"
-        with stage_progress(label, len(data) or None, unit="pair" if cfg.pairs else "img") as (bar, task):
-            for tensors, images, partners, bad in loader:
-                skipped += bad
-                if len(tensors) == 0 or len(tensors[0]) < 2:
-                    continue
-                tensors = [t.to(device, non_blocking=True) for t in tensors]
-                views = Views(tensors, [i.to(device) for i in images], [p.to(device) for p in partners])
+        with stage_progress(label, len(data), unit=data.unit) as (bar, task):
+            for batch in batches:
+                views = make_views(batch)
+                views.tensors = [t.contiguous(memory_format=torch.channels_last) for t in views.tensors]
                 with autocast_for(device):
                     loss = model.loss(views)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 steps += 1
-                within = min(1.0, steps / per_epoch) if per_epoch else 0.0
-                model.after_step(min(1.0, (epoch + within) / cfg.epochs))
+                # momentum schedules follow training progress
+                model.after_step(min(1.0, (epoch + steps / len(batches)) / cfg.epochs))
                 total += float(loss.detach()) * views.batch
                 seen += views.batch
                 bar.update(task, advance=views.batch, description=f"{label} loss {total / seen:.3f}")
         scheduler.step()
-        if skipped:
-            console.print(f"[yellow]{label}: {skipped} sample(s) skipped: their images do not decode[/yellow]")
-        metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1), "steps": steps, "skipped": skipped,
-                   "img_per_s": seen / max(time.perf_counter() - started, 1e-9)}
+        metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1), "steps": steps, "skipped": data.skipped,
+                   "unit": data.unit, "per_s": seen / max(time.perf_counter() - started, 1e-9)}
         history.append(metrics)
         ckpt = {"config": asdict(cfg), "epoch": epoch + 1, "feat_dim": dim, "history": history,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),

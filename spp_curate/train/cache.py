@@ -1,0 +1,307 @@
+"""Decode once per run: a run's pictures as one uint8 array ``(N, S, S, 3)``.
+
+The trainer and ``eval`` decode every picture once, through the project's one
+loader (:mod:`spp_curate.images`: EXIF rotation, alpha on white, the same draft
+decoding the encoder used), resize its shorter side to ``S`` and take the centre
+square, which is the geometry of the eval transform. Augmentations then run in
+batches on the training device (:mod:`.augment`) over this array, so no epoch
+decodes or augments a picture in a Python loop.
+
+The array is shared with the decode processes: anonymous shared memory when it
+fits in half the memory available, a memory-mapped file under the run
+directory otherwise (``--cache``). Decoding is cut into units of at most
+:data:`UNIT_IMAGES` pictures (row ranges of a release's Parquet files, or of a
+source's keys), so every worker asked for has work, whatever the shard count.
+A picture that does not decode leaves its row zero and ``ok`` False.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from ..engine.local import LocalEngine
+from ..errors import UserError
+from ..images import BadImage, decode_image, read_bytes
+from ..progress import stage_progress
+
+#: Pictures in one unit of decoding work.
+UNIT_IMAGES = 512
+CACHE_MODES = ("auto", "memory", "disk")
+CACHE_DIR = "cache"
+
+
+def geometry(side: int) -> T.Compose:
+    """Shorter side to ``side`` (antialiased), then the centre square: the cache's and the eval transform's."""
+    return T.Compose([T.RGB(), T.Resize(side, antialias=True), T.CenterCrop(side)])
+
+
+def cache_picture(data: bytes, side: int) -> np.ndarray:
+    """Encoded bytes to the ``(side, side, 3)`` uint8 picture the cache holds; :class:`BadImage` if unusable."""
+    img: Image.Image = geometry(side)(decode_image(data, draft_size=side))
+    return np.asarray(img, dtype=np.uint8)
+
+
+@dataclass
+class PictureCache:
+    """Decoded pictures, one row per key, and which of them decoded."""
+
+    pixels: np.ndarray  # (N, S, S, 3) uint8
+    ok: np.ndarray  # (N,) bool
+    keys: list[str]
+    first_failure: str | None = None
+
+    @property
+    def side(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux), or the physical memory where that is not known."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def pixel_store(n: int, side: int, mode: str, spill_dir: Path | None) -> np.ndarray:
+    """A zeroed ``(n, side, side, 3)`` uint8 array that forked decode processes write into.
+
+    ``memory``: anonymous shared memory; ``disk``: a memory-mapped file ``spill_dir/pixels-S.u8``;
+    ``auto``: memory when the array takes at most half the memory available, else disk.
+    """
+    nbytes = n * side * side * 3
+    if mode == "auto":
+        mode = "memory" if nbytes <= available_memory() // 2 or spill_dir is None else "disk"
+    if mode == "memory":
+        buf = mmap.mmap(-1, max(nbytes, 1))
+        return np.frombuffer(buf, dtype=np.uint8, count=nbytes).reshape(n, side, side, 3)
+    if spill_dir is None:
+        raise UserError("a disk cache needs a run directory", option="--cache")
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    return np.memmap(spill_dir / f"pixels-{side}.u8", dtype=np.uint8, mode="w+", shape=(max(n, 1), side, side, 3))[:n]
+
+
+class DecodeWork:
+    """Decodes units of ``(cache rows, bytes source)`` into the shared pixel array; returns each unit's ok mask
+    and its first failure reason."""
+
+    gpus = 0
+
+    def __init__(self, reader: Any, pixels: np.ndarray) -> None:
+        self.reader, self.pixels = reader, pixels
+
+    def setup(self) -> None:
+        pass
+
+    def __call__(self, unit: Any) -> tuple[np.ndarray, np.ndarray, str | None]:
+        rows, blobs = self.reader.read_unit(unit)
+        ok = np.zeros(len(rows), dtype=bool)
+        first = None
+        side = self.pixels.shape[1]
+        for j, (row, data) in enumerate(zip(rows, blobs)):
+            try:
+                if isinstance(data, BadImage):
+                    raise data
+                self.pixels[row] = cache_picture(data, side)
+                ok[j] = True
+            except BadImage as exc:
+                first = first or str(exc)
+        return np.asarray(rows), ok, first
+
+
+def decode_into(reader: Any, side: int, workers: int, mode: str = "auto", spill_dir: Path | None = None,
+                label: str = "decode") -> PictureCache:
+    """Every picture ``reader`` lists, decoded once into a :class:`PictureCache` by ``workers`` processes."""
+    if mode not in CACHE_MODES:
+        raise UserError(f"got {mode!r}; accepted: {', '.join(CACHE_MODES)}", option="--cache")
+    pixels = pixel_store(len(reader.keys), side, mode, spill_dir)
+    ok = np.zeros(len(reader.keys), dtype=bool)
+    failures: list[str] = []
+    units = reader.units()
+    with stage_progress(label, len(reader.keys), quarantine=True) as (bar, task):
+        bad = 0
+
+        def on_result(_: int, result: tuple[np.ndarray, np.ndarray, str | None]) -> None:
+            nonlocal bad
+            rows, good, first = result
+            ok[rows] = good
+            bad += int((~good).sum())
+            if first:
+                failures.append(first)
+            bar.update(task, advance=len(rows), quarantined=bad)
+
+        LocalEngine().map(DecodeWork(reader, pixels), units, workers=workers, on_result=on_result)
+    return PictureCache(pixels, ok, reader.keys, failures[0] if failures else None)
+
+
+def _units(n: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + UNIT_IMAGES, n)) for lo in range(0, n, UNIT_IMAGES)]
+
+
+class SourceReader:
+    """A source's images (``keys``) for :func:`decode_into`; units are ranges of keys."""
+
+    def __init__(self, source: Any, keys: list[str]) -> None:
+        self.source, self.keys = source, keys
+
+    def units(self) -> list[tuple[int, int]]:
+        return _units(len(self.keys))
+
+    def read_unit(self, unit: tuple[int, int]) -> tuple[range, list]:
+        lo, hi = unit
+        return range(lo, hi), [_read_or_reason(self.source, k) for k in self.keys[lo:hi]]
+
+
+def _read_or_reason(source: Any, key: str) -> bytes | BadImage:
+    try:
+        return read_bytes(source, key)
+    except BadImage as exc:
+        return exc
+
+
+@dataclass
+class PairTable:
+    """A release's pairs as rows of the picture cache: ``pairs[i] = (anchor row, positive row)``."""
+
+    keys: list[str]  # one per cache row, in order of first appearance
+    pairs: np.ndarray  # (P, 2) int64
+    pair_ids: np.ndarray  # (P,) int64
+
+
+def pair_table(pair_ids: Iterable[int], anchors: Iterable[str], positives: Iterable[str]) -> PairTable:
+    """Pairs of keys to pairs of cache rows; each key gets one row, in order of first appearance."""
+    anchors, positives = list(anchors), list(positives)
+    interleaved = np.empty(2 * len(anchors), dtype=object)
+    interleaved[0::2], interleaved[1::2] = anchors, positives
+    codes, uniques = pd.factorize(interleaved)
+    return PairTable(list(uniques), codes.reshape(-1, 2).astype(np.int64),
+                     np.asarray(list(pair_ids), dtype=np.int64))
+
+
+class ReleaseReader:
+    """A local release's pictures, read from its Parquet shards by row ranges (not by shard).
+
+    Files are the ones its manifest lists, reached through no symlink; a row group over
+    ``manifest.MAX_ROW_GROUP_BYTES`` is refused before it is read. Each picture is read where
+    its key first appears; a unit is a range of those within one row group.
+    """
+
+    def __init__(self, release: Path, limit: int | None = None) -> None:
+        from ..export.manifest import MAX_ROW_GROUP_BYTES, load_manifest, release_file
+        from ..files import UnsafePath
+
+        manifest = load_manifest(release, option="--pairs")
+        if manifest.images == "none":
+            raise UserError(f"{release} is ID-only; run `spp-curate materialize` first", option="--pairs")
+        self.count = manifest.counts.pairs
+        self.files: list[Path] = []
+        tables, groups = [], []  # groups: (file, group, first global row)
+        start = 0
+        for entry in manifest.entries("parquet"):
+            try:
+                path = release_file(release, entry)
+                parquet = pq.ParquetFile(path)
+                for g in range(parquet.metadata.num_row_groups):
+                    size = parquet.metadata.row_group(g).total_byte_size
+                    if size > MAX_ROW_GROUP_BYTES:
+                        raise ValueError(f"row group {g} is {size:,} bytes, over the limit of "
+                                         f"{MAX_ROW_GROUP_BYTES:,}")
+                    groups.append((len(self.files), g, start))
+                    start += parquet.metadata.row_group(g).num_rows
+                tables.append(parquet.read(columns=["pair_id", "anchor_key", "positive_key"]))
+            except (UnsafePath, OSError, ValueError, KeyError) as exc:
+                raise UserError(f"{release}: {entry.path} cannot be read as pairs ({exc})",
+                                option="--pairs") from None
+            self.files.append(path)
+        columns = {c: [v for t in tables for v in t.column(c).to_pylist()][:limit]
+                   for c in ("pair_id", "anchor_key", "positive_key")}
+        table = pair_table(columns["pair_id"], columns["anchor_key"], columns["positive_key"])
+        self.keys, self.pairs, self.pair_ids = table.keys, table.pairs, table.pair_ids
+        # Where each cache row's picture is read: the first (row, column) its key appears at.
+        _, first = np.unique(table.pairs.reshape(-1), return_index=True)
+        starts = np.asarray([s for _, _, s in groups] + [start])
+        group_of = np.searchsorted(starts, first // 2, side="right") - 1
+        self._units: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = []
+        for gi in np.unique(group_of):
+            where = np.flatnonzero(group_of == gi)
+            f, g, s = groups[gi]
+            for lo in range(0, len(where), UNIT_IMAGES):
+                rows = where[lo: lo + UNIT_IMAGES]  # cache rows, as np.unique sorted codes = cache rows
+                self._units.append((f, g, first[rows] // 2 - s, first[rows] % 2, rows))
+
+    def units(self) -> list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+        return self._units
+
+    def read_unit(self, unit: tuple[int, int, np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, list]:
+        f, g, in_group, column, rows = unit
+        group = pq.ParquetFile(self.files[f]).read_row_group(g, columns=["anchor", "positive"])
+        cells = [group.column(name).combine_chunks().field("bytes") for name in ("anchor", "positive")]
+        return rows, [cells[c][r].as_py() or BadImage("empty file") for r, c in zip(in_group, column)]
+
+
+class StreamReader:
+    """A streamed release (``hf://org/name``): the pairs are read once, in order, and the pictures kept as
+    bytes in units of :data:`UNIT_IMAGES` until decoded (for releases that fit in memory as encoded bytes)."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]]) -> None:
+        ids, anchors, positives, blobs = [], [], [], {}
+        for row in rows:
+            ids.append(row["pair_id"])
+            for name in ("anchor", "positive"):
+                key = row[f"{name}_key"]
+                if key not in blobs:
+                    blobs[key] = (row[name] or {}).get("bytes") or BadImage("empty file")
+            anchors.append(row["anchor_key"])
+            positives.append(row["positive_key"])
+        table = pair_table(ids, anchors, positives)
+        self.keys, self.pairs, self.pair_ids = table.keys, table.pairs, table.pair_ids
+        self.count = len(ids)
+        self._blobs = [blobs[k] for k in self.keys]
+
+    def units(self) -> list[tuple[int, int]]:
+        return _units(len(self.keys))
+
+    def read_unit(self, unit: tuple[int, int]) -> tuple[range, list]:
+        lo, hi = unit
+        return range(lo, hi), self._blobs[lo:hi]
+
+
+def stream_rows(name: str) -> Iterator[dict[str, Any]]:
+    """A release's rows through ``datasets`` streaming, images left encoded (the project decodes them)."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(name, split="train", streaming=True)
+        for column in ("anchor", "positive"):
+            rows = rows.cast_column(column, datasets.Image(decode=False))
+        yield from rows
+    except Exception as exc:  # noqa: BLE001 - unreachable hub, missing files
+        raise UserError(f"cannot read pairs from {name}: {str(exc).splitlines()[0][:200]}",
+                        option="--pairs") from None
+
+
+def release_reader(release: str, limit: int | None = None) -> ReleaseReader | StreamReader:
+    """The reader for ``--pairs`` (its first ``limit`` pairs): row ranges of a local release, or one stream
+    of ``hf://org/name``."""
+    if release.startswith("hf://"):
+        return StreamReader(itertools.islice(stream_rows(release[len("hf://"):]), limit))
+    path = Path(release)
+    if not (path / "manifest.json").is_file():
+        raise UserError(f"{release} is not a release (no manifest.json); pass a release directory or "
+                        "hf://org/name", option="--pairs")
+    return ReleaseReader(path, limit)
