@@ -54,10 +54,14 @@ def load_checkpoint(path: str | Path, option: str = "RUN") -> dict[str, Any]:
     return ckpt
 
 
+def geometry(size: int) -> T.Compose:
+    """Shorter side to ``size`` (antialiased), then the centre square (``images.square_pixels`` does the same)."""
+    return T.Compose([T.RGB(), T.Resize(size, antialias=True), T.CenterCrop(size)])
+
+
 def eval_transform(size: int) -> T.Compose:
-    """What evaluation and the ``ssl:`` encoder apply: resize, centre crop, normalise."""
-    return T.Compose([T.RGB(), T.Resize(size, antialias=True), T.CenterCrop(size),
-                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
+    """What the ``ssl:`` encoder applies (and ``eval``, through the cache): resize, centre crop, normalise."""
+    return T.Compose([geometry(size), T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
 
 
 def load_backbone(run_or_ckpt: str | Path, option: str = "RUN") -> tuple[torch.nn.Module, int, int]:

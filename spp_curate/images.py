@@ -14,7 +14,8 @@ so the trainer sees exactly what the encoder saw.
 * :func:`load_image` - ``(source, key)`` to a picture;
 * :func:`read_image` - the same plus the encoded bytes and container format (index, export);
 * :func:`load_images` - the batch form, pictures and a mask of which loaded;
-* :func:`image_from_bytes` - bytes that came from a release (verify, trainer).
+* :func:`image_from_bytes` - bytes that came from a release (verify);
+* :func:`square_pixels` - bytes to the uint8 square the trainer and eval cache.
 """
 
 from __future__ import annotations
@@ -160,6 +161,21 @@ def load_images(source: Any, keys: list[str], draft_size: int | None = None
             images.append(None)
             reasons.append(str(exc))
     return images, reasons
+
+
+def square_pixels(data: bytes, side: int) -> np.ndarray:
+    """Encoded bytes to a ``(side, side, 3)`` uint8 picture: decoded as the encoder decodes (draft size
+    ``side``), shorter side resized to ``side`` (bilinear, antialiased), centre square kept: the geometry
+    of :func:`spp_curate.checkpoint.eval_transform`, pixel for pixel. :class:`BadImage` if unusable."""
+    img = decode_image(data, draft_size=side)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short != side:
+        long = int(side * long / short)
+        img = img.resize((side, long) if w <= h else (long, side), Image.Resampling.BILINEAR)
+    w, h = img.size
+    left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))
+    return np.asarray(img.crop((left, top, left + side, top + side)), dtype=np.uint8)
 
 
 def image_from_bytes(data: bytes | None, draft_size: int | None = None) -> Image.Image:

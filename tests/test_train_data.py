@@ -10,8 +10,8 @@ from spp_curate.curate.sources import open_source
 from spp_curate.config import resolve_recipe
 from spp_curate.images import decode_image
 from spp_curate.train.augment import DeviceAugment
-from spp_curate.train.cache import (ReleaseReader, SourceReader, StreamReader, UNIT_IMAGES, decode_into, geometry,
-                                    stream_rows)
+from spp_curate.checkpoint import geometry
+from spp_curate.train.cache import ReleaseReader, SourceReader, StreamReader, UNIT_IMAGES, decode_into, stream_rows
 from spp_curate.train.data import ViewMaker, pair_data, single_data
 
 from images import broken_files, fmnist_pictures, odd_files, write_imagefolder

@@ -27,29 +27,16 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from PIL import Image
-from torchvision.transforms import v2 as T
 
 from ..engine.local import LocalEngine
 from ..errors import UserError
-from ..images import BadImage, decode_image, read_bytes
+from ..images import BadImage, read_bytes, square_pixels
 from ..progress import stage_progress
 
 #: Pictures in one unit of decoding work.
 UNIT_IMAGES = 512
 CACHE_MODES = ("auto", "memory", "disk")
 CACHE_DIR = "cache"
-
-
-def geometry(side: int) -> T.Compose:
-    """Shorter side to ``side`` (antialiased), then the centre square: the cache's and the eval transform's."""
-    return T.Compose([T.RGB(), T.Resize(side, antialias=True), T.CenterCrop(side)])
-
-
-def cache_picture(data: bytes, side: int) -> np.ndarray:
-    """Encoded bytes to the ``(side, side, 3)`` uint8 picture the cache holds; :class:`BadImage` if unusable."""
-    img: Image.Image = geometry(side)(decode_image(data, draft_size=side))
-    return np.asarray(img, dtype=np.uint8)
 
 
 @dataclass
@@ -117,7 +104,7 @@ class DecodeWork:
             try:
                 if isinstance(data, BadImage):
                     raise data
-                self.pixels[row] = cache_picture(data, side)
+                self.pixels[row] = square_pixels(data, side)
                 ok[j] = True
             except BadImage as exc:
                 first = first or str(exc)
