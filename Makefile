@@ -31,6 +31,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/mine.py --quick
 	$(BIN)/python bench/embed.py --quick
+	$(BIN)/python bench/trainer.py --quick
 	$(BIN)/python bench/learning_gain.py --quick
 
 clean:
