@@ -124,10 +124,6 @@ class LoadedImage:
 
 def read_bytes(source: Any, key: str) -> bytes:
     """The encoded bytes under ``key``, not decoded; :class:`BadImage` when they cannot be read."""
-    return _read(source, key)
-
-
-def _read(source: Any, key: str) -> bytes:
     try:
         return source.read(key)
     except KeyRefused as exc:
@@ -138,7 +134,7 @@ def _read(source: Any, key: str) -> bytes:
 
 def read_image(source: Any, key: str, draft_size: int | None = None) -> LoadedImage:
     """Read ``key`` from ``source`` and decode it; :class:`BadImage` (with a reason) for anything unusable."""
-    data = _read(source, key)
+    data = read_bytes(source, key)
     image, fmt = decode_with_format(data, draft_size)
     return LoadedImage(image, data, fmt)
 

@@ -23,7 +23,8 @@ BLUR_FROM = 96
 
 
 class DeviceAugment(nn.Module):
-    """One view of each picture in a batch: uint8 ``(B, S, S, 3)`` in, normalised ``(B, 3, size, size)`` out."""
+    """One view of each picture in a batch: uint8 ``(B, S, S, 3)`` in, normalised ``(B, 3, size, size)`` out
+    (channels-last)."""
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.3, 1.0)) -> None:
         super().__init__()
@@ -40,17 +41,24 @@ class DeviceAugment(nn.Module):
             kernel = (size // 10) | 1
             ops.append(K.RandomGaussianBlur((kernel, kernel), (0.1, 2.0), p=0.5))
         self.ops = nn.Sequential(*ops)
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
 
     @torch.no_grad()
     def forward(self, pictures: torch.Tensor) -> torch.Tensor:
-        x = pictures.permute(0, 3, 1, 2).float().div_(255.0)
-        return (self.ops(x) - self.mean) / self.std
+        return _standardise(self.ops(_unit(pictures)))
 
 
 def normalise(pictures: torch.Tensor) -> torch.Tensor:
     """Cached uint8 pictures ``(B, S, S, 3)`` to the normalised float input the eval transform gives."""
-    mean = torch.tensor(MEAN, device=pictures.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=pictures.device).view(1, 3, 1, 1)
-    return (pictures.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    return _standardise(_unit(pictures))
+
+
+def _unit(pictures: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, S, S, 3)`` to float ``(B, 3, S, S)`` in [0, 1]."""
+    return pictures.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    """The trainer's normalisation, in the channels-last layout the models run in."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)

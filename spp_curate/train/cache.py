@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from ..devices import auto_workers
 from ..engine.local import LocalEngine
 from ..errors import UserError
 from ..images import BadImage, read_bytes, square_pixels
@@ -47,10 +48,6 @@ class PictureCache:
     ok: np.ndarray  # (N,) bool
     keys: list[str]
     first_failure: str | None = None
-
-    @property
-    def side(self) -> int:
-        return int(self.pixels.shape[1])
 
 
 def available_memory() -> int:
@@ -104,36 +101,36 @@ class DecodeWork:
             try:
                 if isinstance(data, BadImage):
                     raise data
-                self.pixels[row] = square_pixels(data, side)
+                self.pixels[row] = square_pixels(data, side)  # empty bytes or None: BadImage("empty file")
                 ok[j] = True
             except BadImage as exc:
                 first = first or str(exc)
         return np.asarray(rows), ok, first
 
 
-def decode_into(reader: Any, side: int, workers: int, mode: str = "auto", spill_dir: Path | None = None,
+def decode_into(reader: Any, side: int, workers: int | None, mode: str = "auto", spill_dir: Path | None = None,
                 label: str = "decode") -> PictureCache:
-    """Every picture ``reader`` lists, decoded once into a :class:`PictureCache` by ``workers`` processes."""
+    """Every picture ``reader`` lists, decoded once into a :class:`PictureCache` by ``workers`` processes
+    (None: one per spare core)."""
     if mode not in CACHE_MODES:
         raise UserError(f"got {mode!r}; accepted: {', '.join(CACHE_MODES)}", option="--cache")
     pixels = pixel_store(len(reader.keys), side, mode, spill_dir)
     ok = np.zeros(len(reader.keys), dtype=bool)
-    failures: list[str] = []
-    units = reader.units()
+    first_failure: str | None = None
     with stage_progress(label, len(reader.keys), quarantine=True) as (bar, task):
         bad = 0
 
         def on_result(_: int, result: tuple[np.ndarray, np.ndarray, str | None]) -> None:
-            nonlocal bad
+            nonlocal bad, first_failure
             rows, good, first = result
             ok[rows] = good
             bad += int((~good).sum())
-            if first:
-                failures.append(first)
+            first_failure = first_failure or first
             bar.update(task, advance=len(rows), quarantined=bad)
 
-        LocalEngine().map(DecodeWork(reader, pixels), units, workers=workers, on_result=on_result)
-    return PictureCache(pixels, ok, reader.keys, failures[0] if failures else None)
+        LocalEngine().map(DecodeWork(reader, pixels), reader.units(),
+                          workers=auto_workers() if workers is None else workers, on_result=on_result)
+    return PictureCache(pixels, ok, reader.keys, first_failure)
 
 
 def _units(n: int) -> list[tuple[int, int]]:
@@ -167,17 +164,15 @@ class PairTable:
 
     keys: list[str]  # one per cache row, in order of first appearance
     pairs: np.ndarray  # (P, 2) int64
-    pair_ids: np.ndarray  # (P,) int64
 
 
-def pair_table(pair_ids: Iterable[int], anchors: Iterable[str], positives: Iterable[str]) -> PairTable:
+def pair_table(anchors: Iterable[str], positives: Iterable[str]) -> PairTable:
     """Pairs of keys to pairs of cache rows; each key gets one row, in order of first appearance."""
     anchors, positives = list(anchors), list(positives)
     interleaved = np.empty(2 * len(anchors), dtype=object)
     interleaved[0::2], interleaved[1::2] = anchors, positives
     codes, uniques = pd.factorize(interleaved)
-    return PairTable(list(uniques), codes.reshape(-1, 2).astype(np.int64),
-                     np.asarray(list(pair_ids), dtype=np.int64))
+    return PairTable(list(uniques), codes.reshape(-1, 2).astype(np.int64))
 
 
 class ReleaseReader:
@@ -210,15 +205,15 @@ class ReleaseReader:
                                          f"{MAX_ROW_GROUP_BYTES:,}")
                     groups.append((len(self.files), g, start))
                     start += parquet.metadata.row_group(g).num_rows
-                tables.append(parquet.read(columns=["pair_id", "anchor_key", "positive_key"]))
+                tables.append(parquet.read(columns=["anchor_key", "positive_key"]))
             except (UnsafePath, OSError, ValueError, KeyError) as exc:
                 raise UserError(f"{release}: {entry.path} cannot be read as pairs ({exc})",
                                 option="--pairs") from None
             self.files.append(path)
         columns = {c: [v for t in tables for v in t.column(c).to_pylist()][:limit]
-                   for c in ("pair_id", "anchor_key", "positive_key")}
-        table = pair_table(columns["pair_id"], columns["anchor_key"], columns["positive_key"])
-        self.keys, self.pairs, self.pair_ids = table.keys, table.pairs, table.pair_ids
+                   for c in ("anchor_key", "positive_key")}
+        table = pair_table(columns["anchor_key"], columns["positive_key"])
+        self.keys, self.pairs = table.keys, table.pairs
         # Where each cache row's picture is read: the first (row, column) its key appears at.
         _, first = np.unique(table.pairs.reshape(-1), return_index=True)
         starts = np.asarray([s for _, _, s in groups] + [start])
@@ -238,7 +233,7 @@ class ReleaseReader:
         f, g, in_group, column, rows = unit
         group = pq.ParquetFile(self.files[f]).read_row_group(g, columns=["anchor", "positive"])
         cells = [group.column(name).combine_chunks().field("bytes") for name in ("anchor", "positive")]
-        return rows, [cells[c][r].as_py() or BadImage("empty file") for r, c in zip(in_group, column)]
+        return rows, [cells[c][r].as_py() for r, c in zip(in_group, column)]
 
 
 class StreamReader:
@@ -246,18 +241,16 @@ class StreamReader:
     bytes in units of :data:`UNIT_IMAGES` until decoded (for releases that fit in memory as encoded bytes)."""
 
     def __init__(self, rows: Iterable[dict[str, Any]]) -> None:
-        ids, anchors, positives, blobs = [], [], [], {}
+        anchors, positives, blobs = [], [], {}
         for row in rows:
-            ids.append(row["pair_id"])
             for name in ("anchor", "positive"):
                 key = row[f"{name}_key"]
                 if key not in blobs:
-                    blobs[key] = (row[name] or {}).get("bytes") or BadImage("empty file")
+                    blobs[key] = (row[name] or {}).get("bytes")
             anchors.append(row["anchor_key"])
             positives.append(row["positive_key"])
-        table = pair_table(ids, anchors, positives)
-        self.keys, self.pairs, self.pair_ids = table.keys, table.pairs, table.pair_ids
-        self.count = len(ids)
+        table = pair_table(anchors, positives)
+        self.keys, self.pairs = table.keys, table.pairs
         self._blobs = [blobs[k] for k in self.keys]
 
     def units(self) -> list[tuple[int, int]]:

@@ -38,6 +38,11 @@ def image_id(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") & (2**62 - 1)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's order and augmentations: a resumed run draws what an uninterrupted one drew."""
+    return seed * 100_003 + epoch
+
+
 @dataclass
 class TrainData:
     """Decoded pictures and the rows to train on: ``rows[i] = (anchor, positive)`` cache rows (-1: no positive)."""
@@ -52,7 +57,7 @@ class TrainData:
 
     def batches(self, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
         """This epoch's batches of row numbers: a seeded permutation, every row once."""
-        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
         return [b for b in order.split(batch_size) if len(b) >= 2]
 
 
@@ -61,7 +66,7 @@ def _usable(cache: PictureCache, rows: np.ndarray, unit: str) -> TrainData:
     return TrainData(cache, rows[good], int((~good).sum()), unit)
 
 
-def pair_data(release: str, side: int, workers: int, cache_mode: str = "auto", run_dir: Path | None = None,
+def pair_data(release: str, side: int, workers: int | None, cache_mode: str = "auto", run_dir: Path | None = None,
               limit: int | None = None) -> TrainData:
     """A release's pairs (local: read by row ranges; ``hf://``: streamed once), pictures decoded once."""
     reader: ReleaseReader | StreamReader = release_reader(release, limit)
@@ -70,7 +75,7 @@ def pair_data(release: str, side: int, workers: int, cache_mode: str = "auto", r
     return _usable(cache, reader.pairs, "pair")
 
 
-def single_data(source, side: int, workers: int, cache_mode: str = "auto", run_dir: Path | None = None,
+def single_data(source, side: int, workers: int | None, cache_mode: str = "auto", run_dir: Path | None = None,
                 limit: int | None = None) -> TrainData:
     """A source's images, each its own row with no positive, decoded once."""
     keys = [key for key, _ in itertools.islice(source.items(), limit)]
@@ -88,7 +93,7 @@ class ViewMaker:
     """
 
     def __init__(self, data: TrainData, positives: str, image_size: int, device: torch.device) -> None:
-        self.data, self.positives, self.device = data, positives, device
+        self.positives, self.device = positives, device
         pixels = torch.from_numpy(np.asarray(data.cache.pixels))
         if device.type == "cuda" and pixels.numel() <= GPU_CACHE_SHARE * torch.cuda.mem_get_info(device)[0]:
             pixels = pixels.to(device)
@@ -98,19 +103,20 @@ class ViewMaker:
         self.rows = torch.from_numpy(data.rows)
         self.augment = DeviceAugment(image_size).to(device)
 
-    def _pictures(self, rows: torch.Tensor) -> torch.Tensor:
+    def _pictures(self, rows: torch.Tensor, on_device: torch.Tensor) -> torch.Tensor:
         if self.pixels.device == self.device:
-            return self.pixels[rows.to(self.device)]
+            return self.pixels[on_device]
         return self.pixels[rows].to(self.device, non_blocking=True)
 
     def __call__(self, batch: torch.Tensor) -> Views:
         rows = self.rows[batch]
         a, b = rows[:, 0], rows[:, 1]
-        ia, ib = self.ids[a.to(self.device)], self.ids[b.to(self.device)]
-        xa = self._pictures(a)
+        a_dev, b_dev = a.to(self.device), b.to(self.device)
+        ia, ib = self.ids[a_dev], self.ids[b_dev]
+        xa = self._pictures(a, a_dev)
         if self.positives == "augment":
             return Views([self.augment(xa), self.augment(xa)], [ia, ia], [ib, ib])
-        xb = self._pictures(b)
+        xb = self._pictures(b, b_dev)
         if self.positives == "semantic":
             return Views([self.augment(xa), self.augment(xb)], [ia, ib], [ib, ia])
         return Views([self.augment(xa), self.augment(xa), self.augment(xb)], [ia, ia, ib], [ib, ib, ia])

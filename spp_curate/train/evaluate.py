@@ -12,7 +12,7 @@ import torch
 
 from ..config import parse_source, resolve_recipe
 from ..curate.sources import open_source
-from ..devices import auto_workers, autocast_for, default_device
+from ..devices import autocast_for, default_device
 from ..errors import UserError
 from ..files import write_json
 from ..progress import stage_progress
@@ -35,8 +35,7 @@ def extract(backbone: torch.nn.Module, source, image_size: int, limit: int | Non
     backbone = backbone.to(device).to(memory_format=torch.channels_last).eval()  # BatchNorm from training
     batch = batch or (1024 if device.type == "cuda" else 256)
     items = list(itertools.islice(source.items(), limit))
-    cache = decode_into(SourceReader(source, [k for k, _ in items]), image_size,
-                        auto_workers() if workers is None else workers, spill_dir=spill_dir,
+    cache = decode_into(SourceReader(source, [k for k, _ in items]), image_size, workers, spill_dir=spill_dir,
                         label=f"{label}: decode")
     kept = np.flatnonzero(cache.ok)
     if not len(kept):
@@ -47,7 +46,7 @@ def extract(backbone: torch.nn.Module, source, image_size: int, limit: int | Non
         for lo in range(0, len(kept), batch):
             x = normalise(torch.from_numpy(cache.pixels[kept[lo: lo + batch]]).to(device))
             with autocast_for(device):
-                f = backbone(x.contiguous(memory_format=torch.channels_last))
+                f = backbone(x)
             feats.append(torch.nn.functional.normalize(f.float(), dim=1).cpu().numpy())
             pixels.append(torch.nn.functional.normalize(x.flatten(1), dim=1).half().cpu().numpy())
             bar.update(task, advance=len(x))

@@ -11,14 +11,14 @@ from typing import Any
 import torch
 
 from ..checkpoint import CHECKPOINT, load_checkpoint
-from ..devices import auto_workers, autocast_for, default_device
+from ..devices import autocast_for, default_device
 from ..errors import UserError
 from ..files import atomic_path
 from ..progress import console, stage_progress
 from ..backbones import BACKBONES, build_backbone
 from .cache import CACHE_MODES
-from .data import POSITIVE_MODES, TrainData, ViewMaker, pair_data, single_data
-from .methods import METHODS, Views, build_method
+from .data import POSITIVE_MODES, TrainData, ViewMaker, epoch_seed, pair_data, single_data
+from .methods import METHODS, build_method
 
 
 #: Options a resumed run may change: they do not change what it computes.
@@ -60,14 +60,13 @@ class TrainConfig:
 
 def _dataset(cfg: TrainConfig) -> TrainData:
     """The run's rows and pictures, decoded once (by row ranges of the release, or of the source's keys)."""
-    workers = auto_workers() if cfg.workers is None else cfg.workers
     if cfg.pairs is not None:
-        return pair_data(cfg.pairs, cfg.image_size, workers, cfg.cache, Path(cfg.out), cfg.limit)
+        return pair_data(cfg.pairs, cfg.image_size, cfg.workers, cfg.cache, Path(cfg.out), cfg.limit)
     from ..config import resolve_recipe
     from ..curate.sources import open_source
 
     source = open_source(resolve_recipe(cfg.source, {"root": cfg.root}))
-    return single_data(source, cfg.image_size, workers, cfg.cache, Path(cfg.out), cfg.limit)
+    return single_data(source, cfg.image_size, cfg.workers, cfg.cache, Path(cfg.out), cfg.limit)
 
 
 def build_model(cfg: TrainConfig):
@@ -115,7 +114,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                         option="--pairs" if cfg.pairs else "--source")
     make_views = ViewMaker(data, cfg.positives, cfg.image_size, device)
     for epoch in range(start, min(cfg.epochs, stop_after or cfg.epochs)):
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # each epoch's augmentations, resumable
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))  # each epoch's augmentations, resumable
         batches = data.batches(cfg.batch_size, cfg.seed, epoch)
         model.train()
         total, seen, steps, started = 0.0, 0, 0, time.perf_counter()
@@ -123,7 +122,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         with stage_progress(label, len(data), unit=data.unit) as (bar, task):
             for batch in batches:
                 views = make_views(batch)
-                views.tensors = [t.contiguous(memory_format=torch.channels_last) for t in views.tensors]
                 with autocast_for(device):
                     loss = model.loss(views)
                 optimizer.zero_grad(set_to_none=True)
