@@ -111,6 +111,8 @@ def build(
     batch_size: Optional[int] = typer.Option(None, min=1, help="images per encoder batch"),
     workers: Optional[int] = typer.Option(None, min=0, help="decode processes [default: spare cores]"),
     chunk_size: Optional[int] = typer.Option(None, min=1, help="images per embedding chunk (resume unit)"),
+    decode: Optional[str] = typer.Option(
+        None, help="where the embed stage decodes JPEGs: auto (the GPU when there is one) | device | pillow"),
     shard_size: Optional[str] = typer.Option(None, help="release shard size, e.g. 500MB"),
     images: Optional[str] = typer.Option(None, help="embed | none (an ID-only release: keys and digests)"),
     max_side: Optional[int] = typer.Option(None, min=8, help="shrink release images larger than this"),
@@ -137,7 +139,7 @@ def build(
                      limit=limit, split=split, image_column=image_column, label_column=label_column, k=k,
                      min_similarity=min_similarity, dup_threshold=dup_threshold,
                      max_per_anchor=max_per_anchor, mutual=mutual, batch_size=batch_size, workers=workers,
-                     chunk_size=chunk_size, shard_size=shard_size, images=images, max_side=max_side,
+                     chunk_size=chunk_size, decode=decode, shard_size=shard_size, images=images, max_side=max_side,
                      engine=engine, name=name, license=license, seed=seed, exclude_near=exclude_near or None,
                      exclude_threshold=exclude_threshold)
     if until is not None and until not in STAGES:
@@ -167,8 +169,11 @@ def embed_command(
     chunk_size: Optional[int] = typer.Option(None, min=1, help="images per embedding chunk (resume unit)"),
     workers: Optional[int] = typer.Option(None, min=0, help="decode processes"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="images per encoder batch"),
+    decode: Optional[str] = typer.Option(
+        None, help="where the embed stage decodes JPEGs: auto (the GPU when there is one) | device | pillow"),
 ) -> None:
-    _run_with(build_dir, "embed", force, chunk_size=chunk_size, workers=workers, batch_size=batch_size)
+    _run_with(build_dir, "embed", force, chunk_size=chunk_size, workers=workers, batch_size=batch_size,
+              decode=decode)
 
 
 def _run_with(build_dir: Path, stage: str, force: bool, **changes) -> None:

@@ -193,6 +193,9 @@ class Recipe(BaseModel):
     batch_size: int = Field(default=128, ge=1)
     workers: int | None = Field(default=None, ge=0, description="decode processes; None = one per spare core")
     chunk_size: int = Field(default=50_000, ge=1, description="images per embedding chunk (the resume unit)")
+    #: Where the embed stage decodes JPEGs: on the encoder's device in batches (nvJPEG on a GPU), with
+    #: Pillow for the rest, or Pillow for all; auto = the device on a GPU, Pillow on the CPU.
+    decode: Literal["auto", "device", "pillow"] = "auto"
 
     k: int = Field(default=16, ge=1)
     category: Literal["label", "zeroshot", "cluster", "none"] = "label"

@@ -6,16 +6,19 @@ grayscale JPEGs, 16-bit PNGs, EXIF-rotated photos, palette images with
 transparency, truncated downloads, empty files and decompression bombs. The
 loader either returns an upright RGB image (alpha composited on white) or
 raises :class:`BadImage` with a short reason; each caller then does the one
-thing that rule allows: quarantine the image (index), zero its row and report
-it (embed), draw a red tile (report), name it (verify, materialize), or leave
+thing that rule allows: quarantine the image (index; embed, which also zeros
+its row), draw a red tile (report), name it (verify, materialize), or leave
 it out and count it (trainer, eval). Nothing decodes a picture any other way,
 so the trainer sees exactly what the encoder saw.
 
 * :func:`load_image` - ``(source, key)`` to a picture;
-* :func:`read_image` - the same plus the encoded bytes and container format (index, export);
+* :func:`read_image` - the same plus the encoded bytes and container format (export, materialize);
 * :func:`load_images` - the batch form, pictures and a mask of which loaded;
 * :func:`image_from_bytes` - bytes that came from a release (verify);
-* :func:`square_pixels` - bytes to the uint8 square the trainer and eval cache.
+* :func:`square_pixels` - bytes to the uint8 square the trainer and eval cache;
+* :func:`check_image` - what the index records (upright size, format), from the header where it can vouch;
+* :func:`device_jpeg` / :func:`decode_jpegs` - the JPEGs a device decoder (nvJPEG on a GPU) decodes to the
+  same picture, and their batched decoding; every other file takes the Pillow path above.
 """
 
 from __future__ import annotations
@@ -172,6 +175,87 @@ def square_pixels(data: bytes, side: int) -> np.ndarray:
     w, h = img.size
     left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))
     return np.asarray(img.crop((left, top, left + side, top + side)), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the index records of a usable image: its upright size and container format."""
+
+    width: int
+    height: int
+    format: str
+
+
+def _jpeg_header(data: bytes, max_pixels: int) -> tuple[int, int, int, str, str] | None:
+    """``(width, height, EXIF orientation, mode, format)`` of a JPEG whose header vouches for its pixels:
+    it parses, ends with the end-of-image marker (trailing zero padding aside), is within the pixel limit,
+    has a mode Pillow decodes without help, and its EXIF reads. None for anything else."""
+    if not data.startswith(b"\xff\xd8") or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if img.format not in ("JPEG", "MPO") or img.mode not in ("RGB", "L", "CMYK") \
+                    or width * height > max_pixels or width < 1 or height < 1:
+                return None
+            orientation = img.getexif().get(0x0112, 1)
+            return width, height, int(orientation) if isinstance(orientation, int) else -1, img.mode, str(img.format)
+    except Exception:  # noqa: BLE001 - any doubt about the header: the full decode decides
+        return None
+
+
+def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageFacts:
+    """The index's check of one file: its upright size and format, or :class:`BadImage` with the reason.
+
+    A JPEG that is whole by its header (:func:`_jpeg_header`) is not decoded here: its size comes from the
+    header and its EXIF orientation, as :func:`decode_image` would turn it. Every other file (PNG, a JPEG
+    cut short, one with unreadable EXIF, ...) is decoded in full, so a refused file gets the reason
+    :func:`decode_image` gives. A JPEG whose pixel data is broken behind a sound header passes here; the
+    embed stage, which decodes every image, quarantines it with the same reason.
+    """
+    if not data:
+        raise BadImage("empty file")
+    header = _jpeg_header(data, max_pixels)
+    if header is not None:
+        width, height, orientation, _, fmt = header
+        return ImageFacts(height, width, fmt) if orientation in (5, 6, 7, 8) else ImageFacts(width, height, fmt)
+    img, fmt = decode_with_format(data, max_pixels=max_pixels)
+    return ImageFacts(img.width, img.height, fmt)
+
+
+def device_jpeg(data: bytes, max_pixels: int = MAX_PIXELS) -> bool:
+    """Whether a device JPEG decoder gives the picture :func:`decode_image` gives: a whole RGB or grayscale
+    JPEG that needs no EXIF turn. CMYK, rotated, cut-short and non-JPEG files take the Pillow path."""
+    header = _jpeg_header(data, max_pixels)
+    return header is not None and header[3] in ("RGB", "L") and header[2] in (1, 0)
+
+
+def decode_jpegs(encoded: list[Any], device: Any) -> list[Any]:
+    """JPEG bytes (1-D uint8 tensors) to upright RGB uint8 ``(3, H, W)`` tensors on ``device``, decoded as one
+    batch (nvJPEG on a GPU, libjpeg-turbo on the CPU); None for each file the decoder refuses, which the
+    caller then decodes with Pillow (:func:`image_from_bytes`) for the picture or the reason."""
+    if not encoded:
+        return []
+    with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec; its decoder works as before
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _decode_jpegs(encoded, device)
+
+
+def _decode_jpegs(encoded: list[Any], device: Any) -> list[Any]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        decoded = []
+        for data in encoded:  # one refused file fails the batch: decode one by one to find it
+            try:
+                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(None)
+        return decoded
 
 
 def image_from_bytes(data: bytes | None, draft_size: int | None = None) -> Image.Image:

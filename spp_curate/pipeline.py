@@ -38,10 +38,12 @@ class Stage:
 PIPELINE: tuple[Stage, ...] = (
     Stage("index", ("source", "root", "split", "limit", "image_column", "label_column"),
           (), (layout.INDEX, layout.QUARANTINE), "spp_curate.curate.index:index_source",
-          "Index the source: decode every image once; bad ones go to quarantine.parquet."),
-    Stage("embed", ("encoder", "image_size"),
+          "Index the source: read and hash every file, check it (from the header of a whole JPEG, else by "
+          "decoding it); bad ones go to quarantine.parquet."),
+    Stage("embed", ("encoder", "image_size", "decode"),
           (layout.INDEX,), (layout.EMBEDDINGS_META,), "spp_curate.curate.embed:embed_index",
-          "Embed the indexed images into float16, L2-normalised chunks (resumable)."),
+          "Embed the indexed images into float16, L2-normalised chunks (resumable): the one pass that decodes "
+          "pixels; an image that does not decode is added to quarantine.parquet."),
     Stage("exclude", ("exclude_near", "exclude_threshold"),
           (layout.INDEX,), (layout.EXCLUSION, layout.EXCLUSION_STATS), "spp_curate.leakage.exclude:exclude_near",
           "Find near-copies of the --exclude-near reference sets; they never enter a pair (exclusion.parquet)."),

@@ -25,34 +25,81 @@ from .. import layout
 from ..layout import chunk_keys_path, chunk_paths
 from ..files import atomic_path, read_json, remove_owned, remove_stale_temps, write_json, write_table
 from ..progress import stage_progress
-from .encoders import Encoder, load_encoder
-from ..images import BadImage, load_image
+from .encoders import Encoder, TensorPreprocess, load_encoder, tensor_preprocess
+from ..images import BadImage, decode_jpegs, device_jpeg, image_from_bytes, read_bytes
 from .sources import Source, open_source
 
 
 class _IndexedImages(Dataset):
-    """Rows of the index, decoded and preprocessed for the encoder."""
+    """Rows of the index, read and decoded for the encoder: each item is ``(tensor, reason, jpeg)``.
 
-    def __init__(self, source: Source, keys: list[str], preprocess, image_size: int, draft: bool = True) -> None:
+    Pillow path: the tensor is the preprocessed picture (zeros, with the reason, when it does not decode).
+    Device path (``device_decode``): a JPEG the device decoder takes (:func:`images.device_jpeg`) is left
+    encoded, its bytes as a uint8 tensor (``jpeg`` True); every other file takes the Pillow path here.
+    """
+
+    def __init__(self, source: Source, keys: list[str], preprocess, image_size: int, draft: bool = True,
+                 device_decode: bool = False) -> None:
         self.source, self.keys, self.preprocess, self.image_size = source, keys, preprocess, image_size
         # Reduced-size JPEG decoding for pictures at least twice the encoder's input (see bench/embed.py).
         self.draft_size = image_size if draft else None
+        self.device_decode = device_decode
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        return load_pixels(self.source, self.keys[i], self.preprocess, self.image_size, self.draft_size)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, bool]:
+        try:
+            data = read_bytes(self.source, self.keys[i])
+        except BadImage as exc:
+            return torch.zeros(3, self.image_size, self.image_size), str(exc), False
+        if self.device_decode and device_jpeg(data):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), "", True
+        return pillow_pixels(data, self.preprocess, self.image_size, self.draft_size)
 
 
-def load_pixels(source: Source, key: str, preprocess, image_size: int,
-                draft_size: int | None) -> tuple[torch.Tensor, bool]:
-    """One image, decoded and preprocessed; ``(zeros, False)`` if it no longer decodes."""
+def pillow_pixels(data: bytes, preprocess, image_size: int, draft_size: int | None) -> tuple[torch.Tensor, str, bool]:
+    """Encoded bytes decoded by the one loader and preprocessed; zeros and the reason if they do not decode
+    (the file changed since it was indexed, or its pixel data is broken behind a sound header)."""
     try:
-        return preprocess(load_image(source, key, draft_size)), True
-    except BadImage:
-        # The file changed since it was indexed; its row stays zero and is reported.
-        return torch.zeros(3, image_size, image_size), False
+        return preprocess(image_from_bytes(data, draft_size)), "", False
+    except BadImage as exc:
+        return torch.zeros(3, image_size, image_size), str(exc), False
+
+
+def _collate_mixed(items: list[tuple[torch.Tensor, str, bool]]) -> tuple:
+    """A device-path batch in few tensors: the JPEGs' bytes end to end with their lengths, the pictures the
+    Pillow path decoded, which item is which, and the reasons."""
+    jpeg = [bool(j) for _, _, j in items]
+    encoded = [t for t, _, j in items if j]
+    blob = torch.cat(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
+    lengths = torch.tensor([len(t) for t in encoded], dtype=torch.int64)
+    pixels = [t for t, _, j in items if not j]
+    pixels = torch.stack(pixels) if pixels else torch.empty(0)
+    return blob, lengths, pixels, torch.tensor(jpeg, dtype=torch.bool), [r for _, r, _ in items]
+
+
+def device_batch(batch: tuple, tensor: TensorPreprocess, preprocess, image_size: int, draft_size: int | None,
+                 device: torch.device) -> tuple[torch.Tensor, list[str]]:
+    """A :func:`_collate_mixed` batch as preprocessed pictures on ``device``: its JPEGs decoded there in one
+    call and resized/cropped/normalised as tensors; a JPEG the decoder refuses goes to the Pillow path."""
+    blob, lengths, pixels, jpeg, reasons = batch
+    images = torch.empty(len(jpeg), 3, image_size, image_size, device=device)
+    if len(pixels):
+        images[~jpeg.to(device)] = pixels.to(device, non_blocking=True)
+    if len(lengths):
+        encoded = list(torch.split(blob, lengths.tolist()))
+        decoded = decode_jpegs(encoded, device)
+        positions = torch.nonzero(jpeg).flatten().tolist()
+        good = [i for i, pic in enumerate(decoded) if pic is not None]
+        if good:
+            images[torch.tensor([positions[i] for i in good], device=device)] = tensor([decoded[i] for i in good])
+        for i, pic in enumerate(decoded):
+            if pic is None:
+                picture, reasons[positions[i]], _ = pillow_pixels(encoded[i].numpy().tobytes(), preprocess,
+                                                                  image_size, draft_size)
+                images[positions[i]] = picture.to(device)
+    return images, reasons
 
 
 #: Batches smaller than this are padded (with copies of their first image): below it a CPU matrix product
@@ -89,13 +136,23 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
             np.save(fh, array)
 
 
+def decode_path(requested: str, device: torch.device) -> str:
+    """Where the embed stage decodes JPEGs: ``device`` (batched on the encoder's device: nvJPEG on a GPU) or
+    ``pillow`` (the CPU loader in the decode processes). ``auto`` is the device on CUDA, Pillow elsewhere."""
+    if requested == "auto":
+        return "device" if device.type == "cuda" else "pillow"
+    return requested
+
+
 class EmbedWork:
     """The embed stage's unit of work: encode one chunk of keys into float16, L2-normalised rows.
 
-    ``setup()`` builds the encoder on the worker's device and opens the source; a chunk is decoded
-    by a DataLoader with the recipe's decode workers and encoded in batches. The result carries the
-    encoder's description (spec, dim, input size, model facts) for ``meta.json``, so the driver never
-    builds the model itself.
+    ``setup()`` builds the encoder on the worker's device and opens the source; a chunk is read by a
+    DataLoader with the recipe's decode workers and encoded in batches. On the device path the workers
+    read bytes and the JPEGs are decoded and preprocessed on the device, batch by batch; everything else
+    is decoded by the workers with Pillow. The result carries each row's failure reason (None when it
+    encoded) and the encoder's description (spec, dim, input size, decode path, model facts) for
+    ``meta.json``, so the driver never builds the model itself.
     """
 
     gpus = 1
@@ -113,25 +170,40 @@ class EmbedWork:
         self.encoder = prepare_encoder(self.recipe, self.device)
         self.source = open_source(self.recipe)
         self.workers = auto_workers() if self.recipe.workers is None else self.recipe.workers
+        device_path = decode_path(self.recipe.decode, self.device) == "device"
+        self.tensor = tensor_preprocess(self.encoder.preprocess) if device_path else None
 
     def describe(self) -> dict[str, Any]:
         enc = self.encoder
-        return {"encoder": enc.spec, "dim": enc.dim, "image_size": enc.image_size, "model": enc.meta}
+        decode = (f"torchvision.io.decode_jpeg on {self.device.type}, tensor preprocessing; Pillow for the rest"
+                  if self.tensor else "Pillow")
+        return {"encoder": enc.spec, "dim": enc.dim, "image_size": enc.image_size, "decode": decode,
+                "model": enc.meta}
 
-    def __call__(self, keys: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    def __call__(self, keys: list[str]) -> tuple[np.ndarray, list[str | None], dict[str, Any]]:
         enc = self.encoder
-        dataset = _IndexedImages(self.source, keys, enc.preprocess, enc.image_size, self.draft)
+        dataset = _IndexedImages(self.source, keys, enc.preprocess, enc.image_size, self.draft,
+                                 device_decode=self.tensor is not None)
         loader = DataLoader(dataset, batch_size=self.recipe.batch_size, num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
-        outs = []
-        for images, ok in loader:
+                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            collate_fn=_collate_mixed if self.tensor else None)
+        outs, errors = [], []
+        for batch in loader:
+            if self.tensor:
+                images, reasons = device_batch(batch, self.tensor, enc.preprocess, enc.image_size,
+                                               dataset.draft_size, self.device)
+            else:
+                images, reasons, _ = batch
+            ok = torch.tensor([not r for r in reasons], dtype=torch.bool)
             outs.append(encode_batch(enc, images, ok, self.device))
+            errors += [r or None for r in reasons]
             if self.on_batch:
                 self.on_batch(len(ok), int((~ok).sum()))
-        return np.concatenate(outs), self.describe()
+        return np.concatenate(outs), errors, self.describe()
 
 
-CHUNK_KEYS_SCHEMA = pa.schema([("key", pa.string()), ("digest", pa.string())])
+#: A chunk's rows: the image's key and digest, and why it did not encode (null when it did).
+CHUNK_KEYS_SCHEMA = pa.schema([("key", pa.string()), ("digest", pa.string()), ("error", pa.string())])
 
 
 def _complete_chunks(emb_dir: Path) -> list[int]:
@@ -149,12 +221,22 @@ def _complete_chunks(emb_dir: Path) -> list[int]:
     return complete
 
 
-def _write_chunk(emb_dir: Path, c: int, vecs: np.ndarray, ids: np.ndarray, keys: list[str],
-                 digests: list[str]) -> None:
+Row = tuple[str, str, "str | None"]  # an embedded image: key, digest, why it did not encode (None when it did)
+
+
+def _write_chunk(emb_dir: Path, c: int, vecs: np.ndarray, ids: np.ndarray, rows: list[Row]) -> None:
     emb_path, ids_path = chunk_paths(emb_dir, c)
     _save_npy(emb_path, vecs)
     _save_npy(ids_path, ids.astype(np.int64))
-    write_table(chunk_keys_path(emb_dir, c), pa.table({"key": keys, "digest": digests}, schema=CHUNK_KEYS_SCHEMA))
+    columns = list(zip(*rows)) if rows else [[], [], []]
+    write_table(chunk_keys_path(emb_dir, c), pa.table(dict(zip(CHUNK_KEYS_SCHEMA.names, map(list, columns))),
+                                                      schema=CHUNK_KEYS_SCHEMA))
+
+
+def _read_rows(emb_dir: Path, c: int) -> list[Row]:
+    table = pq.read_table(chunk_keys_path(emb_dir, c))
+    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * table.num_rows
+    return list(zip(table.column("key").to_pylist(), table.column("digest").to_pylist(), errors))
 
 
 def _remove_chunk(emb_dir: Path, c: int) -> None:
@@ -178,7 +260,9 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
     chunk_size = recipe.chunk_size
     run_file = emb_dir / "run.json"
     encoder_file = emb_dir / "encoder.json"
-    run = {"fingerprint": recipe.fingerprint("embed", source_state=False), "chunk_size": chunk_size, "rows": "keyed"}
+    decode = decode_path(recipe.decode, torch.device(device) if device else default_device())
+    run = {"fingerprint": recipe.fingerprint("embed", source_state=False), "chunk_size": chunk_size, "rows": "keyed",
+           "decode": decode}
     if emb_dir.exists() and (not run_file.exists() or read_json(run_file) != run):
         # Made by another encoder or chunking: nothing to reuse (and nothing of the user's removed).
         remove_owned(emb_dir, layout.EMBEDDING_FILES, "--out")
@@ -194,13 +278,12 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
 
     chunks = _complete_chunks(emb_dir)
     stored: set[tuple[str, str]] = set()
-    rows_of: dict[int, list[tuple[str, str]]] = {}  # every chunk kept or written: its rows' (key, digest)
-    dirty: list[tuple[int, np.ndarray, list[tuple[str, str]]]] = []
+    rows_of: dict[int, list[Row]] = {}  # every chunk kept or written: its rows
+    dirty: list[tuple[int, np.ndarray, list[Row]]] = []
     for c in chunks:
-        table = pq.read_table(chunk_keys_path(emb_dir, c))
-        rows = list(zip(table.column("key").to_pylist(), table.column("digest").to_pylist()))
-        live = np.array([r in wanted and r not in stored for r in rows], dtype=bool)
-        stored.update(r for r, ok in zip(rows, live) if ok)
+        rows = _read_rows(emb_dir, c)
+        live = np.array([r[:2] in wanted and r[:2] not in stored for r in rows], dtype=bool)
+        stored.update(r[:2] for r, ok in zip(rows, live) if ok)
         if live.all():
             rows_of[c] = rows
         else:
@@ -211,7 +294,7 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
         if live.any():
             sub = [r for r, ok in zip(rows, live) if ok]
             _write_chunk(emb_dir, next_chunk, np.load(chunk_paths(emb_dir, c)[0])[live],
-                         np.array([wanted[r] for r in sub]), [k for k, _ in sub], [d for _, d in sub])
+                         np.array([wanted[r[:2]] for r in sub]), sub)
             rows_of[next_chunk] = sub
             next_chunk += 1
         _remove_chunk(emb_dir, c)
@@ -232,15 +315,15 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
             bad, shown = bad + failed, shown + n
             bar.update(task, advance=n, quarantined=bad)
 
-        def save(position: int, result: tuple[np.ndarray, dict[str, Any]]) -> None:
+        def save(position: int, result: tuple[np.ndarray, list[str | None], dict[str, Any]]) -> None:
             nonlocal shown
-            feats, description = result
+            feats, errors, description = result
             rows = spans[position]
             if not encoder_file.exists():
                 write_json(encoder_file, description)
-            _write_chunk(emb_dir, todo[position], feats, ids[rows], [keys[i] for i in rows],
-                         [digests[i] for i in rows])
-            rows_of[todo[position]] = [(keys[i], digests[i]) for i in rows]
+            chunk_rows = [(keys[i], digests[i], error) for i, error in zip(rows, errors)]
+            _write_chunk(emb_dir, todo[position], feats, ids[rows], chunk_rows)
+            rows_of[todo[position]] = chunk_rows
             bar.update(task, advance=len(rows) - shown)
             shown = 0
 
@@ -248,18 +331,34 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
                    on_result=save)
     chunk_files = sorted(rows_of)
     for c in chunk_files:  # ids follow the index (a changed source renumbers its rows)
-        current = np.array([wanted[r] for r in rows_of[c]], dtype=np.int64)
+        current = np.array([wanted[r[:2]] for r in rows_of[c]], dtype=np.int64)
         ids_path = chunk_paths(emb_dir, c)[1]
         if not np.array_equal(np.load(ids_path), current):
             _save_npy(ids_path, current)
     # Rows left zero are images that no longer decode; counted from the chunks so a resumed run sees them too.
     failed = sorted(int(i) for c in chunk_files for i in _zero_rows(emb_dir, c))
+    zero = set(failed)
+    quarantine_failures(build_dir, set(keys), [(key, error or "did not decode when embedded")
+                                               for c in chunk_files for key, digest, error in rows_of[c]
+                                               if error or wanted[(key, digest)] in zero])
     described = read_json(encoder_file)
     meta = {**described, "dtype": "float16", "normalized": "l2", "count": int(len(ids)),
             "chunks": len(chunk_files), "chunk_files": chunk_files, "chunk_size": chunk_size, "failed_ids": failed}
     write_json(emb_dir / "meta.json", meta)
     return {"embedded": int(len(needed)), "reused": int(len(ids) - len(needed)), "dropped": dropped,
             "failed": len(failed)}
+
+
+def quarantine_failures(build_dir: Path, indexed: set[str], failures: list[tuple[str, str]]) -> None:
+    """``quarantine.parquet`` with the images the embed stage could not decode (its rows stay zero, and no
+    pair is mined from them): the index's own rows (keys not in the index) and then these, each once."""
+    path = build_dir / layout.QUARANTINE
+    table = pq.read_table(path)
+    keep = [k not in indexed for k in table.column("key").to_pylist()]
+    ours = pa.table({"key": [k for k, _ in failures], "error": [e for _, e in failures]}, schema=table.schema)
+    updated = pa.concat_tables([table.filter(pa.array(keep, pa.bool_())), ours])
+    if not updated.equals(table):
+        write_table(path, updated)
 
 
 def _zero_rows(emb_dir: Path, chunk: int) -> np.ndarray:

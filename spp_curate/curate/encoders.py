@@ -9,7 +9,9 @@
 
 :func:`load_encoder` returns an :class:`Encoder`: a module mapping a batch of
 preprocessed images to features, the matching PIL preprocessing, and a
-description for ``embeddings/meta.json``.
+description for ``embeddings/meta.json``. :func:`tensor_preprocess` reads that
+preprocessing as batched tensor operations (the device decode path), when it
+is one it knows.
 """
 
 from __future__ import annotations
@@ -47,6 +49,80 @@ class _OpenCLIPImageTower(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)
+
+
+_PASS_THROUGH = ("RGB", "MaybeConvertMode", "MaybeToTensor", "ToTensor", "ToImage", "PILToTensor")
+
+
+@dataclass(frozen=True)
+class TensorPreprocess:
+    """An encoder's preprocessing as tensor operations on uint8 ``(3, H, W)`` pictures already on the device:
+    shorter side resized to ``resize`` (antialiased, as Pillow does), centre ``crop``, scaled to [0, 1],
+    normalised. Pictures of one shape are resized as one batch."""
+
+    resize: int
+    crop: int
+    interpolation: Any
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, pictures: list[torch.Tensor]) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        device = pictures[0].device
+        out = torch.empty(len(pictures), 3, self.crop, self.crop, device=device)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, pic in enumerate(pictures):
+            by_shape.setdefault(tuple(pic.shape), []).append(i)
+        for positions in by_shape.values():
+            batch = torch.stack([pictures[i] for i in positions])
+            batch = F.resize(batch, [self.resize], interpolation=self.interpolation, antialias=True)
+            batch = F.center_crop(batch, [self.crop, self.crop])
+            out[torch.tensor(positions, device=device)] = batch.float()
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * 255.0
+        return (out - mean) / std
+
+
+def _steps(transform: Any) -> list[Any]:
+    inner = getattr(transform, "transforms", None)
+    if isinstance(inner, (list, tuple)):
+        return [step for t in inner for step in _steps(t)]
+    return [transform]
+
+
+def tensor_preprocess(preprocess: Any) -> TensorPreprocess | None:
+    """The PIL preprocessing of an encoder as a :class:`TensorPreprocess`, when it is exactly: a resize of the
+    shorter side to one size, a square centre crop, conversions to RGB and to a [0, 1] tensor, and a
+    normalisation (open_clip's and the trainer's eval transforms are). None for anything else: those
+    encoders decode on the CPU with Pillow."""
+    resize = crop = interpolation = mean = std = None
+    for step in _steps(preprocess):
+        name = type(step).__name__
+        size = getattr(step, "size", None)
+        if name == "Resize" and resize is None and getattr(step, "max_size", None) is None:
+            size = [size] if isinstance(size, int) else list(size or [])
+            if len(size) != 1:
+                return None
+            from torchvision.transforms import InterpolationMode
+
+            resize, interpolation = int(size[0]), InterpolationMode(step.interpolation)
+        elif name == "CenterCrop" and crop is None and resize is not None:
+            size = [size] if isinstance(size, int) else list(size or [])
+            if len(set(size)) != 1:
+                return None
+            crop = int(size[0])
+        elif name == "Normalize" and mean is None and crop is not None:
+            mean, std = tuple(float(m) for m in step.mean), tuple(float(s) for s in step.std)
+        elif name == "ToDtype" and getattr(step, "scale", False):
+            continue
+        elif name in _PASS_THROUGH or getattr(step, "__name__", "") == "_convert_to_rgb":
+            continue
+        else:
+            return None
+    if None in (resize, crop, mean) or len(mean) != 3 or len(std) != 3:
+        return None
+    return TensorPreprocess(resize, crop, interpolation, mean, std)
 
 
 def check_encoder(spec: str, image_size: int | None = None) -> None:

@@ -1,4 +1,9 @@
-"""The index stage: list the source, decode every image once, write the index and the quarantine.
+"""The index stage: list the source, read and check every file once, write the index and the quarantine.
+
+The pixels are decoded once per build, by the embed stage. Here a whole JPEG is checked from its header
+(size, EXIF orientation, end-of-image marker); every other file is decoded to be checked
+(:func:`images.check_image`), so a refused file gets the loader's reason. A JPEG broken behind a sound
+header is found and quarantined by the embed stage.
 
 ``index.parquet`` has one row per usable image (DESIGN.md: id, key, split,
 label, label_name, width, height, nbytes, digest, plus the container format);
@@ -24,7 +29,7 @@ from ..devices import auto_workers
 from ..errors import UserError
 from ..files import sha256_bytes, write_table
 from ..progress import stage_progress
-from ..images import BadImage, read_image
+from ..images import BadImage, check_image, read_bytes
 from .sources import Source, open_source
 
 INDEX_SCHEMA = pa.schema([
@@ -48,13 +53,13 @@ class Probe:
 
 
 def probe(source: Source, key: str, label: int) -> Probe:
-    """Read and decode one image; failures become a reason, never an exception."""
+    """Read and check one image; failures become a reason, never an exception."""
     try:
-        loaded = read_image(source, key)
+        data = read_bytes(source, key)
+        facts = check_image(data)
     except BadImage as exc:
         return Probe(key, label, error=str(exc))
-    img, data = loaded.image, loaded.data
-    return Probe(key, label, img.width, img.height, len(data), sha256_bytes(data), loaded.format)
+    return Probe(key, label, facts.width, facts.height, len(data), sha256_bytes(data), facts.format)
 
 
 class ProbeWork:
