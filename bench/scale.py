@@ -7,9 +7,11 @@
 Builds an image folder of ImageNet-like JPEGs (``bench/embed.py``'s generator) or the folder given, then
 runs ``spp-curate build`` on it and prints images/s (index, embed) or pairs/s (mine, export) per stage.
 The yardstick is the encoder alone on synthetic input of the same size and batch, on the same device, in
-the same process: the embed stage's rate over it says how well the stage feeds the model. Ends with one
-JSON line holding ``embed_img_s``, ``model_only_img_s``, ``embed_over_model``,
-``index_plus_embed_over_embed``, ``export_pairs_s`` and ``device``.
+the same process: the embed stage's rate over it says how well the stage feeds the model. The index stage
+is also set against the index as it was before the embed stage became the one pass that decodes pixels
+(every file read, hashed and decoded in full, in as many processes), on the same files in the same run.
+Ends with one JSON line holding ``embed_img_s``, ``model_only_img_s``, ``embed_over_model``,
+``index_plus_embed_over_embed``, ``index_over_full_decode``, ``export_pairs_s``, ``decode`` and ``device``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from pathlib import Path
 import torch
 
 from spp_curate.config import resolve_recipe
-from spp_curate.curate.embed import encode_batch, prepare_encoder
-from spp_curate.devices import default_device
+from spp_curate.curate.embed import decode_path, encode_batch, prepare_encoder
+from spp_curate.devices import auto_workers, default_device
+from spp_curate.engine.local import LocalEngine
+from spp_curate.files import sha256_bytes
+from spp_curate.images import decode_with_format
 from spp_curate.pipeline import STAGES
 from spp_curate.stages import build
 
@@ -49,6 +54,31 @@ def model_alone(encoder: str, image_size: int | None, batch: int, seconds: float
     return done / (time.perf_counter() - started)
 
 
+class FullDecode:
+    """The previous index's work on a batch of files: read, hash and decode each in full (the baseline)."""
+
+    gpus = 0
+
+    def setup(self) -> None:
+        pass
+
+    def __call__(self, paths: list[Path]) -> int:
+        for path in paths:
+            data = path.read_bytes()
+            sha256_bytes(data)
+            decode_with_format(data)
+        return len(paths)
+
+
+def full_decode_index(root: Path, workers: int) -> float:
+    """Images/s of the previous index stage's work over every file under ``root``, in ``workers`` processes."""
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    batches = [paths[lo: lo + 64] for lo in range(0, len(paths), 64)]
+    started = time.perf_counter()
+    LocalEngine().map(FullDecode(), batches, workers=workers)
+    return len(paths) / (time.perf_counter() - started)
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
@@ -62,6 +92,8 @@ def main_(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--batch-size", type=int, help="[quick: 64; full: 1024]")
     parser.add_argument("--workers", type=int, help="decode processes [default: spare cores]")
+    parser.add_argument("--decode", default="auto", choices=["auto", "device", "pillow"],
+                        help="where the embed stage decodes JPEGs [auto: the GPU when there is one]")
     args = parser.parse_args(argv)
     n = args.images or (64_000 if args.full else 1_000)
     encoder = args.encoder or ("openclip:ViT-B-32" if args.full else "openclip:ViT-S-32")
@@ -77,11 +109,13 @@ def main_(argv: list[str] | None = None) -> dict:
         out = Path(tmp) / "build"
         recipe = resolve_recipe("imagefolder", {"root": str(root), "encoder": encoder, "image_size": args.image_size,
                                                 "batch_size": batch, "workers": args.workers,
+                                                "decode": args.decode,
                                                 "min_similarity": "q0.5", "dup_threshold": "q0.999"})
         started = time.perf_counter()
         build(out, recipe)
         wall = time.perf_counter() - started
         records = {s: json.loads((out / "stages" / f"{s}.json").read_text()) for s in STAGES}
+        previous_index = full_decode_index(Path(root), auto_workers() if args.workers is None else args.workers)
     seconds = {s: r["seconds"] for s, r in records.items()}
     images = records["index"]["summary"]["images"]
     pairs = records["mine"]["summary"]["pairs"]
@@ -92,13 +126,19 @@ def main_(argv: list[str] | None = None) -> dict:
         count, unit = rates[stage]
         print(f"{stage:>8}: {seconds[stage]:8.2f} s  {count / max(seconds[stage], 1e-9):10,.0f} {unit}/s")
     embed_img_s = images / max(seconds["embed"], 1e-9)
+    index_img_s = images / max(seconds["index"], 1e-9)
+    print(f"previous index (every file decoded in full): {previous_index:,.0f} img/s; the index stage runs "
+          f"at {index_img_s / previous_index:.2f}x it")
+    decode = decode_path(args.decode, default_device())
     print(f"model alone ({encoder}, batch {batch}): {model:,.0f} img/s; the embed stage runs at "
           f"{embed_img_s / model:.2f} of it; whole build {wall:.1f} s on {device_name()}")
     result = {"mode": "full" if args.full else "quick", "images": images, "pairs": pairs, "encoder": encoder,
               "batch": batch, "embed_img_s": round(embed_img_s, 1), "model_only_img_s": round(model, 1),
               "embed_over_model": round(embed_img_s / model, 4),
               "index_plus_embed_over_embed": round((seconds["index"] + seconds["embed"]) / seconds["embed"], 4),
-              "export_pairs_s": round(pairs / max(seconds["export"], 1e-9), 1), "stage_s": seconds,
+              "index_over_full_decode": round(index_img_s / previous_index, 3),
+              "export_pairs_s": round(pairs / max(seconds["export"], 1e-9), 1), "decode": decode,
+              "stage_s": seconds,
               "build_s": round(wall, 2), "device": device_name()}
     print(json.dumps(result))
     return result
