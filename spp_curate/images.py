@@ -248,12 +248,12 @@ def _decode_jpegs(encoded: list[Any], device: Any) -> list[Any]:
 
     try:
         return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
+    except Exception:  # noqa: BLE001 - the decoders raise RuntimeError or library errors; Pillow decides
         decoded = []
         for data in encoded:  # one refused file fails the batch: decode one by one to find it
             try:
                 decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
+            except Exception:  # noqa: BLE001
                 decoded.append(None)
         return decoded
 
