@@ -5,8 +5,9 @@
 
 Quick: one label-pair release is built from the first 4,000 training images
 (the arXiv 2510.08722 setting: same classes, same pairs); every run trains on
-those pairs for the same epochs: ``augment`` sees only the anchors (aug(a),
-aug'(a)), ``semantic`` the pair (aug(a), aug(b)), ``both`` all three views.
+those pairs for the same epochs (batch 128: 26 steps an epoch): ``augment`` sees only
+the anchors (aug(a), aug'(a)), ``semantic`` the pair (aug(a), aug(b)), ``both`` all
+three views.
 
 Full: the SePP-ID loop (arXiv 2306.16122) on all 60,000 training images with
 resnet18 at 32 px: a sampler pretrained with SimCLR on single images (also the
@@ -50,6 +51,7 @@ def main() -> None:
     parser = mode_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=None, help="[quick 3, full 100]")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=None, help="[quick 128, full 512]")
     parser.add_argument("--methods", default="simclr,moco")
     parser.add_argument("--positives", default="augment,semantic,both")
     args = parser.parse_args()
@@ -57,7 +59,8 @@ def main() -> None:
     full = args.full
     epochs = args.epochs or (100 if full else 3)
     limit, eval_limit = (None, None) if full else (4000, 5000)
-    common = dict(backbone="resnet18" if full else "small-cnn", batch_size=512 if full else 256, epochs=epochs)
+    batch = args.batch_size or (512 if full else 128)
+    common = dict(backbone="resnet18" if full else "small-cnn", batch_size=batch, epochs=epochs)
     work = Path(tempfile.mkdtemp(prefix="spp-bench-gain-"))
     started = time.perf_counter()
     rows: dict[tuple[str, str, str], tuple[float, float, float, float]] = {}
@@ -92,7 +95,7 @@ def main() -> None:
                     runs(label, method, positives, pairs=release)
         wall = time.perf_counter() - started
         scope = "60,000" if full else f"{limit:,}"
-        print(f"\n{scope} images -> pairs, {epochs} epochs, {common['backbone']}, {args.seeds} seeds, "
+        print(f"\n{scope} images -> pairs, {epochs} epochs, batch {batch}, {common['backbone']}, {args.seeds} seeds, "
               f"wall time {wall / 60:.1f} min")
         print("| pairs | method | positives | kNN top-1 | linear top-1 |\n|---|---|---|---|---|")
         for (label, method, positives), (km, ks, lm, ls) in rows.items():
