@@ -24,7 +24,8 @@ from .train.loop import TrainConfig, train
 
 def run_demo(out: Path, root: str | None, limit: int = 10_000, epochs: int = 3, method: str = "simclr",
              say: Callable[[str], None] = print) -> dict[str, Any]:
-    common = dict(backbone="small-cnn", epochs=epochs, batch_size=256, image_size=32, seed=0)
+    # Batch 128: at a few epochs the number of steps matters more than the batch (BENCHMARKS.md, learning gain).
+    common = dict(backbone="small-cnn", epochs=epochs, batch_size=128, image_size=32, seed=0)
     sampler = out / "sampler"
     say(f"[1/4] pretraining the semantic sampler ({method}, {limit:,} images, {epochs} epochs)")
     train(TrainConfig(out=str(sampler), method=method, positives="augment", source="fashion-mnist", root=root,
