@@ -179,3 +179,16 @@ def test_tensor_preprocessing_gives_the_pictures_of_the_pillow_path(builds, enco
     mine = corr[distinct][:, distinct].argmax(dim=1)
     assert (mine == torch.arange(len(distinct))).all()
 
+
+
+def test_changing_the_decode_path_embeds_again_and_mixes_no_chunks(builds, tmp_path):
+    _, out = builds
+    build = tmp_path / "b"
+    shutil.copytree(out["device"], build)
+    assert run_cli("embed", build, "--decode", "pillow") == 0
+    again, pil = embeddings(build), embeddings(out["pillow"])
+    assert again.keys() == pil.keys()
+    for key in pil:  # every row encoded again on the Pillow path: exactly the Pillow build's rows
+        np.testing.assert_array_equal(again[key], pil[key])
+    meta = (build / "embeddings" / "meta.json").read_text()
+    assert '"decode": "Pillow"' in meta
