@@ -215,9 +215,7 @@ def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageFacts:
     :func:`decode_image` gives. A JPEG whose pixel data is broken behind a sound header passes here; the
     embed stage, which decodes every image, quarantines it with the same reason.
     """
-    if not data:
-        raise BadImage("empty file")
-    header = _jpeg_header(data, max_pixels)
+    header = _jpeg_header(data, max_pixels)  # None for empty bytes: the full decode names them
     if header is not None:
         width, height, orientation, _, fmt = header
         return ImageFacts(height, width, fmt) if orientation in (5, 6, 7, 8) else ImageFacts(width, height, fmt)

@@ -11,7 +11,7 @@ files as an uninterrupted one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -221,7 +221,16 @@ def _complete_chunks(emb_dir: Path) -> list[int]:
     return complete
 
 
-Row = tuple[str, str, "str | None"]  # an embedded image: key, digest, why it did not encode (None when it did)
+class Row(NamedTuple):
+    """One row of a chunk: the image (key and digest) and why it did not encode (None when it did)."""
+
+    key: str
+    digest: str
+    error: str | None = None
+
+    @property
+    def image(self) -> tuple[str, str]:
+        return self.key, self.digest
 
 
 def _write_chunk(emb_dir: Path, c: int, vecs: np.ndarray, ids: np.ndarray, rows: list[Row]) -> None:
@@ -236,7 +245,7 @@ def _write_chunk(emb_dir: Path, c: int, vecs: np.ndarray, ids: np.ndarray, rows:
 def _read_rows(emb_dir: Path, c: int) -> list[Row]:
     table = pq.read_table(chunk_keys_path(emb_dir, c))
     errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * table.num_rows
-    return list(zip(table.column("key").to_pylist(), table.column("digest").to_pylist(), errors))
+    return [Row(*r) for r in zip(table.column("key").to_pylist(), table.column("digest").to_pylist(), errors)]
 
 
 def _remove_chunk(emb_dir: Path, c: int) -> None:
@@ -282,8 +291,8 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
     dirty: list[tuple[int, np.ndarray, list[Row]]] = []
     for c in chunks:
         rows = _read_rows(emb_dir, c)
-        live = np.array([r[:2] in wanted and r[:2] not in stored for r in rows], dtype=bool)
-        stored.update(r[:2] for r, ok in zip(rows, live) if ok)
+        live = np.array([r.image in wanted and r.image not in stored for r in rows], dtype=bool)
+        stored.update(r.image for r, ok in zip(rows, live) if ok)
         if live.all():
             rows_of[c] = rows
         else:
@@ -294,7 +303,7 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
         if live.any():
             sub = [r for r, ok in zip(rows, live) if ok]
             _write_chunk(emb_dir, next_chunk, np.load(chunk_paths(emb_dir, c)[0])[live],
-                         np.array([wanted[r[:2]] for r in sub]), sub)
+                         np.array([wanted[r.image] for r in sub]), sub)
             rows_of[next_chunk] = sub
             next_chunk += 1
         _remove_chunk(emb_dir, c)
@@ -321,7 +330,7 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
             rows = spans[position]
             if not encoder_file.exists():
                 write_json(encoder_file, description)
-            chunk_rows = [(keys[i], digests[i], error) for i, error in zip(rows, errors)]
+            chunk_rows = [Row(keys[i], digests[i], error) for i, error in zip(rows, errors)]
             _write_chunk(emb_dir, todo[position], feats, ids[rows], chunk_rows)
             rows_of[todo[position]] = chunk_rows
             bar.update(task, advance=len(rows) - shown)
@@ -331,16 +340,16 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
                    on_result=save)
     chunk_files = sorted(rows_of)
     for c in chunk_files:  # ids follow the index (a changed source renumbers its rows)
-        current = np.array([wanted[r[:2]] for r in rows_of[c]], dtype=np.int64)
+        current = np.array([wanted[r.image] for r in rows_of[c]], dtype=np.int64)
         ids_path = chunk_paths(emb_dir, c)[1]
         if not np.array_equal(np.load(ids_path), current):
             _save_npy(ids_path, current)
     # Rows left zero are images that no longer decode; counted from the chunks so a resumed run sees them too.
     failed = sorted(int(i) for c in chunk_files for i in _zero_rows(emb_dir, c))
     zero = set(failed)
-    quarantine_failures(build_dir, set(keys), [(key, error or "did not decode when embedded")
-                                               for c in chunk_files for key, digest, error in rows_of[c]
-                                               if error or wanted[(key, digest)] in zero])
+    quarantine_failures(build_dir, set(keys), [(r.key, r.error or "did not decode when embedded")
+                                               for c in chunk_files for r in rows_of[c]
+                                               if r.error or wanted[r.image] in zero])
     described = read_json(encoder_file)
     meta = {**described, "dtype": "float16", "normalized": "l2", "count": int(len(ids)),
             "chunks": len(chunk_files), "chunk_files": chunk_files, "chunk_size": chunk_size, "failed_ids": failed}

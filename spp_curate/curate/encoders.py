@@ -96,19 +96,18 @@ def tensor_preprocess(preprocess: Any) -> TensorPreprocess | None:
     shorter side to one size, a square centre crop, conversions to RGB and to a [0, 1] tensor, and a
     normalisation (open_clip's and the trainer's eval transforms are). None for anything else: those
     encoders decode on the CPU with Pillow."""
+    from torchvision.transforms import InterpolationMode
+
     resize = crop = interpolation = mean = std = None
     for step in _steps(preprocess):
         name = type(step).__name__
         size = getattr(step, "size", None)
+        size = [size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else []
         if name == "Resize" and resize is None and getattr(step, "max_size", None) is None:
-            size = [size] if isinstance(size, int) else list(size or [])
             if len(size) != 1:
                 return None
-            from torchvision.transforms import InterpolationMode
-
             resize, interpolation = int(size[0]), InterpolationMode(step.interpolation)
         elif name == "CenterCrop" and crop is None and resize is not None:
-            size = [size] if isinstance(size, int) else list(size or [])
             if len(set(size)) != 1:
                 return None
             crop = int(size[0])
