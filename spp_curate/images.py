@@ -241,14 +241,34 @@ def decode_jpegs(encoded: list[Any], device: Any) -> list[Any]:
         return _decode_jpegs(encoded, device)
 
 
+def drain_stream(device: Any) -> None:
+    """Wait until the work already queued on ``device``'s current CUDA stream has run (nothing on a CPU).
+
+    On Hopper GPUs nvJPEG's hardware decoder writes its output buffers before work queued on the caller's
+    stream has run (pytorch/vision PR #9606, torchcodec PR #1634). The caching allocator hands a block back
+    as soon as it is freed on its stream, so without this barrier the decoder can overwrite memory that
+    queued kernels (copies, masked writes, the last batch's reductions) are still reading: wrong numbers in
+    code that never touched the decoder. The decode synchronises afterwards anyway, so waiting costs nothing.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def _decode_jpegs(encoded: list[Any], device: Any) -> list[Any]:
+    # torchvision's decoder, not TorchCodec's: pixel for pixel the same on the CPU (bench/jpeg_decoders.py), and
+    # it ships with the pinned torchvision, so no extension tied to one torch build is needed (BENCHMARKS.md).
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    drain_stream(device)
     try:
         return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
     except Exception:  # noqa: BLE001 - the decoders raise RuntimeError or library errors; Pillow decides
         decoded = []
-        for data in encoded:  # one refused file fails the batch: decode one by one to find it
+        for data in encoded:  # one refused file fails the batch (vision #8496): decode one by one to find it
+            drain_stream(device)
             try:
                 decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
             except Exception:  # noqa: BLE001

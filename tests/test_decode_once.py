@@ -70,8 +70,8 @@ def full_decode(data: bytes) -> tuple[int, int, str] | str:
         return str(exc)
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory):
+def make_builds(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """The corpus embedded twice, on the Pillow path and on the device path (``tests/test_cuda.py`` too)."""
     root = corpus(tmp_path_factory.mktemp("corpus"))
     out = {}
     for decode in ("pillow", "device"):
@@ -192,3 +192,39 @@ def test_changing_the_decode_path_embeds_again_and_mixes_no_chunks(builds, tmp_p
         np.testing.assert_array_equal(again[key], pil[key])
     meta = (build / "embeddings" / "meta.json").read_text()
     assert '"decode": "Pillow"' in meta
+
+
+def test_every_device_decode_waits_for_the_queued_work_first(monkeypatch):
+    """The nvJPEG barrier (vision PR #9606) sits in the call the embed stage's device path makes: each decoder
+    call on a CUDA device, batched or one by one after a refused file, comes after the stream was drained.
+    Run here with torch's stream and torchvision's decoder replaced by recorders (this machine has no GPU);
+    ``tests/test_cuda.py`` runs the real harness on one."""
+    import torchvision.io
+
+    from spp_curate import images
+    from spp_curate.curate import embed
+
+    assert embed.decode_jpegs is images.decode_jpegs  # what device_batch calls
+    events: list[str] = []
+
+    class Stream:
+        def synchronize(self):
+            events.append("drain")
+
+    real = torchvision.io.decode_jpeg
+
+    def recording_decoder(data, mode, device):
+        events.append("decode")
+        if isinstance(data, list) and len(data) > 1:
+            raise RuntimeError("one refused file fails the batch")
+        return real(data, mode=mode, device="cpu")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", recording_decoder)
+    pictures = [jpeg_bytes(img) for _, img in fmnist_pictures(1)]
+    decoded = images.decode_jpegs([torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in pictures], "cuda")
+    assert len(decoded) == 3 and all(d is not None for d in decoded)
+    assert events == ["drain", "decode"] * 4  # the batch, then each file alone
+    events.clear()
+    images.decode_jpegs([torch.frombuffer(bytearray(pictures[0]), dtype=torch.uint8)], "cpu")
+    assert events == ["decode"]  # nothing to drain on a CPU
