@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= builds/demo
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean device-wheels device-check device-rehearsal
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,17 @@ bench: $(STAMP)
 	$(BIN)/python bench/embed.py --quick
 	$(BIN)/python bench/trainer.py --quick
 	$(BIN)/python bench/learning_gain.py --quick
+
+# The GPU check (bench/device_check.py). device-wheels runs where the package index is reachable and fills
+# device-wheels/ (git-ignored) with what a bare CUDA image lacks; device-check runs on the GPU machine.
+device-wheels: $(STAMP)
+	cd bench && ../$(BIN)/python device_wheels.py --dest ../device-wheels
+
+device-check:
+	python3 bench/device_check.py --out device-check
+
+device-rehearsal: $(STAMP)
+	$(BIN)/python bench/device_check.py --cpu --out builds/device-rehearsal
 
 clean:
 	rm -rf builds .pytest_cache

@@ -33,12 +33,13 @@ from spp_curate.images import decode_image
 from spp_curate.curate.index import index_source
 
 
-def imagenet_like(root: Path, n: int, seed: int = 0, size=(500, 375)) -> None:
-    """``n`` photo-like JPEGs (smooth gradients, shapes, grain) of ``size`` at quality 90 in 10 class folders."""
-    rng = np.random.default_rng(seed)
+def imagenet_like(root: Path, n: int, seed: int = 0, size=(500, 375), start: int = 0) -> None:
+    """``n`` photo-like JPEGs (smooth gradients, shapes, grain) of ``size`` at quality 90 in 10 class folders,
+    numbered from ``start`` (slices with different starts can be written in parallel)."""
+    rng = np.random.default_rng(seed if start == 0 else [seed, start])
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for i in range(n):
+    for i in range(start, start + n):
         folder = root / f"class{i % 10:02d}"
         folder.mkdir(parents=True, exist_ok=True)
         a, b, c = rng.uniform(-1, 1, 3)

@@ -11,7 +11,9 @@ the same process: the embed stage's rate over it says how well the stage feeds t
 is also set against the index as it was before the embed stage became the one pass that decodes pixels
 (every file read, hashed and decoded in full, in as many processes), on the same files in the same run.
 Ends with one JSON line holding ``embed_img_s``, ``model_only_img_s``, ``embed_over_model``,
-``index_plus_embed_over_embed``, ``index_over_full_decode``, ``export_pairs_s``, ``decode`` and ``device``.
+``index_plus_embed_over_embed``, ``index_over_full_decode``, ``export_pairs_s``, ``decode``, ``device`` and
+``feed_img_s_per_worker``: what one decode worker hands over on the device path (bytes read, header checked,
+collated, pinned; no model, no decode), the embed stage's ceiling on a GPU divided by its worker count.
 """
 
 from __future__ import annotations
@@ -79,6 +81,30 @@ def full_decode_index(root: Path, workers: int) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
+def feed_rate(root: Path, batch: int, image_size: int, seconds: float = 10.0) -> float:
+    """Images/s that one decode worker hands over on the device path, with no model and no decode: each file
+    read and its JPEG header checked (``_IndexedImages``), a batch collated (``_collate_mixed``) and, where
+    CUDA is, copied into pinned memory. One process, as each DataLoader worker is: the ceiling of ``W``
+    workers is about ``W`` times this figure."""
+    from spp_curate.curate.embed import _collate_mixed, _IndexedImages
+    from spp_curate.curate.sources import ImageFolderSource
+
+    source = ImageFolderSource(str(root))
+    keys = [key for key, _ in source.items()]
+    items = _IndexedImages(source, keys, None, image_size, device_decode=True)
+    pin = torch.cuda.is_available()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or done == 0:
+        for lo in range(0, len(keys), batch):
+            blob = _collate_mixed([items[i] for i in range(lo, min(lo + batch, len(keys)))])[0]
+            if pin:
+                blob.pin_memory()
+            done += min(batch, len(keys) - lo)
+            if time.perf_counter() - started >= seconds:
+                break
+    return done / (time.perf_counter() - started)
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
@@ -94,6 +120,9 @@ def main_(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, help="decode processes [default: spare cores]")
     parser.add_argument("--decode", default="auto", choices=["auto", "device", "pillow"],
                         help="where the embed stage decodes JPEGs [auto: the GPU when there is one]")
+    parser.add_argument("--model-seconds", type=float, default=20.0, help="how long the model alone is timed")
+    parser.add_argument("--skip-previous-index", action="store_true",
+                        help="do not time the previous full-decode index (saves a pass over the files)")
     args = parser.parse_args(argv)
     n = args.images or (64_000 if args.full else 1_000)
     encoder = args.encoder or ("openclip:ViT-B-32" if args.full else "openclip:ViT-S-32")
@@ -115,11 +144,13 @@ def main_(argv: list[str] | None = None) -> dict:
         build(out, recipe)
         wall = time.perf_counter() - started
         records = {s: json.loads((out / "stages" / f"{s}.json").read_text()) for s in STAGES}
-        previous_index = full_decode_index(Path(root), auto_workers() if args.workers is None else args.workers)
+        previous_index = None if args.skip_previous_index else \
+            full_decode_index(Path(root), auto_workers() if args.workers is None else args.workers)
+        feed = feed_rate(Path(root), batch, recipe.image_size or 224, seconds=min(10.0, args.model_seconds))
     seconds = {s: r["seconds"] for s, r in records.items()}
     images = records["index"]["summary"]["images"]
     pairs = records["mine"]["summary"]["pairs"]
-    model = model_alone(encoder, args.image_size, batch)
+    model = model_alone(encoder, args.image_size, batch, args.model_seconds)
     rates = {"index": (images, "img"), "embed": (images, "img"), "exclude": (images, "img"),
              "mine": (pairs, "pair"), "report": (pairs, "pair"), "export": (pairs, "pair")}
     for stage in STAGES:
@@ -127,8 +158,13 @@ def main_(argv: list[str] | None = None) -> dict:
         print(f"{stage:>8}: {seconds[stage]:8.2f} s  {count / max(seconds[stage], 1e-9):10,.0f} {unit}/s")
     embed_img_s = images / max(seconds["embed"], 1e-9)
     index_img_s = images / max(seconds["index"], 1e-9)
-    print(f"previous index (every file decoded in full): {previous_index:,.0f} img/s; the index stage runs "
-          f"at {index_img_s / previous_index:.2f}x it")
+    if previous_index:
+        print(f"previous index (every file decoded in full): {previous_index:,.0f} img/s; the index stage runs "
+              f"at {index_img_s / previous_index:.2f}x it")
+    workers = auto_workers() if args.workers is None else max(1, args.workers)
+    print(f"feeding side (bytes read, header checked, collated{', pinned' if torch.cuda.is_available() else ''}; "
+          f"no model, no decode): {feed:,.0f} img/s per worker process, about {feed * workers:,.0f} img/s "
+          f"for the {workers} workers of this machine")
     decode = decode_path(args.decode, default_device())
     print(f"model alone ({encoder}, batch {batch}): {model:,.0f} img/s; the embed stage runs at "
           f"{embed_img_s / model:.2f} of it; whole build {wall:.1f} s on {device_name()}")
@@ -136,7 +172,9 @@ def main_(argv: list[str] | None = None) -> dict:
               "batch": batch, "embed_img_s": round(embed_img_s, 1), "model_only_img_s": round(model, 1),
               "embed_over_model": round(embed_img_s / model, 4),
               "index_plus_embed_over_embed": round((seconds["index"] + seconds["embed"]) / seconds["embed"], 4),
-              "index_over_full_decode": round(index_img_s / previous_index, 3),
+              "index_over_full_decode": round(index_img_s / previous_index, 3) if previous_index else None,
+              "feed_img_s_per_worker": round(feed, 1), "feed_workers": workers,
+              "feed_over_model": round(feed * workers / model, 3),
               "export_pairs_s": round(pairs / max(seconds["export"], 1e-9), 1), "decode": decode,
               "stage_s": seconds,
               "build_s": round(wall, 2), "device": device_name()}

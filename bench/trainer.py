@@ -153,6 +153,7 @@ def trainer_rate(cfg: TrainConfig) -> float:
 def main() -> None:
     parser = mode_parser(__doc__)
     parser.add_argument("--steps", type=int, default=None, help="timed steps of the previous path and the model")
+    parser.add_argument("--limit", type=int, default=None, help="pictures of the quick setting [3,000]")
     args = parser.parse_args()
     root = args.root or (DEBIAN if DEBIAN.exists() else SUBSET)
     device = default_device()
@@ -160,7 +161,7 @@ def main() -> None:
     rows, out = [], {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     try:
         if not args.full:
-            limit, steps = 3000, args.steps or 6
+            limit, steps = args.limit or 3000, args.steps or 6
             cfg = TrainConfig(out=str(work / "sampler"), method="simclr", source="fashion-mnist", root=str(root),
                               limit=limit, backbone="small-cnn", batch_size=256, epochs=2, workers=0)
             source = open_source(resolve_recipe("fashion-mnist", {"root": str(root)}))
