@@ -87,7 +87,11 @@ def build(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="build directory [default: builds/<source>]"),
     recipe_file: Optional[Path] = typer.Option(None, "--recipe",
                                                help="a recipe YAML instead of manifests/<source>.yaml"),
-    encoder: Optional[str] = typer.Option(None, help="openclip:MODEL[:PRETRAINED]"),
+    encoder: Optional[str] = typer.Option(
+        None, help="openclip:MODEL[:TAG|:FILE] | openclip:hf-hub:ORG/NAME | openclip:local-dir:PATH | "
+        "timm:MODEL[.TAG][:FILE|:random] | torchvision:ARCH:CHECKPOINT | ssl:RUN"),
+    encoder_prefix: Optional[str] = typer.Option(
+        None, help="key prefix of the backbone in a torchvision: checkpoint [recognised: MoCo, solo-learn, lightly]"),
     image_size: Optional[int] = typer.Option(None, help="encoder input size override"),
     category: Optional[str] = typer.Option(None, help="what 'same category' means: label | zeroshot | cluster | none"),
     class_names: Optional[Path] = typer.Option(None, help="class names, one per line (for --category zeroshot)"),
@@ -133,7 +137,8 @@ def build(
     """Build a release: index -> embed -> exclude -> mine -> report -> export. Complete stages are skipped."""
     from .stages import build as run_build
 
-    overrides = dict(root=str(root) if root else None, encoder=encoder, image_size=image_size, category=category,
+    overrides = dict(root=str(root) if root else None, encoder=encoder, encoder_prefix=encoder_prefix,
+                     image_size=image_size, category=category,
                      class_names=str(class_names) if class_names else None, clusters=clusters,
                      pairs_per_class=pairs_per_class, index=index, memory=memory, nprobe=nprobe,
                      limit=limit, split=split, image_column=image_column, label_column=label_column, k=k,

@@ -29,7 +29,10 @@ MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
 #: The kinds of source a recipe may name (``curate/sources.py`` has one class for each).
 SOURCE_KINDS = ("fashion-mnist", "imagefolder", "imagenet", "hf", "wds")
 #: The kinds of encoder a recipe may name (``curate/encoders.py`` builds each).
-ENCODER_KINDS = ("openclip", "ssl")
+ENCODER_KINDS = ("openclip", "timm", "torchvision", "ssl")
+#: What follows an encoder kind, for messages.
+ENCODER_FORMS = ("openclip:MODEL[:TAG|:FILE], openclip:hf-hub:ORG/NAME, openclip:local-dir:PATH, "
+                 "timm:MODEL[.TAG][:FILE|:random], torchvision:ARCH:CHECKPOINT|random or ssl:CHECKPOINT")
 
 
 @dataclass(frozen=True)
@@ -42,18 +45,25 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """``--encoder`` parsed: ``openclip:MODEL[:PRETRAINED]`` or ``ssl:CHECKPOINT``."""
+    """``--encoder`` parsed: the kind, the model (open_clip or timm name, torchvision architecture, or the
+    trainer checkpoint of ``ssl:``) and where its weights come from (a tag, a file, ``random``, or None)."""
 
     kind: str
-    name: str  # the open_clip model, or the checkpoint path
+    name: str  # the model (``hf-hub:ORG/NAME`` and ``local-dir:PATH`` whole), or the ssl checkpoint path
     pretrained: str | None = None
 
     @property
     def weights_file(self) -> Path | None:
         """The local file the weights come from, when there is one."""
-        candidate = Path(self.name if self.kind == "ssl" else self.pretrained or "")
-        if self.kind == "ssl" and candidate.is_dir():
-            candidate = candidate / "last.pt"
+        if self.kind == "ssl":
+            candidate = Path(self.name)
+            candidate = candidate / "last.pt" if candidate.is_dir() else candidate
+        elif self.kind == "openclip" and self.name.startswith("local-dir:"):
+            folder = Path(self.name[len("local-dir:"):])
+            candidate = next((folder / f for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+                              if (folder / f).is_file()), folder)
+        else:
+            candidate = Path(self.pretrained or "")
         return candidate if str(candidate) not in ("", ".") and candidate.is_file() else None
 
 
@@ -147,13 +157,26 @@ def check_threshold_order(min_similarity: float, dup_threshold: float) -> None:
 
 
 def parse_encoder(spec: str) -> EncoderSpec:
+    """One encoder string in the words of the library that provides the model (open_clip's own ``hf-hub:`` and
+    ``local-dir:`` schemes included)."""
     kind, _, rest = spec.partition(":")
     if kind not in ENCODER_KINDS or not rest:
-        raise UserError(f"unknown encoder {spec!r}; accepted: openclip:MODEL[:PRETRAINED] "
-                        "(e.g. openclip:ViT-B-32:laion2b_s34b_b79k) or ssl:CHECKPOINT", option="--encoder")
+        raise UserError(f"unknown encoder {spec!r}; accepted: {ENCODER_FORMS}", option="--encoder")
     if kind == "openclip":
+        if rest.startswith(("hf-hub:", "local-dir:")):
+            scheme, _, where = rest.partition(":")
+            if not where:
+                raise UserError(f"{spec!r} names no {'repository' if scheme == 'hf-hub' else 'folder'} "
+                                f"after {scheme}:", option="--encoder")
+            return EncoderSpec(kind, rest)
         model, _, pretrained = rest.partition(":")
         return EncoderSpec(kind, model, pretrained or None)
+    if kind in ("timm", "torchvision"):
+        model, _, weights = rest.partition(":")
+        if not model or (kind == "torchvision" and not weights):
+            raise UserError(f"{spec!r}: accepted {'torchvision:ARCH:CHECKPOINT (or :random)' if kind == 'torchvision' else 'timm:MODEL[.TAG][:FILE|:random]'}",
+                            option="--encoder")
+        return EncoderSpec(kind, model, weights or None)
     return EncoderSpec(kind, rest)
 
 
@@ -189,6 +212,9 @@ class Recipe(BaseModel):
     label_column: str | None = None
 
     encoder: str = "openclip:ViT-B-32"
+    #: The key prefix of the backbone's weights in a ``torchvision:`` checkpoint, when it is none of those
+    #: recognised (MoCo's ``module.encoder_q.``/``module.base_encoder.``, solo-learn's ``backbone.``, ...).
+    encoder_prefix: str | None = None
     image_size: int | None = Field(default=None, ge=8, description="override the encoder's input size")
     batch_size: int = Field(default=128, ge=1)
     workers: int | None = Field(default=None, ge=0, description="decode processes; None = one per spare core")
@@ -310,6 +336,8 @@ class Recipe(BaseModel):
         """
         upto = STAGES[: STAGES.index(stage) + 1]
         fields = {f: getattr(self, f) for s in upto for f in STAGE_FIELDS[s]}
+        if fields.get("encoder_prefix", "") is None:  # unset: the prints of builds made before the option stand
+            del fields["encoder_prefix"]
         if "encoder" in fields:
             weights = self.encoder_spec.weights_file
             stat = weights.stat() if weights else None

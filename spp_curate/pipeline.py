@@ -40,7 +40,7 @@ PIPELINE: tuple[Stage, ...] = (
           (), (layout.INDEX, layout.QUARANTINE), "spp_curate.curate.index:index_source",
           "Index the source: read and hash every file, check it (from the header of a whole JPEG, else by "
           "decoding it); bad ones go to quarantine.parquet."),
-    Stage("embed", ("encoder", "image_size", "decode"),
+    Stage("embed", ("encoder", "encoder_prefix", "image_size", "decode"),
           (layout.INDEX,), (layout.EMBEDDINGS_META,), "spp_curate.curate.embed:embed_index",
           "Embed the indexed images into float16, L2-normalised chunks (resumable): the one pass that decodes "
           "pixels; an image that does not decode is added to quarantine.parquet."),

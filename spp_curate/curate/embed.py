@@ -123,7 +123,7 @@ def encode_batch(encoder: Encoder, images: torch.Tensor, ok: torch.Tensor, devic
 
 
 def prepare_encoder(recipe: Recipe, device: torch.device) -> Encoder:
-    encoder = load_encoder(recipe.encoder, recipe.image_size)
+    encoder = load_encoder(recipe.encoder, recipe.image_size, recipe.encoder_prefix)
     encoder.module.to(device)
     if device.type == "cuda":
         encoder.module.to(memory_format=torch.channels_last)

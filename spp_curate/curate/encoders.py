@@ -1,22 +1,33 @@
-"""Encoders, named by one string, built by one function (open_clip's spirit).
+"""Encoders, named by one string in the words of the library that provides them, built by one function.
 
-* ``openclip:MODEL`` - an open_clip image tower with random weights, seeded (tests, smoke runs).
-* ``openclip:MODEL:TAG`` - with pretrained weights ``TAG`` (see ``open_clip.list_pretrained()``),
-  fetched into the usual Hugging Face cache when online.
-* ``openclip:MODEL:/path/to/weights.bin`` - with a local weights file.
+* ``openclip:MODEL`` - an open_clip image tower with random weights, seeded (tests, smoke runs);
+  ``openclip:MODEL:TAG`` with pretrained weights (``open_clip.list_pretrained()``), fetched into the Hugging
+  Face cache when online; ``openclip:MODEL:/path/weights.safetensors`` with a local file; and open_clip's own
+  schemes ``openclip:hf-hub:ORG/NAME`` (a model published on the Hub, read from the Hub cache offline) and
+  ``openclip:local-dir:PATH`` (a folder holding ``open_clip_config.json`` and the weights).
+* ``timm:MODEL[.TAG]`` - any timm backbone (``vit_small_patch14_dinov2.lvd142m``, ``convnext_tiny``): its
+  pooled pre-logit features (``num_classes=0``) and its own data config (``timm.data.resolve_data_config``)
+  as the preprocessing; the pretrained weights from the Hub, ``timm:MODEL:FILE`` from a local file,
+  ``timm:MODEL:random`` seeded random weights.
+* ``torchvision:ARCH:CHECKPOINT`` - a torchvision classifier (``resnet50``, ...) without its classification
+  layer, its weights taken from a self-supervised checkpoint: MoCo v2/v3 (``module.encoder_q.`` /
+  ``module.base_encoder.``), solo-learn (``backbone.``), lightly, or a plain ``state_dict``; the prefix is
+  recognised or given (``--encoder-prefix``), projection heads are dropped, and a key that matches nothing
+  is an error that names it, never a silent partial load. ``torchvision:ARCH:random`` for seeded weights.
 * ``ssl:PATH`` - a checkpoint of the bundled trainer (``RUN/last.pt`` or ``RUN``): its backbone's
   pooled features, *before* the projection head, at the input size it was trained at.
 
-:func:`load_encoder` returns an :class:`Encoder`: a module mapping a batch of
-preprocessed images to features, the matching PIL preprocessing, and a
-description for ``embeddings/meta.json``. :func:`tensor_preprocess` reads that
-preprocessing as batched tensor operations (the device decode path), when it
-is one it knows.
+Every file is read size-capped and with ``weights_only=True`` (no pickled code runs). :func:`load_encoder`
+returns an :class:`Encoder`: a module mapping a batch of preprocessed images to features, the matching PIL
+preprocessing, and a description for ``embeddings/meta.json`` that names the weights.
+:func:`tensor_preprocess` reads that preprocessing as batched tensor operations (the device decode path)
+when it is one it knows (open_clip's, timm's, torchvision's and the trainer's eval transforms are).
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -127,7 +138,30 @@ def tensor_preprocess(preprocess: Any) -> TensorPreprocess | None:
 def check_encoder(spec: str, image_size: int | None = None) -> None:
     """Validate an encoder string (and an input-size override) cheaply, before any stage runs."""
     enc = parse_encoder(spec)
-    if enc.kind == "openclip":
+    if enc.kind == "openclip" and enc.name.startswith("local-dir:"):
+        folder = Path(enc.name[len("local-dir:"):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise UserError(f"{folder} holds no open_clip_config.json (open_clip's local-dir: layout: the config "
+                            "and open_clip_model.safetensors)", option="--encoder")
+    elif enc.kind == "openclip" and enc.name.startswith("hf-hub:"):
+        pass  # resolved by open_clip against the Hub or its cache when the model is built
+    elif enc.kind == "timm":
+        import timm
+
+        if not timm.is_model(enc.name.split(".")[0]):
+            base = enc.name.split(".")[0].lower()
+            close = [m for m in timm.list_models() if base[:6] in m][:5]
+            raise UserError(f"unknown timm model {enc.name!r}" + (f" (close: {', '.join(close)})" if close else
+                            " (see timm.list_models())"), option="--encoder")
+        _check_weights_file(enc)
+    elif enc.kind == "torchvision":
+        import torchvision
+
+        if enc.name not in torchvision.models.list_models(module=torchvision.models):
+            raise UserError(f"unknown torchvision classifier {enc.name!r} (see torchvision.models.list_models())",
+                            option="--encoder")
+        _check_weights_file(enc)
+    elif enc.kind == "openclip":
         import open_clip
 
         if enc.name not in open_clip.list_models():
@@ -153,7 +187,10 @@ def _create_openclip(model_name: str, pretrained: str | None, image_size: int | 
     if image_size:
         kwargs["force_image_size"] = image_size
     source = "random-init"
-    if pretrained:
+    scheme = model_name.startswith(("hf-hub:", "local-dir:"))
+    if scheme:
+        source = model_name  # open_clip reads the config and the weights from there
+    elif pretrained:
         if Path(pretrained).is_file():
             source = f"file:{Path(pretrained).name}"
         elif pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
@@ -174,6 +211,11 @@ def _create_openclip(model_name: str, pretrained: str | None, image_size: int | 
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - download/IO errors have many types
+        if scheme:
+            raise UserError(f"cannot load {model_name} ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                            "hf-hub: needs the Hub or the model in the Hugging Face cache (HF_HUB_CACHE), local-dir: "
+                            "a folder with open_clip_config.json and open_clip_model.safetensors",
+                            option="--encoder") from None
         raise UserError(
             f"cannot load weights {pretrained!r} for {model_name} ({type(exc).__name__}: {str(exc)[:160]}); "
             f"offline, fetch them once where the Hub is reachable or pass a local file: "
@@ -216,13 +258,195 @@ def load_text_encoder(spec: str, image_size: int | None = None) -> tuple[Callabl
     return open_clip.get_tokenizer(enc.name), model.encode_text
 
 
-def load_encoder(spec: str, image_size: int | None = None) -> Encoder:
-    """Build the encoder ``spec`` names, in eval mode, on the CPU."""
+def load_encoder(spec: str, image_size: int | None = None, prefix: str | None = None) -> Encoder:
+    """Build the encoder ``spec`` names, in eval mode, on the CPU (``prefix``: ``--encoder-prefix``)."""
     check_encoder(spec, image_size)
     enc = parse_encoder(spec)
     if enc.kind == "openclip":
         return _openclip(enc.name, enc.pretrained, image_size)
+    if enc.kind == "timm":
+        return _timm(enc, image_size)
+    if enc.kind == "torchvision":
+        return _torchvision(enc, image_size, prefix)
     return _ssl(enc.name, image_size)
+
+
+#: Checkpoints of other people's runs are read up to this size (a ResNet-50 MoCo file is about 0.5 GB).
+MAX_WEIGHTS_BYTES = 4 * 2**30
+
+
+def _check_weights_file(enc) -> None:
+    if enc.pretrained in (None, "random"):
+        return
+    path = Path(enc.pretrained)
+    if not path.is_file():
+        raise UserError(f"no weights file at {enc.pretrained} (give a local file, or "
+                        f"{enc.kind}:{enc.name}:random for seeded random weights)", option="--encoder")
+    if path.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise UserError(f"{path} is {path.stat().st_size:,} bytes, over the {MAX_WEIGHTS_BYTES:,}-byte limit for "
+                        "a weights file", option="--encoder")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: safetensors, or a torch file read with ``weights_only=True``, unwrapped
+    from the containers training scripts put them in (``state_dict``, ``model``, ``teacher``, ...)."""
+    import warnings
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and format errors all mean "not weights we can read"
+        raise UserError(f"{path} is not a weights file that loads without running code ({type(exc).__name__}; "
+                        "only tensors and plain containers are read)", option="--encoder") from None
+    for _ in range(3):  # {'state_dict': {...}}, {'model': {...}}, lightning's {'state_dict': ...}
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in ("state_dict", "model", "teacher", "student", "backbone", "module")
+                          if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} holds no state_dict of tensors", option="--encoder")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+@contextmanager
+def _seeded():
+    """Random weights fixed by the encoder string alone, as for open_clip's random init."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        yield
+
+
+def _timm(enc, image_size: int | None) -> Encoder:
+    import timm
+    import timm.data
+
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    weights = enc.pretrained
+    if weights not in (None, "random"):
+        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(weights))}
+    pretrained = weights != "random"
+    if image_size:
+        kwargs["img_size"] = image_size
+    try:
+        with _seeded():
+            try:
+                model = timm.create_model(enc.name, pretrained=pretrained, **kwargs)
+            except TypeError:  # a convolutional net takes any size and no img_size argument
+                kwargs.pop("img_size", None)
+                model = timm.create_model(enc.name, pretrained=pretrained, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - download, file and shape errors have many types
+        where = f"file {weights}" if weights not in (None, "random") else "the Hub"
+        raise UserError(f"cannot load timm weights for {enc.name} from {where} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); offline, give a local file "
+                        f"(timm:{enc.name}:/path/model.safetensors) or timm:{enc.name}:random",
+                        option="--encoder") from None
+    model.eval()
+    config = timm.data.resolve_data_config({}, model=model)
+    if image_size:
+        config["input_size"] = (3, image_size, image_size)
+    preprocess = timm.data.create_transform(**config)
+    size = int(config["input_size"][-1])
+    dim = _feature_dim(model, size, enc.name)
+    source = "random-init" if weights == "random" else f"file:{Path(weights).name}" if weights else \
+        f"hub:{model.pretrained_cfg.get('hf_hub_id') or enc.name}"
+    meta = {"library": "timm", "version": timm.__version__, "model": enc.name, "weights": source,
+            "output": "pooled pre-logits (num_classes=0)", "data_config": {k: list(v) if isinstance(v, tuple) else v
+                                                                        for k, v in config.items()},
+            "preprocess": repr(preprocess).replace("\n", " ")}
+    return Encoder(f"timm:{enc.name}" + (f":{weights}" if weights else ""), model, preprocess, size, dim, meta)
+
+
+def _feature_dim(module: torch.nn.Module, size: int, name: str) -> int:
+    try:
+        with torch.inference_mode():
+            out = module(torch.zeros(1, 3, size, size))
+    except RuntimeError as exc:
+        raise UserError(f"{name} cannot take {size} px inputs ({str(exc).splitlines()[0][:120]})",
+                        option="--image-size") from None
+    return int(out.reshape(1, -1).shape[-1])
+
+
+#: Key prefixes of a backbone inside self-supervised checkpoints, tried in this order: MoCo v2 (query encoder),
+#: MoCo v3 (base encoder), solo-learn and lightly (``backbone.``), DataParallel, and a plain state_dict.
+KNOWN_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.", "module.backbone.",
+                  "backbone.", "model.backbone.", "module.encoder.", "encoder.", "module.", "model.", "")
+#: Names of a torchvision classifier's last layer, replaced by an identity so the encoder gives pooled features.
+_HEADS = ("fc", "classifier", "heads", "head")
+
+
+class _Flatten(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.model(images), 1)
+
+
+def _torchvision(enc, image_size: int | None, prefix: str | None) -> Encoder:
+    import torchvision
+    from torchvision.transforms import v2 as T
+
+    size = image_size or 224
+    with _seeded():
+        model = torchvision.models.get_model(enc.name, weights=None)
+    head = next((h for h in _HEADS if isinstance(getattr(model, h, None), torch.nn.Module)), None)
+    if head is None:
+        raise UserError(f"torchvision {enc.name} has no classification layer named {', '.join(_HEADS)} to drop",
+                        option="--encoder")
+    setattr(model, head, torch.nn.Identity())
+    wanted = model.state_dict()
+    source, used = "random-init", None
+    if enc.pretrained != "random":
+        path = Path(enc.pretrained)
+        weights = read_state_dict(path)
+        used = prefix if prefix is not None else _best_prefix(weights, wanted)
+        if used is None:
+            raise UserError(f"{path}: no key prefix maps its tensors onto {enc.name} (tried "
+                            f"{', '.join(repr(p) for p in KNOWN_PREFIXES if p)}; first keys: "
+                            f"{', '.join(list(weights)[:3])}); give --encoder-prefix", option="--encoder-prefix")
+        mine = {k[len(used):]: v for k, v in weights.items() if k.startswith(used)}
+        missing = [k for k in wanted if k not in mine and not k.endswith("num_batches_tracked")]
+        dropped_head = {k for k in mine if k.split(".")[0] in _HEADS and k not in wanted}
+        unexpected = [k for k in mine if k not in wanted and k not in dropped_head]
+        shapes = [k for k in wanted if k in mine and mine[k].shape != wanted[k].shape]
+        if missing or unexpected or shapes:
+            parts = [f"{len(missing)} weights missing ({', '.join(missing[:4])})" if missing else "",
+                     f"{len(unexpected)} keys unmatched ({', '.join(unexpected[:4])})" if unexpected else "",
+                     f"{len(shapes)} of other shape ({', '.join(shapes[:3])})" if shapes else ""]
+            raise UserError(f"{path} does not fit {enc.name} under prefix {used!r}: "
+                            + "; ".join(p for p in parts if p), option="--encoder")
+        model.load_state_dict({k: v for k, v in mine.items() if k in wanted}, strict=False)
+        source = f"file:{path.name}"
+    model.eval()
+    module = _Flatten(model)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet normalisation
+    preprocess = T.Compose([T.RGB(), T.Resize(round(size * 256 / 224), antialias=True), T.CenterCrop(size),
+                            T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+    dim = _feature_dim(module, size, enc.name)
+    meta = {"library": "torchvision", "version": torchvision.__version__, "model": enc.name, "weights": source,
+            "key_prefix": used, "output": f"pooled features ({head} dropped)",
+            "preprocess": repr(preprocess).replace("\n", " ")}
+    return Encoder(f"torchvision:{enc.name}:{enc.pretrained}", module, preprocess, size, dim, meta)
+
+
+def _best_prefix(weights: dict[str, torch.Tensor], wanted: dict[str, torch.Tensor]) -> str | None:
+    """The known prefix under which the checkpoint's keys cover every weight of the backbone."""
+    need = {k for k in wanted if not k.endswith("num_batches_tracked")}
+    for prefix in KNOWN_PREFIXES:
+        have = {k[len(prefix):] for k in weights if k.startswith(prefix)}
+        if need <= have:
+            return prefix
+    return None
 
 
 def _ssl(path: str, image_size: int | None) -> Encoder:
