@@ -81,6 +81,11 @@ def make_builds(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     return root, out
 
 
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    return make_builds(tmp_path_factory)
+
+
 def test_the_index_writes_what_a_full_decode_says_of_every_file(builds):
     root, out = builds
     index = pq.read_table(out["pillow"] / "index.parquet").to_pandas().set_index("key")
