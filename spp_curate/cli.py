@@ -105,7 +105,13 @@ def build(
         None, help="minimum cosine similarity of a pair (0.5), or a quantile of the build's candidate "
         "similarities (q0.2)"),
     dup_threshold: Optional[str] = typer.Option(
-        None, help="pairs at or above this similarity are near-duplicates (0.985), or a quantile (q0.999)"),
+        None, help="also count pairs at or above this embedding similarity (0.985) or quantile (q0.999) as "
+        "near-duplicates [default: none; duplicates are decided by picture, --copy-threshold]"),
+    copy_threshold: Optional[str] = typer.Option(
+        None, help="copy score (grayscale cross-correlation, crops and rescaling allowed) at or above which two "
+        "pictures are one and never a pair [0.993; none: off]"),
+    whiten: Optional[str] = typer.Option(
+        None, help="similarity scale fitted on the build before kNN: none | center | pca | pca:DIM [pca]"),
     max_per_anchor: Optional[int] = typer.Option(None, min=1, help="pairs kept per anchor"),
     mutual: Optional[bool] = typer.Option(None, "--mutual/--no-mutual", help="keep mutual neighbours only"),
     pairs_per_class: Optional[int] = typer.Option(None, min=1, help="cap and balance pairs per category"),
@@ -142,7 +148,8 @@ def build(
                      class_names=str(class_names) if class_names else None, clusters=clusters,
                      pairs_per_class=pairs_per_class, index=index, memory=memory, nprobe=nprobe,
                      limit=limit, split=split, image_column=image_column, label_column=label_column, k=k,
-                     min_similarity=min_similarity, dup_threshold=dup_threshold,
+                     min_similarity=min_similarity, dup_threshold=dup_threshold, copy_threshold=copy_threshold,
+                     whiten=whiten,
                      max_per_anchor=max_per_anchor, mutual=mutual, batch_size=batch_size, workers=workers,
                      chunk_size=chunk_size, decode=decode, shard_size=shard_size, images=images, max_side=max_side,
                      engine=engine, name=name, license=license, seed=seed, exclude_near=exclude_near or None,

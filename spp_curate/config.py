@@ -150,8 +150,8 @@ def resolve_threshold(given: float | str, scores: np.ndarray, option: str) -> fl
     return float(np.quantile(scores, value)) if len(scores) else 1.0
 
 
-def check_threshold_order(min_similarity: float, dup_threshold: float) -> None:
-    if dup_threshold <= min_similarity:
+def check_threshold_order(min_similarity: float, dup_threshold: float | None) -> None:
+    if dup_threshold is not None and dup_threshold <= min_similarity:
         raise UserError(f"the duplicate threshold ({dup_threshold:.6g}) must be above the minimum similarity "
                         f"({min_similarity:.6g}), or no pair can pass both", option="--dup-threshold")
 
@@ -178,6 +178,17 @@ def parse_encoder(spec: str) -> EncoderSpec:
                             option="--encoder")
         return EncoderSpec(kind, model, weights or None)
     return EncoderSpec(kind, rest)
+
+
+_WHITEN_RE = re.compile(r"^(none|center|pca)(?::(\d{1,6}))?$")
+
+
+def parse_whiten(value: str) -> tuple[str, int | None]:
+    """``--whiten``: ``none``, ``center``, ``pca`` or ``pca:DIM``."""
+    match = _WHITEN_RE.match(str(value).strip())
+    if not match or (match.group(2) and match.group(1) != "pca") or match.group(2) == "0":
+        raise UserError(f"got {value!r}; accepted: none, center, pca or pca:DIM (e.g. pca:128)", option="--whiten")
+    return match.group(1), int(match.group(2)) if match.group(2) else None
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -229,8 +240,17 @@ class Recipe(BaseModel):
     clusters: int = Field(default=100, ge=2, description="k-means clusters (category cluster)")
     #: Similarity thresholds: a cosine similarity, or a quantile of the build's own candidate similarities
     #: (``q0.2``), resolved by the mine stage and recorded in ``mine_stats.json``.
-    min_similarity: float | str = 0.5
-    dup_threshold: float | str = 0.985
+    min_similarity: float | str = "q0.1"
+    #: An embedding similarity at or above which a pair counts as a duplicate: off by default (None), since
+    #: near-duplicates are decided by picture content (``copy_threshold``), which no encoder's scale moves.
+    dup_threshold: float | str | None = None
+    #: The copy score (``leakage/copies.py``: normalised cross-correlation of small grayscale renderings,
+    #: crops and rescaling allowed) at or above which two pictures are one: never a pair. None: off. Every
+    #: pair the other rules would keep is compared (``pairing/mine.py:mine_without_copies``).
+    copy_threshold: float | None = Field(default=0.993, ge=0.0, le=1.0)
+    #: The similarity scale: none, center, or PCA-whitening (pca, pca:DIM), fitted on the build's embeddings
+    #: and applied before the kNN search (``pairing/whiten.py``).
+    whiten: str = "pca"
     max_per_anchor: int = Field(default=2, ge=1)
     mutual: bool = False
     pairs_per_class: int | None = Field(default=None, ge=1, description="cap and balance pairs per category")
@@ -285,9 +305,22 @@ class Recipe(BaseModel):
 
     @field_validator("min_similarity", "dup_threshold", mode="before")
     @classmethod
-    def _similarity_threshold(cls, value: Any, info: Any) -> float | str:
+    def _similarity_threshold(cls, value: Any, info: Any) -> float | str | None:
+        if info.field_name == "dup_threshold" and (value is None or str(value).strip().lower() in ("none", "off")):
+            return None
         kind, number = parse_threshold(value, option_name(info.field_name))
         return number if kind == "value" else str(value).strip()
+
+    @field_validator("copy_threshold", mode="before")
+    @classmethod
+    def _copy_threshold(cls, value: Any) -> Any:
+        return None if value is None or str(value).strip().lower() in ("none", "off") else value
+
+    @field_validator("whiten")
+    @classmethod
+    def _whiten(cls, value: str) -> str:
+        parse_whiten(value)
+        return value.strip()
 
     @field_validator("exclude_threshold", mode="before")
     @classmethod

@@ -36,7 +36,7 @@ def run_demo(out: Path, root: str | None, limit: int = 10_000, epochs: int = 3, 
         say(f"[2/4] mining pairs with the sampler, --category {category}")
         recipe = resolve_recipe("fashion-mnist", {
             "root": root, "limit": limit, "encoder": f"ssl:{sampler / 'last.pt'}", "image_size": None,
-            "category": category, "min_similarity": 0.0, "dup_threshold": 0.9995, "max_per_anchor": 1,
+            "category": category, "min_similarity": "q0", "max_per_anchor": 1,
             "k": 8, "name": f"fashion-mnist-sepp-{category}"})
         builds[category] = out / f"pairs-{category}"
         build(builds[category], recipe)

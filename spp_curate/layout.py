@@ -26,6 +26,8 @@ EMBEDDINGS_META = "embeddings/meta.json"
 EMBEDDINGS_RUN = "embeddings/run.json"
 PAIRS = "pairs.parquet"
 MINE_STATS = "mine_stats.json"
+#: The similarity scale the mine stage fitted (``pairing/whiten.py``): mean and projection.
+WHITENING = "whitening.npz"
 REPORT = "report"
 METRICS = "report/metrics.json"
 REPORT_HTML = "report/index.html"
@@ -120,6 +122,7 @@ SHARD_FOLDERS = ("data", "wds", "assets")
 #: Every file the program writes directly in a build directory (sub-folders have their own patterns).
 BUILD_FILES = [re.compile(p) for p in (re.escape(BUILD_RECIPE), re.escape(LOCK), re.escape(INDEX),
                                        re.escape(QUARANTINE), re.escape(PAIRS), re.escape(MINE_STATS),
+                                       re.escape(WHITENING),
                                        re.escape(EXCLUSION), re.escape(EXCLUSION_STATS), re.escape(REVIEWS),
                                        re.escape(REVIEWS_LOCK), re.escape(RELEASED_INDEX),
                                        re.escape(INDEX_STATS),

@@ -81,8 +81,10 @@ def _check_rules(build):
     hi = np.maximum(pairs.anchor_id, pairs.positive_id)
     codes = lo.to_numpy().astype(np.int64) * len(index) + hi.to_numpy()
     assert len(np.unique(codes)) == len(codes)
-    assert (pairs.similarity >= recipe["min_similarity"]).all()
-    assert (pairs.similarity < recipe["dup_threshold"]).all()
+    thresholds = json.loads((build / "mine_stats.json").read_text())["thresholds"]  # quantiles resolved
+    assert (pairs.similarity >= thresholds["min_similarity"]["value"]).all()
+    if recipe["dup_threshold"] is not None:
+        assert (pairs.similarity < thresholds["dup_threshold"]["value"]).all()
     assert (index.loc[pairs.anchor_id, "digest"].to_numpy() != index.loc[pairs.positive_id, "digest"].to_numpy()).all()
     assert pairs.groupby("anchor_id").size().max() <= recipe["max_per_anchor"]
     assert (pairs["rank"] >= 1).all() and (pairs["rank"] <= recipe["k"]).all()
@@ -97,8 +99,8 @@ def test_label_pairs_follow_every_rule_and_have_precision_one(label_build):
     assert metrics["pairs"] == len(pairs)
     in_pairs = len(set(pairs.anchor_id) | set(pairs.positive_id))
     assert metrics["coverage"] == in_pairs / len(index)
-    assert set(metrics["filter_removed"]) >= {"below_min_similarity", "near_duplicate", "anchor_cap",
-                                               "unordered_duplicate"}
+    assert set(metrics["filter_removed"]) >= {"below_min_similarity", "near_duplicate", "same_picture",
+                                               "anchor_cap", "unordered_duplicate"}
 
 
 def test_category_none_measures_precision_below_one(none_build):

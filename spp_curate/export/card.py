@@ -71,6 +71,8 @@ def _threshold(thresholds: dict[str, dict[str, Any]], field: str) -> str:
     if t is None:
         return "(not recorded)"
     given = str(t["given"])
+    if t["value"] is None:
+        return "(off)"
     return f"{t['value']:.4g}" + (f" (the {given[1:]} quantile of the candidates' similarities)"
                                   if given.startswith("q") else "")
 
@@ -130,8 +132,9 @@ def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, i
         f"- source: `{recipe.source}` (split `{recipe.split}`)",
         f"- encoder: `{recipe.encoder}`" + (f" at {recipe.image_size}px" if recipe.image_size else ""),
         f"- rules: same category by `{recipe.category}`, {recipe.k} nearest neighbours, similarity >= "
-        f"{_threshold(thresholds, 'min_similarity')}, below the duplicate threshold "
-        f"{_threshold(thresholds, 'dup_threshold')} and not byte-identical, "
+        f"{_threshold(thresholds, 'min_similarity')}, below the embedding duplicate threshold "
+        f"{_threshold(thresholds, 'dup_threshold')}, not byte-identical and not copies of each other by picture "
+        f"(copy score below {recipe.copy_threshold if recipe.copy_threshold is not None else 'off'}), "
         f"at most {recipe.max_per_anchor} per anchor{', mutual neighbours only' if recipe.mutual else ''}, "
         "each unordered pair once",
         "",

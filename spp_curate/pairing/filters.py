@@ -64,9 +64,23 @@ def at_least(c: Candidates, min_similarity: float) -> np.ndarray:
     return c.similarity >= min_similarity
 
 
-def not_near_duplicate(c: Candidates, dup_threshold: float, digests: np.ndarray) -> np.ndarray:
-    """Drop pairs at or above the duplicate threshold, or whose files are byte-identical."""
-    return (c.similarity < dup_threshold) & (digests[c.anchor] != digests[c.positive])
+def not_near_duplicate(c: Candidates, dup_threshold: float | None, digests: np.ndarray) -> np.ndarray:
+    """Drop pairs whose files are byte-identical, and those at or above the embedding duplicate threshold
+    when one is set."""
+    keep = digests[c.anchor] != digests[c.positive]
+    return keep if dup_threshold is None else keep & (c.similarity < dup_threshold)
+
+
+def unordered_codes(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """One int64 per unordered pair {a, b}."""
+    return pair_codes(np.minimum(a, b), np.maximum(a, b), n)
+
+
+def not_copy(c: Candidates, copy_codes: np.ndarray | None, n: int) -> np.ndarray:
+    """Drop pairs whose pictures were found to be copies of each other (``copy_codes``: sorted unordered codes)."""
+    if copy_codes is None or not len(copy_codes):
+        return np.ones(len(c.anchor), bool)
+    return ~np.isin(unordered_codes(c.anchor, c.positive, n), copy_codes)
 
 
 def same_label(c: Candidates, labels: np.ndarray) -> np.ndarray:

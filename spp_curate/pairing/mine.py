@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from ..config import Recipe
 from ..errors import UserError
-from ..layout import load_embeddings, read_class_names
+from ..layout import WHITENING, load_embeddings, read_class_names
 from ..files import write_json, write_table
 from ..progress import stage_progress
 from ..leakage.exclude import excluded_ids
@@ -26,6 +26,7 @@ from . import filters as F
 from .categories import Categories, assign_categories, read_class_names_file
 from .knn import SearchPlan, ivf_recall, knn_search, plan_search
 from .thresholds import resolve_thresholds, threshold_curve
+from .whiten import fit_whitening
 
 PAIRS_SCHEMA = pa.schema([
     ("pair_id", pa.int64()), ("anchor_id", pa.int64()), ("positive_id", pa.int64()),
@@ -79,14 +80,17 @@ class Mined:
     unthresholded: F.Candidates  # candidates passing every rule but the minimum similarity and the caps
 
 
-def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray, categories: np.ndarray) -> Mined:
-    """The pair rules in order, thresholds resolved on the candidates' own similarities."""
+def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray, categories: np.ndarray,
+                copy_codes: np.ndarray | None = None) -> Mined:
+    """The pair rules in order, thresholds resolved on the candidates' own similarities; ``copy_codes`` are the
+    unordered pairs whose pictures are copies of each other (:func:`mine_without_copies`)."""
     thresholds = resolve_thresholds(recipe, cand.similarity)
     min_similarity, dup_threshold = (thresholds[f]["value"] for f in ("min_similarity", "dup_threshold"))
     neighbour_codes = np.sort(F.pair_codes(cand.anchor, cand.positive, n))
     funnel = F.Funnel(cand)
     funnel.apply("below_min_similarity", F.at_least(funnel.candidates, min_similarity))
     funnel.apply("near_duplicate", F.not_near_duplicate(funnel.candidates, dup_threshold, digests))
+    funnel.apply("same_picture", F.not_copy(funnel.candidates, copy_codes, n))
     if recipe.mutual:
         funnel.apply("not_mutual", F.is_mutual(funnel.candidates, neighbour_codes, n))
     funnel.apply("anchor_cap", F.top_per_anchor(funnel.candidates, recipe.max_per_anchor))
@@ -96,7 +100,7 @@ def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray,
                                                          recipe.seed))
     kept = funnel.candidates
     kept = kept.select(np.lexsort((kept.rank, kept.anchor)))
-    loose = F.not_near_duplicate(cand, dup_threshold, digests)
+    loose = F.not_near_duplicate(cand, dup_threshold, digests) & F.not_copy(cand, copy_codes, n)
     if recipe.mutual:
         loose &= F.is_mutual(cand, neighbour_codes, n)
     return Mined(kept, funnel, F.is_mutual(kept, neighbour_codes, n), thresholds, cand.select(loose))
@@ -104,6 +108,7 @@ def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray,
 
 # The option that loosens each rule, for the message when a rule leaves no pair.
 RULE_OPTIONS = {"below_min_similarity": "--min-similarity", "near_duplicate": "--dup-threshold",
+                "same_picture": "--copy-threshold",
                 "not_mutual": "--mutual", "anchor_cap": "--max-per-anchor", "unordered_duplicate": "--k",
                 "class_cap": "--pairs-per-class"}
 
@@ -135,9 +140,53 @@ def _search_summary(recipe: Recipe, cats: Categories, plans: list[SearchPlan], r
     return summary
 
 
+#: Rounds of "mine, compare the new pairs by picture, mine again" before the copy rule stops looking.
+COPY_ROUNDS = 8
+
+
+def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray, categories: np.ndarray,
+                        keys: np.ndarray) -> tuple[Mined, dict[str, Any]]:
+    """The pair rules with the copy rule: the pairs the other rules keep are compared by picture
+    (``pairing/duplicates.py``), those that are one picture twice are struck, and the rules run again so each
+    anchor takes its next candidate, until no kept pair is left uncompared. Every pair that could be mined
+    is compared, whatever its similarity (a random-init encoder can put a cropped copy far down the list),
+    and no other: the work grows with the pairs kept, not with the candidates."""
+    mined = apply_rules(recipe, cand, n, digests, categories)
+    if recipe.copy_threshold is None or not len(cand.anchor):
+        return mined, {"rule": "off"}
+    from ..curate.sources import open_source
+    from .duplicates import pair_copy_scores
+
+    source = open_source(recipe)
+    checked, copies = np.empty(0, np.int64), np.empty(0, np.int64)
+    scores_seen: list[np.ndarray] = []
+    rounds = 0
+    while rounds < COPY_ROUNDS:
+        codes = np.unique(F.unordered_codes(mined.kept.anchor, mined.kept.positive, n))
+        new = np.setdiff1d(codes, checked, assume_unique=True)
+        if not len(new):
+            break
+        rounds += 1
+        with stage_progress(f"mine: compare pictures ({rounds})", len(new), unit="pair") as (bar, task):
+            scores = pair_copy_scores(source, keys, new // n, new % n,
+                                      on_batch=lambda k: bar.update(task, advance=k))
+        scores_seen.append(scores)
+        checked = np.union1d(checked, new)
+        found = new[scores >= recipe.copy_threshold]
+        if not len(found):
+            break
+        copies = np.union1d(copies, found)
+        mined = apply_rules(recipe, cand, n, digests, categories, copies)
+    scores = np.concatenate(scores_seen) if scores_seen else np.empty(0, np.float32)
+    return mined, {"rule": "copy score", "copy_threshold": recipe.copy_threshold, "rounds": rounds,
+                   "pairs_compared": int(len(checked)), "copies": int(len(copies)),
+                   "score_quantiles": {q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")}
+                   if len(scores) else {}}
+
+
 def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     """Write ``pairs.parquet`` and ``mine_stats.json``; return counts."""
-    index = pq.read_table(build_dir / "index.parquet", columns=["id", "label", "label_name", "digest"])
+    index = pq.read_table(build_dir / "index.parquet", columns=["id", "key", "label", "label_name", "digest"])
     vecs, ids = load_embeddings(build_dir, dtype=np.float16)
     if not np.array_equal(ids, index.column("id").to_numpy()):
         raise RuntimeError("embeddings do not cover the index row for row; rerun the embed stage")
@@ -153,11 +202,18 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
                    else read_class_names(build_dir / "index.parquet"))
     cats = assign_categories(recipe.category, vecs, valid, labels, class_names, recipe.encoder,
                              recipe.image_size, recipe.clusters, recipe.seed)
+    # The similarity scale, fitted on this build's embeddings (the chunks stay as the encoder wrote them).
+    whitening = fit_whitening(vecs, valid, recipe.whiten, recipe.seed)
+    whitening.save(build_dir / WHITENING)
+    if whitening.kind != "none":
+        vecs = whitening.apply(vecs)
+        d = vecs.shape[1]
     groups = cats.groups(valid)
     plans = [plan_search(len(g), d, recipe.memory, recipe.index, recipe.nprobe) for g in groups]
     recall: list = []
     cand = raw_candidates(vecs, groups, recipe.k, engine, plans, recipe.seed, recall)
-    mined = apply_rules(recipe, cand, n, digests, cats.ids)
+    keys = np.asarray(index.column("key").to_pylist(), dtype=object)
+    mined, duplicates = mine_without_copies(recipe, cand, n, digests, cats.ids, keys)
     kept, funnel, mutual = mined.kept, mined.funnel, mined.mutual
     if len(kept) == 0:
         raise no_pairs_error(funnel, int(valid.sum()))
@@ -181,6 +237,13 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
         "categories": {"mode": cats.mode, "count": len(groups), **cats.info},
         "funnel": funnel.steps,
         "thresholds": mined.thresholds,
+        "whitening": whitening.describe(),
+        "duplicates": {**duplicates, "removed": {step: funnel.removed().get(step, 0)
+                                                 for step in ("near_duplicate", "same_picture")}},
+        "similarity_range": {"candidates_p01_p99": [float(np.quantile(cand.similarity, 0.01)),
+                                                    float(np.quantile(cand.similarity, 0.99))],
+                             "pairs_p01_p99": [float(np.quantile(kept.similarity, 0.01)),
+                                               float(np.quantile(kept.similarity, 0.99))]},
         "curve": threshold_curve(mined.unthresholded, recipe.max_per_anchor, labels, n,
                                  mined.thresholds["min_similarity"]["value"]),
         "hist_bins": F.HIST_BINS.tolist(),

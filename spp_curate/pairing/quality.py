@@ -113,7 +113,7 @@ def similarity_histogram(stats: dict[str, Any], recipe: Recipe, path: Path) -> N
         ax.set_xlim(bins[max(occupied[0] - 2, 0)], bins[min(occupied[-1] + 3, len(bins) - 1)])
     lo, hi = ax.get_xlim()
     for x, name in zip(threshold_values(stats), ("min similarity", "duplicate threshold")):
-        if not lo <= x <= hi:
+        if x is None or not lo <= x <= hi:
             continue
         ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
         ax.annotate(name, (x, 1), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top")
@@ -146,6 +146,8 @@ def threshold_text(thresholds: dict[str, dict[str, Any]], field: str) -> str:
     """``0.9812`` or ``0.9812 (q0.2)``: the value used, and the quantile it was given as."""
     t = thresholds[field]
     given = str(t["given"])
+    if t["value"] is None:
+        return "off"
     return f"{t['value']:.4f}" + (f" ({given})" if given.startswith("q") else "")
 
 

@@ -23,7 +23,8 @@ CURVE_POINTS = 101
 def resolve_thresholds(recipe: Recipe, similarities: np.ndarray) -> dict[str, dict[str, Any]]:
     """``min_similarity`` and ``dup_threshold`` as given and as values (quantiles of ``similarities``)."""
     resolved = {field: {"given": str(getattr(recipe, field)),
-                        "value": resolve_threshold(getattr(recipe, field), similarities, option_name(field))}
+                        "value": None if getattr(recipe, field) is None else
+                        resolve_threshold(getattr(recipe, field), similarities, option_name(field))}
                 for field in ("min_similarity", "dup_threshold")}
     check_threshold_order(resolved["min_similarity"]["value"], resolved["dup_threshold"]["value"])
     return resolved

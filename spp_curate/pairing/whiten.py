@@ -13,30 +13,20 @@ search, and kept in the build (``whitening.npz``); the float16 chunks stay as th
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..config import parse_whiten
 from ..files import atomic_path
 
-_WHITEN_RE = re.compile(r"^(none|center|pca)(?::(\d{1,6}))?$")
 #: The dimension ``pca`` keeps when none is given (or the embedding's, when smaller).
 DEFAULT_PCA_DIM = 128
 #: Added to every variance before the square root: directions with almost no variance are not blown up.
 SHRINK = 1e-2
 #: Rows used to fit (a uniform sample beyond this): the covariance of 200,000 rows is already stable.
 FIT_ROWS = 200_000
-
-
-def parse_whiten(value: str) -> tuple[str, int | None]:
-    """``none``, ``center``, ``pca`` or ``pca:DIM``; a :class:`UserError` naming ``--whiten`` otherwise."""
-    match = _WHITEN_RE.match(str(value).strip())
-    if not match or (match.group(2) and match.group(1) != "pca") or match.group(2) == "0":
-        raise UserError(f"got {value!r}; accepted: none, center, pca or pca:DIM (e.g. pca:128)", option="--whiten")
-    return match.group(1), int(match.group(2)) if match.group(2) else None
 
 
 @dataclass
