@@ -121,14 +121,25 @@ def parse_reference(spec: str, option: str = "--exclude-near") -> ReferenceSpec:
 _QUANTILE_RE = re.compile(r"^q(0?\.\d+|0|1(\.0*)?)$")
 
 
-def parse_threshold(value: float | str, option: str) -> tuple[str, float]:
-    """A threshold given as a similarity (``0.99``) or as a quantile of the build's own scores (``q0.999``).
+def parse_threshold(value: float | str, option: str, precision: bool = False) -> tuple[str, float]:
+    """A threshold given as a similarity (``0.99``), as a quantile of the build's own scores (``q0.999``) or,
+    where ``precision`` allows it (``--min-similarity``), as a precision target resolved on the reviewed sample
+    (``precision:0.9``: the lowest threshold whose pairs keep that precision, ``review/estimate.py``).
 
-    Returns ``("value", x)`` or ``("quantile", q)``.
+    Returns ``("value", x)``, ``("quantile", q)`` or ``("precision", p)``.
     """
     text = str(value).strip()
-    wrong = UserError(f"got {text!r}; accepted: a similarity in [-1, 1] or a quantile q0..q1 (e.g. q0.999)",
+    wrong = UserError(f"got {text!r}; accepted: a similarity in [-1, 1] or a quantile q0..q1 (e.g. q0.999)"
+                      + (" or a precision target precision:P (e.g. precision:0.9)" if precision else ""),
                       option=option)
+    if precision and text.startswith("precision:"):
+        try:
+            target = float(text[len("precision:"):])
+        except ValueError:
+            raise wrong from None
+        if not 0.0 < target < 1.0:
+            raise wrong
+        return "precision", target
     if text.startswith("q"):
         if not _QUANTILE_RE.match(text) or not 0.0 <= float(text[1:]) <= 1.0:
             raise wrong
@@ -143,7 +154,8 @@ def parse_threshold(value: float | str, option: str) -> tuple[str, float]:
 
 
 def resolve_threshold(given: float | str, scores: np.ndarray, option: str) -> float:
-    """A threshold's value: as given, or that quantile of ``scores`` (1.0 when there are none)."""
+    """A threshold's value: as given, or that quantile of ``scores`` (1.0 when there are none); a precision
+    target is resolved by the mine stage before this is asked (``pairing/mine.py``)."""
     kind, value = parse_threshold(given, option)
     if kind == "value":
         return value
@@ -308,7 +320,8 @@ class Recipe(BaseModel):
     def _similarity_threshold(cls, value: Any, info: Any) -> float | str | None:
         if info.field_name == "dup_threshold" and (value is None or str(value).strip().lower() in ("none", "off")):
             return None
-        kind, number = parse_threshold(value, option_name(info.field_name))
+        kind, number = parse_threshold(value, option_name(info.field_name),
+                                       precision=info.field_name == "min_similarity")
         return number if kind == "value" else str(value).strip()
 
     @field_validator("copy_threshold", mode="before")
@@ -327,6 +340,12 @@ class Recipe(BaseModel):
     def _exclude_threshold(cls, value: Any) -> str:
         parse_threshold(value, "--exclude-threshold")
         return str(value).strip()
+
+    @property
+    def precision_target(self) -> float | None:
+        """``--min-similarity precision:P``: the precision the reviewed sample must give the pairs kept."""
+        text = str(self.min_similarity)
+        return float(text[len("precision:"):]) if text.startswith("precision:") else None
 
     @property
     def references(self) -> list[ReferenceSpec]:

@@ -33,7 +33,7 @@ def test_ivf_search_recall_is_measured_and_high(label_build, tmp_path):
 
 
 def test_ivf_pq_runs_under_a_small_memory_budget(label_build, tmp_path):
-    out, pairs, metrics = _remine(label_build, tmp_path, "--category", "none", "--memory", "2MB",
+    out, pairs, metrics = _remine(label_build, tmp_path, "--category", "none", "--memory", "1MB",
                                   "--min-similarity", "0")
     assert metrics["search"]["index_kinds"] == {"ivf-pq": 1}
     assert 0 < metrics["ivf_recall_at_k"] <= 1

@@ -92,7 +92,20 @@ def review_lines(review: dict[str, Any] | None) -> list[str]:
             f"{review['pairs_reviewed']:,} of the {review['pairs_mined']:,} mined pairs were reviewed by hand by "
             f"{len(review['reviewers'])} reviewer(s): {review['accepted']:,} accepted, {review['rejected']:,} "
             f"rejected; {agreement}. This release holds {held}: {review['pairs_released']:,} pairs"
-            + (f" (labels agree on {precision:.4f} of them)." if precision is not None else "."), ""]
+            + (f" (labels agree on {precision:.4f} of them)." if precision is not None else "."), "",
+            *estimate_lines(review.get("precision_estimate"))]
+
+
+def estimate_lines(est: dict[str, Any] | None) -> list[str]:
+    """The precision the reviewed random sample gives the mined pairs, like a poll's result."""
+    if not est or est.get("value") is None:
+        return []
+    kappa = (f"; Cohen's kappa {est['kappa']:.2f} on the {est['pairs_judged_by_two']:,} pairs two of them judged"
+             if est.get("kappa") is not None else "")
+    return [f"**Pair precision estimated by review: {est['value']:.3f}** ({est['confidence']:.0%} interval "
+            f"{est['low']:.3f}-{est['high']:.3f}), from {est['pairs_reviewed']:,} pairs reviewed at random "
+            f"by {', '.join(est['reviewers'])} on {est.get('date', 'the date of export')}; method: {est['method']}"
+            f"{kappa}.", ""]
 
 
 def version_lines(versions: dict[str, Any] | None) -> list[str]:

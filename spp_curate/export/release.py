@@ -196,6 +196,16 @@ def reviewed_pairs(recipe: Recipe, build_dir: Path, table: pd.DataFrame,
     if recipe.reviewed == "all" and not len(reviews):
         return table, None
     chosen, review = apply_reviews(table, reviews, recipe.reviewed)
+    if "sample" in reviews and reviews["sample"].fillna(False).astype(bool).any():
+        from ..review.estimate import estimate_precision
+        from ..review.store import pair_key
+
+        mined = pd.DataFrame({"key": pair_key(table.anchor_key, table.positive_key),
+                              "similarity": table.similarity.to_numpy(dtype=np.float64)})
+        est = estimate_precision(mined, reviews).as_dict()
+        sample = reviews[reviews["sample"].fillna(False).astype(bool)]
+        est["date"] = str(pd.Timestamp(sample.time.max()).date())
+        review["precision_estimate"] = est
     if not len(chosen):
         raise UserError(f"no pair is {recipe.reviewed} by the reviews ({review['pairs_reviewed']:,} reviewed, "
                         f"{review['accepted']:,} accepted, {review['rejected']:,} rejected); review with "

@@ -145,12 +145,14 @@ COPY_ROUNDS = 8
 
 
 def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray, categories: np.ndarray,
-                        keys: np.ndarray) -> tuple[Mined, dict[str, Any]]:
+                        keys: np.ndarray, known: dict[str, np.ndarray] | None = None) -> tuple[Mined, dict[str, Any]]:
     """The pair rules with the copy rule: the pairs the other rules keep are compared by picture
     (``pairing/duplicates.py``), those that are one picture twice are struck, and the rules run again so each
     anchor takes its next candidate, until no kept pair is left uncompared. Every pair that could be mined
     is compared, whatever its similarity (a random-init encoder can put a cropped copy far down the list),
-    and no other: the work grows with the pairs kept, not with the candidates."""
+    and no other: the work grows with the pairs kept, not with the candidates. ``known`` carries the pairs
+    already compared (``checked``) and found copies (``copies``) from an earlier call on the same candidates;
+    it is updated in place."""
     mined = apply_rules(recipe, cand, n, digests, categories)
     if recipe.copy_threshold is None or not len(cand.anchor):
         return mined, {"rule": "off"}
@@ -158,7 +160,11 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
     from .duplicates import pair_copy_scores
 
     source = open_source(recipe)
-    checked, copies = np.empty(0, np.int64), np.empty(0, np.int64)
+    known = {} if known is None else known
+    checked = known.get("checked", np.empty(0, np.int64))
+    copies = known.get("copies", np.empty(0, np.int64))
+    if len(copies):
+        mined = apply_rules(recipe, cand, n, digests, categories, copies)
     scores_seen: list[np.ndarray] = []
     rounds = 0
     while rounds < COPY_ROUNDS:
@@ -177,11 +183,39 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
             break
         copies = np.union1d(copies, found)
         mined = apply_rules(recipe, cand, n, digests, categories, copies)
+    known.update(checked=checked, copies=copies)
     scores = np.concatenate(scores_seen) if scores_seen else np.empty(0, np.float32)
     return mined, {"rule": "copy score", "copy_threshold": recipe.copy_threshold, "rounds": rounds,
                    "pairs_compared": int(len(checked)), "copies": int(len(copies)),
                    "score_quantiles": {q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")}
                    if len(scores) else {}}
+
+
+def resolve_precision_target(recipe: Recipe, build_dir: Path, cand: F.Candidates, n: int, digests: np.ndarray,
+                             categories: np.ndarray, keys: np.ndarray, target: float,
+                             known: dict[str, np.ndarray] | None = None) -> tuple[Recipe, dict[str, Any]]:
+    """``--min-similarity precision:P`` as a similarity: the pairs the rules keep at any similarity, scored by
+    the sample decisions of ``reviews.parquet`` (``review.estimate.precision_threshold``), give the lowest
+    threshold whose pairs keep precision ``P``. The same reviews give the same threshold."""
+    import pandas as pd
+
+    from ..review import estimate as E
+    from ..review import store
+
+    loose, _ = mine_without_copies(recipe.model_copy(update={"min_similarity": "q0"}), cand, n, digests,
+                                   categories, keys, known)
+    kept = loose.kept
+    pairs = pd.DataFrame({"key": store.pair_key(keys[kept.anchor], keys[kept.positive]),
+                          "similarity": kept.similarity.astype(np.float64)})
+    found = E.precision_threshold(pairs, store.read_reviews(build_dir), target)
+    if found["value"] is None:
+        why = ("no pair of this build was reviewed at random" if not found["reviewed"] else
+               f"no threshold keeps precision {target} on the {found['reviewed']} pairs reviewed at random")
+        raise UserError(f"precision:{target}: {why}; review a sample with `spp-curate review DIR --estimate 300`, "
+                        "or give a similarity or a quantile", option="--min-similarity")
+    return (recipe.model_copy(update={"min_similarity": found["value"]}),
+            {"given": f"precision:{target:g}", "value": found["value"], "reviewed": found["reviewed"],
+             "precision_at_value": found["precision_at_value"], "method": E.METHOD})
 
 
 def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
@@ -213,7 +247,14 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     recall: list = []
     cand = raw_candidates(vecs, groups, recipe.k, engine, plans, recipe.seed, recall)
     keys = np.asarray(index.column("key").to_pylist(), dtype=object)
-    mined, duplicates = mine_without_copies(recipe, cand, n, digests, cats.ids, keys)
+    target = recipe.precision_target
+    known: dict[str, np.ndarray] = {}  # pictures compared once, whichever run of the rules asks
+    if target is not None:
+        recipe, resolved = resolve_precision_target(recipe, build_dir, cand, n, digests, cats.ids, keys, target,
+                                                    known)
+    mined, duplicates = mine_without_copies(recipe, cand, n, digests, cats.ids, keys, known)
+    if target is not None:
+        mined.thresholds["min_similarity"].update(resolved)
     kept, funnel, mutual = mined.kept, mined.funnel, mined.mutual
     if len(kept) == 0:
         raise no_pairs_error(funnel, int(valid.sum()))

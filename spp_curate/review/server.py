@@ -27,6 +27,7 @@ from .. import layout
 from ..errors import UserError
 from ..files import read_json
 from ..images import BadImage, load_image
+from . import estimate as E
 from . import store
 
 PAGE = Path(__file__).with_name("page.html")
@@ -107,8 +108,58 @@ def review_curve(build: Build) -> dict[str, Any]:
     return curve
 
 
-def create_app(build_dir: Path, reviewer: str) -> FastAPI:
+class Sampling:
+    """Estimate mode: the seeded draw of the build's pairs (``estimate.sample_plan``) and when to stop."""
+
+    def __init__(self, build: Build, target_pairs: int, half_width: float, seed: int) -> None:
+        self.build, self.target_pairs, self.half_width, self.seed = build, target_pairs, half_width, seed
+        self.plan = E.sample_plan(build.pairs.key.to_numpy(), build.pairs.similarity.to_numpy(), seed)
+        self.by_key = self.plan.set_index("key")
+        self.pair_of_key = pd.Series(build.pairs.pair_id.to_numpy(), index=build.pairs.key.to_numpy())
+
+    def estimate(self) -> E.Estimate:
+        return E.estimate_precision(self.build.pairs[["key", "similarity"]], store.read_reviews(self.build.dir))
+
+    def state(self, reviewer: str) -> dict[str, Any]:
+        """The next pair this reviewer has not judged in the draw, and the estimate so far."""
+        reviews = store.read_reviews(self.build.dir)
+        sample = reviews[reviews["sample"].fillna(False).astype(bool) & (reviews.reviewer == reviewer)]
+        seen = set(store.pair_key(sample.anchor_key, sample.positive_key)) if len(sample) else set()
+        est = E.estimate_precision(self.build.pairs[["key", "similarity"]], reviews)
+        mine = sample[sample.decision != "skip"]
+        judged = len(set(store.pair_key(mine.anchor_key, mine.positive_key))) if len(mine) else 0
+        done = judged >= self.target_pairs or (est.half_width is not None and est.half_width <= self.half_width)
+        nxt = None
+        if not done:
+            remaining = self.plan[~self.plan.key.isin(seen)]
+            nxt = remaining.iloc[0] if len(remaining) else None
+        return {"estimate": est.as_dict(), "judged": judged, "target_pairs": self.target_pairs,
+                "half_width": self.half_width, "done": done or nxt is None,
+                "next": None if nxt is None else {"pair_id": int(self.pair_of_key[nxt.key]), "band": int(nxt.band),
+                                                   "draw": int(nxt.draw)}}
+
+    def marks(self, key: str) -> dict[str, Any]:
+        """What a decision on the pair ``key`` records in estimate mode: it was drawn, its band and draw."""
+        if key not in self.by_key.index:
+            return {}
+        row = self.by_key.loc[key]
+        return {"sample": True, "band": int(row.band), "draw": int(row.draw)}
+
+
+def pair_row(build: Build, r: Any, decision: Any, verdict: pd.Series) -> dict[str, Any]:
+    return {"pair_id": int(r.pair_id), "anchor_id": int(r.anchor_id), "positive_id": int(r.positive_id),
+            "anchor_key": r.anchor_key, "positive_key": r.positive_key, "similarity": float(r.similarity),
+            "label_name": r.label_name, "positive_label_name": r.positive_label_name, "mutual": bool(r.mutual),
+            "disagree": bool(r.disagree), "decision": None if decision is None or pd.isna(decision) else decision,
+            "consensus": verdict.get(r.key)}
+
+
+def create_app(build_dir: Path, reviewer: str, estimate: int | None = None, half_width: float = E.DEFAULT_HALF_WIDTH,
+               seed: int = 0) -> FastAPI:
+    """The review page's API; with ``estimate`` (pairs to judge at most) in estimate mode, where the page shows
+    pairs in the seeded stratified draw and decisions are recorded as sample decisions."""
     build = Build(build_dir)
+    sampling = Sampling(build, estimate, half_width, seed) if estimate else None
     app = FastAPI(title="spp-curate review", docs_url=None, redoc_url=None, openapi_url=None)
     page = PAGE.read_text()
 
@@ -125,7 +176,28 @@ def create_app(build_dir: Path, reviewer: str) -> FastAPI:
             "similarity": [float(sims.min()), float(sims.max())],
             "funnel": build.stats["funnel"], "thresholds": build.stats["thresholds"],
             "labels": bool((build.pairs.label >= 0).any()),
+            "estimate": None if sampling is None else {"target_pairs": sampling.target_pairs,
+                                                       "half_width": sampling.half_width, "seed": sampling.seed},
         }
+
+    @app.get("/api/estimate")
+    def estimate_now() -> dict[str, Any]:
+        if sampling is None:
+            est = E.estimate_precision(build.pairs[["key", "similarity"]], store.read_reviews(build.dir))
+            return {"estimate": est.as_dict()}
+        return sampling.state(reviewer)
+
+    @app.get("/api/estimate/next")
+    def estimate_next() -> dict[str, Any]:
+        if sampling is None:
+            raise HTTPException(409, "this page was started without --estimate")
+        state = sampling.state(reviewer)
+        pair = None
+        if state["next"] is not None:
+            r = build.pairs.loc[state["next"]["pair_id"]]
+            mine, verdict = build.decisions(reviewer)
+            pair = pair_row(build, r, None, verdict)
+        return {**state, "pair": pair}
 
     @app.get("/api/curve")
     def curve() -> dict[str, Any]:
@@ -156,22 +228,22 @@ def create_app(build_dir: Path, reviewer: str) -> FastAPI:
             chosen, decision = chosen.loc[by], decision.loc[by]
         page_rows = chosen.iloc[offset: offset + limit]
         return {"total": len(chosen), "offset": offset, "pairs": [
-            {"pair_id": int(r.pair_id), "anchor_id": int(r.anchor_id), "positive_id": int(r.positive_id),
-             "anchor_key": r.anchor_key, "positive_key": r.positive_key, "similarity": float(r.similarity),
-             "label_name": r.label_name, "positive_label_name": r.positive_label_name, "mutual": bool(r.mutual),
-             "disagree": bool(r.disagree), "decision": None if pd.isna(d) else d,
-             "consensus": verdict.get(r.key)}
-            for r, d in zip(page_rows.itertuples(), decision.iloc[offset: offset + limit])]}
+            pair_row(build, r, d, verdict) for r, d in zip(page_rows.itertuples(), decision.iloc[offset: offset + limit])]}
 
     @app.post("/api/decision")
     def decide(body: Decision) -> dict[str, Any]:
         if body.pair_id not in build.pairs.index:
             raise HTTPException(404, f"no pair {body.pair_id} in this build")
         row = build.pairs.loc[body.pair_id]
+        marks = sampling.marks(row.key) if sampling is not None else {}
         store.record(build.dir, [{"pair_id": body.pair_id, "anchor_key": row.anchor_key,
                                   "positive_key": row.positive_key, "decision": body.decision,
-                                  "reviewer": reviewer}])
-        return {"pair_id": body.pair_id, "decision": body.decision, "counts": counts(build, reviewer)}
+                                  "reviewer": reviewer, **marks}])
+        answer = {"pair_id": body.pair_id, "decision": body.decision, "counts": counts(build, reviewer)}
+        if sampling is not None:
+            state = sampling.state(reviewer)
+            answer.update(estimate=state["estimate"], judged=state["judged"], done=state["done"])
+        return answer
 
     @functools.lru_cache(maxsize=512)
     def picture(image_id: int) -> bytes:
@@ -194,11 +266,12 @@ def create_app(build_dir: Path, reviewer: str) -> FastAPI:
     return app
 
 
-def serve(build_dir: Path, host: str, port: int, reviewer: str, say=print) -> None:
+def serve(build_dir: Path, host: str, port: int, reviewer: str, say=print, estimate: int | None = None,
+          half_width: float = E.DEFAULT_HALF_WIDTH, seed: int = 0) -> None:
     """Bind ``host:port`` (port 0: any free one), say the address, and serve until interrupted."""
     import uvicorn
 
-    app = create_app(build_dir, reviewer)
+    app = create_app(build_dir, reviewer, estimate, half_width, seed)
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as exc:
@@ -206,5 +279,8 @@ def serve(build_dir: Path, host: str, port: int, reviewer: str, say=print) -> No
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     say(f"review: http://{shown}:{bound}/ (reviewer {reviewer}; decisions go to {build_dir / layout.REVIEWS})")
+    if estimate:
+        say(f"estimate mode: pairs drawn at random (seed {seed}), stratified by similarity; stops at {estimate} "
+            f"judged or an interval of +-{half_width}")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     server.run(sockets=[sock])

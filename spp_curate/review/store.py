@@ -33,7 +33,21 @@ REVIEWED = ("all", "accepted", "not-rejected")
 SCHEMA = pa.schema([
     ("pair_id", pa.int64()), ("anchor_key", pa.string()), ("positive_key", pa.string()),
     ("decision", pa.string()), ("time", pa.timestamp("ms", tz="UTC")), ("reviewer", pa.string()),
+    # Estimate mode (``review/estimate.py``): a decision on a pair drawn at random, its similarity band and its
+    # position in the seeded draw; null for decisions made while browsing.
+    ("sample", pa.bool_()), ("band", pa.int32()), ("draw", pa.int64()),
 ])
+
+
+def _read(path: Path) -> pa.Table:
+    """The file's decisions in this SCHEMA; files written before the sample columns read with them null."""
+    table = pq.read_table(path)
+    columns = {}
+    for name in SCHEMA.names:
+        typ = SCHEMA.field(name).type
+        columns[name] = (table.column(name).cast(typ) if name in table.column_names
+                         else pa.nulls(table.num_rows, typ))
+    return pa.table(columns, schema=SCHEMA)
 
 
 @contextlib.contextmanager
@@ -51,7 +65,7 @@ def read_reviews(build_dir: Path) -> pd.DataFrame:
     path = build_dir / layout.REVIEWS
     if not path.is_file() or path.is_symlink():
         return SCHEMA.empty_table().to_pandas()
-    return pq.read_table(path, schema=SCHEMA).to_pandas()
+    return _read(path).to_pandas()
 
 
 def record(build_dir: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -60,10 +74,11 @@ def record(build_dir: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
         if row["decision"] not in DECISIONS:
             raise ValueError(f"decision {row['decision']!r}; accepted: {', '.join(DECISIONS)}")
     now = datetime.now(timezone.utc)
-    new = pa.Table.from_pylist([{**r, "time": now} for r in rows], schema=SCHEMA)
+    new = pa.Table.from_pylist([{"sample": None, "band": None, "draw": None, **r, "time": now} for r in rows],
+                               schema=SCHEMA)
     with _locked(build_dir):
         path = build_dir / layout.REVIEWS
-        old = pq.read_table(path, schema=SCHEMA) if path.is_file() and not path.is_symlink() else SCHEMA.empty_table()
+        old = _read(path) if path.is_file() and not path.is_symlink() else SCHEMA.empty_table()
         table = pa.concat_tables([old, new])
         write_table(path, table)
     return table.to_pandas()

@@ -1,0 +1,198 @@
+"""A release's pair precision without labels: a stratified random sample judged by people, and its interval.
+
+**The sample.** The build's pairs are cut into similarity bands at quantiles of their similarities
+(``BAND_EDGES``: narrower bands at the bottom, where mistakes live), and each band's pairs are put in a
+seeded random order. The review page in estimate mode (``spp-curate review DIR --estimate``) shows them
+round-robin over the bands, lowest band first: equal allocation, so each low band is sampled far beyond its
+share. The reviewer never chooses which pair comes next. Each decision is stored in ``reviews.parquet`` with
+``sample`` set and its ``band`` and ``draw`` (position in the plan), so an estimate can be recomputed and
+audited from the file alone.
+
+**The estimator** (stratified sampling, Cochran, *Sampling Techniques*, ch. 5): with ``W_h`` the share of the
+release's pairs in band ``h``, ``n_h`` the band's sample pairs judged (a ``skip`` is not a judgement) and
+``a_h`` those accepted, the precision is ``p = sum_h W_h a_h / n_h``. Its interval is the Korn-Graubard
+interval (Korn and Graubard 1998, "Confidence intervals for proportions with small expected number of
+positive counts estimated from survey data"): a Clopper-Pearson (exact binomial) interval on the effective
+sample size ``n_eff = p (1 - p) / v``, where ``v = sum_h W_h^2 q_h (1 - q_h) / n_h`` is the stratified
+variance with each band's proportion taken as ``q_h = (a_h + 1/2) / (n_h + 1)``, so that a band judged all
+good or all bad still counts as uncertain. This stays honest for small samples and for precisions near 1,
+where the normal interval is too narrow. No estimate is given before every band has a judged pair.
+
+**Several reviewers** combine as ``store.consensus`` combines them (a pair is bad if any reviewer rejected it);
+their agreement is Cohen's kappa on the sample pairs two of them judged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+#: Band edges as quantiles of the pairs' similarities: 10 %, 15 %, 25 %, 25 %, 25 % of the release.
+BAND_EDGES = (0.0, 0.10, 0.25, 0.50, 0.75, 1.0)
+METHOD = ("stratified by similarity band (equal allocation, seeded order), Korn-Graubard interval "
+          "(Clopper-Pearson on the effective sample size)")
+#: Where the page stops asking: this many judged pairs, or an interval this narrow on either side.
+DEFAULT_TARGET_PAIRS = 300
+DEFAULT_HALF_WIDTH = 0.05
+
+
+def bands_of(similarity: np.ndarray, edges: tuple[float, ...] = BAND_EDGES) -> np.ndarray:
+    """The band of each pair (0 = lowest similarities), cut at quantiles of these similarities."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    if not len(similarity):
+        return np.empty(0, np.int32)
+    cuts = np.quantile(similarity, edges[1:-1])
+    return np.searchsorted(cuts, similarity, side="right").astype(np.int32)
+
+
+def sample_plan(pair_keys: np.ndarray, similarity: np.ndarray, seed: int = 0) -> pd.DataFrame:
+    """The order in which estimate mode shows pairs: columns ``key``, ``band``, ``draw`` (0, 1, ...).
+
+    Depends on the pairs (their keys and similarities) and the seed alone, never on who reviews or when."""
+    keys = np.asarray(pair_keys, dtype=object)
+    band = bands_of(similarity)
+    order = np.argsort(keys, kind="stable")  # the same pairs in any row order give the same plan
+    keys, band = keys[order], band[order]
+    rng = np.random.default_rng([seed, 2306])
+    queues = [rng.permutation(np.flatnonzero(band == h)) for h in range(len(BAND_EDGES) - 1)]
+    drawn: list[int] = []
+    depth = max((len(q) for q in queues), default=0)
+    for r in range(depth):  # round-robin over the bands, lowest first
+        drawn.extend(int(q[r]) for q in queues if r < len(q))
+    drawn_arr = np.asarray(drawn, dtype=np.int64)
+    return pd.DataFrame({"key": keys[drawn_arr], "band": band[drawn_arr],
+                         "draw": np.arange(len(drawn_arr), dtype=np.int64)})
+
+
+@dataclass
+class Estimate:
+    """What the release and the page say of the estimate."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    confidence: float
+    pairs_reviewed: int
+    bands: list[dict[str, Any]]
+    method: str = METHOD
+    reviewers: list[str] = field(default_factory=list)
+    kappa: float | None = None
+    pairs_judged_by_two: int = 0
+
+    @property
+    def half_width(self) -> float | None:
+        return None if self.low is None else (self.high - self.low) / 2
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stratified_interval(shares: np.ndarray, accepted: np.ndarray, judged: np.ndarray,
+                        confidence: float = 0.95) -> tuple[float | None, float | None, float | None]:
+    """``(p, low, high)``: the stratified precision and its Korn-Graubard interval (None until every band with
+    pairs has a judgement)."""
+    from scipy.stats import beta
+
+    shares, accepted, judged = (np.asarray(x, dtype=np.float64) for x in (shares, accepted, judged))
+    live = shares > 0
+    if not live.any() or (judged[live] == 0).any():
+        return None, None, None
+    shares, accepted, judged = shares[live] / shares[live].sum(), accepted[live], judged[live]
+    p = float(np.sum(shares * accepted / judged))
+    q = (accepted + 0.5) / (judged + 1.0)
+    variance = float(np.sum(shares ** 2 * q * (1 - q) / judged))
+    n_eff = min(float(judged.sum()), p * (1 - p) / variance) if variance > 0 else float(judged.sum())
+    # p in {0, 1} exactly: take the effective size from the shrunk proportions instead
+    if p in (0.0, 1.0):
+        pq = float(np.sum(shares * q))
+        n_eff = min(float(judged.sum()), pq * (1 - pq) / variance)
+    x = p * n_eff
+    alpha = 1 - confidence
+    low = 0.0 if x <= 0 else float(beta.ppf(alpha / 2, x, n_eff - x + 1))
+    high = 1.0 if x >= n_eff else float(beta.ppf(1 - alpha / 2, x + 1, n_eff - x))
+    return p, low, high
+
+
+def cohen_kappa(first: np.ndarray, second: np.ndarray) -> float | None:
+    """Cohen's kappa of two raters' accept/reject judgements on the same pairs."""
+    first, second = np.asarray(first, dtype=bool), np.asarray(second, dtype=bool)
+    if not len(first):
+        return None
+    observed = float(np.mean(first == second))
+    p1, p2 = first.mean(), second.mean()
+    expected = float(p1 * p2 + (1 - p1) * (1 - p2))
+    return 1.0 if expected == 1.0 else (observed - expected) / (1 - expected)
+
+
+def estimate_precision(pairs: pd.DataFrame, reviews: pd.DataFrame, confidence: float = 0.95) -> Estimate:
+    """The precision of ``pairs`` (columns ``key``, the unordered image-key pair, and ``similarity``) from the
+    sample decisions in ``reviews`` (``store.read_reviews``): each reviewer's last sample decision counts,
+    reviewers combine by ``store.consensus``, a ``skip`` is no judgement."""
+    from . import store
+
+    band = bands_of(pairs.similarity.to_numpy())
+    n_bands = len(BAND_EDGES) - 1
+    shares = np.bincount(band, minlength=n_bands) / max(len(band), 1)
+    sample = reviews[reviews["sample"].fillna(False).astype(bool)] if "sample" in reviews else reviews.iloc[:0]
+    last = store.last_decisions(sample)
+    band_of_key = pd.Series(band, index=pairs.key.to_numpy())
+    band_of_key = band_of_key[~band_of_key.index.duplicated()]
+    last = last[last.pair.isin(band_of_key.index) & (last.decision != "skip")]
+    verdict = store.consensus(last)
+    judged_band = band_of_key.loc[verdict.index].to_numpy() if len(verdict) else np.empty(0, int)
+    good = (verdict == "accepted").to_numpy()
+    accepted = np.bincount(judged_band[good], minlength=n_bands) if len(verdict) else np.zeros(n_bands)
+    judged = np.bincount(judged_band, minlength=n_bands) if len(verdict) else np.zeros(n_bands)
+    p, low, high = stratified_interval(shares, accepted, judged, confidence)
+    reviewers = sorted(last.reviewer.unique().tolist())
+    kappa, both = None, 0
+    if len(reviewers) >= 2:
+        wide = last.pivot_table(index="pair", columns="reviewer", values="decision", aggfunc="last")
+        best = None
+        for i, r1 in enumerate(reviewers):
+            for r2 in reviewers[i + 1:]:
+                shared = wide[[r1, r2]].dropna()
+                if best is None or len(shared) > len(best[2]):
+                    best = (r1, r2, shared)
+        if best is not None and len(best[2]):
+            both = len(best[2])
+            kappa = cohen_kappa(best[2][best[0]] == "accept", best[2][best[1]] == "accept")
+    per_band = [{"band": h, "share": float(shares[h]), "judged": int(judged[h]), "accepted": int(accepted[h])}
+                for h in range(n_bands)]
+    return Estimate(p, low, high, confidence, int(judged.sum()), per_band, reviewers=reviewers, kappa=kappa,
+                    pairs_judged_by_two=both)
+
+
+def precision_threshold(pairs: pd.DataFrame, reviews: pd.DataFrame, target: float) -> dict[str, Any]:
+    """The lowest similarity at which the reviewed sample says the pairs at or above it have precision >=
+    ``target``: each sample judgement weighted by its band's share over its band's judged count (the inverse
+    of its chance of being drawn). The same reviews give the same threshold."""
+    est = estimate_precision(pairs, reviews)
+    from . import store
+
+    band = bands_of(pairs.similarity.to_numpy())
+    by_key = pd.DataFrame({"band": band, "similarity": pairs.similarity.to_numpy()}, index=pairs.key.to_numpy())
+    by_key = by_key[~by_key.index.duplicated()]
+    sample = reviews[reviews["sample"].fillna(False).astype(bool)] if "sample" in reviews else reviews.iloc[:0]
+    last = store.last_decisions(sample)
+    last = last[last.pair.isin(by_key.index) & (last.decision != "skip")]
+    verdict = store.consensus(last)
+    if not len(verdict) or est.value is None:
+        return {"value": None, "reviewed": int(len(verdict)), "target": target}
+    rows = by_key.loc[verdict.index]
+    judged = np.bincount(rows.band.to_numpy(), minlength=len(BAND_EDGES) - 1)
+    shares = np.asarray([b["share"] for b in est.bands])
+    weight = shares[rows.band.to_numpy()] / judged[rows.band.to_numpy()]
+    order = np.argsort(-rows.similarity.to_numpy(), kind="stable")
+    sims = rows.similarity.to_numpy()[order]
+    good = (verdict.to_numpy() == "accepted")[order]
+    w = weight[order]
+    precision = np.cumsum(w * good) / np.cumsum(w)
+    ok = np.flatnonzero(precision >= target)
+    # the lowest threshold whose pairs above keep the target: the last position where it still holds
+    value = float(sims[ok[-1]]) if len(ok) else None
+    return {"value": value, "reviewed": int(len(verdict)), "target": target,
+            "precision_at_value": float(precision[ok[-1]]) if len(ok) else None}
