@@ -36,7 +36,7 @@ METHOD = ("stratified by similarity band (equal allocation, seeded order), Korn-
           "(Clopper-Pearson on the effective sample size)")
 #: Where the page stops asking: this many judged pairs, or an interval this narrow on either side.
 DEFAULT_TARGET_PAIRS = 300
-DEFAULT_HALF_WIDTH = 0.05
+DEFAULT_HALF_WIDTH = 0.03
 
 
 def bands_of(similarity: np.ndarray, edges: tuple[float, ...] = BAND_EDGES) -> np.ndarray:
@@ -127,6 +127,17 @@ def cohen_kappa(first: np.ndarray, second: np.ndarray) -> float | None:
     return 1.0 if expected == 1.0 else (observed - expected) / (1 - expected)
 
 
+def _judged(reviews: pd.DataFrame, keys: dict | set) -> pd.DataFrame:
+    """Each reviewer's last sample decision on the pairs in ``keys``, skips left out."""
+    from . import store
+
+    if "sample" not in reviews or not len(reviews):
+        return store.last_decisions(reviews.iloc[:0])
+    last = store.last_decisions(reviews[reviews["sample"].fillna(False).astype(bool)])
+    keep = np.asarray([k in keys for k in last.pair.tolist()], dtype=bool) & (last.decision != "skip").to_numpy()
+    return last[keep]
+
+
 def estimate_precision(pairs: pd.DataFrame, reviews: pd.DataFrame, confidence: float = 0.95) -> Estimate:
     """The precision of ``pairs`` (columns ``key``, the unordered image-key pair, and ``similarity``) from the
     sample decisions in ``reviews`` (``store.read_reviews``): each reviewer's last sample decision counts,
@@ -136,13 +147,10 @@ def estimate_precision(pairs: pd.DataFrame, reviews: pd.DataFrame, confidence: f
     band = bands_of(pairs.similarity.to_numpy())
     n_bands = len(BAND_EDGES) - 1
     shares = np.bincount(band, minlength=n_bands) / max(len(band), 1)
-    sample = reviews[reviews["sample"].fillna(False).astype(bool)] if "sample" in reviews else reviews.iloc[:0]
-    last = store.last_decisions(sample)
-    band_of_key = pd.Series(band, index=pairs.key.to_numpy())
-    band_of_key = band_of_key[~band_of_key.index.duplicated()]
-    last = last[last.pair.isin(band_of_key.index) & (last.decision != "skip")]
+    band_of = dict(zip(pairs.key.tolist(), band.tolist()))
+    last = _judged(reviews, band_of)
     verdict = store.consensus(last)
-    judged_band = band_of_key.loc[verdict.index].to_numpy() if len(verdict) else np.empty(0, int)
+    judged_band = np.asarray([band_of[k] for k in verdict.index], dtype=np.int64)
     good = (verdict == "accepted").to_numpy()
     accepted = np.bincount(judged_band[good], minlength=n_bands) if len(verdict) else np.zeros(n_bands)
     judged = np.bincount(judged_band, minlength=n_bands) if len(verdict) else np.zeros(n_bands)
@@ -174,20 +182,17 @@ def precision_threshold(pairs: pd.DataFrame, reviews: pd.DataFrame, target: floa
     from . import store
 
     band = bands_of(pairs.similarity.to_numpy())
-    by_key = pd.DataFrame({"band": band, "similarity": pairs.similarity.to_numpy()}, index=pairs.key.to_numpy())
-    by_key = by_key[~by_key.index.duplicated()]
-    sample = reviews[reviews["sample"].fillna(False).astype(bool)] if "sample" in reviews else reviews.iloc[:0]
-    last = store.last_decisions(sample)
-    last = last[last.pair.isin(by_key.index) & (last.decision != "skip")]
-    verdict = store.consensus(last)
+    facts = dict(zip(pairs.key.tolist(), zip(band.tolist(), pairs.similarity.tolist())))
+    verdict = store.consensus(_judged(reviews, facts))
     if not len(verdict) or est.value is None:
         return {"value": None, "reviewed": int(len(verdict)), "target": target}
-    rows = by_key.loc[verdict.index]
-    judged = np.bincount(rows.band.to_numpy(), minlength=len(BAND_EDGES) - 1)
+    row_band = np.asarray([facts[k][0] for k in verdict.index], dtype=np.int64)
+    row_sim = np.asarray([facts[k][1] for k in verdict.index], dtype=np.float64)
+    judged = np.bincount(row_band, minlength=len(BAND_EDGES) - 1)
     shares = np.asarray([b["share"] for b in est.bands])
-    weight = shares[rows.band.to_numpy()] / judged[rows.band.to_numpy()]
-    order = np.argsort(-rows.similarity.to_numpy(), kind="stable")
-    sims = rows.similarity.to_numpy()[order]
+    weight = shares[row_band] / judged[row_band]
+    order = np.argsort(-row_sim, kind="stable")
+    sims = row_sim[order]
     good = (verdict.to_numpy() == "accepted")[order]
     w = weight[order]
     precision = np.cumsum(w * good) / np.cumsum(w)

@@ -65,6 +65,7 @@ class Build:
         pairs["key"] = store.pair_key(pairs.anchor_key, pairs.positive_key)
         pairs["disagree"] = (pairs.label >= 0) & (pairs.positive_label >= 0) & (pairs.label != pairs.positive_label)
         self.pairs = pairs.set_index("pair_id", drop=False)
+        self.key_set = set(pairs.key.tolist())
         self.stats = read_json(build_dir / layout.MINE_STATS)
         self.source = open_source(self.recipe)
 
@@ -77,8 +78,8 @@ class Build:
 
 def counts(build: Build, reviewer: str) -> dict[str, Any]:
     mine, verdict = build.decisions(reviewer)
-    mine = mine[mine.index.isin(build.pairs.key)]
-    verdict = verdict[verdict.index.isin(build.pairs.key)]
+    mine = mine[[k in build.key_set for k in mine.index.tolist()]]
+    verdict = verdict[[k in build.key_set for k in verdict.index.tolist()]]
     return {
         "pairs": len(build.pairs),
         "reviewer": reviewer,
@@ -114,8 +115,10 @@ class Sampling:
     def __init__(self, build: Build, target_pairs: int, half_width: float, seed: int) -> None:
         self.build, self.target_pairs, self.half_width, self.seed = build, target_pairs, half_width, seed
         self.plan = E.sample_plan(build.pairs.key.to_numpy(), build.pairs.similarity.to_numpy(), seed)
-        self.by_key = self.plan.set_index("key")
-        self.pair_of_key = pd.Series(build.pairs.pair_id.to_numpy(), index=build.pairs.key.to_numpy())
+        self.plan_keys = self.plan.key.tolist()
+        self.marks_of = {k: {"sample": True, "band": int(b), "draw": int(d)}
+                         for k, b, d in zip(self.plan_keys, self.plan.band.tolist(), self.plan.draw.tolist())}
+        self.pair_of_key = dict(zip(build.pairs.key.tolist(), build.pairs.pair_id.tolist()))
 
     def estimate(self) -> E.Estimate:
         return E.estimate_precision(self.build.pairs[["key", "similarity"]], store.read_reviews(self.build.dir))
@@ -124,26 +127,19 @@ class Sampling:
         """The next pair this reviewer has not judged in the draw, and the estimate so far."""
         reviews = store.read_reviews(self.build.dir)
         sample = reviews[reviews["sample"].fillna(False).astype(bool) & (reviews.reviewer == reviewer)]
-        seen = set(store.pair_key(sample.anchor_key, sample.positive_key)) if len(sample) else set()
+        seen = set(store.pair_key(sample.anchor_key, sample.positive_key).tolist()) if len(sample) else set()
         est = E.estimate_precision(self.build.pairs[["key", "similarity"]], reviews)
         mine = sample[sample.decision != "skip"]
         judged = len(set(store.pair_key(mine.anchor_key, mine.positive_key))) if len(mine) else 0
         done = judged >= self.target_pairs or (est.half_width is not None and est.half_width <= self.half_width)
-        nxt = None
-        if not done:
-            remaining = self.plan[~self.plan.key.isin(seen)]
-            nxt = remaining.iloc[0] if len(remaining) else None
+        nxt = None if done else next((k for k in self.plan_keys if k not in seen), None)
         return {"estimate": est.as_dict(), "judged": judged, "target_pairs": self.target_pairs,
                 "half_width": self.half_width, "done": done or nxt is None,
-                "next": None if nxt is None else {"pair_id": int(self.pair_of_key[nxt.key]), "band": int(nxt.band),
-                                                   "draw": int(nxt.draw)}}
+                "next": None if nxt is None else {"pair_id": int(self.pair_of_key[nxt]), **self.marks_of[nxt]}}
 
     def marks(self, key: str) -> dict[str, Any]:
         """What a decision on the pair ``key`` records in estimate mode: it was drawn, its band and draw."""
-        if key not in self.by_key.index:
-            return {}
-        row = self.by_key.loc[key]
-        return {"sample": True, "band": int(row.band), "draw": int(row.draw)}
+        return dict(self.marks_of.get(key, {}))
 
 
 def pair_row(build: Build, r: Any, decision: Any, verdict: pd.Series) -> dict[str, Any]:

@@ -104,9 +104,10 @@ def consensus(last: pd.DataFrame) -> pd.Series:
     """Per pair: ``accepted``, ``rejected`` or ``undecided`` (only skips), over every reviewer's last decision."""
     if not len(last):
         return pd.Series(dtype=object)
-    by_pair = last.groupby("pair").decision
-    rejected = by_pair.apply(lambda d: (d == "reject").any())
-    accepted = by_pair.apply(lambda d: (d == "accept").any())
+    flags = pd.DataFrame({"pair": last.pair.to_numpy(), "rejected": (last.decision == "reject").to_numpy(),
+                          "accepted": (last.decision == "accept").to_numpy()})
+    by_pair = flags.groupby("pair")
+    rejected, accepted = by_pair.rejected.any(), by_pair.accepted.any()
     return pd.Series(np.where(rejected, "rejected", np.where(accepted, "accepted", "undecided")), index=rejected.index)
 
 
