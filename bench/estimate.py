@@ -85,7 +85,8 @@ def through_the_api(build_dir: Path, seed: int, n: int, error_rate: float, pairs
     (build_dir / layout.REVIEWS).unlink(missing_ok=True)
     flips = np.random.default_rng([seed, 7]).random(n) < error_rate
     got = []
-    with TestClient(create_app(build_dir, "sim", estimate=n, half_width=0.0, seed=seed)) as client:
+    with TestClient(create_app(build_dir, "sim", estimate=n, half_width=0.0, seed=seed),
+                    base_url="http://127.0.0.1") as client:
         for i in range(n):
             nxt = client.get("/api/estimate/next").json()
             if nxt["pair"] is None:

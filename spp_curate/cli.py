@@ -225,7 +225,7 @@ for _stage in PIPELINE:  # registered in pipeline order, so --help lists them so
 def review(
     build_dir: Path = DirArg,
     port: int = typer.Option(8765, min=0, max=65535, help="port to listen on (0: any free port)"),
-    host: str = typer.Option("127.0.0.1", help="address to listen on; anything but 127.0.0.1 lets others in"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on: loopback only, unless --allow-remote"),
     reviewer: Optional[str] = typer.Option(None, help="your name, recorded with each decision [default: $USER]"),
     estimate: Optional[int] = typer.Option(
         None, min=1, max=100_000, help="estimate mode: judge up to N pairs drawn at random (stratified by similarity) "
@@ -233,6 +233,8 @@ def review(
     half_width: float = typer.Option(0.03, min=0.001, max=0.5,
                                      help="with --estimate: stop once the interval is this narrow on each side"),
     seed: int = typer.Option(0, min=0, max=2**31 - 1, help="with --estimate: the seed of the draw"),
+    allow_remote: bool = typer.Option(False, "--allow-remote",
+                                      help="let --host be an address others can reach (the page has no authentication)"),
 ) -> None:
     """Review pairs in the browser: accept (a), reject (r), skip (s); decisions go to DIR/reviews.parquet."""
     import getpass
@@ -247,7 +249,7 @@ def review(
     if not name or len(name) > 100 or any(not c.isprintable() for c in name):
         raise UserError(f"got {reviewer!r}; accepted: a printable name of at most 100 characters", option="--reviewer")
     serve(build_dir, host, port, name, say=lambda line: out.print(line, markup=False, highlight=False),
-          estimate=estimate, half_width=half_width, seed=seed)
+          estimate=estimate, half_width=half_width, seed=seed, allow_remote=allow_remote)
 
 
 @app.command()

@@ -109,7 +109,7 @@ def test_estimate_mode_through_the_page_api_and_what_the_release_says(none_build
     pairs, precision = truth(build)
     good = dict(zip(pairs.pair_id, pairs.good))
     app = create_app(build, "ann", estimate=40, seed=5)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         assert client.get("/api/summary").json()["estimate"]["target_pairs"] == 40
         drawn = []
         while True:

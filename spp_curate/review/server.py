@@ -150,13 +150,55 @@ def pair_row(build: Build, r: Any, decision: Any, verdict: pd.Series) -> dict[st
             "consensus": verdict.get(r.key)}
 
 
+#: The host names a page on this machine is reached by; any other ``Host`` header is refused (DNS rebinding).
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _host_name(value: str) -> str:
+    """``name`` of a ``Host`` header or an origin's authority: ``[::1]:8765`` -> ``::1``, ``a.b:80`` -> ``a.b``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1: value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def create_app(build_dir: Path, reviewer: str, estimate: int | None = None, half_width: float = E.DEFAULT_HALF_WIDTH,
-               seed: int = 0) -> FastAPI:
+               seed: int = 0, hosts: frozenset[str] = LOOPBACK_NAMES) -> FastAPI:
     """The review page's API; with ``estimate`` (pairs to judge at most) in estimate mode, where the page shows
-    pairs in the seeded stratified draw and decisions are recorded as sample decisions."""
+    pairs in the seeded stratified draw and decisions are recorded as sample decisions.
+
+    Every request must name one of ``hosts`` in its ``Host`` header, so a page of another site whose name is
+    made to resolve to this machine (DNS rebinding) can read nothing; a write must come from no browser page
+    (no ``Origin``) or from this page's own origin, so another site cannot post decisions either."""
     build = Build(build_dir)
     sampling = Sampling(build, estimate, half_width, seed) if estimate else None
     app = FastAPI(title="spp-curate review", docs_url=None, redoc_url=None, openapi_url=None)
+    from fastapi.responses import JSONResponse
+    from urllib.parse import urlsplit
+
+    @app.middleware("http")
+    async def same_host_only(request, call_next):
+        host = _host_name(request.headers.get("host", ""))
+        if "*" not in hosts and host not in hosts:
+            return JSONResponse({"detail": f"host {host!r} is not this review page's"}, status_code=403)
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD") and origin is not None:
+            parts = urlsplit(origin)
+            foreign = "*" not in hosts and (parts.hostname or "") not in hosts
+            if foreign or parts.netloc.lower() != request.headers.get("host", "").lower():
+                return JSONResponse({"detail": "cross-origin writes are refused"}, status_code=403)
+        return await call_next(request)
     page = PAGE.read_text()
 
     @app.get("/", response_class=HTMLResponse)
@@ -263,11 +305,22 @@ def create_app(build_dir: Path, reviewer: str, estimate: int | None = None, half
 
 
 def serve(build_dir: Path, host: str, port: int, reviewer: str, say=print, estimate: int | None = None,
-          half_width: float = E.DEFAULT_HALF_WIDTH, seed: int = 0) -> None:
-    """Bind ``host:port`` (port 0: any free one), say the address, and serve until interrupted."""
+          half_width: float = E.DEFAULT_HALF_WIDTH, seed: int = 0, allow_remote: bool = False) -> None:
+    """Bind ``host:port`` (port 0: any free one), say the address, and serve until interrupted. Anything but a
+    loopback address needs ``allow_remote``: the page has no authentication."""
     import uvicorn
 
-    app = create_app(build_dir, reviewer, estimate, half_width, seed)
+    host = host.strip()
+    if not host or not is_loopback(host):
+        if not allow_remote:
+            raise UserError(f"got {host!r}; accepted: a loopback address (127.0.0.1, ::1, localhost), or any "
+                            "address with --allow-remote (the page has no authentication: anyone who reaches it "
+                            "can read the build and record decisions)", option="--host")
+        say(f"warning: serving on {host or 'every interface'} without authentication; anyone who reaches this "
+            "port can read the build's pictures and record decisions")
+    # Served beyond loopback, the names it is reached by are the network's: any Host, same-origin writes only.
+    hosts = LOOPBACK_NAMES if host and is_loopback(host) else LOOPBACK_NAMES | {"*"}
+    app = create_app(build_dir, reviewer, estimate, half_width, seed, hosts=hosts)
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as exc:
