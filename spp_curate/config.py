@@ -203,20 +203,37 @@ def parse_whiten(value: str) -> tuple[str, int | None]:
     return match.group(1), int(match.group(2)) if match.group(2) else None
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+#: The largest size an option takes: far beyond any machine, still an int64 everywhere it goes.
+MAX_SIZE = 2**62
 
 
 def parse_size(value: int | str) -> int:
-    """Parse ``500MB``, ``64MiB``, ``1e6`` or an int into a byte count."""
+    """Parse ``500MB``, ``64MiB``, ``1e6`` or an int into a byte count (units through pydantic's ``ByteSize``:
+    decimal kB, MB, GB, TB and binary KiB, MiB, GiB, TiB); a ``ValueError`` naming what is accepted otherwise."""
+    from pydantic import ByteSize, TypeAdapter
+
+    wrong = ValueError(f"not a size: {str(value)[:40]!r} (use bytes or a unit, e.g. 500MB, 64MiB, 1e9; at most "
+                       f"{MAX_SIZE:,} bytes)")
+    if isinstance(value, bool):
+        raise wrong
     if isinstance(value, int):
-        return value
-    match = _SIZE_RE.match(str(value))
-    if not match:
-        raise ValueError(f"not a size: {value!r} (use bytes or a unit, e.g. 500MB, 64MiB)")
-    unit = (match.group(2) or "").lower().rstrip("b")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+        size = value
+    else:
+        text = str(value).strip()
+        try:
+            number = int(text) if text.isdigit() else float(text)
+        except ValueError:
+            try:
+                size = int(TypeAdapter(ByteSize).validate_python(text))
+            except ValidationError:
+                raise wrong from None
+        else:
+            if number != number or number in (float("inf"), float("-inf")):
+                raise wrong
+            size = int(number)
+    if not 0 <= size <= MAX_SIZE:
+        raise wrong
+    return size
 
 
 class Recipe(BaseModel):
@@ -415,7 +432,7 @@ def _raise_validation(err: ValidationError) -> None:
     elif first["type"] == "extra_forbidden":
         raise UserError(f"unknown recipe field {field!r}") from None
     else:
-        msg = f"{msg} (got {first.get('input')!r})"
+        msg = f"{msg.removeprefix('Value error, ')} (got {str(first.get('input'))[:60]!r})"
     raise UserError(msg, option=option_name(field)) from None
 
 

@@ -1,0 +1,31 @@
+"""Sizes are parsed by pydantic's ByteSize, and every bad size is a one-line error naming its option."""
+
+from __future__ import annotations
+
+import pytest
+
+from spp_curate.config import MAX_SIZE, parse_size
+
+from conftest import FMNIST
+
+
+@pytest.mark.parametrize("text, size", [("500MB", 500 * 10**6), ("64MiB", 64 * 2**20), ("1e6", 10**6),
+                                        ("1.5GB", 1_500_000_000), (" 2 GiB ", 2 * 2**30), ("4096", 4096), (12, 12)])
+def test_sizes_in_every_form_the_help_promises(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["5i", "9" * 400, "nan", "inf", "-1", "", "12 parsecs", str(MAX_SIZE + 1), True])
+def test_a_bad_size_is_a_value_error_naming_the_forms(text):
+    with pytest.raises(ValueError, match="use bytes or a unit"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("option", ["--memory", "--shard-size"])
+@pytest.mark.parametrize("value", ["5i", "9" * 400, "-3MB"])
+def test_a_bad_size_option_is_one_line_naming_it(cli, tmp_path, option, value):
+    proc = cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", tmp_path / "b", option, value)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and option in lines[0] and "use bytes or a unit" in lines[0], lines
+    assert not (tmp_path / "b").exists()
