@@ -121,6 +121,8 @@ def main_(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode", default="auto", choices=["auto", "device", "pillow"],
                         help="where the embed stage decodes JPEGs [auto: the GPU when there is one]")
     parser.add_argument("--model-seconds", type=float, default=20.0, help="how long the model alone is timed")
+    parser.add_argument("--copy-threshold", default=None,
+                        help="the mine stage's copy rule [the recipe's; none: off, to time the other stages alone]")
     parser.add_argument("--skip-previous-index", action="store_true",
                         help="do not time the previous full-decode index (saves a pass over the files)")
     args = parser.parse_args(argv)
@@ -138,7 +140,7 @@ def main_(argv: list[str] | None = None) -> dict:
         out = Path(tmp) / "build"
         recipe = resolve_recipe("imagefolder", {"root": str(root), "encoder": encoder, "image_size": args.image_size,
                                                 "batch_size": batch, "workers": args.workers,
-                                                "decode": args.decode,
+                                                "decode": args.decode, "copy_threshold": args.copy_threshold,
                                                 "min_similarity": "q0.5", "dup_threshold": "q0.999"})
         started = time.perf_counter()
         build(out, recipe)

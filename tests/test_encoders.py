@@ -190,7 +190,7 @@ def test_a_checkpoint_that_does_not_fit_names_the_keys_and_loads_nothing(tmp_pat
         load_encoder(f"torchvision:resnet18:{tmp_path / 'evil.pth'}")
 
 
-@pytest.mark.parametrize("spec", ["timm:resnet10t:random", "torchvision:resnet18:MOCO"])
+@pytest.mark.parametrize("spec", ["timm:resnet10t:random", "torchvision:resnet18:MOCO", "openclip:local-dir:DIR"])
 def test_every_encoder_kind_builds_a_release_from_the_subset(tmp_path, spec):
     import json
 
@@ -199,11 +199,14 @@ def test_every_encoder_kind_builds_a_release_from_the_subset(tmp_path, spec):
     if "MOCO" in spec:
         _moco_checkpoint(tmp_path / "moco.pth.tar", arch="resnet18")
         spec = spec.replace("MOCO", str(tmp_path / "moco.pth.tar"))
+    if "DIR" in spec:
+        _open_clip_folder(tmp_path / "clip")
+        spec = spec.replace("DIR", str(tmp_path / "clip"))
     out = tmp_path / "b"
     assert run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, "--limit", "300",
                    "--encoder", spec, "--image-size", "32", "--workers", "0", "--category", "label",
                    "--min-similarity", "0", "--dup-threshold", "0.9999") == 0
     meta = json.loads((out / "embeddings" / "meta.json").read_text())
-    assert meta["model"]["weights"] in ("random-init", "file:moco.pth.tar")
+    assert meta["model"]["weights"] in ("random-init", "file:moco.pth.tar", f"local-dir:{tmp_path / 'clip'}")
     manifest = json.loads((out / "release" / "manifest.json").read_text())
     assert manifest["counts"]["pairs"] > 0 and manifest["recipe"]["encoder"] == spec
