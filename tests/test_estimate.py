@@ -190,3 +190,25 @@ def test_estimate_mode_in_a_browser_takes_one_key_per_pair_and_shows_the_interva
     recorded = store.read_reviews(build)
     assert recorded.pair_id.tolist() == shown and recorded["sample"].all()
     assert recorded.draw.tolist() == list(range(12))
+
+
+def test_the_curve_carries_the_sample_estimate_with_its_band(none_build, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from spp_curate.review.server import create_app
+
+    build = tmp_path / "b"
+    shutil.copytree(none_build, build)
+    pairs, precision = truth(build)
+    table = simulated_reviews(pairs, 1, 200)
+    import pyarrow as pa
+
+    table["band"] = table.band.astype("int32")
+    pq.write_table(pa.Table.from_pandas(table, schema=store.SCHEMA, preserve_index=False), build / layout.REVIEWS)
+    with TestClient(create_app(build, "ann"), base_url="http://127.0.0.1") as client:
+        curve = client.get("/api/curve").json()
+    first = next(i for i, v in enumerate(curve["estimate"]) if v is not None)
+    assert curve["estimate_low"][first] <= curve["estimate"][first] <= curve["estimate_high"][first]
+    assert curve["estimate_low"][0] <= precision <= curve["estimate_high"][0]  # all pairs: the release's precision
+    whole = E.estimate_precision(pairs[["key", "similarity"]], table)
+    assert curve["estimate"][0] == pytest.approx(whole.value)

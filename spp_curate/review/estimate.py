@@ -174,6 +174,32 @@ def estimate_precision(pairs: pd.DataFrame, reviews: pd.DataFrame, confidence: f
                     pairs_judged_by_two=both)
 
 
+def estimate_curve(pairs: pd.DataFrame, reviews: pd.DataFrame, thresholds: list[float],
+                   confidence: float = 0.95) -> dict[str, list[float | None]]:
+    """The reviewed sample's estimate of the precision of the pairs at or above each threshold, with its
+    interval: the bands stay those of all the pairs, their shares and judged counts are those above."""
+    from . import store
+
+    band = bands_of(pairs.similarity.to_numpy())
+    sims = pairs.similarity.to_numpy(dtype=np.float64)
+    facts = dict(zip(pairs.key.tolist(), zip(band.tolist(), sims.tolist())))
+    verdict = store.consensus(_judged(reviews, facts))
+    n_bands = len(BAND_EDGES) - 1
+    row_band = np.asarray([facts[k][0] for k in verdict.index], dtype=np.int64)
+    row_sim = np.asarray([facts[k][1] for k in verdict.index], dtype=np.float64)
+    good = (verdict == "accepted").to_numpy()
+    out: dict[str, list[float | None]] = {"value": [], "low": [], "high": []}
+    for t in thresholds:
+        shares = np.bincount(band[sims >= t], minlength=n_bands).astype(np.float64)
+        above = row_sim >= t
+        p, low, high = (None, None, None) if not shares.sum() else stratified_interval(
+            shares, np.bincount(row_band[above & good], minlength=n_bands),
+            np.bincount(row_band[above], minlength=n_bands), confidence)
+        for name, v in (("value", p), ("low", low), ("high", high)):
+            out[name].append(v)
+    return out
+
+
 def precision_threshold(pairs: pd.DataFrame, reviews: pd.DataFrame, target: float) -> dict[str, Any]:
     """The lowest similarity at which the reviewed sample says the pairs at or above it have precision >=
     ``target``: each sample judgement weighted by its band's share over its band's judged count (the inverse

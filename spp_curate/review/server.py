@@ -106,6 +106,9 @@ def review_curve(build: Build) -> dict[str, Any]:
         accepted.append(int((good & above).sum()))
     curve["reviewed"] = reviewed
     curve["review_precision"] = [a / r if r else None for a, r in zip(accepted, reviewed)]
+    # the reviewed random sample's estimate above each threshold, with its 95 % band (estimate mode's decisions)
+    est = E.estimate_curve(build.pairs[["key", "similarity"]], store.read_reviews(build.dir), curve["threshold"])
+    curve["estimate"], curve["estimate_low"], curve["estimate_high"] = est["value"], est["low"], est["high"]
     return curve
 
 
