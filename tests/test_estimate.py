@@ -48,6 +48,19 @@ def simulated_reviews(pairs: pd.DataFrame, seed: int, n: int, error_rate: float 
                          "draw": plan.draw.to_numpy()})
 
 
+def reviewed_copy(build, tmp_path, seed: int, n: int):
+    """A copy of ``build`` whose ``reviews.parquet`` holds a simulated reviewer's first ``n`` sample decisions."""
+    import pyarrow as pa
+
+    copy = tmp_path / "b"
+    shutil.copytree(build, copy)
+    pairs, _ = truth(copy)
+    table = simulated_reviews(pairs, seed, n)
+    table["band"] = table.band.astype("int32")
+    pq.write_table(pa.Table.from_pandas(table, schema=store.SCHEMA, preserve_index=False), copy / layout.REVIEWS)
+    return copy, pairs
+
+
 def test_the_draw_is_seeded_stratified_and_equal_in_allocation(none_build):
     pairs, _ = truth(none_build)
     plan = E.sample_plan(pairs.key.to_numpy(), pairs.similarity.to_numpy(), seed=3)
@@ -135,14 +148,7 @@ def test_estimate_mode_through_the_page_api_and_what_the_release_says(none_build
 
 
 def test_a_precision_target_threshold_comes_from_the_reviews_and_reproduces(none_build, tmp_path):
-    build = tmp_path / "b"
-    shutil.copytree(none_build, build)
-    pairs, _ = truth(build)
-    table = simulated_reviews(pairs, 0, 300)
-    table["band"] = table.band.astype("int32")
-    import pyarrow as pa
-
-    pq.write_table(pa.Table.from_pandas(table, schema=store.SCHEMA, preserve_index=False), build / layout.REVIEWS)
+    build, pairs = reviewed_copy(none_build, tmp_path, seed=0, n=300)
     common = ["build", "--source", "fashion-mnist", "--root", FMNIST, "--out", build, *TEST_ENCODER,
               "--workers", "0", "--category", "none", "--min-similarity", "precision:0.8"]
     assert run_cli(*common) == 0
@@ -197,14 +203,9 @@ def test_the_curve_carries_the_sample_estimate_with_its_band(none_build, tmp_pat
 
     from spp_curate.review.server import create_app
 
-    build = tmp_path / "b"
-    shutil.copytree(none_build, build)
-    pairs, precision = truth(build)
-    table = simulated_reviews(pairs, 1, 200)
-    import pyarrow as pa
-
-    table["band"] = table.band.astype("int32")
-    pq.write_table(pa.Table.from_pandas(table, schema=store.SCHEMA, preserve_index=False), build / layout.REVIEWS)
+    build, pairs = reviewed_copy(none_build, tmp_path, seed=1, n=200)
+    precision = float(pairs.good.mean())
+    table = store.read_reviews(build)
     with TestClient(create_app(build, "ann"), base_url="http://127.0.0.1") as client:
         curve = client.get("/api/curve").json()
     first = next(i for i, v in enumerate(curve["estimate"]) if v is not None)

@@ -24,7 +24,7 @@ from ..files import atomic_path
 #: The dimension ``pca`` keeps when none is given (or the embedding's, when smaller).
 DEFAULT_PCA_DIM = 128
 #: Added to every variance before the square root: directions with almost no variance are not blown up.
-SHRINK = 1e-2
+SHRINK = 0.05
 #: Rows used to fit (a uniform sample beyond this): the covariance of 200,000 rows is already stable.
 FIT_ROWS = 200_000
 
