@@ -27,6 +27,11 @@ class Stage:
     #: Files of the build directory that the stage reads but no stage writes (decisions made by hand):
     #: a change to one of them makes the stage run again.
     watches: tuple[str, ...] = ()
+    #: Files watched only when a recipe property is set: ``(file, property)``.
+    watches_if: tuple[tuple[str, str], ...] = ()
+
+    def watched(self, recipe: Any) -> tuple[str, ...]:
+        return self.watches + tuple(f for f, prop in self.watches_if if getattr(recipe, prop, None) is not None)
 
     def run(self, recipe: Any, build_dir: Any, engine: Any) -> dict[str, Any]:
         """Run the stage on a build directory, its units of work mapped by ``engine``."""
@@ -51,7 +56,9 @@ PIPELINE: tuple[Stage, ...] = (
                    "copy_threshold", "max_per_anchor", "mutual", "pairs_per_class", "index", "memory", "nprobe", "seed"),
           (layout.INDEX, layout.EMBEDDINGS_META, layout.EXCLUSION), (layout.PAIRS, layout.MINE_STATS, layout.WHITENING),
           "spp_curate.pairing.mine:mine_pairs",
-          "Mine semantic pairs with faiss kNN and the pair rules into pairs.parquet."),
+          "Mine semantic pairs with faiss kNN and the pair rules into pairs.parquet.",
+          # --min-similarity precision:P is resolved on the reviewed sample
+          watches_if=((layout.REVIEWS, "precision_target"),)),
     Stage("report", ("grid_pairs",),
           (layout.INDEX, layout.QUARANTINE, layout.PAIRS, layout.MINE_STATS), (layout.METRICS, layout.REPORT_HTML),
           "spp_curate.pairing.quality:write_report",

@@ -82,9 +82,7 @@ def _record(build_dir: Path, stage: str) -> Path:
 def stage_fingerprint(build_dir: Path, recipe: Recipe, stage: str) -> str:
     """The recipe's fingerprint of ``stage``, with the state (size, time) of the files the stage watches."""
     upto = STAGES[: STAGES.index(stage) + 1]
-    names = [w for s in upto for w in STAGE_BY_NAME[s].watches]
-    if recipe.precision_target is not None and "mine" in upto:  # the reviewed sample sets the threshold
-        names.append(layout.REVIEWS)
+    names = [w for s in upto for w in STAGE_BY_NAME[s].watched(recipe)]  # a watched file reruns what follows too
     watched = [build_dir / w for w in dict.fromkeys(names)]
     if not watched:
         return recipe.fingerprint(stage)
