@@ -40,8 +40,12 @@ SCHEMA = pa.schema([
 
 
 def _read(path: Path) -> pa.Table:
-    """The file's decisions in this SCHEMA; files written before the sample columns read with them null."""
-    table = pq.read_table(path)
+    """The file's decisions in this SCHEMA; files written before the sample columns read with them null.
+
+    Read through one open file: another server may rename a new version into place meanwhile, and a reader
+    that opened the path twice (metadata, then pages) would mix the two versions."""
+    with open(path, "rb") as fh:
+        table = pq.ParquetFile(fh).read()
     columns = {}
     for name in SCHEMA.names:
         typ = SCHEMA.field(name).type
