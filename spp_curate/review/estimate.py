@@ -34,8 +34,7 @@ import pandas as pd
 BAND_EDGES = (0.0, 0.10, 0.25, 0.50, 0.75, 1.0)
 METHOD = ("stratified by similarity band (equal allocation, seeded order), Korn-Graubard interval "
           "(Clopper-Pearson on the effective sample size)")
-#: Where the page stops asking: this many judged pairs, or an interval this narrow on either side.
-DEFAULT_TARGET_PAIRS = 300
+#: Where the page stops asking when no other width is given: an interval this narrow on either side.
 DEFAULT_HALF_WIDTH = 0.03
 
 
@@ -138,23 +137,55 @@ def _judged(reviews: pd.DataFrame, keys: dict | set) -> pd.DataFrame:
     return last[keep]
 
 
+N_BANDS = len(BAND_EDGES) - 1
+
+
+@dataclass
+class Judgements:
+    """The pairs' bands and similarities, and the sample's verdict on the judged ones, row for row."""
+
+    band: np.ndarray  # per pair
+    similarity: np.ndarray  # per pair
+    last: pd.DataFrame  # each reviewer's last sample decision on these pairs, skips left out
+    row_band: np.ndarray  # per judged pair
+    row_similarity: np.ndarray  # per judged pair
+    good: np.ndarray  # per judged pair: accepted by the consensus
+
+    @property
+    def shares(self) -> np.ndarray:
+        return np.bincount(self.band, minlength=N_BANDS) / max(len(self.band), 1)
+
+    def counts(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(accepted, judged)`` per band, over the judged pairs ``rows`` selects (all by default)."""
+        rows = np.ones(len(self.good), bool) if rows is None else rows
+        return (np.bincount(self.row_band[rows & self.good], minlength=N_BANDS),
+                np.bincount(self.row_band[rows], minlength=N_BANDS))
+
+
+def judgements(pairs: pd.DataFrame, reviews: pd.DataFrame) -> Judgements:
+    """The sample decisions of ``reviews`` on ``pairs`` (columns ``key``, ``similarity``), combined by
+    ``store.consensus``."""
+    from . import store
+
+    band = bands_of(pairs.similarity.to_numpy())
+    sims = pairs.similarity.to_numpy(dtype=np.float64)
+    facts = dict(zip(pairs.key.tolist(), zip(band.tolist(), sims.tolist())))
+    last = _judged(reviews, facts)
+    verdict = store.consensus(last)
+    rows = [facts[k] for k in verdict.index]
+    return Judgements(band, sims, last, np.asarray([b for b, _ in rows], dtype=np.int64),
+                      np.asarray([x for _, x in rows], dtype=np.float64), (verdict == "accepted").to_numpy(bool))
+
+
 def estimate_precision(pairs: pd.DataFrame, reviews: pd.DataFrame, confidence: float = 0.95) -> Estimate:
     """The precision of ``pairs`` (columns ``key``, the unordered image-key pair, and ``similarity``) from the
     sample decisions in ``reviews`` (``store.read_reviews``): each reviewer's last sample decision counts,
     reviewers combine by ``store.consensus``, a ``skip`` is no judgement."""
-    from . import store
-
-    band = bands_of(pairs.similarity.to_numpy())
-    n_bands = len(BAND_EDGES) - 1
-    shares = np.bincount(band, minlength=n_bands) / max(len(band), 1)
-    band_of = dict(zip(pairs.key.tolist(), band.tolist()))
-    last = _judged(reviews, band_of)
-    verdict = store.consensus(last)
-    judged_band = np.asarray([band_of[k] for k in verdict.index], dtype=np.int64)
-    good = (verdict == "accepted").to_numpy()
-    accepted = np.bincount(judged_band[good], minlength=n_bands) if len(verdict) else np.zeros(n_bands)
-    judged = np.bincount(judged_band, minlength=n_bands) if len(verdict) else np.zeros(n_bands)
+    j = judgements(pairs, reviews)
+    shares = j.shares
+    accepted, judged = j.counts()
     p, low, high = stratified_interval(shares, accepted, judged, confidence)
+    last = j.last
     reviewers = sorted(last.reviewer.unique().tolist())
     kappa, both = None, 0
     if len(reviewers) >= 2:
@@ -169,7 +200,7 @@ def estimate_precision(pairs: pd.DataFrame, reviews: pd.DataFrame, confidence: f
             both = len(best[2])
             kappa = cohen_kappa(best[2][best[0]] == "accept", best[2][best[1]] == "accept")
     per_band = [{"band": h, "share": float(shares[h]), "judged": int(judged[h]), "accepted": int(accepted[h])}
-                for h in range(n_bands)]
+                for h in range(N_BANDS)]
     return Estimate(p, low, high, confidence, int(judged.sum()), per_band, reviewers=reviewers, kappa=kappa,
                     pairs_judged_by_two=both)
 
@@ -178,23 +209,12 @@ def estimate_curve(pairs: pd.DataFrame, reviews: pd.DataFrame, thresholds: list[
                    confidence: float = 0.95) -> dict[str, list[float | None]]:
     """The reviewed sample's estimate of the precision of the pairs at or above each threshold, with its
     interval: the bands stay those of all the pairs, their shares and judged counts are those above."""
-    from . import store
-
-    band = bands_of(pairs.similarity.to_numpy())
-    sims = pairs.similarity.to_numpy(dtype=np.float64)
-    facts = dict(zip(pairs.key.tolist(), zip(band.tolist(), sims.tolist())))
-    verdict = store.consensus(_judged(reviews, facts))
-    n_bands = len(BAND_EDGES) - 1
-    row_band = np.asarray([facts[k][0] for k in verdict.index], dtype=np.int64)
-    row_sim = np.asarray([facts[k][1] for k in verdict.index], dtype=np.float64)
-    good = (verdict == "accepted").to_numpy()
+    j = judgements(pairs, reviews)
     out: dict[str, list[float | None]] = {"value": [], "low": [], "high": []}
     for t in thresholds:
-        shares = np.bincount(band[sims >= t], minlength=n_bands).astype(np.float64)
-        above = row_sim >= t
+        shares = np.bincount(j.band[j.similarity >= t], minlength=N_BANDS).astype(np.float64)
         p, low, high = (None, None, None) if not shares.sum() else stratified_interval(
-            shares, np.bincount(row_band[above & good], minlength=n_bands),
-            np.bincount(row_band[above], minlength=n_bands), confidence)
+            shares, *j.counts(j.row_similarity >= t), confidence)
         for name, v in (("value", p), ("low", low), ("high", high)):
             out[name].append(v)
     return out
@@ -204,26 +224,19 @@ def precision_threshold(pairs: pd.DataFrame, reviews: pd.DataFrame, target: floa
     """The lowest similarity at which the reviewed sample says the pairs at or above it have precision >=
     ``target``: each sample judgement weighted by its band's share over its band's judged count (the inverse
     of its chance of being drawn). The same reviews give the same threshold."""
-    est = estimate_precision(pairs, reviews)
-    from . import store
-
-    band = bands_of(pairs.similarity.to_numpy())
-    facts = dict(zip(pairs.key.tolist(), zip(band.tolist(), pairs.similarity.tolist())))
-    verdict = store.consensus(_judged(reviews, facts))
-    if not len(verdict) or est.value is None:
-        return {"value": None, "reviewed": int(len(verdict)), "target": target}
-    row_band = np.asarray([facts[k][0] for k in verdict.index], dtype=np.int64)
-    row_sim = np.asarray([facts[k][1] for k in verdict.index], dtype=np.float64)
-    judged = np.bincount(row_band, minlength=len(BAND_EDGES) - 1)
-    shares = np.asarray([b["share"] for b in est.bands])
-    weight = shares[row_band] / judged[row_band]
-    order = np.argsort(-row_sim, kind="stable")
-    sims = row_sim[order]
-    good = (verdict.to_numpy() == "accepted")[order]
+    j = judgements(pairs, reviews)
+    shares = j.shares
+    accepted, judged = j.counts()
+    if not len(j.good) or stratified_interval(shares, accepted, judged)[0] is None:
+        return {"value": None, "reviewed": int(len(j.good)), "target": target}
+    weight = shares[j.row_band] / judged[j.row_band]
+    order = np.argsort(-j.row_similarity, kind="stable")
+    sims = j.row_similarity[order]
+    good = j.good[order]
     w = weight[order]
     precision = np.cumsum(w * good) / np.cumsum(w)
     ok = np.flatnonzero(precision >= target)
     # the lowest threshold whose pairs above keep the target: the last position where it still holds
     value = float(sims[ok[-1]]) if len(ok) else None
-    return {"value": value, "reviewed": int(len(verdict)), "target": target,
+    return {"value": value, "reviewed": int(len(j.good)), "target": target,
             "precision_at_value": float(precision[ok[-1]]) if len(ok) else None}

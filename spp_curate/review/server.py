@@ -145,7 +145,7 @@ class Sampling:
         return dict(self.marks_of.get(key, {}))
 
 
-def pair_row(build: Build, r: Any, decision: Any, verdict: pd.Series) -> dict[str, Any]:
+def pair_row(r: Any, decision: Any, verdict: pd.Series) -> dict[str, Any]:
     return {"pair_id": int(r.pair_id), "anchor_id": int(r.anchor_id), "positive_id": int(r.positive_id),
             "anchor_key": r.anchor_key, "positive_key": r.positive_key, "similarity": float(r.similarity),
             "label_name": r.label_name, "positive_label_name": r.positive_label_name, "mutual": bool(r.mutual),
@@ -236,8 +236,8 @@ def create_app(build_dir: Path, reviewer: str, estimate: int | None = None, half
         pair = None
         if state["next"] is not None:
             r = build.pairs.loc[state["next"]["pair_id"]]
-            mine, verdict = build.decisions(reviewer)
-            pair = pair_row(build, r, None, verdict)
+            _, verdict = build.decisions(None)
+            pair = pair_row(r, None, verdict)
         return {**state, "pair": pair}
 
     @app.get("/api/curve")
@@ -269,7 +269,7 @@ def create_app(build_dir: Path, reviewer: str, estimate: int | None = None, half
             chosen, decision = chosen.loc[by], decision.loc[by]
         page_rows = chosen.iloc[offset: offset + limit]
         return {"total": len(chosen), "offset": offset, "pairs": [
-            pair_row(build, r, d, verdict) for r, d in zip(page_rows.itertuples(), decision.iloc[offset: offset + limit])]}
+            pair_row(r, d, verdict) for r, d in zip(page_rows.itertuples(), decision.iloc[offset: offset + limit])]}
 
     @app.post("/api/decision")
     def decide(body: Decision) -> dict[str, Any]:
