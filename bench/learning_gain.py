@@ -1,13 +1,31 @@
-"""Does training on semantic pairs beat the matched augmentation-only baseline? The SePP-ID loop on Fashion-MNIST.
+"""Does training on semantic pairs beat the matched augmentation-only baseline, and does it never hurt?
 
-    python bench/learning_gain.py --quick     # CPU, minutes: label pairs of 4,000 images, small-cnn, SimCLR and MoCo
-    python bench/learning_gain.py --full      # a GPU: all 60,000 training images, resnet18, the whole loop
+    python bench/learning_gain.py --quick                        # CPU: Fashion-MNIST label pairs, SimCLR and MoCo
+    python bench/learning_gain.py --quick --dataset glyphs       # CPU: the generated glyph set (bench/glyphs.py)
+    python bench/learning_gain.py --quick --noise                # CPU: label pairs mixed with random pairs
+    python bench/learning_gain.py --full                         # a GPU: all 60,000 training images, the whole loop
 
-Quick: one label-pair release is built from the first 4,000 training images
-(the arXiv 2510.08722 setting: same classes, same pairs); every run trains on
-those pairs for the same epochs (batch 128: 26 steps an epoch): ``augment`` sees only
-the anchors (aug(a), aug'(a)), ``semantic`` the pair (aug(a), aug(b)), ``both`` all
-three views.
+Quick: one label-pair release is built from the first 4,000 Fashion-MNIST
+training images (the arXiv 2510.08722 setting: same classes, same pairs), or
+from the 10,400 training pictures of the glyph set (26 letters, capital and
+small, in about a hundred font faces: same-class pictures differ in ways no
+crop or colour jitter makes); every run trains on those pairs for the same
+epochs (batch 128): ``augment`` sees only the anchors (aug(a), aug'(a)),
+``semantic`` the pair (aug(a), aug(b)), ``both`` all three views.
+``--sampler`` adds the SePP-ID loop: a single-image SimCLR model mines pairs
+with ``--category none`` and ``both`` trains on them.
+
+Noise (``--noise``): the label release's partners are replaced, for a share
+of its pairs drawn at random, by random images, so that the release's label
+precision is about 0.1, 0.25, 0.5, 0.75 and 1.0 (0.1 is random pairs of ten
+balanced classes). ``augment`` (which never sees a partner) runs once per
+seed; ``both`` runs on every mix with each ``--partner-weights`` value
+(``auto``: the trainer's default, the precision above chance; ``1``: every
+partner counts fully, as before weighting). Ends with one JSON line holding
+``noise``: ``{precision, weight, gain_knn, std_knn, gain_linear, std_linear}``
+per mix and weight, where gain is ``both`` minus ``augment`` (mean over seeds)
+and std the standard deviation over seeds of that difference, beside
+``augment``'s own standard deviations.
 
 Full: the SePP-ID loop (arXiv 2306.16122) on all 60,000 training images with
 resnet18 at 32 px: a sampler pretrained with SimCLR on single images (also the
@@ -16,9 +34,9 @@ labels, then ``augment``, ``semantic`` and ``both`` for SimCLR and MoCo-v2 on
 each pair set, 3 seeds, 100 epochs each.
 
 Evaluation: weighted kNN (k=200, T=0.1) and a linear probe on the test split
-(all of it in full mode), beside the raw-pixel kNN and 1-NN of the same split.
-Prints a table of mean +- std over seeds, the wall time, and a final JSON line
-with SimCLR ``both`` against ``augment`` on label pairs.
+(5,000 + 5,000 Fashion-MNIST images in quick mode, all of it in full mode, the
+whole glyph set), beside the raw-pixel kNN and 1-NN of the same split. Prints
+a table of mean +- std over seeds, the wall time, and a final JSON line.
 """
 
 from __future__ import annotations
@@ -30,83 +48,197 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from spp_curate.config import resolve_recipe
-from spp_curate.stages import build
+from spp_curate.stages import build, run_stage
 from spp_curate.train.evaluate import evaluate
 from spp_curate.train.loop import TrainConfig, train
+from spp_curate.train.trust import parse_partner_weight
 
 from _common import DEBIAN, SUBSET, mode_parser
+from glyphs import generate as generate_glyphs
+
+NOISE_PRECISIONS = (0.1, 0.25, 0.5, 0.75, 1.0)
 
 
-def pair_release(work: Path, name: str, root: str, limit: int | None, encoder: str, category: str) -> str:
-    recipe = resolve_recipe("fashion-mnist", {"root": root, "limit": limit, "encoder": encoder, "image_size": 32,
-                                              "category": category, "min_similarity": 0.0, "dup_threshold": 0.9999,
-                                              "max_per_anchor": 1, "k": 8})
-    build(work / name, recipe)
-    return str(work / name / "release")
+class Dataset:
+    """Where a dataset's pictures are, how a build and an evaluation read them."""
+
+    def __init__(self, name: str, root: str, limit: int | None, eval_limit: int | None) -> None:
+        self.name, self.root, self.limit, self.eval_limit = name, root, limit, eval_limit
+        if name == "glyphs":
+            self.source, self.train_root, self.test_root = "imagefolder", f"{root}/train", f"{root}/test"
+        else:
+            self.source, self.train_root, self.test_root = "fashion-mnist", root, None
+
+    def evaluate(self, run: Path) -> dict:
+        return evaluate(run, self.source, self.train_root, test_root=self.test_root, limit=self.eval_limit)
+
+    def pair_release(self, work: Path, name: str, encoder: str, category: str) -> Path:
+        recipe = resolve_recipe(self.source, {"root": self.train_root, "limit": self.limit, "encoder": encoder,
+                                              "image_size": 32, "category": category, "min_similarity": 0.0,
+                                              "dup_threshold": 0.9999, "max_per_anchor": 1, "k": 8})
+        build(work / name, recipe)
+        return work / name
+
+
+def noisy_build(base: Path, out: Path, precision: float, seed: int = 0) -> tuple[Path, float]:
+    """A copy of the label-pair build ``base`` whose partners are random images for a share of its pairs,
+    drawn so that the label precision is about ``precision``; report and export run again on it.
+    Returns the release and its label precision."""
+    from spp_curate.stages import load_recipe
+
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns("release", ".release.partial", ".lock",
+                                                             "released-index.parquet"))
+    index = pq.read_table(out / "index.parquet", columns=["id", "label"]).to_pandas()
+    pairs = pq.read_table(out / "pairs.parquet")
+    table = pairs.to_pandas()
+    shares = index.label.value_counts(normalize=True).to_numpy()
+    chance = float((shares ** 2).sum())
+    share = min(1.0, max(0.0, (1.0 - precision) / (1.0 - chance)))
+    rng = np.random.default_rng(seed + int(precision * 1000))
+    swap = rng.random(len(table)) < share
+    ids = index.id.to_numpy()
+    new = rng.choice(ids, size=int(swap.sum()))
+    clash = new == table.anchor_id.to_numpy()[swap]
+    while clash.any():
+        new[clash] = rng.choice(ids, size=int(clash.sum()))
+        clash = new == table.anchor_id.to_numpy()[swap]
+    table.loc[swap, "positive_id"] = new
+    table.loc[swap, "positive_label"] = index.set_index("id").label.loc[new].to_numpy()
+    table.loc[swap, "mutual"] = False
+    pq.write_table(pa.Table.from_pandas(table, schema=pairs.schema, preserve_index=False), out / "pairs.parquet")
+    recipe = load_recipe(out)
+    for stage in ("report", "export"):
+        run_stage(out, recipe, stage, force=True)
+    return out / "release", float((table.label == table.positive_label).mean())
 
 
 def main() -> None:
     parser = mode_parser(__doc__)
+    parser.add_argument("--dataset", choices=("fashion-mnist", "glyphs"), default="fashion-mnist")
+    parser.add_argument("--glyphs", type=Path, help="the glyph set's folder (made there when absent) "
+                        "[default: a temporary one]")
+    parser.add_argument("--noise", action="store_true", help="the precision sweep: label pairs mixed with random ones")
+    parser.add_argument("--sampler", action="store_true", help="also the SePP-ID loop's own pairs (quick mode)")
     parser.add_argument("--epochs", type=int, default=None, help="[quick 3, full 100]")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=None, help="[quick 128, full 512]")
-    parser.add_argument("--methods", default="simclr,moco")
+    parser.add_argument("--methods", default=None, help="[simclr,moco; with --noise simclr]")
     parser.add_argument("--positives", default="augment,semantic,both")
+    parser.add_argument("--partner-weights", default="auto",
+                        help="comma-separated --partner-weight values for the runs that use partners")
+    parser.add_argument("--precisions", default=",".join(map(str, NOISE_PRECISIONS)))
     args = parser.parse_args()
-    root = str(args.root or (DEBIAN if DEBIAN.exists() else SUBSET))
     full = args.full
     epochs = args.epochs or (100 if full else 3)
-    limit, eval_limit = (None, None) if full else (4000, 5000)
     batch = args.batch_size or (512 if full else 128)
+    methods = (args.methods or ("simclr" if args.noise else "simclr,moco")).split(",")
+    weights = [w.strip() for w in args.partner_weights.split(",")]
+    for w in weights:
+        parse_partner_weight(w)
     common = dict(backbone="resnet18" if full else "small-cnn", batch_size=batch, epochs=epochs)
     work = Path(tempfile.mkdtemp(prefix="spp-bench-gain-"))
+    if args.dataset == "glyphs":
+        glyphs = args.glyphs or work / "glyphs"
+        generate_glyphs(glyphs)
+        data = Dataset("glyphs", str(glyphs), None, None)
+    else:
+        root = str(args.root or (DEBIAN if DEBIAN.exists() else SUBSET))
+        data = Dataset("fashion-mnist", root, None if full else 4000, None if full else 5000)
     started = time.perf_counter()
-    rows: dict[tuple[str, str, str], tuple[float, float, float, float]] = {}
+    rows: dict[tuple[str, str, str, str], dict] = {}
     pixel = None
 
-    def runs(label: str, method: str, positives: str, **where) -> None:
+    def runs(label: str, method: str, positives: str, weight: str = "auto", **where) -> dict:
         nonlocal pixel
         knn, lin = [], []
         for seed in range(args.seeds):
-            run = work / f"{label}-{method}-{positives}-{seed}"
-            train(TrainConfig(out=str(run), method=method, positives=positives, seed=seed, **common, **where))
-            result = evaluate(run, "fashion-mnist", root, limit=eval_limit)
+            run = work / "runs" / f"{label}-{method}-{positives}-{weight}-{seed}".replace(" ", "_")
+            train(TrainConfig(out=str(run), method=method, positives=positives, seed=seed,
+                              partner_weight=parse_partner_weight(weight) if positives != "augment" else None,
+                              **common, **where))
+            result = data.evaluate(run)
             knn.append(result["knn_top1"])
             lin.append(result["linear_top1"])
             pixel = result["pixel_knn_top1"], result["pixel_1nn_top1"]
-        rows[(label, method, positives)] = (np.mean(knn), np.std(knn), np.mean(lin), np.std(lin))
-        print(f"{label} {method} {positives}: kNN {np.mean(knn):.4f} +- {np.std(knn):.4f}, "
+        row = {"knn": np.array(knn), "linear": np.array(lin)}
+        rows[(label, method, positives, weight)] = row
+        print(f"{label} {method} {positives} (partner weight {weight}): kNN {np.mean(knn):.4f} +- {np.std(knn):.4f}, "
               f"linear {np.mean(lin):.4f} +- {np.std(lin):.4f}", flush=True)
+        return row
 
     try:
-        releases = {}
+        builds, precision_of = {}, {}
         if full:
-            runs("single images", "simclr", "augment", source="fashion-mnist", root=root)
-            sampler = work / "single images-simclr-augment-0" / "last.pt"
-            releases["sampler pairs"] = pair_release(work, "pairs-none", root, None, f"ssl:{sampler}", "none")
-            releases["label pairs"] = pair_release(work, "pairs-label", root, None, f"ssl:{sampler}", "label")
+            runs("single images", "simclr", "augment", source=data.source, root=data.train_root)
+            sampler = work / "runs" / "single_images-simclr-augment-auto-0" / "last.pt"
+            builds["sampler pairs"] = data.pair_release(work, "pairs-none", f"ssl:{sampler}", "none")
+            builds["label pairs"] = data.pair_release(work, "pairs-label", f"ssl:{sampler}", "label")
         else:
-            releases["label pairs"] = pair_release(work, "pairs-label", root, limit, "openclip:ViT-S-32", "label")
-        for label, release in releases.items():
-            for method in args.methods.split(","):
-                for positives in args.positives.split(","):
-                    runs(label, method, positives, pairs=release)
+            builds["label pairs"] = data.pair_release(work, "pairs-label", "openclip:ViT-S-32", "label")
+            if args.sampler:
+                runs("single images", "simclr", "augment", source=data.source, root=data.train_root,
+                     limit=data.limit)
+                sampler = work / "runs" / "single_images-simclr-augment-auto-0" / "last.pt"
+                builds["sampler pairs"] = data.pair_release(work, "pairs-none", f"ssl:{sampler}", "none")
+        for label, b in builds.items():
+            precision_of[label] = json.loads((b / "report" / "metrics.json").read_text()).get("precision")
+        noise = []
+        if args.noise:
+            base = builds["label pairs"]
+            for method in methods:
+                augment = runs("label pairs", method, "augment", pairs=str(base / "release"))
+                for target in (float(x) for x in args.precisions.split(",")):
+                    release, measured = noisy_build(base, work / f"noise-{target}", target)
+                    label = f"precision {measured:.3f}"
+                    precision_of[label] = measured
+                    for weight in weights:
+                        both = runs(label, method, "both", weight, pairs=str(release))
+                        gain = {k: both[k] - augment[k] for k in ("knn", "linear")}
+                        noise.append({"target": target, "precision": round(measured, 4), "method": method,
+                                      "partner_weight": weight,
+                                      "gain_knn": round(100 * float(gain["knn"].mean()), 2),
+                                      "std_knn": round(100 * float(gain["knn"].std()), 2),
+                                      "gain_linear": round(100 * float(gain["linear"].mean()), 2),
+                                      "std_linear": round(100 * float(gain["linear"].std()), 2),
+                                      "augment_std_knn": round(100 * float(augment["knn"].std()), 2),
+                                      "augment_std_linear": round(100 * float(augment["linear"].std()), 2)})
+                        print(json.dumps(noise[-1]), flush=True)
+        else:
+            for label, b in builds.items():
+                for method in methods:
+                    for positives in args.positives.split(","):
+                        for weight in (["auto"] if positives == "augment" else weights):
+                            runs(label, method, positives, weight, pairs=str(b / "release"))
         wall = time.perf_counter() - started
-        scope = "60,000" if full else f"{limit:,}"
-        print(f"\n{scope} images -> pairs, {epochs} epochs, batch {batch}, {common['backbone']}, {args.seeds} seeds, "
+        print(f"\n{data.name}: {len(pq.read_table(builds['label pairs'] / 'pairs.parquet', columns=['pair_id'])):,} "
+              f"label pairs, {epochs} epochs, batch {batch}, {common['backbone']}, {args.seeds} seeds, "
               f"wall time {wall / 60:.1f} min")
-        print("| pairs | method | positives | kNN top-1 | linear top-1 |\n|---|---|---|---|---|")
-        for (label, method, positives), (km, ks, lm, ls) in rows.items():
-            print(f"| {label} | {method} | {positives} | {km:.4f} ± {ks:.4f} | {lm:.4f} ± {ls:.4f} |")
-        print(f"| raw pixels (same split, reference) | - | - | {pixel[0]:.4f} (1-NN {pixel[1]:.4f}) | - |")
-        base = rows.get(("label pairs", "simclr", "augment")) or next(iter(rows.values()))
-        best = rows.get(("label pairs", "simclr", "both")) or base
-        print(json.dumps({"figure": round(float(best[0]), 4), "unit": "kNN top-1",
-                          "baseline": "simclr-augment, label pairs", "gain_points": round(100 * (best[0] - base[0]), 2),
-                          "baseline_std_points": round(100 * float(base[1]), 2),
-                          "pixel_knn_top1": round(float(pixel[0]), 4), "wall_min": round(wall / 60, 1)}))
+        print("| pairs | pair precision | method | positives | partner weight | kNN top-1 | linear top-1 |\n"
+              "|---|---|---|---|---|---|---|")
+        for (label, method, positives, weight), r in rows.items():
+            prec = precision_of.get(label)
+            print(f"| {label} | {'-' if prec is None else f'{prec:.3f}'} | {method} | {positives} | "
+                  f"{weight if positives != 'augment' else '-'} | {r['knn'].mean():.4f} ± {r['knn'].std():.4f} | "
+                  f"{r['linear'].mean():.4f} ± {r['linear'].std():.4f} |")
+        print(f"| raw pixels (same split, reference) | - | - | - | - | {pixel[0]:.4f} (1-NN {pixel[1]:.4f}) | - |")
+        summary = {"dataset": data.name, "pixel_knn_top1": round(float(pixel[0]), 4), "wall_min": round(wall / 60, 1)}
+        if args.noise:
+            summary["noise"] = noise
+        else:
+            base = rows.get(("label pairs", "simclr", "augment", "auto")) or next(iter(rows.values()))
+            best = rows.get(("label pairs", "simclr", "both", weights[0])) or base
+            diff_knn, diff_lin = best["knn"] - base["knn"], best["linear"] - base["linear"]
+            summary.update({"figure": round(float(best["knn"].mean()), 4), "unit": "kNN top-1",
+                            "baseline": "simclr-augment, label pairs",
+                            "gain_points": round(100 * float(diff_knn.mean()), 2),
+                            "gain_linear_points": round(100 * float(diff_lin.mean()), 2),
+                            "baseline_std_points": round(100 * float(base["knn"].std()), 2),
+                            "baseline_std_linear_points": round(100 * float(base["linear"].std()), 2)})
+        print(json.dumps(summary))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -282,15 +282,19 @@ def train(
     seed: int = typer.Option(0),
     workers: Optional[int] = typer.Option(None, min=0, help="decode processes [default: spare cores]"),
     cache: str = typer.Option("auto", help="decoded pictures: auto | memory | disk (RUN/cache/, memory-mapped)"),
+    partner_weight: str = typer.Option(
+        "auto", help="weight of the partner positives: auto (the release's pair precision above chance: "
+        "reviewed estimate, else labels) or a number from 0 to 1"),
     resume: bool = typer.Option(False, "--resume", help="continue from RUN/last.pt"),
 ) -> None:
     """Pretrain MoCo-v2, SimCLR, SimSiam or BYOL on pair shards (or single images); checkpoints every epoch."""
     from .train.loop import TrainConfig, train as run_train
+    from .train.trust import parse_partner_weight
 
     cfg = TrainConfig(out=str(out_dir), method=method, positives=positives, backbone=backbone, pairs=pairs,
                       source=source, root=str(root) if root else None, limit=limit, epochs=epochs,
                       batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, workers=workers,
-                      cache=cache)
+                      cache=cache, partner_weight=parse_partner_weight(partner_weight))
     metrics = run_train(cfg, resume=resume)
     out.print(f"run: {out_dir} (epoch {metrics.get('epoch')}, loss {metrics.get('loss', float('nan')):.4f}); "
               f"use it as --encoder ssl:{out_dir / 'last.pt'}")

@@ -92,8 +92,9 @@ class ViewMaker:
     memory; otherwise each batch is gathered on the host and copied over.
     """
 
-    def __init__(self, data: TrainData, positives: str, image_size: int, device: torch.device) -> None:
-        self.positives, self.device = positives, device
+    def __init__(self, data: TrainData, positives: str, image_size: int, device: torch.device,
+                 partner_weight: float = 1.0) -> None:
+        self.positives, self.device, self.partner_weight = positives, device, float(partner_weight)
         pixels = torch.from_numpy(np.asarray(data.cache.pixels))
         if device.type == "cuda" and pixels.numel() <= GPU_CACHE_SHARE * torch.cuda.mem_get_info(device)[0]:
             pixels = pixels.to(device)
@@ -117,6 +118,8 @@ class ViewMaker:
         if self.positives == "augment":
             return Views([self.augment(xa), self.augment(xa)], [ia, ia], [ib, ib])
         xb = self._pictures(b, b_dev)
+        weights = None if self.partner_weight == 1.0 else torch.full((len(batch),), self.partner_weight,
+                                                                     device=self.device)
         if self.positives == "semantic":
-            return Views([self.augment(xa), self.augment(xb)], [ia, ib], [ib, ia])
-        return Views([self.augment(xa), self.augment(xa), self.augment(xb)], [ia, ia, ib], [ib, ib, ia])
+            return Views([self.augment(xa), self.augment(xb)], [ia, ib], [ib, ia], weights)
+        return Views([self.augment(xa), self.augment(xa), self.augment(xb)], [ia, ia, ib], [ib, ib, ia], weights)

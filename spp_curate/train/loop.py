@@ -19,6 +19,7 @@ from ..backbones import BACKBONES, build_backbone
 from .cache import CACHE_MODES
 from .data import POSITIVE_MODES, TrainData, ViewMaker, epoch_seed, pair_data, single_data
 from .methods import METHODS, build_method
+from .trust import release_trust
 
 
 #: Options a resumed run may change: they do not change what it computes.
@@ -43,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     workers: int | None = None  # decode processes; None: one per spare core
     cache: str = "auto"
+    partner_weight: float | None = None  # the partner terms' weight; None: from the release's precision (trust.py)
 
     def check(self) -> None:
         for name, value, accepted in (("--method", self.method, tuple(METHODS)),
@@ -53,6 +55,9 @@ class TrainConfig:
                 raise UserError(f"got {value!r}; accepted: {', '.join(accepted)}", option=name)
         if (self.pairs is None) == (self.source is None):
             raise UserError("give exactly one of --pairs RELEASE and --source SOURCE", option="--pairs")
+        if self.partner_weight is not None and not (0.0 <= self.partner_weight <= 1.0):
+            raise UserError(f"got {self.partner_weight}; accepted: auto, or a number from 0 to 1",
+                            option="--partner-weight")
         if self.source is not None and self.positives != "augment":
             raise UserError("single images have no partner: --source trains with --positives augment",
                             option="--positives")
@@ -81,6 +86,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     to the same weights an uninterrupted run reaches.
     """
     cfg.check()
+    trust = None
+    if cfg.pairs is not None and cfg.positives != "augment":
+        trust = release_trust(cfg.pairs, cfg.partner_weight)
+        console.print(f"pairs: {trust.describe()}", markup=False, highlight=False)
+        if trust.warning():
+            console.print(f"[yellow]warning: {trust.warning()}[/yellow]")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = default_device()
@@ -112,7 +123,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
     if len(data) < 2:
         raise UserError(f"{len(data)} {data.unit}(s) to train on; at least 2 are needed",
                         option="--pairs" if cfg.pairs else "--source")
-    make_views = ViewMaker(data, cfg.positives, cfg.image_size, device)
+    make_views = ViewMaker(data, cfg.positives, cfg.image_size, device,
+                           partner_weight=trust.weight if trust else 1.0)
     for epoch in range(start, min(cfg.epochs, stop_after or cfg.epochs)):
         torch.manual_seed(epoch_seed(cfg.seed, epoch))  # each epoch's augmentations, resumable
         batches = data.batches(cfg.batch_size, cfg.seed, epoch)
@@ -135,7 +147,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 bar.update(task, advance=views.batch, description=f"{label} loss {total / seen:.3f}")
         scheduler.step()
         metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1), "steps": steps, "skipped": data.skipped,
-                   "unit": data.unit, "per_s": seen / max(time.perf_counter() - started, 1e-9)}
+                   "unit": data.unit, "per_s": seen / max(time.perf_counter() - started, 1e-9),
+                   "partner_weight": trust.weight if trust else None}
         history.append(metrics)
         ckpt = {"config": asdict(cfg), "epoch": epoch + 1, "feat_dim": dim, "history": history,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 
-def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor, excluded: torch.Tensor,
+                            weights: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE with several positives per row (the "L_out" form of SupCon, Khosla et al. 2020).
 
     Args:
@@ -19,9 +20,16 @@ def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor, exclu
         positives: ``(Q, K)`` bool, True where column k is a positive of row q.
         excluded: ``(Q, K)`` bool, True where column k is neither positive nor negative for row q
             (the row itself, or a view of the partner image that is not used as a positive).
+        weights: ``(Q, K)`` optional trust in each positive, in [0, 1] (see :func:`partner_weights`).
+            A row's positives are then a soft target in proportion to their weights, and the row
+            counts in the mean by its strongest positive's weight: with every weight 1 this is the
+            unweighted loss; with the partner's weight 0 a row keeps only its augmented positive (the
+            partner's view is then a negative, as any other image's is) and a row whose positives are
+            all partners drops out.
 
     Returns:
-        The mean over rows of ``-mean_p log(exp(l_qp) / sum_{k not excluded} exp(l_qk))``.
+        The mean over rows of ``-mean_p log(exp(l_qp) / sum_{k not excluded} exp(l_qk))``
+        (weighted means with ``weights``).
 
     Raises:
         ValueError: when a row has no positive.
@@ -33,8 +41,20 @@ def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor, exclu
         raise ValueError("every row needs at least one positive")
     logits = logits.float().masked_fill(excluded, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(dim=1) / positives.sum(dim=1)
-    return -pos_log_prob.mean()
+    if weights is None:
+        pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(dim=1) / positives.sum(dim=1)
+        return -pos_log_prob.mean()
+    w = weights.float().masked_fill(~positives, 0.0)
+    per_row = -(w * log_prob.masked_fill(~positives, 0.0)).sum(dim=1) / w.sum(dim=1).clamp_min(1e-12)
+    row_weight = w.amax(dim=1)
+    return (row_weight * per_row).sum() / row_weight.sum().clamp_min(1e-12)
+
+
+def partner_weights(image: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """``(N, N)`` weights of column k as a positive of row q: 1 for a view of the row's own image (an
+    augmentation), ``row_weight[q]`` (the trust in the row's pair) for a view of another image (the partner)."""
+    same_image = image[:, None] == image[None, :]
+    return torch.where(same_image, torch.ones_like(row_weight)[:, None], row_weight[:, None].expand_as(same_image))
 
 
 def view_masks(group: torch.Tensor, image: torch.Tensor, partner: torch.Tensor,

@@ -20,11 +20,15 @@ class Views:
     ``partners[v]`` the id of that image's pair partner (-1 for single images).
     Views of one pair (same row across ``v``) are positives of each other,
     except that in ``augment`` mode only views of the same image are.
+    ``weights`` (``(B,)``, optional) is the trust in each pair, in [0, 1]: a term between views
+    of two different images (anchor and partner) counts by it, a term between two views of one
+    image by 1 (see ``--partner-weight``).
     """
 
     tensors: list[torch.Tensor]
     images: list[torch.Tensor]
     partners: list[torch.Tensor]
+    weights: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -42,6 +46,20 @@ class Views:
                       for i in range(len(self.tensors))]
         return [(i, j) for i in range(len(self.tensors)) for j in range(len(self.tensors))
                 if i != j and (use_partner or same_image[i][j])]
+
+    def term_weight(self, i: int, j: int) -> torch.Tensor:
+        """``(B,)`` weights of the terms between view ``i`` and view ``j`` of each row: 1 where both show
+        the same image, the pair's weight where they show anchor and partner."""
+        same = self.images[i] == self.images[j]
+        if self.weights is None:
+            return torch.ones(same.shape, device=same.device)
+        return torch.where(same, torch.ones_like(self.weights), self.weights.to(same.device))
+
+
+def weighted_mean(terms: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of per-row loss terms, each counting by its weight (the plain mean when every weight is 1)."""
+    w = torch.cat(weights).float()
+    return (torch.cat(terms).float() * w).sum() / w.sum().clamp_min(1e-12)
 
 
 class Method(nn.Module):

@@ -9,10 +9,9 @@ arXiv 2306.16122).
 from __future__ import annotations
 
 import torch
-from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 
-from .base import Method, Views
+from .base import Method, Views, weighted_mean
 
 
 class BYOL(Method):
@@ -24,10 +23,12 @@ class BYOL(Method):
         self.predictor = BYOLPredictionHead(128, 512, 128)
         self.target_backbone = self.momentum_copy(backbone)
         self.target_projector = self.momentum_copy(self.projector)
-        self.criterion = NegativeCosineSimilarity()
 
     def loss(self, views: Views) -> torch.Tensor:
         p = [self.predictor(self.projector(self.backbone(x))) for x in views.tensors]
         with torch.no_grad():
             t = [self.target_projector(self.target_backbone(x)) for x in views.tensors]
-        return torch.stack([self.criterion(p[i], t[j]) for i, j in views.ordered_pairs(self.use_partner)]).mean()
+        pairs = views.ordered_pairs(self.use_partner)
+        # lightly's NegativeCosineSimilarity, per row, so that each term can count by its pair's weight
+        return weighted_mean([-torch.nn.functional.cosine_similarity(p[i], t[j], dim=1) for i, j in pairs],
+                             [views.term_weight(i, j) for i, j in pairs])

@@ -39,7 +39,7 @@ class MoCo(Method):
         queries = [torch.nn.functional.normalize(self.projector(self.backbone(x)), dim=1) for x in views.tensors]
         keys = [self._keys(x) for x in views.tensors]
         pairs = views.ordered_pairs(self.use_partner)
-        losses = []
+        losses, row_weights = [], []
         for i, q in enumerate(queries):
             pos_views = [j for a, j in pairs if a == i]
             if not pos_views:
@@ -54,9 +54,16 @@ class MoCo(Method):
             positives[:, : len(pos_views)] = True
             excluded = torch.zeros_like(positives)
             excluded[:, len(pos_views):] = related
-            losses.append(multi_positive_info_nce(logits, positives, excluded))
+            weights = None
+            if views.weights is not None and self.use_partner:
+                weights = torch.zeros_like(logits)
+                weights[:, : len(pos_views)] = torch.stack([views.term_weight(i, j) for j in pos_views], dim=1)
+            losses.append(multi_positive_info_nce(logits, positives, excluded, weights))
+            row_weights.append(1.0 if weights is None else float(weights.amax(dim=1).sum()) / len(q))
         self._enqueue(keys[0], views.images[0])
-        return torch.stack(losses).mean()
+        # each query view's loss counts by its rows' weight, as the rows do within it
+        w = torch.tensor(row_weights, device=losses[0].device)
+        return (torch.stack(losses) * w).sum() / w.sum().clamp_min(1e-12)
 
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor, ids: torch.Tensor) -> None:

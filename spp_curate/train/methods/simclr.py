@@ -4,7 +4,8 @@ In ``augment`` mode each view has one positive, the other augmentation of
 its image: plain NT-Xent. In ``semantic`` mode the positive is a view of the
 partner image (arXiv 2510.08722). In ``both`` mode aug(a), aug'(a) and aug(b)
 are all positives of one another (SePP-ID, arXiv 2306.16122), and in every
-mode views of a row's partner image are never used as negatives.
+mode views of a row's partner image are never used as negatives. With pair weights
+(``Views.weights``, the trust in each pair) a partner positive counts by its pair's weight.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from lightly.models.modules.heads import SimCLRProjectionHead
 
-from ..losses import multi_positive_info_nce, view_masks
+from ..losses import multi_positive_info_nce, partner_weights, view_masks
 from .base import Method, Views
 
 
@@ -28,4 +29,6 @@ class SimCLR(Method):
         x, group, image, partner = views.stacked()
         z = torch.nn.functional.normalize(self.projector(self.backbone(x)), dim=1)
         positives, excluded = view_masks(group, image, partner, self.use_partner)
-        return multi_positive_info_nce(z @ z.T / self.temperature, positives, excluded)
+        weights = None if views.weights is None or not self.use_partner else \
+            partner_weights(image, views.weights.to(z.device)[group])
+        return multi_positive_info_nce(z @ z.T / self.temperature, positives, excluded, weights)

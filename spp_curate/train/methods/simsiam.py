@@ -10,10 +10,9 @@ SePP-ID (arXiv 2306.16122) uses for non-contrastive methods.
 from __future__ import annotations
 
 import torch
-from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules.heads import SimSiamPredictionHead, SimSiamProjectionHead
 
-from .base import Method, Views
+from .base import Method, Views, weighted_mean
 
 
 class SimSiam(Method):
@@ -23,10 +22,10 @@ class SimSiam(Method):
         super().__init__(backbone, feat_dim, use_partner)
         self.projector = SimSiamProjectionHead(feat_dim, 512, 128)
         self.predictor = SimSiamPredictionHead(128, 64, 128)
-        self.criterion = NegativeCosineSimilarity()
 
     def loss(self, views: Views) -> torch.Tensor:
         z = [self.projector(self.backbone(x)) for x in views.tensors]
         p = [self.predictor(zi) for zi in z]
         pairs = views.ordered_pairs(self.use_partner)
-        return torch.stack([self.criterion(p[i], z[j].detach()) for i, j in pairs]).mean()
+        return weighted_mean([-torch.nn.functional.cosine_similarity(p[i], z[j].detach(), dim=1) for i, j in pairs],
+                             [views.term_weight(i, j) for i, j in pairs])

@@ -1,0 +1,111 @@
+"""How much to trust a release's pairs: the weight of the partner positives in training.
+
+A semantic positive helps when the partner truly shows the anchor's category
+and hurts when it does not (arXiv 2306.16122 stresses accurate pairs). The
+trainer reads the release's pair precision, from the reviewed random sample's
+estimate (``review.precision_estimate``) when there is one, else from the
+labels (``metrics.precision``), and weights every partner term by the
+precision *above chance*:
+
+    w = clip((p - c) / (1 - c), 0, 1),    c = 1 / (number of classes), 0 when unknown
+
+so that pairs no better than random pairs of the same classes add nothing
+(``both`` then trains as ``augment`` does, with the partners as extra
+negatives), and perfect pairs count fully. ``--partner-weight X`` sets ``w``.
+The manifest is input from others: a value that is not a number in [0, 1] is
+ignored, as if absent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Below this weight the run is told that its pairs are likely to add little or to hurt.
+LOW_TRUST = 0.5
+
+
+@dataclass(frozen=True)
+class Trust:
+    precision: float | None  # the release's pair precision, None when unknown
+    source: str  # where it comes from: "reviewed sample", "labels", "given", "unknown"
+    chance: float  # the precision of random pairs of the same classes
+    weight: float  # the partner terms' weight, in [0, 1]
+
+    def describe(self) -> str:
+        if self.source == "given":
+            return f"partner weight {self.weight:.3g} (--partner-weight)"
+        if self.precision is None:
+            return "pair precision unknown (no labels, no reviewed sample): partner weight 1"
+        return (f"pair precision {self.precision:.3f} ({self.source}; random pairs of these classes: "
+                f"{self.chance:.3f}): partner weight {self.weight:.3f}")
+
+    def warning(self) -> str | None:
+        """What the user should hear before training, or None."""
+        if self.source == "given":
+            return None
+        if self.precision is None:
+            return ("semantic positives lower accuracy when pairs are inaccurate, and this release's precision "
+                    "is unknown: estimate it on a reviewed sample (`spp-curate review BUILD --estimate 300`) "
+                    "and export again, or set --partner-weight")
+        if self.weight < LOW_TRUST:
+            return (f"these pairs are close to random pairs ({self.precision:.3f} against {self.chance:.3f}): "
+                    f"semantic positives are likely to add little or to hurt, so they count {self.weight:.2f} "
+                    "of an augmented positive")
+        return None
+
+
+def _fraction(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and 0.0 <= value <= 1.0 else None
+
+
+def parse_partner_weight(value: str) -> float | None:
+    """``auto`` (None) or a number from 0 to 1; a one-line error naming ``--partner-weight`` otherwise."""
+    from ..errors import UserError
+
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = float("nan")
+    if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+        raise UserError(f"got {str(value)[:40]!r}; accepted: auto, or a number from 0 to 1", option="--partner-weight")
+    return weight
+
+
+def weight_for(precision: float, chance: float) -> float:
+    if chance >= 1.0:
+        return 1.0 if precision >= 1.0 else 0.0
+    return min(1.0, max(0.0, (precision - chance) / (1.0 - chance)))
+
+
+def release_trust(release: str, given: float | None) -> Trust:
+    """The trust in ``release``'s pairs (a local release's manifest; ``hf://`` releases: unknown)."""
+    if given is not None:
+        return Trust(None, "given", 0.0, float(given))
+    precision, source, chance = None, "unknown", 0.0
+    if not release.startswith("hf://"):
+        from ..export.manifest import load_manifest
+
+        manifest = load_manifest(Path(release), option="--pairs")
+        extra = manifest.model_extra or {}
+        review = extra.get("review") if isinstance(extra.get("review"), dict) else {}
+        metrics = extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {}
+        estimate = review.get("precision_estimate") if isinstance(review.get("precision_estimate"), dict) else {}
+        for value, name in ((estimate.get("value"), "reviewed sample"), (review.get("precision_released"), "labels"),
+                            (metrics.get("precision"), "labels")):
+            if _fraction(value) is not None:
+                precision, source = _fraction(value), name
+                break
+        classes = len(manifest.class_names)
+        chance = 1.0 / classes if classes > 1 else 0.0
+    if precision is None:
+        return Trust(None, "unknown", chance, 1.0)
+    return Trust(precision, source, chance, weight_for(precision, chance))
