@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 from torchvision.transforms import v2 as T
 
 from .backbones import BACKBONES, build_backbone
 from .errors import UserError
 
 CHECKPOINT = "last.pt"
+#: The largest input side a checkpoint may ask for (``train --image-size`` has the same bound).
+MAX_IMAGE_SIZE = 1024
 MAX_CHECKPOINT_BYTES = 8 * 2**30
 #: The trainer's input normalisation, which the eval transform and the ``ssl:`` encoder reuse.
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -47,11 +50,42 @@ def load_checkpoint(path: str | Path, option: str = "RUN") -> dict[str, Any]:
         raise UserError(f"{path} is not a checkpoint of `spp-curate train` ({type(exc).__name__})",
                         option=option) from None
     config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not (isinstance(config, dict) and isinstance(ckpt.get("model"), dict)
-            and config.get("backbone") in BACKBONES and isinstance(config.get("image_size"), int)):
+    if not (isinstance(config, dict) and isinstance(ckpt.get("model"), dict)):
         raise UserError(f"{path} is not a checkpoint of `spp-curate train` (no trainer config and weights)",
                         option=option)
+    try:
+        _Checkpoint.model_validate(ckpt)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise UserError(f"{path} is not a usable checkpoint of `spp-curate train`: {where}: {error['msg']}",
+                        option=option) from None
     return ckpt
+
+
+class _Config(BaseModel):
+    """The parts of a checkpoint's trainer config that reading it relies on (the rest is compared on resume)."""
+
+    model_config = ConfigDict(extra="allow")
+    backbone: Literal[tuple(BACKBONES)]  # type: ignore[valid-type]
+    image_size: StrictInt = Field(ge=8, le=MAX_IMAGE_SIZE)
+    epochs: StrictInt = Field(default=1, ge=1)
+
+
+class _Checkpoint(BaseModel):
+    """A checkpoint as ``spp-curate train`` writes it: the epoch reached is within the run's epochs."""
+
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+    config: _Config
+    model: dict
+    epoch: StrictInt = Field(default=0, ge=0)
+    history: list = []
+
+    @model_validator(mode="after")
+    def _epoch_within_the_run(self) -> "_Checkpoint":
+        if self.epoch > self.config.epochs:
+            raise ValueError(f"epoch {self.epoch} is past the run's {self.config.epochs} epochs")
+        return self
 
 
 def geometry(size: int) -> T.Compose:

@@ -286,6 +286,7 @@ def train(
         "auto", help="weight of the partner positives: auto (the release's pair precision above chance: "
         "reviewed estimate, else labels) or a number from 0 to 1"),
     resume: bool = typer.Option(False, "--resume", help="continue from RUN/last.pt"),
+    force: bool = typer.Option(False, "--force", help="start again in a folder that holds a run"),
 ) -> None:
     """Pretrain MoCo-v2, SimCLR, SimSiam or BYOL on pair shards (or single images); checkpoints every epoch."""
     from .train.loop import TrainConfig, train as run_train
@@ -295,7 +296,7 @@ def train(
                       source=source, root=str(root) if root else None, limit=limit, epochs=epochs,
                       batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, workers=workers,
                       cache=cache, partner_weight=parse_partner_weight(partner_weight))
-    metrics = run_train(cfg, resume=resume)
+    metrics = run_train(cfg, resume=resume, force=force)
     out.print(f"run: {out_dir} (epoch {metrics.get('epoch')}, loss {metrics.get('loss', float('nan')):.4f}); "
               f"use it as --encoder ssl:{out_dir / 'last.pt'}")
 

@@ -197,7 +197,14 @@ class ReleaseReader:
         for entry in manifest.entries("parquet"):
             try:
                 path = release_file(release, entry)
+                size = path.stat().st_size
+                if size != entry.bytes:
+                    raise ValueError(f"it is {size:,} bytes, its manifest says {entry.bytes:,}; "
+                                     "`spp-curate verify` checks the whole release")
                 parquet = pq.ParquetFile(path)
+                if entry.rows is not None and parquet.metadata.num_rows != entry.rows:
+                    raise ValueError(f"it holds {parquet.metadata.num_rows:,} rows, its manifest says "
+                                     f"{entry.rows:,}")
                 for g in range(parquet.metadata.num_row_groups):
                     size = parquet.metadata.row_group(g).total_byte_size
                     if size > MAX_ROW_GROUP_BYTES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,10 +11,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CHECKPOINT, load_checkpoint
+from ..checkpoint import CHECKPOINT, MAX_IMAGE_SIZE, load_checkpoint
 from ..devices import autocast_for, default_device
 from ..errors import UserError
-from ..files import atomic_path
+from ..files import BuildLock, atomic_path
 from ..progress import console, stage_progress
 from ..backbones import BACKBONES, build_backbone
 from .cache import CACHE_MODES
@@ -21,6 +22,10 @@ from .data import POSITIVE_MODES, TrainData, ViewMaker, epoch_seed, pair_data, s
 from .methods import METHODS, build_method
 from .trust import release_trust
 
+
+METRICS_LOG = "metrics.jsonl"
+#: The largest training seed (numpy's and the epoch seeds' range).
+MAX_SEED = 2**32 - 1
 
 #: Options a resumed run may change: they do not change what it computes.
 RESUMABLE_CHANGES = ("epochs", "workers", "cache")
@@ -55,6 +60,15 @@ class TrainConfig:
                 raise UserError(f"got {value!r}; accepted: {', '.join(accepted)}", option=name)
         if (self.pairs is None) == (self.source is None):
             raise UserError("give exactly one of --pairs RELEASE and --source SOURCE", option="--pairs")
+        for name, value, low, high in (("--seed", self.seed, 0, MAX_SEED), ("--image-size", self.image_size, 8,
+                                                                             MAX_IMAGE_SIZE),
+                                       ("--epochs", self.epochs, 1, 100_000), ("--batch-size", self.batch_size, 2,
+                                                                                 1 << 20)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise UserError(f"got {str(value)[:40]}; accepted: a whole number from {low} to {high:,}",
+                                option=name)
+        if not (math.isfinite(self.lr) and self.lr >= 0.0):
+            raise UserError(f"got {self.lr}; accepted: a finite number from 0", option="--lr")
         if self.partner_weight is not None and not (0.0 <= self.partner_weight <= 1.0):
             raise UserError(f"got {self.partner_weight}; accepted: auto, or a number from 0 to 1",
                             option="--partner-weight")
@@ -79,13 +93,29 @@ def build_model(cfg: TrainConfig):
     return build_method(cfg.method, backbone, dim, use_partner=cfg.positives != "augment"), dim
 
 
-def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
+          force: bool = False) -> dict[str, Any]:
     """Train, checkpointing ``out/last.pt`` every epoch; returns the last epoch's metrics.
 
     ``stop_after`` ends the run after that epoch as an interruption would; ``resume`` then continues it
-    to the same weights an uninterrupted run reaches.
+    to the same weights an uninterrupted run reaches. The run directory is locked while training (a
+    second run into it is refused), and a run already there is continued only with ``resume`` and
+    started again only with ``force``.
     """
     cfg.check()
+    out = Path(cfg.out)
+    with BuildLock(out, option="--out"):
+        ckpt_path = out / CHECKPOINT
+        if ckpt_path.exists() and not resume and not force:
+            raise UserError(f"{out} already holds a run ({CHECKPOINT}); continue it with --resume, start it again "
+                            "with --force, or choose another --out", option="--out")
+        if force and not resume:
+            for name in (CHECKPOINT, METRICS_LOG):  # the program's own files, written by an earlier run
+                (out / name).unlink(missing_ok=True)
+        return _train(cfg, resume, stop_after)
+
+
+def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, Any]:
     trust = None
     if cfg.pairs is not None and cfg.positives != "augment":
         trust = release_trust(cfg.pairs, cfg.partner_weight)
@@ -93,7 +123,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         if trust.warning():
             console.print(f"[yellow]warning: {trust.warning()}[/yellow]")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = default_device()
     torch.manual_seed(cfg.seed)
     model, dim = build_model(cfg)
@@ -111,10 +140,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
         if {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE_CHANGES} != \
                 {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}:
             raise UserError(f"{ckpt_path} was trained with other options; use another --out", option="--resume")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start, history = int(ckpt["epoch"]), list(ckpt["history"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{ckpt_path} is damaged: its state does not fit this run "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                            "start again with --force", option="--resume") from None
+        start, history = ckpt["epoch"], list(ckpt["history"])
 
     data = _dataset(cfg)
     if data.skipped:
@@ -136,6 +170,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 views = make_views(batch)
                 with autocast_for(device):
                     loss = model.loss(views)
+                if not torch.isfinite(loss.detach()):
+                    raise UserError(f"the loss is {float(loss.detach())} at epoch {epoch + 1}, step {steps + 1}: "
+                                    f"training diverged at learning rate {cfg.lr}; lower --lr (the last good "
+                                    f"checkpoint, if any, is kept)", option="--lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -155,6 +193,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None)
                 "scheduler": scheduler.state_dict()}
         with atomic_path(ckpt_path) as tmp:
             torch.save(ckpt, tmp)
-        with open(out / "metrics.jsonl", "a") as fh:
+        with open(out / METRICS_LOG, "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
     return history[-1] if history else {}
