@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .files import read_capped
 from .pipeline import STAGE_FIELDS, STAGES
 
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
@@ -428,7 +429,7 @@ def _raise_validation(err: ValidationError) -> None:
     if not first["loc"] and first["type"] == "value_error":  # a rule across fields (model validator)
         raise UserError(msg.removeprefix("Value error, "), option="--dup-threshold") from None
     if first["type"] == "literal_error":
-        msg = f"got {first['input']!r}; accepted: {first['ctx']['expected']}"
+        msg = f"got {repr(first['input'])[:60]}; accepted: {first['ctx']['expected']}"
     elif first["type"] == "extra_forbidden":
         raise UserError(f"unknown recipe field {field!r}") from None
     else:
@@ -440,14 +441,52 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in MANIFEST_DIR.glob("*.yaml"))
 
 
+#: A recipe file's limits: its size, and its YAML nodes counted with every alias expanded (a "billion laughs"
+#: file of a few hundred bytes expands to gigabytes), and how deep they nest.
+MAX_RECIPE_BYTES = 256 * 2**10
+MAX_RECIPE_NODES = 20_000
+MAX_RECIPE_DEPTH = 32
+
+
+def _check_yaml_size(node: yaml.Node, path: Path) -> None:
+    """Refuse a YAML node graph whose expansion is over the node or depth limit, before building it."""
+    count, stack = 0, [(node, 1)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_NODES or depth > MAX_RECIPE_DEPTH:
+            what = f"{MAX_RECIPE_NODES:,} values" if count > MAX_RECIPE_NODES else f"{MAX_RECIPE_DEPTH} levels"
+            raise UserError(f"{path} expands past {what} (aliases or nesting); a recipe is a flat mapping of "
+                            "fields", option="--recipe")
+        if isinstance(item, yaml.MappingNode):
+            stack.extend((part, depth + 1) for pair in item.value for part in pair)
+        elif isinstance(item, yaml.SequenceNode):
+            stack.extend((part, depth + 1) for part in item.value)
+
+
 def load_recipe_file(path: str | Path) -> dict[str, Any]:
+    """A recipe YAML file: at most :data:`MAX_RECIPE_BYTES`, UTF-8, safe YAML within the node and depth limits."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise UserError(f"{path} is not a regular file", option="--recipe")
+        text = read_capped(path, MAX_RECIPE_BYTES, path.name).decode("utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_yaml_size(node, path)
+        data = yaml.safe_load(text) or {}
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}", option="--recipe") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not text (UTF-8 YAML expected)", option="--recipe") from None
+    except RecursionError:
+        raise UserError(f"{path} expands past {MAX_RECIPE_DEPTH} levels (nesting); a recipe is a flat mapping of "
+                        "fields", option="--recipe") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}", option="--recipe") from None
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is not valid YAML: {first}", option="--recipe") from None
+    except ValueError as exc:  # over the size limit
+        raise UserError(f"{path}: {exc}", option="--recipe") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of recipe fields", option="--recipe")
     return data

@@ -29,3 +29,33 @@ def test_a_bad_size_option_is_one_line_naming_it(cli, tmp_path, option, value):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and option in lines[0] and "use bytes or a unit" in lines[0], lines
     assert not (tmp_path / "b").exists()
+
+
+LAUGHS = ("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+          + "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcde", "bcdef"))
+          + "exclude_near: [" + ", ".join(["*f"] * 9) + "]\n")
+
+
+@pytest.mark.parametrize("content, must_say", [
+    (LAUGHS, "expands past"),  # 490 bytes, 9**7 values once its aliases are expanded
+    ("name: x\nk: " + "[" * 3000 + "]" * 3000 + "\n", "expands past"),
+    (bytes(range(256)) * 4, "not text"),
+    ("name: x\n" + "# padding\n" * 40_000, "limit"),
+    ("- just\n- a list\n", "mapping"),
+    ("k: [unclosed\n", "not valid YAML"),
+    (None, "not a regular file"),  # a device, as /dev/zero is
+])
+def test_a_hostile_recipe_file_is_one_line_and_costs_no_memory(cli, tmp_path, content, must_say):
+    recipe = tmp_path / "recipe.yaml"
+    if content is None:
+        recipe = "/dev/zero"
+    elif isinstance(content, bytes):
+        recipe.write_bytes(content)
+    else:
+        recipe.write_text(content)
+    proc = cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", tmp_path / "b", "--recipe", recipe)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--recipe" in lines[0] and must_say in lines[0], lines
+    assert len(lines[0]) < 400
+    assert not (tmp_path / "b").exists()

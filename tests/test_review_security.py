@@ -52,3 +52,26 @@ def test_listening_beyond_loopback_needs_allow_remote(none_build, host):
     proc = run_cli_process("review", none_build, "--port", "0", "--host", host)
     assert proc.returncode == 2 and "--host" in proc.stderr and "--allow-remote" in proc.stderr
     assert "Traceback" not in proc.stderr and "http://" not in proc.stdout
+
+
+
+MALFORMED = ['{"pair_id": 1e400, "decision": "accept"}', '{"pair_id": NaN, "decision": "accept"}',
+             '{"pair_id": ' + "9" * 400 + ', "decision": "accept"}', '{"pair_id": -1, "decision": "accept"}',
+             '{"pair_id": "x", "decision": "accept"}', '{"pair_id": 4, "decision": "maybe"}', '{"pair_id": 4}',
+             '[1, 2]', 'not json', '{"pair_id": 4, "decision": "accept", "extra": 1}']
+
+
+def test_a_malformed_decision_is_refused_naming_the_field_and_records_nothing(none_build, tmp_path):
+    import shutil
+
+    build = tmp_path / "b"
+    shutil.copytree(none_build, build)
+    with Server(build, "ann") as server:
+        for body in MALFORMED:
+            status, answer = server.call("/api/decision", raw=body.encode())
+            assert status == 422, (body, status, answer)
+            detail = answer["detail"]
+            assert isinstance(detail, str) and len(detail) < 300, detail
+            if body.startswith('{"pair_id": ') and '"decision": "accept"}' in body and "extra" not in body:
+                assert detail.startswith("pair_id"), (body, detail)
+    assert not (build / "reviews.parquet").exists()

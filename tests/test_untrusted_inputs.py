@@ -144,6 +144,44 @@ def test_wds_samples_with_two_images_or_a_bad_label_are_quarantined(cli, tmp_pat
     assert len(pq.read_table(out / "index.parquet")) == len(pics) - 1  # s000 keeps its jpg
 
 
+def test_wds_labels_past_the_bound_are_quarantined_not_turned_into_class_names(cli, tmp_path):
+    pics = fmnist_pictures(4)
+    samples = [{"__key__": f"s{i:03d}", "jpg": jpeg_bytes(img), "cls": str(label).encode()}
+               for i, (label, img) in enumerate(pics)]
+    samples[0]["cls"] = b"9" * 40                        # 40 bytes that once made 10**40 class names
+    samples[1]["cls"] = b"100000"                        # one past the bound
+    samples[2]["cls"] = b"-7"
+    _tar(tmp_path / "shard-000000.tar", samples)
+    out = tmp_path / "b"
+    proc = cli("build", "--source", f"wds:{tmp_path}/shard-000000.tar", "--out", out, *COMMON, "--until", "index")
+    assert proc.returncode == 0, proc.stderr
+    bad = quarantine(out)
+    assert {"shard-000000.tar/s000", "shard-000000.tar/s001", "shard-000000.tar/s002"} <= set(bad)
+    assert "outside -1 to 99,999" in bad["shard-000000.tar/s001"]
+    index = pq.read_table(out / "index.parquet").to_pandas()
+    assert index.key.tolist() == [f"shard-000000.tar/s{i:03d}" for i in range(3, len(pics))]
+    assert index.label.tolist() == [label for label, _ in pics[3:]]
+
+
+def test_wds_shards_with_one_file_name_in_two_folders_keep_every_picture(cli, tmp_path):
+    pics = fmnist_pictures(8)  # 24 pictures of 3 classes
+    for folder, part in (("a", pics[:12]), ("b", pics[12:])):
+        (tmp_path / folder).mkdir()
+        _tar(tmp_path / folder / "shard.tar", [{"__key__": f"s{i:03d}", "png": png_bytes(img),
+                                                "cls": str(label).encode()} for i, (label, img) in enumerate(part)])
+    out = tmp_path / "b-build"
+    proc = cli("build", "--source", f"wds:{tmp_path}/{{a,b}}/shard.tar", "--out", out, *COMMON,
+               "--category", "label", "--min-similarity", "0")
+    assert proc.returncode == 0, proc.stderr
+    index = pq.read_table(out / "index.parquet").to_pandas()
+    assert len(index) == 24 and index.key.is_unique
+    assert sorted({k.split("/")[0] for k in index.key}) == ["a", "b"]
+    # each key reads its own picture: a's twelve are not replaced by b's
+    digests = {k: d for k, d in zip(index.key, index.digest)}
+    assert len(set(digests.values())) == 24
+    assert (out / "release" / "manifest.json").is_file()
+
+
 def test_an_unlabelled_source_mines_with_category_none_and_cluster(cli, tmp_path):
     samples = [{"__key__": f"s{i:03d}", "png": png_bytes(img)} for i, (_, img) in enumerate(fmnist_pictures(20))]
     _tar(tmp_path / "shard-000000.tar", samples)

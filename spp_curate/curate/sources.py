@@ -427,6 +427,8 @@ class WebDatasetSource(Source):
     kind = "wds"
     IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
     MAX_META_BYTES = 1 << 20
+    #: Labels run from 0 to MAX_LABEL - 1 (ImageNet-21k has 21,841 classes); -1 or none: unlabelled.
+    MAX_LABEL = 100_000
 
     def __init__(self, pattern: str, split: str = "train") -> None:
         import glob
@@ -439,6 +441,11 @@ class WebDatasetSource(Source):
         if not paths or missing:
             raise UserError(f"no tar shards at {missing[0] if missing else pattern}", option="--source")
         self.paths = paths
+        # A shard is named by its path below the folder all shards share, so that two shards with one file
+        # name in different folders (``{a,b}/shard.tar``) give different keys; shards of one folder: the name.
+        parents = [str(Path(p).resolve().parent) for p in paths]
+        common = Path(os.path.commonpath(parents)) if parents else Path()
+        self._shard_name = {p: Path(p).resolve().relative_to(common).as_posix() for p in paths}
         self.members: dict[str, tuple[str, int, int]] = {}
         self.samples: list[tuple[str, int]] = []
         self.listing_problems = []
@@ -453,7 +460,7 @@ class WebDatasetSource(Source):
 
         from webdataset.tariterators import base_plus_ext
 
-        shard = Path(path).name
+        shard = self._shard_name[path]
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
         with tarfile.open(path) as tar:
             for m in tar:
@@ -481,6 +488,8 @@ class WebDatasetSource(Source):
                         (f"{key}.{extra}", f"a second image in sample {key} (its .{images[0]} is used)"))
                 try:
                     label = self._label(parts, small, names)
+                    if not -1 <= label < self.MAX_LABEL:
+                        raise ValueError(f"label {str(label)[:40]} is outside -1 to {self.MAX_LABEL - 1:,}")
                 except (ValueError, TypeError, UnicodeDecodeError) as exc:
                     self.listing_problems.append((key, f"bad label: {exc}"))
                     continue
@@ -494,7 +503,7 @@ class WebDatasetSource(Source):
 
         if "cls" in parts:
             text = read_small(parts["cls"]).decode().strip()
-            if not re.fullmatch(r"-?\d+", text or "-1"):
+            if not re.fullmatch(r"-?\d{1,12}", text or "-1"):
                 raise ValueError(f"its .cls member holds {text[:40]!r}, not an integer")
             return int(text or -1)
         if "json" in parts:

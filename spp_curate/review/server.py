@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 from fastapi import FastAPI, HTTPException, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import layout
 from ..errors import UserError
@@ -39,7 +40,7 @@ DEFAULT_PORT = 8765
 class Decision(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    pair_id: int
+    pair_id: int = Field(ge=0, lt=2**63)
     decision: Literal["accept", "reject", "skip"]
 
 
@@ -202,6 +203,15 @@ def create_app(build_dir: Path, reviewer: str, estimate: int | None = None, half
             if foreign or parts.netloc.lower() != request.headers.get("host", "").lower():
                 return JSONResponse({"detail": "cross-origin writes are refused"}, status_code=403)
         return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc: RequestValidationError):
+        # FastAPI's own answer quotes the input back, and an input such as 1e400 or NaN cannot be written as
+        # JSON (a 500): name the field and the rule instead.
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "request"
+        return JSONResponse({"detail": f"{where}: {first.get('msg', 'not a valid request')}"}, status_code=422)
     page = PAGE.read_text()
 
     @app.get("/", response_class=HTMLResponse)
