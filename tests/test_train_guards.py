@@ -127,3 +127,51 @@ def test_out_of_range_train_options_are_one_line(label_build, tmp_path, cli, arg
     proc = cli("train", "--out", tmp_path / "r", "--pairs", label_build / "release", *args)
     one_line(proc, option)
     assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def _rewritten(release, out, change):
+    """A copy of ``release`` whose Parquet shards are changed by ``change`` and listed anew in the manifest
+    (sizes, digests, rows), WebDataset shards left out: a release that a careless or hostile tool wrote."""
+    import hashlib
+
+    shutil.copytree(release, out, ignore=shutil.ignore_patterns("wds"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"] = [e for e in manifest["files"] if e["kind"] != "webdataset"]
+    for entry in manifest["files"]:
+        if entry["kind"] == "parquet":
+            path = out / entry["path"]
+            table = change(pq.read_table(path))
+            pq.write_table(table, path)
+            entry.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                         rows=table.num_rows)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def _set(table, name, values):
+    import pyarrow as pa
+
+    return table.set_column(table.schema.get_field_index(name), name, pa.array(values))
+
+
+SCHEMA_CHANGES = {
+    "no anchor_key column": lambda t: t.drop(["anchor_key"]),
+    "anchor_key column holds int64": lambda t: _set(t, "anchor_key", list(range(t.num_rows))),
+    "no anchor column": lambda t: t.drop(["anchor"]),
+    "anchor column holds binary": lambda t: _set(t, "anchor", [c["bytes"] for c in t.column("anchor").to_pylist()]),
+    "anchor column holds struct<path: string>": lambda t: _set(t, "anchor", [{"path": "x"}] * t.num_rows),
+}
+
+
+@pytest.mark.parametrize("must_say", sorted(SCHEMA_CHANGES))
+def test_a_release_with_wrong_columns_fails_verify_and_train_names_the_column(label_build, tmp_path, cli, must_say):
+    release = _rewritten(label_build / "release", tmp_path / "release", SCHEMA_CHANGES[must_say])
+    proc = cli("verify", release)
+    assert proc.returncode == 1 and must_say in proc.stderr, proc.stderr
+    assert must_say in one_line(cli("train", "--out", tmp_path / "r", "--pairs", release, *TINY), "--pairs")
+
+
+def test_a_release_with_null_keys_is_one_line_for_train(label_build, tmp_path, cli):
+    release = _rewritten(label_build / "release", tmp_path / "release",
+                         lambda t: _set(t, "positive_key", [None, *t.column("positive_key").to_pylist()[1:]]))
+    assert "no positive_key" in one_line(cli("train", "--out", tmp_path / "r", "--pairs", release, *TINY), "--pairs")

@@ -188,7 +188,34 @@ def _symlinks(release: Path) -> list[str]:
     return sorted(found)
 
 
-def _check_entry(release: Path, entry: FileEntry, image_ext: str) -> tuple[list[str], int | None]:
+def pair_schema_problem(schema, images: bool = True) -> str | None:
+    """What is wrong with a pair shard's Parquet schema for the readers (``train``, ``audit``, ``diff``), or None.
+
+    Keys must be string columns; with ``images`` the ``anchor`` and ``positive`` columns must be
+    structs holding a binary ``bytes`` field (the Hugging Face ``Image`` feature).
+    """
+    import pyarrow as pa
+
+    for name in ("anchor_key", "positive_key", "anchor_digest", "positive_digest"):
+        if name not in schema.names:
+            return f"no {name} column"
+        kind = schema.field(name).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            return f"its {name} column holds {kind}, not strings"
+    if images:
+        for name in ("anchor", "positive"):
+            if name not in schema.names:
+                return f"no {name} column (the pictures)"
+            kind = schema.field(name).type
+            if not (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+                    and (pa.types.is_binary(kind.field("bytes").type)
+                         or pa.types.is_large_binary(kind.field("bytes").type))):
+                return f"its {name} column holds {kind}, not an image struct with binary bytes"
+    return None
+
+
+def _check_entry(release: Path, entry: FileEntry, image_ext: str,
+                 images: bool = True) -> tuple[list[str], int | None]:
     """Problems with one listed file, and its row count when it could be read."""
     try:
         path = release_file(release, entry)
@@ -208,6 +235,13 @@ def _check_entry(release: Path, entry: FileEntry, image_ext: str) -> tuple[list[
     problems = []
     if rows != entry.rows:
         problems.append(f"{entry.path}: {rows} rows, manifest says {entry.rows}")
+    if entry.kind == "parquet":
+        try:
+            wrong = pair_schema_problem(pq.read_schema(path), images=images)
+        except Exception as exc:  # noqa: BLE001
+            wrong = f"unreadable ({exc})"
+        if wrong:
+            return problems + [f"{entry.path}: {wrong}"], rows
     if entry.kind in ("parquet", "webdataset") and rows:
         try:
             for data in _first_images(path, entry.kind):
@@ -236,7 +270,7 @@ def verify_release(release: str | Path) -> list[str]:
     problems = [f"{rel}: a symlink; a release's files must be its own" for rel in _symlinks(release)]
     totals: dict[str, int] = {"parquet": 0, "webdataset": 0}
     for entry in manifest.files:
-        found, rows = _check_entry(release, entry, manifest.image_ext)
+        found, rows = _check_entry(release, entry, manifest.image_ext, manifest.images == "embed")
         problems += found
         if entry.kind in totals and rows is not None:
             totals[entry.kind] += rows

@@ -184,7 +184,7 @@ class ReleaseReader:
     """
 
     def __init__(self, release: Path, limit: int | None = None) -> None:
-        from ..export.manifest import MAX_ROW_GROUP_BYTES, load_manifest, release_file
+        from ..export.manifest import MAX_ROW_GROUP_BYTES, load_manifest, pair_schema_problem, release_file
         from ..files import UnsafePath
 
         manifest = load_manifest(release, option="--pairs")
@@ -202,6 +202,9 @@ class ReleaseReader:
                     raise ValueError(f"it is {size:,} bytes, its manifest says {entry.bytes:,}; "
                                      "`spp-curate verify` checks the whole release")
                 parquet = pq.ParquetFile(path)
+                wrong = pair_schema_problem(parquet.schema_arrow)
+                if wrong:
+                    raise ValueError(wrong)
                 if entry.rows is not None and parquet.metadata.num_rows != entry.rows:
                     raise ValueError(f"it holds {parquet.metadata.num_rows:,} rows, its manifest says "
                                      f"{entry.rows:,}")
@@ -219,6 +222,9 @@ class ReleaseReader:
             self.files.append(path)
         columns = {c: [v for t in tables for v in t.column(c).to_pylist()][:limit]
                    for c in ("anchor_key", "positive_key")}
+        for name, keys in columns.items():
+            if any(k is None or k == "" for k in keys):
+                raise UserError(f"{release}: a pair has no {name} (an empty or null key)", option="--pairs")
         table = pair_table(columns["anchor_key"], columns["positive_key"])
         self.keys, self.pairs = table.keys, table.pairs
         # Where each cache row's picture is read: the first (row, column) its key appears at.
