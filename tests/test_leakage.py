@@ -225,3 +225,52 @@ def test_an_edited_reference_set_runs_the_exclude_stage_again(cli, label_build, 
     now = excluded()
     assert {f"train/{i:05d}" for i in copied[2:]} <= now
     assert not {f"train/{i:05d}" for i in copied[:2]} & now
+
+
+def _relist(release: Path, path: Path) -> None:
+    """Record a changed shard's size and digest in the manifest, so the release still verifies."""
+    manifest = json.loads((release / "manifest.json").read_text())
+    rel = path.relative_to(release).as_posix()
+    for entry in manifest["files"]:
+        if entry["path"] == rel:
+            entry.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    (release / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("where", ["a reused key in the parquet", "the webdataset tar only"])
+def test_audit_reads_every_picture_a_user_would_train_on(builds, fmnist_root, tmp_path, cli, where):
+    import io
+    import tarfile
+
+    import pyarrow as pa
+
+    release = tmp_path / "release"
+    shutil.copytree(builds["clean"] / "release", release)
+    test_key = "test/00003"
+    picture = FashionMNISTSource(str(fmnist_root), "test").read(test_key)  # a reference picture, byte for byte
+    manifest = json.loads((release / "manifest.json").read_text())
+    if where == "a reused key in the parquet":
+        shard = release / next(e["path"] for e in manifest["files"] if e["kind"] == "parquet")
+        rows = pq.read_table(shard).to_pylist()
+        # row 1 claims row 0's anchor key and digest, with other bytes: a reader that trusts keys sees row 0 only
+        rows[1]["anchor_key"], rows[1]["anchor_digest"] = rows[0]["anchor_key"], rows[0]["anchor_digest"]
+        rows[1]["anchor"] = {"bytes": picture, "path": rows[1]["anchor"]["path"]}
+        pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(shard)), shard)
+        changed = shard
+    else:
+        changed = release / next(e["path"] for e in manifest["files"] if e["kind"] == "webdataset")
+        with tarfile.open(changed) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar]
+        # a picture past the first pair (the one verify decodes), in the tar alone
+        target = next(i for i, (m, _) in enumerate(members) if i > 3 and m.name.endswith(".anchor.png"))
+        with tarfile.open(changed, "w") as tar:
+            for i, (member, data) in enumerate(members):
+                data = picture if i == target else data
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    _relist(release, changed)
+    assert cli("verify", release).returncode == 0
+    proc = cli("audit", release, "--against", builds["spec"])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    leaks = [line for line in proc.stdout.splitlines() if line.startswith("leak: ")]
+    assert any(test_key in line for line in leaks), proc.stdout

@@ -1,15 +1,19 @@
 """``spp-curate audit``: count a release's near-copies of a reference set, per pair side.
 
 The release is verified first (it may come from anywhere); its Parquet shards
-are read a row group at a time, and each distinct image (by source key) is
-described once from the bytes in the release. An ID-only release carries no
-pixels: it is checked by digest (byte-identical copies) only, and says so.
+are read a row group at a time and its WebDataset tars member by member, and
+every distinct picture a user could train on (by its bytes, not by its key or
+the digest column, which the release itself claims) is described once. A key
+that comes with two different pictures (in two rows, or in the Parquet and
+the tar) is audited for both. An ID-only release carries no pixels: it is
+checked by digest (byte-identical copies) only, and says so.
 The reference set is indexed and described in a temporary folder with the
 exclude stage's own code, so an audit and a build agree on every score.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..config import Recipe, parse_reference, resolve_threshold
-from ..export.manifest import Manifest, load_manifest, release_file, verified_files
+from ..export.manifest import MAX_MEMBER_BYTES, Manifest, load_manifest, release_file, verified_files
 from ..images import BadImage, image_from_bytes
 from ..progress import stage_progress
 from .copies import DRAFT, copy_scores, describe
@@ -55,28 +59,78 @@ class AuditResult:
                 "leaks": [leak.__dict__ for leak in self.leaks]}
 
 
-def _release_images(release: Path, manifest: Manifest, pixels: bool) -> dict[str, dict[str, tuple[str, Any]]]:
-    """Per side, each distinct key's digest and (with pixels) its picture or None when it does not decode."""
+def _release_images(release: Path, manifest: Manifest, pixels: bool) -> dict[str, dict[tuple[str, str], tuple[str, Any]]]:
+    """Per side, each distinct ``(key, picture)``: its digest column and (with pixels) its picture, None when it
+    does not decode. Pictures are told apart by the sha256 of their bytes, in every format the release ships."""
+    seen: dict[str, dict[tuple[str, str], tuple[str, Any]]] = {s: {} for s in SIDES}
+
+    def add(side: str, key: str, digest: str, data: bytes | None) -> None:
+        ident = hashlib.sha256(data or b"").hexdigest() if pixels else str(digest)
+        if (key, ident) in seen[side]:
+            return
+        picture = None
+        if pixels:
+            try:
+                picture = image_from_bytes(data, DRAFT)
+            except BadImage:
+                picture = None
+        seen[side][(key, ident)] = (digest, picture)
+
     shards = [release_file(release, e) for e in manifest.entries("parquet")]
     columns = [f"{s}_{c}" for s in SIDES for c in ("key", "digest")] + (list(SIDES) if pixels else [])
-    seen: dict[str, dict[str, tuple[str, Any]]] = {s: {} for s in SIDES}
     with stage_progress("audit: read release", int(manifest.counts.pairs)) as (bar, task):
         for shard in shards:
             for batch in pq.ParquetFile(shard).iter_batches(batch_size=READ_BATCH, columns=columns):
                 rows = batch.to_pydict()
                 for side in SIDES:
                     for i, key in enumerate(rows[f"{side}_key"]):
-                        if key in seen[side]:
-                            continue
-                        picture = None
-                        if pixels:
-                            try:
-                                picture = image_from_bytes((rows[side][i] or {}).get("bytes"), DRAFT)
-                            except BadImage:
-                                picture = None
-                        seen[side][key] = (rows[f"{side}_digest"][i], picture)
+                        add(side, key, rows[f"{side}_digest"][i], (rows[side][i] or {}).get("bytes") if pixels else None)
                 bar.update(task, advance=batch.num_rows)
+    if pixels:
+        tars = [release_file(release, e) for e in manifest.entries("webdataset")]
+        with stage_progress("audit: read WebDataset", int(manifest.counts.pairs) if tars else 0) as (bar, task):
+            for tar_path in tars:
+                for sample in _tar_samples(tar_path):
+                    meta = sample.get("json") or {}
+                    for side in SIDES:
+                        if side in sample:
+                            key = meta.get(f"{side}_key") if isinstance(meta.get(f"{side}_key"), str) else None
+                            add(side, key or f"{tar_path.name}/{sample['__key__']}.{side}",
+                                str(meta.get(f"{side}_digest", "")), sample[side])
+                    bar.update(task, advance=1)
     return seen
+
+
+def _tar_samples(path: Path):
+    """A verified tar's samples: ``{"__key__", "anchor", "positive": bytes, "json": dict}``, member by member
+    (``verify`` has checked every member's type, name and size)."""
+    import json
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    current: dict[str, Any] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            prefix, ext = base_plus_ext(member.name)
+            if prefix is None or not member.isfile():
+                continue
+            if current and current["__key__"] != prefix:
+                yield current
+                current = {}
+            current["__key__"] = prefix
+            data = tar.extractfile(member).read(MAX_MEMBER_BYTES)
+            side = ext.split(".")[0]
+            if side in SIDES:
+                current[side] = data
+            elif ext == "json":
+                try:
+                    meta = json.loads(data)
+                except ValueError:
+                    meta = {}
+                current["json"] = meta if isinstance(meta, dict) else {}
+        if current:
+            yield current
 
 
 def audit_release(release: Path, against: str, threshold: str, engine, workers: int | None = None) -> AuditResult:
@@ -93,16 +147,17 @@ def audit_release(release: Path, against: str, threshold: str, engine, workers: 
     ref_by_digest = dict(zip(ref_index.column("digest").to_pylist(), ref_keys))
     per_side = {}
     for side in SIDES:
-        keys = list(seen[side])
-        digests = [seen[side][k][0] for k in keys]
+        entries = list(seen[side])
+        keys = [key for key, _ in entries]
+        digests = [seen[side][e][0] for e in entries]
         if pixels:
-            scores, rows = copy_scores(describe([seen[side][k][1] for k in keys], False), ref_desc, engine)
+            scores, rows = copy_scores(describe([seen[side][e][1] for e in entries], False), ref_desc, engine)
         else:
             scores, rows = np.full(len(keys), -1.0, np.float32), np.full(len(keys), -1, np.int64)
         per_side[side] = (keys, digests, scores, rows)
     all_scores = np.concatenate([v[2] for v in per_side.values()])
     cut = resolve_threshold(threshold, all_scores[all_scores > -1.0], "--threshold")
-    result = AuditResult(against, cut, pixels, {s: len(v[0]) for s, v in per_side.items()})
+    result = AuditResult(against, cut, pixels, {s: len(set(v[0])) for s, v in per_side.items()})
     for side, (keys, digests, scores, rows) in per_side.items():
         for key, digest, score, row in zip(keys, digests, scores, rows):
             twin = ref_by_digest.get(digest)
