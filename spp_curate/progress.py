@@ -1,8 +1,17 @@
-"""Progress bars for long stages: items done, items/s, ETA, and quarantined count."""
+"""Progress for long stages: items done, items/s, ETA, and quarantined count.
+
+In a terminal, a rich bar. Elsewhere (CI, ``nohup``, a pipe, a log file) a bar
+squeezed to 80 columns reads ``10000/100…``, so each stage prints plain lines
+instead: one when it starts, one every :data:`LOG_EVERY_S` seconds, and one
+when it ends, e.g. ``embed: 4,096/10,000 (41%) 512 img/s, 0 quarantined, eta 0:00:11``.
+``SPP_CURATE_PROGRESS=plain|bar`` chooses either way.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from typing import Iterator
 
 from rich.console import Console
@@ -30,10 +39,81 @@ class QuarantineColumn(ProgressColumn):
         return Text(f"{bad} quarantined", style="yellow" if bad else "dim")
 
 
+#: Seconds between two plain progress lines.
+LOG_EVERY_S = 10.0
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class PlainProgress:
+    """The part of rich's ``Progress`` the stages use (``update``), written as plain log lines."""
+
+    def __init__(self, description: str, total: int | None, unit: str, quarantine: bool) -> None:
+        self.description, self.total, self.unit = description, total, unit
+        self.done, self.quarantined = 0, 0 if quarantine else None
+        self.started = self.last = time.monotonic()
+        self._line("start")
+
+    def update(self, task: int, advance: float | None = None, completed: float | None = None,
+               description: str | None = None, total: int | None = None, quarantined: int | None = None,
+               **_: object) -> None:
+        if completed is not None:
+            self.done = completed
+        if advance:
+            self.done += advance
+        if description is not None:
+            self.description = description
+        if total is not None:
+            self.total = total
+        if quarantined is not None:
+            self.quarantined = quarantined
+        now = time.monotonic()
+        if now - self.last >= LOG_EVERY_S:
+            self.last = now
+            self._line()
+
+    def _line(self, state: str | None = None) -> None:
+        elapsed = time.monotonic() - self.started
+        done = f"{int(self.done):,}" + (f"/{int(self.total):,}" if self.total else "")
+        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        rate = self.done / elapsed if elapsed > 0 and self.done else 0.0
+        parts = [f"{self.description}: {done}{share}"]
+        if state == "start":
+            parts = [f"{self.description}: {'start' + (f', {int(self.total):,} {self.unit}' if self.total else '')}"]
+        else:
+            parts.append(f" {rate:,.0f} {self.unit}/s")
+            if self.quarantined is not None:
+                parts.append(f", {self.quarantined} quarantined")
+            if state == "end":
+                parts.append(f", done in {_clock(elapsed)}")
+            elif self.total and rate:
+                parts.append(f", eta {_clock((self.total - self.done) / rate)}")
+        console.print("".join(parts), markup=False, highlight=False, soft_wrap=True)
+
+    def finish(self) -> None:
+        self._line("end")
+
+
+def plain_progress() -> bool:
+    """Whether progress is written as log lines (not a terminal, or ``SPP_CURATE_PROGRESS=plain``)."""
+    choice = os.environ.get("SPP_CURATE_PROGRESS", "").strip().lower()
+    if choice in ("plain", "bar"):
+        return choice == "plain"
+    return not console.is_terminal
+
+
 @contextlib.contextmanager
 def stage_progress(description: str, total: int | None, unit: str = "img",
                    quarantine: bool = False) -> Iterator[tuple[Progress, int]]:
-    """A rich progress bar for one stage; yields ``(progress, task_id)``."""
+    """Progress for one stage, a rich bar or log lines (:func:`plain_progress`); yields ``(progress, task_id)``."""
+    if plain_progress():
+        plain = PlainProgress(description, total, unit, quarantine)
+        yield plain, 0  # type: ignore[misc]
+        plain.finish()
+        return
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
         QuarantineColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),

@@ -115,3 +115,17 @@ def test_retraining_an_ssl_encoder_in_place_reembeds(tmp_path):
     weights.write_bytes(b"second run")
     assert recipe.fingerprint("embed") != before[0]
     assert recipe.fingerprint("index") == before[1]
+
+
+def test_progress_in_a_log_is_plain_lines_with_counts_rates_and_the_end(tmp_path):
+    from conftest import run_cli_process
+
+    proc = run_cli_process("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", tmp_path / "b",
+                           "--limit", "300", *TEST_ENCODER, "--workers", "0", "--until", "embed")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "…" not in proc.stderr and "━" not in proc.stderr  # no squeezed bar in a log
+    for stage in ("index", "embed"):
+        assert f"{stage}: start, 300 img" in lines, lines
+        end = [line for line in lines if line.startswith(f"{stage}: 300/300 (100%)") and "done in" in line]
+        assert end and "img/s" in end[0] and "quarantined" in end[0], lines
