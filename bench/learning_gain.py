@@ -55,7 +55,7 @@ from spp_curate.config import resolve_recipe
 from spp_curate.stages import build, run_stage
 from spp_curate.train.evaluate import evaluate
 from spp_curate.train.loop import TrainConfig, train
-from spp_curate.train.trust import parse_partner_weight
+from spp_curate.train.trust import parse_partner_weight, release_trust
 
 from _common import DEBIAN, SUBSET, mode_parser
 from glyphs import generate as generate_glyphs
@@ -209,9 +209,13 @@ def main() -> None:
                         print(json.dumps(noise[-1]), flush=True)
         else:
             for label, b in builds.items():
+                # the weights that differ on this release (on label pairs ``auto`` is 1: run it once)
+                resolved = {}
+                for w in weights:
+                    resolved.setdefault(release_trust(str(b / "release"), parse_partner_weight(w)).weight, w)
                 for method in methods:
                     for positives in args.positives.split(","):
-                        for weight in (["auto"] if positives == "augment" else weights):
+                        for weight in (["auto"] if positives == "augment" else resolved.values()):
                             runs(label, method, positives, weight, pairs=str(b / "release"))
         wall = time.perf_counter() - started
         print(f"\n{data.name}: {len(pq.read_table(builds['label pairs'] / 'pairs.parquet', columns=['pair_id'])):,} "
