@@ -208,6 +208,13 @@ def parse_whiten(value: str) -> tuple[str, int | None]:
 MAX_SIZE = 2**62
 
 
+def max_workers() -> int:
+    """The most decode processes a command may start: 4 per core (at least 8); more only fills memory."""
+    import os
+
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
 def parse_size(value: int | str) -> int:
     """Parse ``500MB``, ``64MiB``, ``1e6`` or an int into a byte count (units through pydantic's ``ByteSize``:
     decimal kB, MB, GB, TB and binary KiB, MiB, GiB, TiB); a ``ValueError`` naming what is accepted otherwise."""
@@ -248,7 +255,7 @@ class Recipe(BaseModel):
     source: str
     root: str | None = None
     split: str = "train"
-    limit: int | None = Field(default=None, ge=0)
+    limit: int | None = Field(default=None, ge=0, le=2**62)
     image_column: str | None = None
     label_column: str | None = None
 
@@ -256,7 +263,7 @@ class Recipe(BaseModel):
     #: The key prefix of the backbone's weights in a ``torchvision:`` checkpoint, when it is none of those
     #: recognised (MoCo's ``module.encoder_q.``/``module.base_encoder.``, solo-learn's ``backbone.``, ...).
     encoder_prefix: str | None = None
-    image_size: int | None = Field(default=None, ge=8, description="override the encoder's input size")
+    image_size: int | None = Field(default=None, ge=8, le=1024, description="override the encoder's input size")
     batch_size: int = Field(default=128, ge=1)
     workers: int | None = Field(default=None, ge=0, description="decode processes; None = one per spare core")
     chunk_size: int = Field(default=50_000, ge=1, description="images per embedding chunk (the resume unit)")
@@ -264,10 +271,10 @@ class Recipe(BaseModel):
     #: Pillow for the rest, or Pillow for all; auto = the device on a GPU, Pillow on the CPU.
     decode: Literal["auto", "device", "pillow"] = "auto"
 
-    k: int = Field(default=16, ge=1)
+    k: int = Field(default=16, ge=1, le=4096)
     category: Literal["label", "zeroshot", "cluster", "none"] = "label"
     class_names: str | None = Field(default=None, description="file of class names, one per line (zeroshot)")
-    clusters: int = Field(default=100, ge=2, description="k-means clusters (category cluster)")
+    clusters: int = Field(default=100, ge=2, le=1_000_000, description="k-means clusters (category cluster)")
     #: Similarity thresholds: a cosine similarity, or a quantile of the build's own candidate similarities
     #: (``q0.2``), resolved by the mine stage and recorded in ``mine_stats.json``.
     min_similarity: float | str = "q0.1"
@@ -287,7 +294,7 @@ class Recipe(BaseModel):
     index: Literal["auto", "flat", "ivf-flat", "ivf-pq"] = "auto"
     memory: int = Field(default=8 * 10**9, ge=1, description="memory budget for the kNN index")
     nprobe: int | None = Field(default=None, ge=1, description="IVF lists probed per query")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
     #: Reference (evaluation) sets whose near-copies never enter a pair, and the copy-score threshold.
     exclude_near: list[str] = Field(default_factory=list)
@@ -306,6 +313,13 @@ class Recipe(BaseModel):
     _source_state: str | None = PrivateAttr(default=None)
     #: What the ``exclude_near`` reference sets hold (``leakage.exclude.reference_state``), when there are any.
     _reference_state: str | None = PrivateAttr(default=None)
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_bound(cls, value: int | None) -> int | None:
+        if value is not None and value > max_workers():
+            raise ValueError(f"at most {max_workers()} on this machine (4 per core)")
+        return value
 
     @field_validator("shard_size", "memory", mode="before")
     @classmethod

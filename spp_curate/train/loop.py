@@ -60,6 +60,9 @@ class TrainConfig:
                 raise UserError(f"got {value!r}; accepted: {', '.join(accepted)}", option=name)
         if (self.pairs is None) == (self.source is None):
             raise UserError("give exactly one of --pairs RELEASE and --source SOURCE", option="--pairs")
+        if self.limit is not None and (isinstance(self.limit, bool) or not 1 <= self.limit <= 2**62):
+            raise UserError(f"got {str(self.limit)[:40]}; accepted: a whole number from 1 to {2**62:,}",
+                            option="--limit")
         for name, value, low, high in (("--seed", self.seed, 0, MAX_SEED), ("--image-size", self.image_size, 8,
                                                                              MAX_IMAGE_SIZE),
                                        ("--epochs", self.epochs, 1, 100_000), ("--batch-size", self.batch_size, 2,
@@ -69,6 +72,11 @@ class TrainConfig:
                                 option=name)
         if not (math.isfinite(self.lr) and self.lr >= 0.0):
             raise UserError(f"got {self.lr}; accepted: a finite number from 0", option="--lr")
+        from ..config import max_workers
+
+        if self.workers is not None and not 0 <= self.workers <= max_workers():
+            raise UserError(f"got {self.workers}; accepted: 0 to {max_workers()} on this machine (4 per core)",
+                            option="--workers")
         if self.partner_weight is not None and not (0.0 <= self.partner_weight <= 1.0):
             raise UserError(f"got {self.partner_weight}; accepted: auto, or a number from 0 to 1",
                             option="--partner-weight")
