@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,18 +50,22 @@ def run_demo(out: Path, root: str | None, limit: int = 10_000, epochs: int = 3, 
                           pairs=str(builds["none"] / "release"), **common), resume=True)
         say(f"[4/4] evaluating {run.name}")
         results[positives] = evaluate(run, "fashion-mnist", root, limit=limit)
+        history = (run / "metrics.jsonl").read_text().splitlines()
+        results[positives]["partner_weight"] = json.loads(history[-1]).get("partner_weight") if history else None
     precision = {c: read_json(b / "report" / "metrics.json")["precision"] for c, b in builds.items()}
     return {"results": results, "precision": precision, "builds": builds}
 
 
 def results_table(summary: dict[str, Any], method: str) -> Table:
     table = Table(title="SePP-ID loop on Fashion-MNIST: small-cnn trained on the sampler's pairs")
-    for column in ("run", "pair precision", "kNN top-1", "linear top-1"):
+    for column in ("run", "pair precision", "partner weight", "kNN top-1", "linear top-1"):
         table.add_column(column, no_wrap=True)
     for positives, result in summary["results"].items():
+        weight = result.get("partner_weight")
         table.add_row(f"{method}/{positives}", f"{summary['precision']['none']:.4f}",
+                      "-" if weight is None else f"{weight:.3f}",
                       f"{result['knn_top1']:.4f}", f"{result['linear_top1']:.4f}")
-    table.add_row("label pairs", f"{summary['precision']['label']:.4f}", "-", "-")
+    table.add_row("label pairs", f"{summary['precision']['label']:.4f}", "-", "-", "-")
     first = next(iter(summary["results"].values()))
-    table.add_row("raw pixels (reference)", "-", f"{first['pixel_knn_top1']:.4f}", "-")
+    table.add_row("raw pixels (reference)", "-", "-", f"{first['pixel_knn_top1']:.4f}", "-")
     return table
