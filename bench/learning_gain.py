@@ -195,7 +195,14 @@ def main() -> None:
                     release, measured = noisy_build(base, work / f"noise-{target}", target)
                     label = f"precision {measured:.3f}"
                     precision_of[label] = measured
+                    done = {}  # weight value -> its entry: at precision 1.0 ``auto`` is 1, run once
                     for weight in weights:
+                        value = release_trust(str(release), parse_partner_weight(weight)).weight
+                        if value in done:
+                            noise.append({**done[value], "partner_weight": weight,
+                                          "same_run_as": done[value]["partner_weight"]})
+                            print(json.dumps(noise[-1]), flush=True)
+                            continue
                         both = runs(label, method, "both", weight, pairs=str(release))
                         gain = {k: both[k] - augment[k] for k in ("knn", "linear")}
                         noise.append({"target": target, "precision": round(measured, 4), "method": method,
@@ -206,6 +213,7 @@ def main() -> None:
                                       "std_linear": round(100 * float(gain["linear"].std()), 2),
                                       "augment_std_knn": round(100 * float(augment["knn"].std()), 2),
                                       "augment_std_linear": round(100 * float(augment["linear"].std()), 2)})
+                        done[value] = noise[-1]
                         print(json.dumps(noise[-1]), flush=True)
         else:
             for label, b in builds.items():
