@@ -163,6 +163,36 @@ def test_wds_labels_past_the_bound_are_quarantined_not_turned_into_class_names(c
     assert index.label.tolist() == [label for label, _ in pics[3:]]
 
 
+def test_wds_link_and_fifo_members_are_quarantined_with_their_reason(cli, tmp_path):
+    import io
+    import tarfile
+
+    pics = fmnist_pictures(2)
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, (label, img) in enumerate(pics):
+            for name, data in ((f"s{i:03d}.png", png_bytes(img)), (f"s{i:03d}.cls", str(label).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        for name, kind in (("lnk.png", tarfile.SYMTYPE), ("hard.png", tarfile.LNKTYPE), ("pipe.png", tarfile.FIFOTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "s000.png" if kind != tarfile.FIFOTYPE else ""
+            tar.addfile(info)
+        folder = tarfile.TarInfo("sub")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    out = tmp_path / "b"
+    proc = cli("build", "--source", f"wds:{shard}", "--out", out, *COMMON, "--until", "index")
+    assert proc.returncode == 0, proc.stderr
+    bad = quarantine(out)
+    assert bad["shard-000000.tar/lnk.png"] == "refused tar member: a link"
+    assert bad["shard-000000.tar/hard.png"] == "refused tar member: a link"
+    assert bad["shard-000000.tar/pipe.png"] == "refused tar member: a FIFO"
+    assert len(pq.read_table(out / "index.parquet")) == len(pics)
+
+
 def test_wds_shards_with_one_file_name_in_two_folders_keep_every_picture(cli, tmp_path):
     pics = fmnist_pictures(8)  # 24 pictures of 3 classes
     for folder, part in (("a", pics[:12]), ("b", pics[12:])):

@@ -464,7 +464,12 @@ class WebDatasetSource(Source):
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
         with tarfile.open(path) as tar:
             for m in tar:
+                if m.isdir():
+                    continue  # a folder entry holds no picture
                 if not m.isfile():
+                    kind = ("a link" if m.issym() or m.islnk() else "a FIFO" if m.isfifo()
+                            else "a device" if m.isdev() else "not a plain file")
+                    self.listing_problems.append((f"{shard}/{m.name}", f"refused tar member: {kind}"))
                     continue
                 if m.name.startswith("/") or ".." in m.name.split("/"):
                     self.listing_problems.append((f"{shard}/{m.name}", "refused tar member: absolute or '..' path"))
