@@ -193,7 +193,7 @@ def test_malformed_requests_get_4xx_and_change_nothing(build_copy):
         assert listening_address(server.port) == "127.0.0.1"
         bad = [
             ("/api/decision", {"pair_id": int(ids.max()) + 1, "decision": "accept"}, 404),
-            ("/api/decision", {"pair_id": -1, "decision": "reject"}, 404),
+            ("/api/decision", {"pair_id": -1, "decision": "reject"}, 422),  # not a pair id at all
             ("/api/decision", {"pair_id": int(ids[0]), "decision": "maybe"}, 422),
             ("/api/decision", {"pair_id": "../../build.yaml", "decision": "accept"}, 422),
             ("/api/decision", {"pair_id": int(ids[0]), "decision": "accept", "reviewer": "mallory"}, 422),

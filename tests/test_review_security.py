@@ -75,3 +75,34 @@ def test_a_malformed_decision_is_refused_naming_the_field_and_records_nothing(no
             if body.startswith('{"pair_id": ') and '"decision": "accept"}' in body and "extra" not in body:
                 assert detail.startswith("pair_id"), (body, detail)
     assert not (build / "reviews.parquet").exists()
+
+
+def test_a_damaged_reviews_file_is_one_line_for_the_page_and_export_and_is_kept(none_build, tmp_path, cli):
+    import shutil
+
+    build = tmp_path / "b"
+    shutil.copytree(none_build, build)
+    damaged = b"PAR1" + b"\x00" * 64 + b"PAR1"
+    (build / "reviews.parquet").write_bytes(damaged)
+    with Server(build, "ann") as server:
+        status, answer = server.call("/api/decision", {"pair_id": 4, "decision": "accept"})
+        assert status == 409 and "reviews.parquet is damaged" in answer["detail"], (status, answer)
+    proc = cli("export", build, "--reviewed", "accepted")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "reviews.parquet is damaged" in proc.stderr.strip().splitlines()[-1]
+    assert (build / "reviews.parquet").read_bytes() == damaged  # the user's file, untouched
+
+
+@pytest.mark.parametrize("spoil", ["no index", "broken mine stats", "mine stats a list"])
+def test_review_on_an_incomplete_build_is_one_line(none_build, tmp_path, spoil):
+    import shutil
+
+    build = tmp_path / "b"
+    shutil.copytree(none_build, build, ignore=shutil.ignore_patterns("release", "embeddings"))
+    if spoil == "no index":
+        (build / "index.parquet").unlink()
+    else:
+        (build / "mine_stats.json").write_text("{broken" if spoil == "broken mine stats" else "[1, 2]")
+    proc = run_cli_process("review", build, "--port", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert "not a complete build" in proc.stderr.strip().splitlines()[-1]

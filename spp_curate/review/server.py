@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
@@ -56,10 +57,18 @@ class Build:
         if not (build_dir / layout.PAIRS).is_file():
             raise UserError(f"{build_dir} has no pairs yet; run `spp-curate build` (or `spp-curate mine`) first",
                             option="DIR")
-        index = pq.read_table(build_dir / layout.INDEX, columns=["id", "key", "label", "label_name"]).to_pandas()
+        try:
+            index = pq.read_table(build_dir / layout.INDEX, columns=["id", "key", "label", "label_name"]).to_pandas()
+            pairs = pq.read_table(build_dir / layout.PAIRS).to_pandas()
+            self.stats = read_json(build_dir / layout.MINE_STATS)
+            if not isinstance(self.stats, dict):
+                raise ValueError(f"{layout.MINE_STATS} holds no mapping")
+        except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise UserError(f"{build_dir} is not a complete build ({type(exc).__name__}: {first}); run "
+                            "`spp-curate build` on it again", option="DIR") from None
         self.keys = dict(zip(index.id.tolist(), index.key.tolist()))
         names = dict(zip(index.label.tolist(), index.label_name.tolist()))
-        pairs = pq.read_table(build_dir / layout.PAIRS).to_pandas()
         pairs["anchor_key"] = pairs.anchor_id.map(self.keys)
         pairs["positive_key"] = pairs.positive_id.map(self.keys)
         pairs["positive_label_name"] = pairs.positive_label.map(names).fillna("")
@@ -67,7 +76,6 @@ class Build:
         pairs["disagree"] = (pairs.label >= 0) & (pairs.positive_label >= 0) & (pairs.label != pairs.positive_label)
         self.pairs = pairs.set_index("pair_id", drop=False)
         self.key_set = set(pairs.key.tolist())
-        self.stats = read_json(build_dir / layout.MINE_STATS)
         self.source = open_source(self.recipe)
 
     def decisions(self, reviewer: str | None) -> tuple[pd.Series, pd.Series]:
@@ -203,6 +211,11 @@ def create_app(build_dir: Path, reviewer: str, estimate: int | None = None, half
             if foreign or parts.netloc.lower() != request.headers.get("host", "").lower():
                 return JSONResponse({"detail": "cross-origin writes are refused"}, status_code=403)
         return await call_next(request)
+
+    @app.exception_handler(UserError)
+    async def user_error(request, exc: UserError):
+        # a damaged reviews.parquet, say: the page shows the one-line message, not a 500
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc: RequestValidationError):

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import layout
+from ..errors import UserError
 from ..files import write_table
 
 DECISIONS = ("accept", "reject", "skip")
@@ -37,6 +38,8 @@ SCHEMA = pa.schema([
     # position in the seeded draw; null for decisions made while browsing.
     ("sample", pa.bool_()), ("band", pa.int32()), ("draw", pa.int64()),
 ])
+#: The columns every version of the file has; the others read as null when absent.
+REQUIRED = ("pair_id", "anchor_key", "positive_key", "decision", "time", "reviewer")
 
 
 def _read(path: Path) -> pa.Table:
@@ -44,14 +47,21 @@ def _read(path: Path) -> pa.Table:
 
     Read through one open file: another server may rename a new version into place meanwhile, and a reader
     that opened the path twice (metadata, then pages) would mix the two versions."""
-    with open(path, "rb") as fh:
-        table = pq.ParquetFile(fh).read()
-    columns = {}
-    for name in SCHEMA.names:
-        typ = SCHEMA.field(name).type
-        columns[name] = (table.column(name).cast(typ) if name in table.column_names
-                         else pa.nulls(table.num_rows, typ))
-    return pa.table(columns, schema=SCHEMA)
+    try:
+        with open(path, "rb") as fh:
+            table = pq.ParquetFile(fh).read()
+        columns = {}
+        for name in SCHEMA.names:
+            typ = SCHEMA.field(name).type
+            if name not in table.column_names and name in REQUIRED:
+                raise ValueError(f"no {name} column")
+            columns[name] = (table.column(name).cast(typ) if name in table.column_names
+                             else pa.nulls(table.num_rows, typ))
+        return pa.table(columns, schema=SCHEMA)
+    except (OSError, ValueError, TypeError, pa.ArrowException) as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is damaged ({first}); move it aside to review afresh, or restore it "
+                        "(nothing here removes it)", option="DIR") from None
 
 
 @contextlib.contextmanager
