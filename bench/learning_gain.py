@@ -143,7 +143,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="spp-bench-gain-"))
     if args.dataset == "glyphs":
         glyphs = args.glyphs or work / "glyphs"
-        generate_glyphs(glyphs)
+        if not (glyphs / "glyphs.json").is_file():  # a set made before (any size) is used as it is
+            generate_glyphs(glyphs)
         data = Dataset("glyphs", str(glyphs), None, None)
     else:
         root = str(args.root or (DEBIAN if DEBIAN.exists() else SUBSET))
