@@ -253,7 +253,7 @@ from spp_curate.train.loop import TrainConfig, train
 from spp_curate.train.evaluate import evaluate
 run = Path({str(work / 'eval-run')!r})
 train(TrainConfig(out=str(run), method="simclr", source="fashion-mnist", root={str(root)!r}, limit={256 if smoke else 1024},
-                  backbone={'"small-cnn"' if cpu else '"resnet18"'}, batch_size=256, epochs=1))
+                  backbone={'"small-cnn"' if cpu else '"resnet18"'}, batch_size=256, epochs=1), force=True)
 started = time.perf_counter()
 result = evaluate(run, "fashion-mnist", {str(root)!r}, limit={800 if smoke else None})
 seconds = time.perf_counter() - started
