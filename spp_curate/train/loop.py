@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,10 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, 
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, option="--resume")
-        if {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE_CHANGES} != \
+        # an option added since the checkpoint was written counts as its default there
+        defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+        saved = {**defaults, **ckpt["config"]}
+        if {k: v for k, v in saved.items() if k not in RESUMABLE_CHANGES} != \
                 {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}:
             raise UserError(f"{ckpt_path} was trained with other options; use another --out", option="--resume")
         try:
