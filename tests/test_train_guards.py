@@ -175,3 +175,17 @@ def test_a_release_with_null_keys_is_one_line_for_train(label_build, tmp_path, c
     release = _rewritten(label_build / "release", tmp_path / "release",
                          lambda t: _set(t, "positive_key", [None, *t.column("positive_key").to_pylist()[1:]]))
     assert "no positive_key" in one_line(cli("train", "--out", tmp_path / "r", "--pairs", release, *TINY), "--pairs")
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes(run, label_build, tmp_path, cli):
+    def older(c):
+        del c["config"]["partner_weight"]  # written before --partner-weight was an option
+    out = _spoiled(run, tmp_path, "older", older)
+    proc = cli("train", "--out", out, "--pairs", label_build / "release", "--positives", "both", "--resume",
+               "--epochs", "2", "--limit", "64", "--batch-size", "32")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    other = _spoiled(run, tmp_path, "other", lambda c: c["config"].update(partner_weight=0.5))
+    proc = cli("train", "--out", other, "--pairs", label_build / "release", "--positives", "both", "--resume",
+               "--epochs", "2", "--limit", "64", "--batch-size", "32")
+    assert "other options" in one_line(proc, "--resume")
