@@ -59,7 +59,7 @@ def run_demo(out: Path, root: str | None, limit: int = 10_000, epochs: int = 3, 
 def results_table(summary: dict[str, Any], method: str) -> Table:
     table = Table(title="SePP-ID loop on Fashion-MNIST: small-cnn trained on the sampler's pairs")
     for column in ("run", "pair precision", "partner weight", "kNN top-1", "linear top-1"):
-        table.add_column(column, no_wrap=True)
+        table.add_column(column, no_wrap=True, min_width=len(column))
     for positives, result in summary["results"].items():
         weight = result.get("partner_weight")
         table.add_row(f"{method}/{positives}", f"{summary['precision']['none']:.4f}",
@@ -67,5 +67,5 @@ def results_table(summary: dict[str, Any], method: str) -> Table:
                       f"{result['knn_top1']:.4f}", f"{result['linear_top1']:.4f}")
     table.add_row("label pairs", f"{summary['precision']['label']:.4f}", "-", "-", "-")
     first = next(iter(summary["results"].values()))
-    table.add_row("raw pixels (reference)", "-", "-", f"{first['pixel_knn_top1']:.4f}", "-")
+    table.add_row("raw pixels (ref.)", "-", "-", f"{first['pixel_knn_top1']:.4f}", "-")
     return table
