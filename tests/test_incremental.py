@@ -75,7 +75,8 @@ def _holds_new(keys_file: Path) -> bool:
 
 
 def stage_line(proc: subprocess.CompletedProcess, stage: str) -> str:
-    return next(line for line in proc.stderr.splitlines() if line.startswith(f"{stage}:"))
+    """The stage's summary: its last line (its progress lines, in a log, come before it)."""
+    return [line for line in proc.stderr.splitlines() if line.startswith(f"{stage}:")][-1]
 
 
 @pytest.fixture(scope="module")
