@@ -20,7 +20,7 @@ from ..backbones import BACKBONES, build_backbone
 from .cache import CACHE_MODES
 from .data import POSITIVE_MODES, TrainData, ViewMaker, epoch_seed, pair_data, single_data
 from .methods import METHODS, build_method
-from .trust import release_trust
+from .trust import check_partner_weight, release_trust
 
 
 METRICS_LOG = "metrics.jsonl"
@@ -77,9 +77,7 @@ class TrainConfig:
         if self.workers is not None and not 0 <= self.workers <= max_workers():
             raise UserError(f"got {self.workers}; accepted: 0 to {max_workers()} on this machine (4 per core)",
                             option="--workers")
-        if self.partner_weight is not None and not (0.0 <= self.partner_weight <= 1.0):
-            raise UserError(f"got {self.partner_weight}; accepted: auto, or a number from 0 to 1",
-                            option="--partner-weight")
+        check_partner_weight(self.partner_weight)
         if self.source is not None and self.positives != "augment":
             raise UserError("single images have no partner: --source trains with --positives augment",
                             option="--positives")

@@ -64,20 +64,29 @@ def _fraction(value: Any) -> float | None:
     return value if math.isfinite(value) and 0.0 <= value <= 1.0 else None
 
 
-def parse_partner_weight(value: str) -> float | None:
-    """``auto`` (None) or a number from 0 to 1; a one-line error naming ``--partner-weight`` otherwise."""
+def check_partner_weight(value: Any, shown: str | None = None) -> float | None:
+    """``value`` when it is None (auto) or a number from 0 to 1; a one-line error naming ``--partner-weight``."""
     from ..errors import UserError
 
+    if value is None:
+        return None
+    weight = _fraction(value)
+    if weight is None:
+        raise UserError(f"got {(shown if shown is not None else str(value))[:40]!r}; accepted: auto, or a number "
+                        "from 0 to 1", option="--partner-weight")
+    return weight
+
+
+def parse_partner_weight(value: str) -> float | None:
+    """``auto`` (None) or a number from 0 to 1, from the command line (see :func:`check_partner_weight`)."""
     text = str(value).strip().lower()
     if text == "auto":
         return None
     try:
         weight = float(text)
     except ValueError:
-        weight = float("nan")
-    if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
-        raise UserError(f"got {str(value)[:40]!r}; accepted: auto, or a number from 0 to 1", option="--partner-weight")
-    return weight
+        weight = float("nan")  # refused below, naming what was given
+    return check_partner_weight(weight, shown=str(value))
 
 
 def weight_for(precision: float, chance: float) -> float:

@@ -59,10 +59,11 @@ class MoCo(Method):
                 weights = torch.zeros_like(logits)
                 weights[:, : len(pos_views)] = torch.stack([views.term_weight(i, j) for j in pos_views], dim=1)
             losses.append(multi_positive_info_nce(logits, positives, excluded, weights))
-            row_weights.append(1.0 if weights is None else float(weights.amax(dim=1).sum()) / len(q))
+            # kept on the device: a float() here would wait for the device once per view and step
+            row_weights.append(torch.ones((), device=q.device) if weights is None else weights.amax(dim=1).mean())
         self._enqueue(keys[0], views.images[0])
         # each query view's loss counts by its rows' weight, as the rows do within it
-        w = torch.tensor(row_weights, device=losses[0].device)
+        w = torch.stack(row_weights)
         return (torch.stack(losses) * w).sum() / w.sum().clamp_min(1e-12)
 
     @torch.no_grad()
