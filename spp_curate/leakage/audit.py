@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..config import Recipe, parse_reference, resolve_threshold
-from ..export.manifest import MAX_MEMBER_BYTES, Manifest, load_manifest, release_file, verified_files
+from ..export.manifest import Manifest, load_manifest, release_file, verified_files
 from ..images import BadImage, image_from_bytes
 from ..progress import stage_progress
 from .copies import DRAFT, copy_scores, describe
@@ -102,35 +102,25 @@ def _release_images(release: Path, manifest: Manifest, pixels: bool) -> dict[str
 
 
 def _tar_samples(path: Path):
-    """A verified tar's samples: ``{"__key__", "anchor", "positive": bytes, "json": dict}``, member by member
-    (``verify`` has checked every member's type, name and size)."""
+    """A verified tar's samples as webdataset groups them: ``{"__key__", "anchor.EXT", "positive.EXT": bytes,
+    "json": dict}`` (``verify`` has checked every member's type, name and size before this reads them)."""
     import json
-    import tarfile
 
-    from webdataset.tariterators import base_plus_ext
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    current: dict[str, Any] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            prefix, ext = base_plus_ext(member.name)
-            if prefix is None or not member.isfile():
-                continue
-            if current and current["__key__"] != prefix:
-                yield current
-                current = {}
-            current["__key__"] = prefix
-            data = tar.extractfile(member).read(MAX_MEMBER_BYTES)
-            side = ext.split(".")[0]
-            if side in SIDES:
-                current[side] = data
-            elif ext == "json":
-                try:
-                    meta = json.loads(data)
-                except ValueError:
-                    meta = {}
-                current["json"] = meta if isinstance(meta, dict) else {}
-        if current:
-            yield current
+    with open(path, "rb") as stream:
+        files = ({**f, "__url__": str(path)} for f in tar_file_iterator(stream))
+        for sample in group_by_keys(files):
+            try:
+                meta = json.loads(sample.get("json") or b"{}")
+            except ValueError:
+                meta = {}
+            sample["json"] = meta if isinstance(meta, dict) else {}
+            for name in list(sample):
+                side = name.split(".")[0]
+                if side in SIDES and name != side:
+                    sample[side] = sample.pop(name)
+            yield sample
 
 
 def audit_release(release: Path, against: str, threshold: str, engine, workers: int | None = None) -> AuditResult:
