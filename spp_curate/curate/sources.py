@@ -30,6 +30,12 @@ from ..files import UnsafePath, safe_join
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
+def _feature_kind(feature) -> str:
+    """A Hugging Face feature in words, for an error line: ``int64 values``, ``Image values``."""
+    name = type(feature).__name__
+    return f"{feature.dtype if name == 'Value' else name} values"
+
+
 def _state_hash(parts: Iterator[str] | list[str]) -> str:
     digest = hashlib.sha256()
     for part in parts:
@@ -47,6 +53,9 @@ class Source(ABC):
     """
 
     kind: ClassVar[str]
+    #: Labels run from 0 to MAX_LABEL - 1 (ImageNet-21k has 21,841 classes); -1 or none: unlabelled. A row
+    #: whose label is outside that range is quarantined, so a tiny input cannot ask for 10^40 class names.
+    MAX_LABEL: ClassVar[int] = 100_000
     #: Class names, indexed by label; empty when the source has no labels.
     class_names: list[str]
     listing_problems: list[tuple[str, str]]
@@ -331,6 +340,17 @@ class ImageNetSource(ImageFolderSource):
         return f"imagenet {self.base} ({self.split}, {len(self.wnids)} classes)"
 
 
+def _saved_without_rows(name: str) -> bool:
+    """Whether ``name`` is a ``save_to_disk`` folder of zero rows (which ``load_from_disk`` cannot open)."""
+    import json
+
+    state = Path(name) / "state.json"
+    try:
+        return state.is_file() and state.stat().st_size < 1 << 20 and json.loads(state.read_text())["_data_files"] == []
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 class HFSource(Source):
     """Any Hugging Face image-classification dataset: ``hf:<hub-id>`` or ``hf:<local dir>``.
 
@@ -357,34 +377,85 @@ class HFSource(Source):
             else:
                 ds = datasets.load_dataset(name)
         except Exception as exc:  # noqa: BLE001 - missing, offline, or not a dataset
+            if _saved_without_rows(name):
+                raise UserError(f"{name} holds no rows", option="--source") from None
             raise UserError(f"cannot open Hugging Face dataset {name!r}: {str(exc).splitlines()[0][:200]}",
                             option="--source") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise UserError(f"{name} has no split {split!r}; accepted: {', '.join(ds)}", option="--split")
             ds = ds[split]
+        if len(ds) == 0:
+            raise UserError(f"{name} ({split}) holds no rows", option="--source")
         feats = ds.features
-        self.image_column = image_column or next((c for c, f in feats.items() if isinstance(f, datasets.Image)), None)
+        images = [c for c, f in feats.items() if isinstance(f, datasets.Image)]
+        self.image_column = image_column or (images[0] if images else None)
         if self.image_column not in feats:
             raise UserError(f"{name} has no image column{f' {image_column!r}' if image_column else ''}; "
                             f"columns: {', '.join(feats)}", option="--image-column")
+        if not isinstance(feats[self.image_column], datasets.Image):
+            raise UserError(f"column {self.image_column!r} of {name} holds {_feature_kind(feats[self.image_column])}, "
+                            f"not images; image columns: {', '.join(images) or 'none'}", option="--image-column")
         self.label_column = label_column or next(
             (c for c, f in feats.items() if isinstance(f, datasets.ClassLabel)), None)
         if label_column and label_column not in feats:
             raise UserError(f"{name} has no column {label_column!r}; columns: {', '.join(feats)}",
                             option="--label-column")
-        label_feature = feats.get(self.label_column) if self.label_column else None
-        self.class_names = list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else []
+        self.class_names, self._labels = [], None
+        if self.label_column:
+            self._read_labels(ds, feats[self.label_column])
         self.ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
         self.listing_problems = []
 
+    def _read_labels(self, ds, feature) -> None:
+        """Take the label column: a ClassLabel (its names become class names), integers, or strings (each
+        distinct string a class, numbered in sorted order as ImageFolder numbers folders). Anything else is
+        refused here; a row whose label is out of range is quarantined when listed."""
+        import datasets
+        import pyarrow.types as pat
+
+        column = ds.select_columns([self.label_column]).with_format("arrow")[:].column(0)
+        kind = _feature_kind(feature)
+        if self.label_column == self.image_column or not isinstance(feature, (datasets.ClassLabel, datasets.Value)):
+            raise UserError(f"column {self.label_column!r} holds {kind}; accepted: a ClassLabel, integer or "
+                            "string column", option="--label-column")
+        dtype = column.type
+        if isinstance(feature, datasets.ClassLabel):
+            self.class_names = [str(n) for n in feature.names]
+        if pat.is_integer(dtype):
+            self._labels = column.to_pylist()
+        elif pat.is_string(dtype) or pat.is_large_string(dtype):
+            values = [None if v is None else str(v) for v in column.to_pylist()]
+            if not any(values):
+                raise UserError(f"column {self.label_column!r} holds no labels", option="--label-column")
+            distinct = sorted({v for v in values if v})
+            if len(distinct) > self.MAX_LABEL:
+                raise UserError(f"column {self.label_column!r} holds {len(distinct):,} distinct labels, over "
+                                f"{self.MAX_LABEL:,}", option="--label-column")
+            number = {v: i for i, v in enumerate(distinct)}
+            self.class_names = distinct
+            self._labels = [number[v] if v else -1 for v in values]
+        else:
+            raise UserError(f"column {self.label_column!r} holds {kind}; accepted: a ClassLabel, integer or "
+                            "string column", option="--label-column")
     def items(self) -> Iterator[tuple[str, int]]:
-        labels = self.ds[self.label_column] if self.label_column else None
+        names = len(self.class_names) if isinstance(self._labels, list) and self.class_names else None
         for i in range(len(self.ds)):
-            yield f"{self.split}/{i:08d}", int(labels[i]) if labels is not None and labels[i] is not None else -1
+            key = f"{self.split}/{i:08d}"
+            label = -1 if self._labels is None or self._labels[i] is None else self._labels[i]
+            if not -1 <= label < self.MAX_LABEL:
+                self.listing_problems.append((key, f"bad label: label {str(label)[:40]} is outside -1 to "
+                                                   f"{self.MAX_LABEL - 1:,}"))
+                continue
+            if names is not None and label >= names:
+                self.listing_problems.append((key, f"bad label: label {label} is past the {names} class names"))
+                continue
+            yield key, label
 
     def read(self, key: str) -> bytes:
         cell = self.ds[_row_of(key, self.split, 8, len(self.ds))][self.image_column]
+        if not cell:
+            raise OSError("the row's image cell is empty")
         if cell.get("bytes"):
             return cell["bytes"]
         if cell.get("path"):
@@ -427,8 +498,6 @@ class WebDatasetSource(Source):
     kind = "wds"
     IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
     MAX_META_BYTES = 1 << 20
-    #: Labels run from 0 to MAX_LABEL - 1 (ImageNet-21k has 21,841 classes); -1 or none: unlabelled.
-    MAX_LABEL = 100_000
 
     def __init__(self, pattern: str, split: str = "train") -> None:
         import glob
