@@ -402,6 +402,11 @@ def diff(
     versions = ["?" if v is None else str(v) for v in d["versions"]]
     say(f"{old} (version {versions[0]}) -> {new} (version {versions[1]}): "
         + ("NEW's parent is OLD" if d["descends"] else "NEW does not name OLD as its parent"))
+    say(f"pictures compared by {'the sha256 of the bytes each release ships' if d['by'] == 'bytes' else 'the digest column (an ID-only release ships no pictures)'}")
+    for release, keys in zip((old, new), d["conflicting"]):
+        if keys:
+            say(f"warning: {release} ships {len(keys):,} keys with two different pictures: "
+                + ", ".join(keys[:show]))
     p = d["pairs"]
     say(f"pairs: +{p['added']:,} -{p['removed']:,} ({p['kept']:,} in both)")
     for title, changes in (("images in pairs", d["images_in_pairs"]),

@@ -274,3 +274,37 @@ def test_audit_reads_every_picture_a_user_would_train_on(builds, fmnist_root, tm
     assert proc.returncode == 1, proc.stdout + proc.stderr
     leaks = [line for line in proc.stdout.splitlines() if line.startswith("leak: ")]
     assert any(test_key in line for line in leaks), proc.stdout
+
+
+@pytest.mark.parametrize("rows_changed", ["every row of the key", "one row of the key"])
+def test_diff_sees_a_picture_swapped_under_its_key_and_digest(builds, fmnist_root, tmp_path, cli, rows_changed):
+    import pyarrow as pa
+
+    old, new = builds["clean"] / "release", tmp_path / "release"
+    shutil.copytree(old, new)
+    manifest = json.loads((new / "manifest.json").read_text())
+    shards = [new / e["path"] for e in manifest["files"] if e["kind"] == "parquet"]
+    tables = {shard: pq.read_table(shard).to_pylist() for shard in shards}
+    key = tables[shards[0]][0]["anchor_key"]
+    other = FashionMNISTSource(str(fmnist_root), "test").read("test/00003")
+    hits = [(shard, i, side) for shard, rows in tables.items() for i, row in enumerate(rows)
+            for side in ("anchor", "positive") if row[f"{side}_key"] == key]
+    for shard, i, side in hits if rows_changed == "every row of the key" else hits[-1:]:
+        cell = tables[shard][i][side]
+        tables[shard][i][side] = {"bytes": other, "path": cell["path"]}  # key and digest column kept
+    for shard in {shard for shard, _, _ in hits}:
+        pq.write_table(pa.Table.from_pylist(tables[shard], schema=pq.read_schema(shard)), shard)
+        _relist(new, shard)
+    rows = manifest["counts"]["pairs"]
+    assert cli("verify", new).returncode == 0
+    proc = cli("diff", old, new, "--show", "1000")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "pictures compared by the sha256 of the bytes each release ships" in lines
+    changed = len({(shard, i) for shard, i, _ in hits}) if rows_changed == "every row of the key" else 1
+    assert f"pairs: +{changed} -{changed} ({rows - changed} in both)" in lines, proc.stdout
+    if rows_changed == "every row of the key":
+        assert f"  ~ {key}" in lines and not any(line.startswith("warning:") for line in lines)
+    else:
+        assert any(line.startswith(f"warning: {new} ships 1 keys with two different pictures: {key}")
+                   for line in lines), proc.stdout

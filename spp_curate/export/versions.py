@@ -59,6 +59,25 @@ def release_pairs(release: Path, manifest: Manifest) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=PAIR_KEY_COLUMNS)
 
 
+def shipped_pairs(release: Path, manifest: Manifest, batch_size: int = 256) -> pd.DataFrame:
+    """Like :func:`release_pairs`, but each digest is the sha256 of the picture the release ships (read a row
+    group at a time), not the digest column, which is only what the release claims. An ID-only release ships
+    no pictures: its digest column is all there is."""
+    if manifest.images == "none":
+        return release_pairs(release, manifest)
+    parts = []
+    for entry in manifest.entries("parquet"):
+        shard = pq.ParquetFile(release_file(release, entry))
+        for batch in shard.iter_batches(batch_size=batch_size, columns=["anchor_key", "positive_key", "anchor",
+                                                                        "positive"]):
+            rows = batch.to_pydict()
+            parts.append(pd.DataFrame({
+                "anchor_key": rows["anchor_key"], "positive_key": rows["positive_key"],
+                **{f"{side}_digest": [hashlib.sha256((cell or {}).get("bytes") or b"").hexdigest()
+                                      for cell in rows[side]] for side in ("anchor", "positive")}}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=PAIR_KEY_COLUMNS)
+
+
 def parent_of(final: Path) -> tuple[Manifest, str] | None:
     """The release standing at ``final`` and its manifest's sha256, if there is a usable one."""
     try:
@@ -100,19 +119,29 @@ def version_block(final: Path, pairs: pd.DataFrame, images: pd.DataFrame | None,
 
 def diff_releases(old: Path, new: Path) -> dict[str, Any]:
     """What changed from release ``old`` to release ``new`` (both verified first): versions, whether ``new``
-    descends from ``old``, pairs added/removed/kept, and the images of the pairs added, removed, changed."""
+    descends from ``old``, pairs added/removed/kept, and the images of the pairs added, removed, changed.
+
+    Pictures are compared by the sha256 of the bytes each release ships (``by``: ``"bytes"``), so a picture
+    swapped under a kept key and digest column shows as changed; ID-only releases by their digest column. A
+    key that ships two different pictures in one release is listed under ``"conflicting"``."""
     from .manifest import verified_files
 
     manifests = []
     for release in (old, new):
         verified_files(release)  # every file checked against its manifest, or a one-line error
         manifests.append(load_manifest(release))
-    old_pairs, new_pairs = release_pairs(old, manifests[0]), release_pairs(new, manifests[1])
+    old_pairs, new_pairs = shipped_pairs(old, manifests[0]), shipped_pairs(new, manifests[1])
+
+    def both_sides(pairs: pd.DataFrame) -> pd.DataFrame:
+        return pd.concat([pairs[["anchor_key", "anchor_digest"]].set_axis(["key", "digest"], axis=1),
+                          pairs[["positive_key", "positive_digest"]].set_axis(["key", "digest"], axis=1)])
 
     def images(pairs: pd.DataFrame) -> pd.DataFrame:
-        both = pd.concat([pairs[["anchor_key", "anchor_digest"]].set_axis(["key", "digest"], axis=1),
-                          pairs[["positive_key", "positive_digest"]].set_axis(["key", "digest"], axis=1)])
-        return both.drop_duplicates("key")
+        return both_sides(pairs).drop_duplicates("key")
+
+    def conflicting(pairs: pd.DataFrame) -> list[str]:
+        counts = both_sides(pairs).drop_duplicates().key.value_counts()
+        return sorted(counts.index[counts > 1].astype(str))
 
     parent = (manifests[1].model_extra or {}).get("parent") or {}
     return {
@@ -121,4 +150,6 @@ def diff_releases(old: Path, new: Path) -> dict[str, Any]:
         "pairs": pair_changes(old_pairs, new_pairs),
         "images_in_pairs": image_changes(images(old_pairs), images(new_pairs)),
         "changelog": (manifests[1].model_extra or {}).get("changelog"),
+        "by": "bytes" if all(m.images != "none" for m in manifests) else "digest column",
+        "conflicting": [conflicting(old_pairs), conflicting(new_pairs)],
     }
