@@ -88,13 +88,14 @@ def grown(tmp_path_factory):
     build(root, out)
     first = base / "release-v1"
     shutil.copytree(out / "release", first)
+    shutil.copyfile(out / "released-index.parquet", base / "released-index-v1.parquet")
     changes = change(root, pictures)
     update = build(root, out)
     fresh_root, fresh = base / "fresh-images", base / "fresh"
     shutil.copytree(root, fresh_root)
     build(fresh_root, fresh)
     return {"root": root, "out": out, "first": first, "changes": changes, "update": update, "fresh": fresh,
-            "pictures": pictures}
+            "pictures": pictures, "snapshot_v1": base / "released-index-v1.parquet"}
 
 
 def test_an_update_reads_and_embeds_only_what_changed(grown):
@@ -154,6 +155,26 @@ def test_a_source_with_nothing_changed_rebuilds_nothing(grown):
     proc = build(grown["root"], grown["out"])
     skipped = [line for line in proc.stderr.splitlines() if line.endswith("complete, skipped")]
     assert len(skipped) == len(STAGES), proc.stderr
+
+
+def test_a_kill_after_the_release_swap_publishes_no_extra_version(grown, tmp_path, cli):
+    # What a SIGKILL between the swap and the build's own notes leaves: the new release in place (version 2, with
+    # its changelog), the snapshot of version 1 and no record of the export stage.
+    out = tmp_path / "build"
+    shutil.copytree(grown["out"], out)
+    shutil.copyfile(grown["snapshot_v1"], out / "released-index.parquet")
+    (out / "stages" / "export.json").unlink()
+    release = {p.relative_to(out / "release"): sha256_file(p) for p in (out / "release").rglob("*") if p.is_file()}
+    proc = cli("export", out)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "release" / "manifest.json").read_text())
+    assert manifest["version"] == 2 and manifest["changelog"]["images"] == grown["changes"]
+    assert {p.relative_to(out / "release"): sha256_file(p) for p in (out / "release").rglob("*") if p.is_file()} \
+        == release
+    assert pq.read_table(out / "released-index.parquet").equals(pq.read_table(grown["out"] / "released-index.parquet"))
+    # and the next export of the same build is skipped as complete
+    assert cli("export", out).returncode == 0 and json.loads((out / "release" / "manifest.json").read_text()) \
+        == manifest
 
 
 def test_sigkill_during_an_update_keeps_the_release_and_a_rerun_finishes(grown, tmp_path):

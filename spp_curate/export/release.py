@@ -42,7 +42,7 @@ from ..review.store import apply_reviews, read_reviews
 from ..progress import stage_progress
 from .card import render_card
 from .manifest import SCHEMA_VERSION, file_entry, library_versions
-from .versions import version_block
+from .versions import index_digest, version_block
 from .parquet import PairParquetWriter, id_features, pair_features
 from .samples import PairSample
 from .webdataset import PairTarWriter
@@ -218,6 +218,26 @@ def reviewed_pairs(recipe: Recipe, build_dir: Path, table: pd.DataFrame,
     return chosen.reset_index(drop=True), review
 
 
+def _already_released(final: Path, plan: dict[str, Any], index_keys: pd.DataFrame | None,
+                      option: str) -> dict[str, int] | None:
+    """The counts of the release at ``final`` when it is already this export, whole: a kill after the swap
+    and before the build noted it (the snapshot, the stage record). A rerun then finishes those steps rather
+    than publishing the same pairs again as a new version, which would bury the real update's changelog."""
+    from .manifest import verify_release
+
+    recover_swap(final, layout.RELEASE_FILES, option)
+    try:
+        if not (final / layout.EXPORT_PLAN).is_file() or read_json(final / layout.EXPORT_PLAN) != plan:
+            return None
+        manifest = read_json(final / layout.MANIFEST)
+    except (OSError, ValueError):
+        return None
+    wanted = index_digest(index_keys) if index_keys is not None else None
+    if not isinstance(manifest, dict) or manifest.get("index_sha256") != wanted or verify_release(final):
+        return None
+    return manifest.get("counts")
+
+
 def _staging(release: Path, plan: dict[str, Any], option: str) -> Path:
     """The folder the new release is written in: resumed when it holds this plan's shards, else begun anew.
 
@@ -260,6 +280,11 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
 
     plan = {"fingerprint": recipe.fingerprint("export"), "shards": n, "image_ext": ext, "pairs": len(pairs),
             "pair_ids_sha256": sha256_bytes(pairs.pair_id.to_numpy(dtype=np.int64).tobytes())}
+    done = _already_released(final, plan, inp.index_keys, option)
+    if done is not None:
+        if inp.snapshot is not None and inp.index_keys is not None:
+            write_table(inp.snapshot, pa.Table.from_pandas(inp.index_keys, preserve_index=False))
+        return done
     release = _staging(final, plan, option)
     if not id_only:
         (release / "wds").mkdir(parents=True, exist_ok=True)
