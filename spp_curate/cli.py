@@ -138,7 +138,10 @@ def build(
         "own scores (q0.999)"),
     engine: Optional[str] = typer.Option(None, help="local | ray (a cluster at RAY_ADDRESS, or a local one)"),
     until: Optional[str] = typer.Option(None, help=f"stop after this stage: {' | '.join(STAGES)}"),
-    force: bool = typer.Option(False, "--force", help="rerun every stage"),
+    force: bool = typer.Option(False, "--force", help="rerun every stage, reading every source file again"),
+    rehash: bool = typer.Option(False, "--rehash", help="read and hash every source file again, not only those "
+                                "whose size or modification time changed (a content check, as rsync's "
+                                "--checksum); later stages rerun only where the index changed"),
 ) -> None:
     """Build a release: index -> embed -> exclude -> mine -> report -> export. Complete stages are skipped."""
     from .stages import build as run_build
@@ -159,7 +162,7 @@ def build(
     recipe = resolve_recipe(source, overrides, str(recipe_file) if recipe_file else None)
     preflight(recipe)
     build_dir = out_dir or Path("builds") / recipe.source_spec.kind
-    run_build(build_dir, recipe, force=force, on_stage=_print_stage, until=until)
+    run_build(build_dir, recipe, force=force, on_stage=_print_stage, until=until, rehash=rehash)
     if until in (None, STAGES[-1]):
         _print_result(build_dir)
 

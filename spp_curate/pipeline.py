@@ -33,11 +33,12 @@ class Stage:
     def watched(self, recipe: Any) -> tuple[str, ...]:
         return self.watches + tuple(f for f, prop in self.watches_if if getattr(recipe, prop, None) is not None)
 
-    def run(self, recipe: Any, build_dir: Any, engine: Any) -> dict[str, Any]:
-        """Run the stage on a build directory, its units of work mapped by ``engine``."""
+    def run(self, recipe: Any, build_dir: Any, engine: Any, **options: Any) -> dict[str, Any]:
+        """Run the stage on a build directory, its units of work mapped by ``engine`` (``options``: what the
+        runner takes besides, e.g. the index stage's ``rehash``)."""
         module, _, function = self.runner.partition(":")
         fn: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module), function)
-        return fn(recipe, build_dir, engine)
+        return fn(recipe, build_dir, engine, **options)
 
 
 PIPELINE: tuple[Stage, ...] = (

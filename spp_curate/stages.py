@@ -80,9 +80,12 @@ def _record(build_dir: Path, stage: str) -> Path:
 
 
 def stage_fingerprint(build_dir: Path, recipe: Recipe, stage: str) -> str:
-    """The recipe's fingerprint of ``stage``, with the state (size, time) of the files the stage watches."""
+    """The recipe's fingerprint of ``stage``, with the state (size, time) of the files the stage watches and
+    of the earlier stages' outputs it reads (as make does): an index rewritten by ``build --rehash`` runs
+    what follows again, one rewritten with the same rows is kept as it was and runs nothing."""
     upto = STAGES[: STAGES.index(stage) + 1]
     names = [w for s in upto for w in STAGE_BY_NAME[s].watched(recipe)]  # a watched file reruns what follows too
+    names += [i for s in upto for i in STAGE_BY_NAME[s].inputs]
     watched = [build_dir / w for w in dict.fromkeys(names)]
     if not watched:
         return recipe.fingerprint(stage)
@@ -115,19 +118,30 @@ def locked(build_dir: Path) -> Iterator[None]:
         yield
 
 
-def _run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False) -> dict[str, Any] | None:
+def _run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False,
+               rehash: bool = False) -> dict[str, Any] | None:
+    """Run ``stage`` unless complete. ``force`` runs it anyway, and the index stage then reads every file
+    again; ``rehash`` does that for the index stage alone (what a content check needs: an edit that kept a
+    file's size and modification time is seen by its bytes)."""
+    options = {"rehash": True} if stage == "index" and (force or rehash) else {}
+    if stage == "export" and force:
+        options = {"again": True}  # written anew, even where this very release stands whole
     position = STAGES.index(stage)
     for before in STAGES[:position]:
         if not is_complete(build_dir, recipe, before):
             raise UserError(f"stage {before!r} is not complete for this recipe and source; run "
                             f"`spp-curate {before} {build_dir}` (or `spp-curate build`) first", option=stage)
-    if not force and is_complete(build_dir, recipe, stage):
+    complete = is_complete(build_dir, recipe, stage)
+    rehash_only = "rehash" in options and not force
+    if complete and not force and not rehash_only:
         return None
-    for after in STAGES[position:]:
+    # A rerun voids what follows. A rehash of a complete index does not: the index is rewritten only where it
+    # changed, and the stages after it watch its file.
+    for after in (stage,) if complete and rehash_only else STAGES[position:]:
         _record(build_dir, after).unlink(missing_ok=True)
     started = time.time()
     fingerprint = stage_fingerprint(build_dir, recipe, stage)  # before the run: a change during it reruns
-    summary = STAGE_BY_NAME[stage].run(recipe, build_dir, get_engine(recipe.engine))
+    summary = STAGE_BY_NAME[stage].run(recipe, build_dir, get_engine(recipe.engine), **options)
     metrics_keys = ("precision", "coverage", "pairs", "images", "quarantined")
     short = {k: v for k, v in (summary or {}).items()
              if (k in metrics_keys and v is not None) or (isinstance(v, int) and not isinstance(v, bool))}
@@ -143,14 +157,16 @@ def run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False) 
 
 
 def build(build_dir: Path, recipe: Recipe, force: bool = False,
-          on_stage: Callable[[str, dict[str, Any] | None], None] | None = None, until: str | None = None) -> None:
-    """Run the stages in order, up to ``until``; complete stages are skipped (unless ``force``)."""
+          on_stage: Callable[[str, dict[str, Any] | None], None] | None = None, until: str | None = None,
+          rehash: bool = False) -> None:
+    """Run the stages in order, up to ``until``; complete stages are skipped (unless ``force``). ``rehash``
+    reads every source file again in the index stage; what follows runs again only where the index changed."""
     check_build_dir(build_dir)
     with locked(build_dir):
         save_recipe(build_dir, recipe)
         recipe = bind_source_state(recipe)
         last = STAGES.index(until) if until else len(STAGES) - 1
         for stage in STAGES[: last + 1]:
-            summary = _run_stage(build_dir, recipe, stage, force=force)
+            summary = _run_stage(build_dir, recipe, stage, force=force, rehash=rehash)
             if on_stage:
                 on_stage(stage, summary)

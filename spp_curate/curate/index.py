@@ -103,11 +103,13 @@ def known_probes(recipe: Recipe, out_dir: Path, previous: list[dict]) -> dict[st
             for row in previous if stat_of.get(row["key"])}
 
 
-def index_source(recipe: Recipe, out_dir: Path, engine) -> dict[str, int]:
+def index_source(recipe: Recipe, out_dir: Path, engine, rehash: bool = False) -> dict[str, int]:
     """Write ``index.parquet`` and ``quarantine.parquet`` under ``out_dir``; return counts.
 
     An image whose file identity (size, modification time) is what the last index recorded is not
-    read again: its row is taken over. Only new and changed files are read, hashed and decoded.
+    read again: its row is taken over. Only new and changed files are read, hashed and decoded;
+    with ``rehash``, every file (an in-place edit that kept both is then seen by its bytes). An index
+    that comes out as it was is not rewritten, so the stages after it stay complete.
     """
     source = open_source(recipe)
     items = source.items()
@@ -116,7 +118,7 @@ def index_source(recipe: Recipe, out_dir: Path, engine) -> dict[str, int]:
     items = list(items)
     index_path = out_dir / layout.INDEX
     previous = pq.read_table(index_path).to_pylist() if index_path.is_file() else []
-    known = known_probes(recipe, out_dir, previous)
+    known = {} if rehash else known_probes(recipe, out_dir, previous)
     stats = {key: source.stat(key) for key, _ in items}  # taken before reading: a later edit reads again
     reused: dict[str, Probe] = {}
     for key, label in items:
@@ -162,7 +164,9 @@ def index_source(recipe: Recipe, out_dir: Path, engine) -> dict[str, int]:
     table = table.replace_schema_metadata({CLASS_NAMES_META: json.dumps(names).encode()})
     quarantine = pa.table({"key": [p.key for p in probes if p.error],
                            "error": [p.error for p in probes if p.error]}, schema=QUARANTINE_SCHEMA)
-    write_table(out_dir / layout.QUARANTINE, quarantine)
+    same_index = index_path.is_file() and _same_table(index_path, table)
+    if not (same_index and _same_own_quarantine(out_dir / layout.QUARANTINE, quarantine, table)):
+        write_table(out_dir / layout.QUARANTINE, quarantine)
     if not good:
         if recipe.limit == 0:
             raise UserError("0 images asked for; give a positive number or leave it out", option="--limit")
@@ -175,9 +179,30 @@ def index_source(recipe: Recipe, out_dir: Path, engine) -> dict[str, int]:
     stat_table = stat_table.replace_schema_metadata(
         {b"spp_curate.recipe": recipe.fingerprint("index", source_state=False).encode()})
     (out_dir / layout.INDEX_STATS).unlink(missing_ok=True)  # never beside an index it does not describe
-    write_table(index_path, table)
+    if not same_index:
+        write_table(index_path, table)
     write_table(out_dir / layout.INDEX_STATS, stat_table)
     return {"images": len(good), "quarantined": len(probes) - len(good), "read": len(todo), **changes}
+
+
+def _same_table(path: Path, table: pa.Table) -> bool:
+    try:
+        old = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        return False
+    return old.schema.equals(table.schema, check_metadata=True) and old.equals(table)
+
+
+def _same_own_quarantine(path: Path, quarantine: pa.Table, index: pa.Table) -> bool:
+    """Whether the quarantine at ``path`` holds these rows of the index stage's own (the embed stage adds rows
+    of indexed keys, which stay)."""
+    try:
+        old = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        return False
+    indexed = set(index.column("key").to_pylist())
+    own = old.filter(pa.array([k not in indexed for k in old.column("key").to_pylist()], pa.bool_()))
+    return own.schema.equals(quarantine.schema) and own.equals(quarantine)
 
 
 def source_changes(previous: list[dict], table: pa.Table) -> dict[str, int]:

@@ -85,14 +85,18 @@ def encoded_image(source: Source, key: str, digest: str, fmt: str, target: str,
                   max_side: int | None = None) -> bytes:
     """The image's original bytes (checked against the digest indexed), or a re-encode when its container
     differs or it must shrink. Bytes passed through are not decoded again: the index stage decoded them."""
+    stale = UserError(f"{key} changed since it was indexed (its bytes, though not its size and modification "
+                      "time); run `spp-curate build --rehash` to read every file again and take the change in",
+                      option="--source")
     if fmt == target and not max_side:
         data = read_bytes(source, key)
         if sha256_bytes(data) != digest:
-            raise UserError(f"{key} changed since it was indexed; run `spp-curate build` again to take the change "
-                            "in", option="--source")
+            raise stale
         return data
     loaded = read_image(source, key)
     data, img = loaded.data, loaded.image
+    if sha256_bytes(data) != digest:
+        raise stale  # a re-encode too is of the picture that was embedded, or of none
     if max_side and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     elif fmt == target:
@@ -261,8 +265,11 @@ def _staging(release: Path, plan: dict[str, Any], option: str) -> Path:
 
 
 def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
-                  option: str = "--out") -> dict[str, int]:
-    """Write the shards, card and manifest of ``inp``, then put them in place as ``final``; return counts."""
+                  option: str = "--out", again: bool = False) -> dict[str, int]:
+    """Write the shards, card and manifest of ``inp``, then put them in place as ``final``; return counts.
+
+    Where ``final`` already holds this very export, whole (a kill came after the swap), only the build's own
+    notes are finished, unless ``again``."""
     recipe, pairs = inp.recipe, inp.pairs
     id_only = recipe.images == "none"
     used = pd.unique(np.concatenate([pairs.anchor_key.to_numpy(), pairs.positive_key.to_numpy()]))
@@ -280,7 +287,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
 
     plan = {"fingerprint": recipe.fingerprint("export"), "shards": n, "image_ext": ext, "pairs": len(pairs),
             "pair_ids_sha256": sha256_bytes(pairs.pair_id.to_numpy(dtype=np.int64).tobytes())}
-    done = _already_released(final, plan, inp.index_keys, option)
+    done = None if again else _already_released(final, plan, inp.index_keys, option)
     if done is not None:
         if inp.snapshot is not None and inp.index_keys is not None:
             write_table(inp.snapshot, pa.Table.from_pandas(inp.index_keys, preserve_index=False))
@@ -366,7 +373,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
     return counts
 
 
-def export_release(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
-    """Write ``build_dir/release/`` from a build directory; return counts."""
+def export_release(recipe: Recipe, build_dir: Path, engine, again: bool = False) -> dict[str, int]:
+    """Write ``build_dir/release/`` from a build directory; return counts (``again``: see write_release)."""
     source = None if recipe.images == "none" else open_source(recipe)
-    return write_release(from_build(recipe, build_dir), source, build_dir / layout.RELEASE, engine)
+    return write_release(from_build(recipe, build_dir), source, build_dir / layout.RELEASE, engine, again=again)
