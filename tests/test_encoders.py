@@ -186,8 +186,31 @@ def test_a_checkpoint_that_does_not_fit_names_the_keys_and_loads_nothing(tmp_pat
     import pickle
 
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"state_dict": Payload()}))
-    with pytest.raises(UserError, match="loads without running code"):
+    with pytest.raises(UserError, match="is not a weights file"):
         load_encoder(f"torchvision:resnet18:{tmp_path / 'evil.pth'}")
+
+
+@pytest.mark.parametrize("kind", ["torchvision:resnet18", "timm:resnet10t", "openclip:ViT-S-32"])
+def test_a_pickle_that_would_run_code_is_refused_in_words_of_ours(tmp_path, capsys, kind):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    torch.save({"state_dict": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError) as err:
+        load_encoder(f"{kind}:{tmp_path / 'evil.pt'}", image_size=32)
+    message = str(err.value)
+    assert "asks to run print; refused, nothing was run" in message, message
+    assert "weights_only" not in message and "offline" not in message and "\n" not in message
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_openclip_weights_of_another_model_are_named_as_such(tmp_path):
+    torch.save({"visual.conv1.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    with pytest.raises(UserError) as err:
+        load_encoder(f"openclip:ViT-S-32:{tmp_path / 'other.pt'}", image_size=32)
+    message = str(err.value)
+    assert "do not fit ViT-S-32" in message and "offline" not in message and "\n" not in message, message
 
 
 @pytest.mark.parametrize("spec", ["timm:resnet10t:random", "torchvision:resnet18:MOCO", "openclip:local-dir:DIR"])

@@ -192,6 +192,13 @@ def _create_openclip(model_name: str, pretrained: str | None, image_size: int | 
         source = model_name  # open_clip reads the config and the weights from there
     elif pretrained:
         if Path(pretrained).is_file():
+            # Read by us first (size-capped, tensors only): a foreign pickle or a file of something else is a
+            # one-line error of ours, not torch's advice to load it unsafely.
+            size = Path(pretrained).stat().st_size
+            if size > MAX_WEIGHTS_BYTES:
+                raise UserError(f"{pretrained} is {size:,} bytes, over the {MAX_WEIGHTS_BYTES:,}-byte limit for a "
+                                "weights file", option="--encoder")
+            read_state_dict(Path(pretrained))
             source = f"file:{Path(pretrained).name}"
         elif pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
@@ -216,8 +223,12 @@ def _create_openclip(model_name: str, pretrained: str | None, image_size: int | 
                             "hf-hub: needs the Hub or the model in the Hugging Face cache (HF_HUB_CACHE), local-dir: "
                             "a folder with open_clip_config.json and open_clip_model.safetensors",
                             option="--encoder") from None
+        first = " ".join(str(exc).split())[:200]
+        if Path(pretrained).is_file():
+            raise UserError(f"the tensors of {pretrained} do not fit {model_name} ({type(exc).__name__}: {first}); "
+                            "name the architecture the weights were saved from", option="--encoder") from None
         raise UserError(
-            f"cannot load weights {pretrained!r} for {model_name} ({type(exc).__name__}: {str(exc)[:160]}); "
+            f"cannot load weights {pretrained!r} for {model_name} ({type(exc).__name__}: {first[:160]}); "
             f"offline, fetch them once where the Hub is reachable or pass a local file: "
             f"openclip:{model_name}:/path/to/open_clip_model.safetensors",
             option="--encoder",
@@ -287,6 +298,19 @@ def _check_weights_file(enc) -> None:
                         "a weights file", option="--encoder")
 
 
+def unreadable_weights(path: Path, exc: Exception) -> str:
+    """Why a file did not load as tensors, in one line: a pickle that names code to run (which is refused and
+    not run), or a file that is not weights at all. Never torch's advice to load it with ``weights_only=False``."""
+    import re
+
+    called = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"globals?: ([\w.]+)", str(exc))
+    if called:
+        return (f"{path} is a pickle that asks to run {called.group(1)}; refused, nothing was run (weights are read "
+                "as tensors only: save a state_dict, or .safetensors)")
+    return (f"{path} is not a weights file: neither safetensors nor a torch file of tensors "
+            f"({type(exc).__name__})")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file: safetensors, or a torch file read with ``weights_only=True``, unwrapped
     from the containers training scripts put them in (``state_dict``, ``model``, ``teacher``, ...)."""
@@ -301,8 +325,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and format errors all mean "not weights we can read"
-        raise UserError(f"{path} is not a weights file that loads without running code ({type(exc).__name__}; "
-                        "only tensors and plain containers are read)", option="--encoder") from None
+        raise UserError(unreadable_weights(path, exc), option="--encoder") from None
     for _ in range(3):  # {'state_dict': {...}}, {'model': {...}}, lightning's {'state_dict': ...}
         if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = next((obj[k] for k in ("state_dict", "model", "teacher", "student", "backbone", "module")
@@ -330,6 +353,7 @@ def _timm(enc, image_size: int | None) -> Encoder:
     kwargs: dict[str, Any] = {"num_classes": 0}
     weights = enc.pretrained
     if weights not in (None, "random"):
+        read_state_dict(Path(weights))  # ours first: a foreign pickle or a file of something else is one line
         kwargs["pretrained_cfg_overlay"] = {"file": str(Path(weights))}
     pretrained = weights != "random"
     if image_size:
@@ -344,7 +368,11 @@ def _timm(enc, image_size: int | None) -> Encoder:
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - download, file and shape errors have many types
-        where = f"file {weights}" if weights not in (None, "random") else "the Hub"
+        if weights not in (None, "random"):
+            raise UserError(f"the tensors of {weights} do not fit timm's {enc.name} ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); name the architecture the weights were saved "
+                            "from", option="--encoder") from None
+        where = "the Hub"
         raise UserError(f"cannot load timm weights for {enc.name} from {where} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); offline, give a local file "
                         f"(timm:{enc.name}:/path/model.safetensors) or timm:{enc.name}:random",
