@@ -233,3 +233,20 @@ def test_every_encoder_kind_builds_a_release_from_the_subset(tmp_path, spec):
     assert meta["model"]["weights"] in ("random-init", "file:moco.pth.tar", f"local-dir:{tmp_path / 'clip'}")
     manifest = json.loads((out / "release" / "manifest.json").read_text())
     assert manifest["counts"]["pairs"] > 0 and manifest["recipe"]["encoder"] == spec
+
+
+def test_weights_holding_nan_are_one_line_before_anything_is_embedded(tmp_path, cli):
+    import timm
+
+    from conftest import FMNIST
+
+    state = timm.create_model("resnet10t", num_classes=0).state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    spec = f"timm:resnet10t:{tmp_path / 'nan.pt'}"
+    with pytest.raises(UserError, match=r"hold NaN or inf \(first in layer2\.0\.conv1\.weight\)"):
+        load_encoder(spec, image_size=32)
+    proc = cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", tmp_path / "b", "--encoder", spec,
+               "--image-size", "32", "--limit", "64", "--workers", "0")
+    assert proc.returncode == 2 and "hold NaN or inf" in proc.stderr and "category" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "b" / "embeddings" / "meta.json").exists()

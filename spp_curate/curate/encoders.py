@@ -274,12 +274,24 @@ def load_encoder(spec: str, image_size: int | None = None, prefix: str | None = 
     check_encoder(spec, image_size)
     enc = parse_encoder(spec)
     if enc.kind == "openclip":
-        return _openclip(enc.name, enc.pretrained, image_size)
-    if enc.kind == "timm":
-        return _timm(enc, image_size)
-    if enc.kind == "torchvision":
-        return _torchvision(enc, image_size, prefix)
-    return _ssl(enc.name, image_size)
+        encoder = _openclip(enc.name, enc.pretrained, image_size)
+    elif enc.kind == "timm":
+        encoder = _timm(enc, image_size)
+    elif enc.kind == "torchvision":
+        encoder = _torchvision(enc, image_size, prefix)
+    else:
+        encoder = _ssl(enc.name, image_size)
+    check_finite(encoder.module, spec)
+    return encoder
+
+
+def check_finite(module: torch.nn.Module, spec: str) -> None:
+    """Weights holding NaN or inf (a run whose loss diverged) give no usable features: one line naming the
+    first such tensor, before any image is embedded, rather than empty pairs further on."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"the weights of {spec} hold NaN or inf (first in {name}); they give no usable "
+                            "features (a training run whose loss diverged?)", option="--encoder")
 
 
 #: Checkpoints of other people's runs are read up to this size (a ResNet-50 MoCo file is about 0.5 GB).
