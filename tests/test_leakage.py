@@ -64,6 +64,8 @@ def _pair_keys(build_dir: Path) -> set[str]:
 
 def test_exclusion_removes_every_planted_copy_and_leaves_the_rest(builds, planted_folder):
     _, planted = planted_folder
+    stats = json.loads((builds["clean"] / "exclusion.json").read_text())
+    assert stats["references"][0]["candidate_search"] == {"kind": "flat", "views": 11_000, "recall": 1.0}
     table = pq.read_table(builds["clean"] / "exclusion.parquet").to_pandas().set_index("key")
     missed = {k: (planted[k], float(table.similarity[k])) for k in planted if not table.excluded[k]}
     assert not missed, f"planted copies not excluded: {missed}"
@@ -168,6 +170,48 @@ def test_copy_scores_are_one_for_a_copy_and_deterministic(fmnist_root):
     assert scores[2] == -1.0 and rows[2] == -1  # one that did not decode matches nothing
     again, _ = copy_scores(describe(pictures, False), ref_desc, LocalEngine())
     assert np.array_equal(scores, again)
+
+
+def test_a_resized_copy_finds_its_original_among_thousands_of_look_alikes(fmnist_root):
+    """Copies of 300 pictures, resized to 20-112 px by five resamplers, among all 4,000 pictures of the subset:
+    each finds its own original among its candidates and scores as a copy against it."""
+    from spp_curate.engine.local import LocalEngine
+    from spp_curate.leakage.copies import candidates, copy_scores, describe
+
+    refs = [Image.fromarray(a) for split in ("train", "test")
+            for a in FashionMNISTSource(str(fmnist_root), split).images]
+    rng = np.random.default_rng(3)
+    originals = rng.choice(len(refs), 300, replace=False)
+    methods = list(Image.Resampling)
+    sides = rng.choice([20, 22, 26, 32, 36, 42, 48, 56, 64, 84, 112], len(originals))
+    copies = [refs[i].resize((int(side), int(side)), methods[n % len(methods)])
+              for n, (i, side) in enumerate(zip(originals, sides))]
+    ref_desc, pic_desc = describe(refs, True), describe(copies, False)
+    searched: dict = {}
+    cand = candidates(pic_desc, ref_desc, LocalEngine(), 8 * 10**9, info=searched)
+    assert searched == {"kind": "flat", "views": 44_000, "recall": 1.0}
+    lost = [(int(side), methods[n % len(methods)].name) for n, (i, side) in enumerate(zip(originals, sides))
+            if i not in cand[n]]
+    assert not lost, f"copies whose original is not among their candidates: {lost}"
+    scores, rows = copy_scores(pic_desc, ref_desc, LocalEngine())
+    assert np.array_equal(rows, originals)
+    assert np.mean(scores[sides >= 36] >= 0.99) >= 0.9, np.sort(scores[sides >= 36])[:10]
+
+
+def test_an_approximate_candidate_search_measures_and_reports_its_recall(fmnist_root, monkeypatch):
+    import spp_curate.leakage.copies as copies
+    from spp_curate.engine.local import LocalEngine
+
+    refs = [Image.fromarray(a) for split in ("train", "test")
+            for a in FashionMNISTSource(str(fmnist_root), split).images]
+    pictures = copies.describe([r.resize((40, 40)) for r in refs[::10]], False)
+    references = copies.describe(refs, True)
+    monkeypatch.setattr(copies, "EXACT_VIEWS_PER_FLAT", 0.1)  # as if the 44,000 views were beyond exact search
+    searched: dict = {}
+    cand = copies.candidates(pictures, references, LocalEngine(), 8 * 10**9, info=searched)
+    assert searched["kind"] == "ivf-flat" and searched["views"] == 44_000
+    found = np.mean([i * 10 in row for i, row in enumerate(cand)])
+    assert 0.0 < searched["recall"] <= 1.0 and found >= 0.8, (searched, found)
 
 
 @pytest.mark.parametrize("spec, words", [

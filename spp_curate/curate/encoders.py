@@ -288,8 +288,11 @@ def load_encoder(spec: str, image_size: int | None = None, prefix: str | None = 
 def check_finite(module: torch.nn.Module, spec: str) -> None:
     """Weights holding NaN or inf (a run whose loss diverged) give no usable features: one line naming the
     first such tensor, before any image is embedded, rather than empty pairs further on."""
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    # Buffers may hold -inf by design (a causal attention mask); NaN in them (batch-norm statistics) is damage.
+    checks = [(n, t, torch.isfinite) for n, t in module.named_parameters()] + \
+             [(n, t, lambda x: ~torch.isnan(x)) for n, t in module.named_buffers()]
+    for name, tensor, fine in checks:
+        if tensor.is_floating_point() and not bool(fine(tensor).all()):
             raise UserError(f"the weights of {spec} hold NaN or inf (first in {name}); they give no usable "
                             "features (a training run whose loss diverged?)", option="--encoder")
 

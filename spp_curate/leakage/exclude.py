@@ -187,7 +187,9 @@ def exclude_near(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
         for s, ref in enumerate(refs):
             ref_index, ref_desc, info = prepare_reference(recipe, ref, build_dir, engine)
             ref_keys = np.asarray(ref_index.column("key").to_pylist(), dtype=object)
-            scores, rows = copy_scores(pictures, ref_desc, engine, recipe.memory)
+            searched: dict[str, Any] = {}
+            scores, rows = copy_scores(pictures, ref_desc, engine, recipe.memory, info=searched)
+            info["candidate_search"] = searched
             ref_digests = set(ref_index.column("digest").to_pylist())
             digest_hit = np.fromiter((d in ref_digests for d in digests), bool, n)
             scores = np.where(digest_hit, np.float32(1.0), scores)

@@ -66,20 +66,21 @@ def torch_cuda() -> bool:
 
 
 def plan_search(n: int, d: int, memory: int, kind: str = "auto", nprobe: int | None = None,
-                cuda: bool | None = None) -> SearchPlan:
+                cuda: bool | None = None, flat_max_n: int | None = None) -> SearchPlan:
     """Pick exact or IVF search for ``n`` vectors of dimension ``d`` within ``memory`` bytes.
 
     ``auto`` searches a group too small to train an approximate index exactly (its vectors are
     few). A forced ``ivf-flat`` or ``ivf-pq`` on such a group is a :class:`UserError`. Exact search
     runs on the GPU through faiss when faiss sees one, else through torch when torch sees CUDA
     (``cuda``: whether it does; found out when None), so a GPU machine with faiss-cpu searches
-    millions of vectors exactly.
+    millions of vectors exactly. ``flat_max_n``: the most vectors searched exactly, where the caller's
+    vectors are cheaper than embeddings (64-dim thumbnails).
     """
     on_torch = faiss_gpus() == 0 and (torch_cuda() if cuda is None else cuda)
     device = "gpu" if faiss_gpus() > 0 or on_torch else "cpu"
     flat_bytes = n * d * 4
     if kind == "auto":
-        if flat_bytes <= memory and n <= FLAT_MAX_N[device]:
+        if flat_bytes <= memory and n <= (flat_max_n or FLAT_MAX_N[device]):
             kind, reason = "flat", f"{n:,} vectors fit ({flat_bytes / 1e9:.2f} GB) and exact search is affordable"
         elif flat_bytes <= memory:
             kind, reason = "ivf-flat", f"{n:,} vectors is beyond exact all-pairs search on {device}"
