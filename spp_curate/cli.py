@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .config import resolve_recipe
+from .config import reference_forms, resolve_recipe, source_forms
 from .errors import UserError
 from .pipeline import PIPELINE, STAGE_BY_NAME, STAGES
 
@@ -82,7 +82,7 @@ def _print_result(build_dir: Path) -> None:
 
 @app.command()
 def build(
-    source: str = typer.Option(..., help="fashion-mnist | imagefolder | imagenet | hf:NAME-OR-DIR | wds:SHARDS"),
+    source: str = typer.Option(..., help=source_forms()),
     root: Optional[Path] = typer.Option(None, help="where the source's files are"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="build directory [default: builds/<source>]"),
     recipe_file: Optional[Path] = typer.Option(None, "--recipe",
@@ -130,9 +130,8 @@ def build(
     license: Optional[str] = typer.Option(None, help="license id for the dataset card"),
     seed: Optional[int] = typer.Option(None, help="random seed"),
     exclude_near: Optional[list[str]] = typer.Option(
-        None, "--exclude-near", help="a reference set whose near-copies never enter a pair, KIND[:ROOT][:SPLIT]: "
-        "fashion-mnist:test, imagefolder:/data/eval, imagenet:/data/imagenet:val, hf:org/name:test, "
-        "wds:/data/eval-{0000..0009}.tar (repeatable)"),
+        None, "--exclude-near", help=f"a reference set whose near-copies never enter a pair, {reference_forms()} "
+        "(repeatable)"),
     exclude_threshold: Optional[str] = typer.Option(
         None, help="copy score at or above which an image is a near-copy (0.99), or a quantile of the build's "
         "own scores (q0.999)"),
@@ -307,7 +306,7 @@ def train(
 @app.command(name="eval")
 def eval_run(
     run: Path = typer.Argument(..., help="a run directory from `spp-curate train`"),
-    source: str = typer.Option(..., help="labelled source for the probe: fashion-mnist | imagefolder | ..."),
+    source: str = typer.Option(..., help=f"labelled source for the probe: {source_forms()}"),
     root: Optional[Path] = typer.Option(None, help="the source's root (for image folders: the train split)"),
     test_root: Optional[Path] = typer.Option(None, help="image folders: the test split"),
     limit: Optional[int] = typer.Option(None, min=1, help="first N images of each split"),
@@ -369,8 +368,7 @@ def push(
 @app.command()
 def materialize(
     release: Path = typer.Argument(..., help="an ID-only release (built with --images none)"),
-    source: str = typer.Option(..., help="what your copy is: fashion-mnist | imagefolder | imagenet | "
-                                         "hf:NAME-OR-DIR | wds:SHARDS (never taken from the release)"),
+    source: str = typer.Option(..., help=f"what your copy is: {source_forms()} (never taken from the release)"),
     root: Optional[Path] = typer.Option(None, help="your own copy of the source"),
     out_dir: Path = typer.Option(..., "--out", help="where to write the full release (new, empty, or an "
                                                     "earlier materialize output)"),
@@ -425,8 +423,7 @@ def diff(
 @app.command()
 def audit(
     release: Path = typer.Argument(..., help="a release directory (verified first; from anywhere)"),
-    against: str = typer.Option(..., help="the reference set, KIND[:ROOT][:SPLIT]: fashion-mnist:test, "
-                                          "imagefolder:/data/eval, imagenet:/data/imagenet:val, hf:org/name:test"),
+    against: str = typer.Option(..., help=f"the reference set, {reference_forms()}"),
     threshold: str = typer.Option("0.99", help="copy score at or above which an image is a near-copy, or a "
                                                "quantile of the release's own scores (q0.999)"),
     max_leaks: int = typer.Option(0, min=0, help="exit 1 when more distinct images than this are near-copies"),

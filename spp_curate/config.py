@@ -27,8 +27,12 @@ MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
 
 # Which recipe fields each stage's output depends on: the stage table in pipeline.py.
 
-#: The kinds of source a recipe may name (``curate/sources.py`` has one class for each).
-SOURCE_KINDS = ("fashion-mnist", "imagefolder", "imagenet", "hf", "wds")
+def _sources():
+    """The registry of source kinds (``curate/sources/``), read where a ``--source`` is parsed."""
+    from .curate import sources
+
+    return sources.SOURCES
+
 #: The kinds of encoder a recipe may name (``curate/encoders.py`` builds each).
 ENCODER_KINDS = ("openclip", "timm", "torchvision", "ssl")
 #: What follows an encoder kind, for messages.
@@ -70,8 +74,8 @@ class EncoderSpec:
 
 def parse_source(spec: str) -> SourceSpec:
     kind, _, argument = spec.partition(":")
-    if kind not in SOURCE_KINDS:
-        raise UserError(f"unknown source {spec!r}; accepted: {', '.join(sorted(SOURCE_KINDS))}", option="--source")
+    if kind not in _sources():
+        raise UserError(f"unknown source {spec!r}; accepted: {', '.join(sorted(_sources()))}", option="--source")
     return SourceSpec(kind, argument)
 
 
@@ -92,31 +96,40 @@ class ReferenceSpec:
     @property
     def source(self) -> str:
         """The ``--source`` value of this set (``hf:`` and ``wds:`` carry their argument)."""
-        return f"{self.kind}:{self.root}" if self.kind in ("hf", "wds") else self.kind
+        return f"{self.kind}:{self.root}" if _sources()[self.kind].takes_argument else self.kind
 
     @property
     def root_option(self) -> str | None:
-        return None if self.kind in ("hf", "wds") else self.root
+        return None if _sources()[self.kind].takes_argument else self.root
 
 
 def parse_reference(spec: str, option: str = "--exclude-near") -> ReferenceSpec:
     kind, _, rest = spec.partition(":")
-    accepted = ("accepted: KIND[:ROOT][:SPLIT], e.g. fashion-mnist:test, imagefolder:/data/eval, "
-                "imagenet:/data/imagenet:val, hf:org/name:test, wds:/data/eval-{0000..0009}.tar")
-    if kind not in SOURCE_KINDS:
+    accepted = f"accepted: {reference_forms()}"
+    if kind not in _sources():
         raise UserError(f"unknown reference set {spec!r}; {accepted}", option=option)
-    default_split = "val" if kind == "imagenet" else "test"
+    cls = _sources()[kind]
     parts = rest.rsplit(":", 1) if rest else []
-    if kind == "fashion-mnist" and len(parts) == 1 and "/" not in parts[0]:
+    if cls.root_optional and len(parts) == 1 and "/" not in parts[0]:
         return ReferenceSpec(spec, kind, None, parts[0])
     if len(parts) == 2 and parts[1] and "/" not in parts[1] and parts[0]:
         root, split = parts
     else:
-        root, split = rest or None, default_split
-    if kind != "fashion-mnist" and not root:
-        raise UserError(f"reference set {spec!r} names no {'dataset' if kind == 'hf' else 'files'}; {accepted}",
-                        option=option)
+        root, split = rest or None, cls.reference_split
+    if not cls.root_optional and not root:
+        raise UserError(f"reference set {spec!r} names no {'dataset' if cls.takes_argument else 'files'}; "
+                        f"{accepted}", option=option)
     return ReferenceSpec(spec, kind, root, split)
+
+
+def source_forms() -> str:
+    """``--source``'s accepted forms, for help texts: ``fashion-mnist | imagefolder | ... | wds:SHARDS``."""
+    return " | ".join(cls.form for cls in _sources().values())
+
+
+def reference_forms() -> str:
+    """A reference set's form with one example per source kind, for help texts and errors."""
+    return "KIND[:ROOT][:SPLIT], e.g. " + ", ".join(cls.reference_example for cls in _sources().values())
 
 
 _QUANTILE_RE = re.compile(r"^q(0?\.\d+|0|1(\.0*)?)$")

@@ -1,0 +1,17 @@
+"""Source adapters: one module per kind of image collection, each class registered by name.
+
+``base.py`` says what a source is and keeps the registry; a new kind is one
+module here holding one class decorated with :func:`register` (imported below),
+and nothing else in the project names the kinds.
+"""
+
+from .base import IMAGE_EXTENSIONS, SOURCES, Source, open_source, register, row_of, source_class, source_kinds, \
+    state_hash
+from .fashion_mnist import FashionMNISTSource, read_idx
+from .folder import ImageFolderSource, ImageNetSource, class_folders, linked_folders
+from .hf import HFSource
+from .wds import WebDatasetSource
+
+__all__ = ["IMAGE_EXTENSIONS", "SOURCES", "Source", "open_source", "register", "row_of", "source_class",
+           "source_kinds", "state_hash", "FashionMNISTSource", "read_idx", "ImageFolderSource", "ImageNetSource",
+           "class_folders", "linked_folders", "HFSource", "WebDatasetSource"]

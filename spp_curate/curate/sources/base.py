@@ -1,0 +1,129 @@
+"""What every source is, and the registry of source kinds.
+
+A source lists its images in a stable order as ``(key, label)`` pairs and
+returns the bytes of any image by key. Keys are source-relative strings that
+stay the same across runs and machines (a path under the root, or
+``split/number`` for array datasets), so a build directory can reopen its
+source from the recipe alone.
+
+A kind of source is one class decorated with :func:`register`, in a module of
+this package (or anywhere that is imported before the build, such as a test);
+``--source``, ``--exclude-near``, their help texts and the recipe's checks read
+the registry, so nothing else names the kinds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Iterator, TypeVar
+
+from ...errors import KeyRefused, UserError
+
+if TYPE_CHECKING:
+    from ...config import Recipe
+
+# torchvision's list, so that an ImageNet tree is read the way torchvision reads it.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def state_hash(parts: Iterator[str] | list[str]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def row_of(key: str, split: str, digits: int, rows: int) -> int:
+    """The row number in a ``split/NNNNN`` key of an array source; :class:`KeyRefused` for any other key."""
+    match = re.fullmatch(rf"{re.escape(split)}/(\d{{{digits}}})", key) if isinstance(key, str) else None
+    if not match or int(match.group(1)) >= rows:
+        raise KeyRefused(f"refused key {key!r}: not a row of this source's {split} split")
+    return int(match.group(1))
+
+
+class Source(ABC):
+    """A collection of labelled (or unlabelled) images, addressed by stable keys.
+
+    Keys may come from outside (an ID-only release names them), so :meth:`read` accepts only keys
+    of this source's own form and raises :class:`KeyRefused` for any other. Problems met while
+    listing (a folder that cannot be read, a symlink not followed, a sample with two images) are
+    collected in :attr:`listing_problems` as ``(key, reason)``; the index stage quarantines them.
+    """
+
+    #: The name ``--source`` and ``--exclude-near`` use.
+    kind: ClassVar[str]
+    #: How ``--source`` names it in help texts, and a reference set of this kind (``--exclude-near``).
+    form: ClassVar[str]
+    reference_example: ClassVar[str]
+    #: Whether the kind takes its files after a colon (``hf:NAME``, ``wds:SHARDS``) rather than ``--root``.
+    takes_argument: ClassVar[bool] = False
+    #: Whether a reference set of this kind may name no files (Fashion-MNIST has a default place).
+    root_optional: ClassVar[bool] = False
+    #: The split a reference set of this kind is when it names none.
+    reference_split: ClassVar[str] = "test"
+    #: Labels run from 0 to MAX_LABEL - 1 (ImageNet-21k has 21,841 classes); -1 or none: unlabelled. A row
+    #: whose label is outside that range is quarantined, so a tiny input cannot ask for 10^40 class names.
+    MAX_LABEL: ClassVar[int] = 100_000
+    #: Class names, indexed by label; empty when the source has no labels.
+    class_names: list[str]
+    listing_problems: list[tuple[str, str]]
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, argument: str) -> "Source":
+        """Open the source a recipe names (``argument``: what followed ``KIND:`` in ``--source``)."""
+        return cls(argument or recipe.root, recipe.split)
+
+    @abstractmethod
+    def items(self) -> Iterator[tuple[str, int]]:
+        """Yield ``(key, label)`` in source order; label is -1 when unknown."""
+
+    @abstractmethod
+    def read(self, key: str) -> bytes:
+        """Return the encoded bytes of the image stored under ``key``."""
+
+    @abstractmethod
+    def state(self) -> str:
+        """A short hash of what the source holds now (its listing with sizes and modification times, or
+        its files' identities), so a build notices added, removed and edited images."""
+
+    def describe(self) -> str:
+        return self.kind
+
+    def stat(self, key: str) -> str | None:
+        """A cheap identity of one image's file (size and modification time), where each image is a file:
+        an image whose identity is unchanged since the last index is not read again. None elsewhere."""
+        return None
+
+
+
+#: Every kind of source, by name, in the order they were registered.
+SOURCES: dict[str, type[Source]] = {}
+S = TypeVar("S", bound=type[Source])
+
+
+def register(cls: S) -> S:
+    """Make ``cls`` a kind of source: ``--source KIND`` and ``--exclude-near KIND:...`` then open it."""
+    for attr in ("kind", "form", "reference_example"):
+        if not isinstance(getattr(cls, attr, None), str):
+            raise TypeError(f"{cls.__name__} needs a class attribute {attr!r}")
+    SOURCES[cls.kind] = cls
+    return cls
+
+
+def source_kinds() -> tuple[str, ...]:
+    return tuple(SOURCES)
+
+
+def source_class(kind: str) -> type[Source]:
+    return SOURCES[kind]
+
+
+def open_source(recipe: Recipe) -> Source:
+    """Open the source a recipe names. Raises :class:`UserError` on a bad root."""
+    spec = recipe.source_spec
+    if recipe.root is not None and not Path(recipe.root).exists():
+        raise UserError(f"{recipe.root} does not exist", option="--root")
+    return SOURCES[spec.kind].from_recipe(recipe, spec.argument)
