@@ -20,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: spare cores]" is words, not a markup tag
 )
 # Soft wrap: a line the program prints stays one line, whatever the terminal's width.
 out = Console(soft_wrap=True)
@@ -80,6 +81,16 @@ def _print_result(build_dir: Path) -> None:
     out.print(f"report:  {build_dir / 'report' / 'index.html'}")
 
 
+#: The embed stage's options, declared once for `build` and `embed`.
+EMBED_OPTIONS = {
+    "batch_size": typer.Option(None, min=1, help="images per encoder batch"),
+    "workers": typer.Option(None, min=0, help="decode processes [default: spare cores]"),
+    "chunk_size": typer.Option(None, min=1, help="images per embedding chunk (resume unit)"),
+    "decode": typer.Option(
+        None, help="where the embed stage decodes JPEGs: auto (the GPU when there is one) | device | pillow"),
+}
+
+
 @app.command()
 def build(
     source: str = typer.Option(..., help=source_forms()),
@@ -118,11 +129,10 @@ def build(
     index: Optional[str] = typer.Option(None, help="kNN index: auto | flat | ivf-flat | ivf-pq"),
     memory: Optional[str] = typer.Option(None, help="memory budget for the kNN index, e.g. 8GB"),
     nprobe: Optional[int] = typer.Option(None, min=1, help="IVF lists probed per query"),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="images per encoder batch"),
-    workers: Optional[int] = typer.Option(None, min=0, help="decode processes [default: spare cores]"),
-    chunk_size: Optional[int] = typer.Option(None, min=1, help="images per embedding chunk (resume unit)"),
-    decode: Optional[str] = typer.Option(
-        None, help="where the embed stage decodes JPEGs: auto (the GPU when there is one) | device | pillow"),
+    batch_size: Optional[int] = EMBED_OPTIONS["batch_size"],
+    workers: Optional[int] = EMBED_OPTIONS["workers"],
+    chunk_size: Optional[int] = EMBED_OPTIONS["chunk_size"],
+    decode: Optional[str] = EMBED_OPTIONS["decode"],
     shard_size: Optional[str] = typer.Option(None, help="release shard size, e.g. 500MB"),
     images: Optional[str] = typer.Option(None, help="embed | none (an ID-only release: keys and digests)"),
     max_side: Optional[int] = typer.Option(None, min=8, help="shrink release images larger than this"),
@@ -143,19 +153,13 @@ def build(
                                 "--checksum); later stages rerun only where the index changed"),
 ) -> None:
     """Build a release: index -> embed -> exclude -> mine -> report -> export. Complete stages are skipped."""
+    from .config import Recipe
     from .stages import build as run_build
 
-    overrides = dict(root=str(root) if root else None, encoder=encoder, encoder_prefix=encoder_prefix,
-                     image_size=image_size, category=category,
-                     class_names=str(class_names) if class_names else None, clusters=clusters,
-                     pairs_per_class=pairs_per_class, index=index, memory=memory, nprobe=nprobe,
-                     limit=limit, split=split, image_column=image_column, label_column=label_column, k=k,
-                     min_similarity=min_similarity, dup_threshold=dup_threshold, copy_threshold=copy_threshold,
-                     whiten=whiten,
-                     max_per_anchor=max_per_anchor, mutual=mutual, batch_size=batch_size, workers=workers,
-                     chunk_size=chunk_size, decode=decode, shard_size=shard_size, images=images, max_side=max_side,
-                     engine=engine, name=name, license=license, seed=seed, exclude_near=exclude_near or None,
-                     exclude_threshold=exclude_threshold)
+    # Every option named as a recipe field is that field (tests/test_architecture.py holds them equal).
+    overrides = {name: value for name, value in locals().items() if name in Recipe.model_fields and name != "source"}
+    overrides.update(root=str(root) if root else None, class_names=str(class_names) if class_names else None,
+                     exclude_near=exclude_near or None)
     if until is not None and until not in STAGES:
         raise UserError(f"unknown stage {until!r}; accepted: {', '.join(STAGES)}", option="--until")
     recipe = resolve_recipe(source, overrides, str(recipe_file) if recipe_file else None)
@@ -180,11 +184,10 @@ def _stage_command(stage: str, doc: str) -> None:
 def embed_command(
     build_dir: Path = DirArg,
     force: bool = ForceOpt,
-    chunk_size: Optional[int] = typer.Option(None, min=1, help="images per embedding chunk (resume unit)"),
-    workers: Optional[int] = typer.Option(None, min=0, help="decode processes"),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="images per encoder batch"),
-    decode: Optional[str] = typer.Option(
-        None, help="where the embed stage decodes JPEGs: auto (the GPU when there is one) | device | pillow"),
+    chunk_size: Optional[int] = EMBED_OPTIONS["chunk_size"],
+    workers: Optional[int] = EMBED_OPTIONS["workers"],
+    batch_size: Optional[int] = EMBED_OPTIONS["batch_size"],
+    decode: Optional[str] = EMBED_OPTIONS["decode"],
 ) -> None:
     _run_with(build_dir, "embed", force, chunk_size=chunk_size, workers=workers, batch_size=batch_size,
               decode=decode)

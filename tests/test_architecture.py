@@ -142,3 +142,41 @@ def test_review_decisions_are_read_and_written_by_the_store_alone():
                 if "layout.REVIEWS" in p.read_text()]
     # the stage table watches the file, the server names it to the user; only the store opens it
     assert sorted(touching) == ["pipeline.py", "review/server.py", "review/store.py"], touching
+
+
+#: Recipe fields a recipe file sets and no option of ``build`` does, each for its reason.
+RECIPE_FILE_ONLY = {
+    "description": "free text for the dataset card: a recipe file holds it",
+    "grid_pairs": "the report's grid size: a recipe file holds it",
+    "reviewed": "chosen after a review, with `spp-curate export --reviewed`",
+}
+#: Options of ``build`` that are not recipe fields: where the build goes and how it runs.
+BUILD_ONLY = {"out_dir", "recipe_file", "until", "force", "rehash"}
+
+
+def _options(command_name: str) -> dict:
+    import typer.main
+
+    from spp_curate.cli import app
+
+    command = typer.main.get_command(app).commands[command_name]
+    return {p.name: p for p in command.params}
+
+
+def test_every_recipe_field_is_one_build_option_of_its_own_name_and_nothing_is_declared_twice():
+    from spp_curate.config import Recipe
+
+    build = _options("build")
+    fields = set(Recipe.model_fields)
+    assert not (fields - set(build) - set(RECIPE_FILE_ONLY)), "recipe fields with no build option"
+    assert not (set(build) - fields - BUILD_ONLY), "build options that are no recipe field"
+    for name in set(build) & fields:  # the option is spelled as the field
+        assert f"--{name.replace('_', '-')}" in build[name].opts, (name, build[name].opts)
+    # a stage command that takes a recipe field takes it as build does: the same help, the same bounds
+    for stage in ("embed", "export"):
+        for name, param in _options(stage).items():
+            if name in fields and name in build:
+                same = ("help", "opts", "min", "max", "metavar")
+                assert [getattr(param, a) for a in same] == [getattr(build[name], a) for a in same], (stage, name)
+            elif name in fields:
+                assert name in RECIPE_FILE_ONLY, (stage, name)
