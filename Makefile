@@ -25,8 +25,9 @@ demo: $(STAMP)
 	fi
 	$(BIN)/spp-curate demo --out $(DEMO_OUT)
 
+# One worker per core (pytest-xdist), each test file on one worker so that its fixtures are built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/mine.py --quick

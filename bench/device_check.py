@@ -30,7 +30,6 @@ import gzip
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys

@@ -88,7 +88,7 @@ def noisy_build(base: Path, out: Path, precision: float, seed: int = 0) -> tuple
     """A copy of the label-pair build ``base`` whose partners are random images for a share of its pairs,
     drawn so that the label precision is about ``precision``; report and export run again on it.
     Returns the release and its label precision."""
-    from spp_curate.stages import load_recipe
+    from spp_curate.config import load_recipe
 
     shutil.copytree(base, out, ignore=shutil.ignore_patterns("release", ".release.partial", ".lock",
                                                              "released-index.parquet"))

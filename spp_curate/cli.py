@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from . import __version__
+from . import __version__, layout
 from .config import reference_forms, resolve_recipe, source_forms
 from .errors import UserError
 from .pipeline import PIPELINE, STAGE_BY_NAME, STAGES
@@ -71,8 +71,8 @@ def _print_stage(stage: str, summary) -> None:
 def _print_result(build_dir: Path) -> None:
     from .files import read_json
 
-    metrics = read_json(build_dir / "report" / "metrics.json")
-    manifest = read_json(build_dir / "release" / "manifest.json")
+    metrics = read_json(build_dir / layout.METRICS)
+    manifest = read_json(build_dir / layout.RELEASE / layout.MANIFEST)
     precision = metrics["precision"]
     out.print(f"pairs: {metrics['pairs']:,} over {metrics['images']:,} images "
               f"(precision {'n/a' if precision is None else f'{precision:.4f}'}, coverage {metrics['coverage']:.4f}, "
@@ -172,7 +172,8 @@ def build(
 
 def _stage_command(stage: str, doc: str) -> None:
     def command(build_dir: Path = DirArg, force: bool = ForceOpt) -> None:
-        from .stages import load_recipe, run_stage
+        from .config import load_recipe
+        from .stages import run_stage
 
         recipe = load_recipe(build_dir)
         _print_stage(stage, run_stage(build_dir, recipe, stage, force=force))
@@ -196,7 +197,8 @@ def embed_command(
 def _run_with(build_dir: Path, stage: str, force: bool, **changes) -> None:
     """Run one stage on a build directory, with recipe fields changed (and saved) where options were given."""
     from .config import validate_recipe
-    from .stages import load_recipe, run_stage, save_recipe
+    from .config import load_recipe, save_recipe
+    from .stages import run_stage
 
     recipe = load_recipe(build_dir)
     changes = {k: v for k, v in changes.items() if v is not None}

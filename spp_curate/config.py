@@ -8,9 +8,10 @@ on the command line override them. The resolved recipe is written to
 
 from __future__ import annotations
 
-import hashlib
 import json
+import platform
 import re
+from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import UserError
-from .files import read_capped
+from . import layout
+from .files import atomic_path, file_identity, read_capped, short_hash
 from .pipeline import STAGE_FIELDS, STAGES
 
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
@@ -438,11 +440,11 @@ class Recipe(BaseModel):
         if "encoder" in fields:
             weights = self.encoder_spec.weights_file
             stat = weights.stat() if weights else None
-            fields["encoder_file"] = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None
+            fields["encoder_file"] = file_identity(stat) if stat else None
         fields["source_state"] = self._source_state if source_state else None
         if source_state and "exclude_near" in fields and self._reference_state is not None:
             fields["reference_state"] = self._reference_state
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        return short_hash(json.dumps(fields, sort_keys=True))
 
 
 def option_name(field: str) -> str:
@@ -462,10 +464,6 @@ def _raise_validation(err: ValidationError) -> None:
     else:
         msg = f"{msg.removeprefix('Value error, ')} (got {str(first.get('input'))[:60]!r})"
     raise UserError(msg, option=option_name(field)) from None
-
-
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in MANIFEST_DIR.glob("*.yaml"))
 
 
 #: A recipe file's limits: its size, and its YAML nodes counted with every alias expanded (a "billion laughs"
@@ -541,3 +539,40 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
     except ValidationError as err:
         _raise_validation(err)
         raise
+
+
+LIBRARIES = ("spp-curate", "torch", "open_clip_torch", "faiss-cpu", "faiss-gpu-cu12", "numpy", "pyarrow",
+              "pillow", "datasets", "webdataset", "huggingface_hub")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def save_recipe(build_dir: Path, recipe: Recipe) -> None:
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(build_dir / layout.BUILD_RECIPE) as tmp:
+        tmp.write_text(yaml.safe_dump({"recipe": recipe.model_dump(), "versions": library_versions()},
+                                      sort_keys=False))
+
+
+def load_recipe(build_dir: Path) -> Recipe:
+    path = build_dir / layout.BUILD_RECIPE
+    if not path.is_file():
+        raise UserError(f"{build_dir} is not a build directory (no build.yaml); start one with "
+                        "`spp-curate build --source ...`", option="DIR")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} cannot be read ({first}); rerun `spp-curate build` with the options you want "
+                        "to write it anew", option="DIR") from None
+    if not isinstance(data, dict) or not isinstance(data.get("recipe", {}), dict):
+        raise UserError(f"{path} does not hold a recipe mapping", option="DIR")
+    return validate_recipe(data.get("recipe", {}))

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from rich.table import Table
 
+from . import layout
 from .config import resolve_recipe
 from .files import read_json
 from .stages import build
@@ -52,7 +53,7 @@ def run_demo(out: Path, root: str | None, limit: int = 10_000, epochs: int = 3, 
         results[positives] = evaluate(run, "fashion-mnist", root, limit=limit)
         history = (run / "metrics.jsonl").read_text().splitlines()
         results[positives]["partner_weight"] = json.loads(history[-1]).get("partner_weight") if history else None
-    precision = {c: read_json(b / "report" / "metrics.json")["precision"] for c, b in builds.items()}
+    precision = {c: read_json(b / layout.METRICS)["precision"] for c, b in builds.items()}
     return {"results": results, "precision": precision, "builds": builds}
 
 

@@ -113,6 +113,16 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def short_hash(text: str) -> str:
+    """The first 16 hex digits of the sha256 of ``text``: the form of every fingerprint and source state."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def file_identity(st: os.stat_result) -> str:
+    """A file's cheap identity, ``size:mtime_ns``: what says a file changed without reading it."""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def read_capped(path: str | os.PathLike[str], cap: int, what: str = "file") -> bytes:
     """Read a whole file, refusing (before reading) one larger than ``cap`` bytes."""
     size = os.stat(path).st_size

@@ -24,6 +24,8 @@ QUARANTINE = "quarantine.parquet"
 EMBEDDINGS = "embeddings"
 EMBEDDINGS_META = "embeddings/meta.json"
 EMBEDDINGS_RUN = "embeddings/run.json"
+#: What encoded the embeddings (the encoder's description), written with the first chunk.
+EMBEDDINGS_ENCODER = "embeddings/encoder.json"
 PAIRS = "pairs.parquet"
 MINE_STATS = "mine_stats.json"
 #: The similarity scale the mine stage fitted (``pairing/whiten.py``): mean and projection.
@@ -31,8 +33,14 @@ WHITENING = "whitening.npz"
 REPORT = "report"
 METRICS = "report/metrics.json"
 REPORT_HTML = "report/index.html"
-#: The report's grid of strongest pairs; the release card shows it too.
+#: The report's figures (in REPORT): the grid of strongest pairs (the release card shows it too), the pairs
+#: nearest the threshold, the wrong ones, the threshold curve, the similarity histogram, pairs per class.
 STRONGEST_GRID = "pairs-strongest.png"
+THRESHOLD_GRID = "pairs-threshold.png"
+WRONG_GRID = "pairs-wrong.png"
+THRESHOLD_CURVE = "threshold-curve.png"
+SIMILARITY_HISTOGRAM = "similarity.png"
+PAIRS_PER_CLASS = "pairs-per-class.png"
 RELEASE = "release"
 STAGE_RECORDS = "stages"
 #: Near-copies of reference (evaluation) sets: every image's best copy score, and the summary.
@@ -87,7 +95,6 @@ def load_embeddings(build_dir: Path, dtype=np.float32) -> tuple[np.ndarray, np.n
 EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.ids\.npy",
                                            r"chunk-\d{5}\.keys\.parquet", r"meta\.json", r"run\.json",
                                            r"encoder\.json")]
-REPORT_FILES = [re.compile(p) for p in (r"[A-Za-z0-9_-]+\.png", r"index\.html", r"metrics\.json")]
 #: Files of one reference set's folder under ``references/``.
 REFERENCE_FILES = [re.compile(p) for p in (re.escape(INDEX), re.escape(QUARANTINE), re.escape(INDEX_STATS),
                                            r"descriptors\.npz", r"record\.json")]
@@ -117,13 +124,6 @@ RELEASE_ENTRY_PATTERNS: dict[str, re.Pattern[str]] = {
 #: Every file the program writes in a release folder.
 RELEASE_FILES = [*RELEASE_ENTRY_PATTERNS.values(), re.compile(re.escape(MANIFEST)), re.compile(re.escape(EXPORT_PLAN))]
 #: Where shards live: a file there that the manifest does not list is a problem for ``verify``.
-SHARD_FOLDERS = ("data", "wds", "assets")
+PARQUET_FOLDER, TAR_FOLDER, ASSET_FOLDER = "data", "wds", "assets"
+SHARD_FOLDERS = (PARQUET_FOLDER, TAR_FOLDER, ASSET_FOLDER)
 
-#: Every file the program writes directly in a build directory (sub-folders have their own patterns).
-BUILD_FILES = [re.compile(p) for p in (re.escape(BUILD_RECIPE), re.escape(LOCK), re.escape(INDEX),
-                                       re.escape(QUARANTINE), re.escape(PAIRS), re.escape(MINE_STATS),
-                                       re.escape(WHITENING),
-                                       re.escape(EXCLUSION), re.escape(EXCLUSION_STATS), re.escape(REVIEWS),
-                                       re.escape(REVIEWS_LOCK), re.escape(RELEASED_INDEX),
-                                       re.escape(INDEX_STATS),
-                                       r"stages/[a-z]+\.json")]

@@ -13,44 +13,16 @@ and first removes the temporary files a killed run left there.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
-
 from . import layout
-from .config import Recipe, validate_recipe
+from .config import Recipe, save_recipe
 from .engine import get_engine
 from .errors import UserError
-from .files import BuildLock, atomic_path, read_json, remove_stale_temps, write_json
+from .files import BuildLock, file_identity, read_json, remove_stale_temps, short_hash, write_json
 from .pipeline import STAGE_BY_NAME, STAGES
-
-
-def save_recipe(build_dir: Path, recipe: Recipe) -> None:
-    from .export.manifest import library_versions
-
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(build_dir / layout.BUILD_RECIPE) as tmp:
-        tmp.write_text(yaml.safe_dump({"recipe": recipe.model_dump(), "versions": library_versions()},
-                                      sort_keys=False))
-
-
-def load_recipe(build_dir: Path) -> Recipe:
-    path = build_dir / layout.BUILD_RECIPE
-    if not path.is_file():
-        raise UserError(f"{build_dir} is not a build directory (no build.yaml); start one with "
-                        "`spp-curate build --source ...`", option="DIR")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} cannot be read ({first}); rerun `spp-curate build` with the options you want "
-                        "to write it anew", option="DIR") from None
-    if not isinstance(data, dict) or not isinstance(data.get("recipe", {}), dict):
-        raise UserError(f"{path} does not hold a recipe mapping", option="DIR")
-    return validate_recipe(data.get("recipe", {}))
 
 
 def check_build_dir(build_dir: Path) -> None:
@@ -89,8 +61,8 @@ def stage_fingerprint(build_dir: Path, recipe: Recipe, stage: str) -> str:
     watched = [build_dir / w for w in dict.fromkeys(names)]
     if not watched:
         return recipe.fingerprint(stage)
-    states = [f"{s.st_size}:{s.st_mtime_ns}" if (s := _stat(p)) else "absent" for p in watched]
-    return recipe.fingerprint(stage) + ":" + hashlib.sha256("|".join(states).encode()).hexdigest()[:16]
+    states = [file_identity(s) if (s := _stat(p)) else "absent" for p in watched]
+    return recipe.fingerprint(stage) + ":" + short_hash("|".join(states))
 
 
 def _stat(path: Path):

@@ -7,9 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# Under pytest-xdist (`make test` runs one worker per core) each worker does its math on one thread: two
+# workers on two cores, each with a thread per core, would fight over them. Set before torch and faiss load.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
-from spp_curate.cli import main
+import pytest  # noqa: E402
+
+from spp_curate.cli import main  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 FMNIST = DATA / "fashion-mnist"

@@ -180,3 +180,18 @@ def test_every_recipe_field_is_one_build_option_of_its_own_name_and_nothing_is_d
                 assert [getattr(param, a) for a in same] == [getattr(build[name], a) for a in same], (stage, name)
             elif name in fields:
                 assert name in RECIPE_FILE_ONLY, (stage, name)
+
+
+def test_an_ssl_method_is_one_class_that_names_itself():
+    from spp_curate.train.methods import METHODS
+    from spp_curate.train.methods.simclr import SimCLR
+
+    assert list(METHODS)[:4] == ["moco", "simclr", "simsiam", "byol"]
+
+    class Wider(SimCLR):
+        name = "wider-simclr"
+
+    try:
+        assert METHODS["wider-simclr"] is Wider
+    finally:
+        METHODS.pop("wider-simclr")

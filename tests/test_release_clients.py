@@ -42,7 +42,7 @@ def test_load_dataset_reads_every_pair_with_decoded_images(label_build):
 
 def _source_png(build, key):
     from spp_curate.curate.sources import open_source
-    from spp_curate.stages import load_recipe
+    from spp_curate.config import load_recipe
 
     return open_source(load_recipe(build)).read(key)
 

@@ -267,8 +267,8 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
     """
     emb_dir = build_dir / layout.EMBEDDINGS
     chunk_size = recipe.chunk_size
-    run_file = emb_dir / "run.json"
-    encoder_file = emb_dir / "encoder.json"
+    run_file = build_dir / layout.EMBEDDINGS_RUN
+    encoder_file = build_dir / layout.EMBEDDINGS_ENCODER
     decode = decode_path(recipe.decode, torch.device(device) if device else default_device())
     run = {"fingerprint": recipe.fingerprint("embed", source_state=False), "chunk_size": chunk_size, "rows": "keyed",
            "decode": decode}
@@ -353,7 +353,7 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
     described = read_json(encoder_file)
     meta = {**described, "dtype": "float16", "normalized": "l2", "count": int(len(ids)),
             "chunks": len(chunk_files), "chunk_files": chunk_files, "chunk_size": chunk_size, "failed_ids": failed}
-    write_json(emb_dir / "meta.json", meta)
+    write_json(build_dir / layout.EMBEDDINGS_META, meta)
     return {"embedded": int(len(needed)), "reused": int(len(ids) - len(needed)), "dropped": dropped,
             "failed": len(failed)}
 

@@ -16,9 +16,7 @@ A release may come from anyone (the Hub, a colleague, a download), so
 from __future__ import annotations
 
 import os
-import platform
 import tarfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,22 +30,10 @@ from ..errors import UserError
 from ..files import UnsafePath, read_capped, safe_join, sha256_file
 
 SCHEMA_VERSION = 1
-_LIBRARIES = ("spp-curate", "torch", "open_clip_torch", "faiss-cpu", "faiss-gpu-cu12", "numpy", "pyarrow",
-              "pillow", "datasets", "webdataset", "huggingface_hub")
 #: Stated limits on what is read into memory from a release.
 MAX_MANIFEST_BYTES = 64 * 2**20
 MAX_MEMBER_BYTES = 256 * 2**20
 MAX_ROW_GROUP_BYTES = 512 * 2**20
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in _LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 class FileEntry(BaseModel):

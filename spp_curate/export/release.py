@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .. import layout
-from ..config import Recipe
+from ..config import Recipe, library_versions
 from ..images import read_bytes, read_image
 from ..layout import read_class_names
 from ..curate.sources import Source, open_source
@@ -41,7 +41,7 @@ from ..files import atomic_path, read_json, recover_swap, refuse_foreign, remove
 from ..review.store import apply_reviews, read_reviews
 from ..progress import stage_progress
 from .card import render_card
-from .manifest import SCHEMA_VERSION, file_entry, library_versions
+from .manifest import SCHEMA_VERSION, file_entry
 from .versions import index_digest, version_block
 from .parquet import PairParquetWriter, id_features, pair_features
 from .samples import PairSample
@@ -173,8 +173,8 @@ class ShardWork:
 
 def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
     """Gather a build directory's pairs, image facts, metrics and figure."""
-    index = pq.read_table(build_dir / "index.parquet").to_pandas().set_index("id")
-    pairs = pq.read_table(build_dir / "pairs.parquet").to_pandas()
+    index = pq.read_table(build_dir / layout.INDEX).to_pandas().set_index("id")
+    pairs = pq.read_table(build_dir / layout.PAIRS).to_pandas()
     a, p = index.loc[pairs.anchor_id], index.loc[pairs.positive_id]
     table = pd.DataFrame({
         "pair_id": pairs.pair_id.to_numpy(), "anchor_key": a.key.to_numpy(), "positive_key": p.key.to_numpy(),
@@ -186,8 +186,8 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
     grid = build_dir / layout.REPORT / layout.STRONGEST_GRID
     return ReleaseInput(
         recipe=recipe, pairs=table, images=index.set_index("key")[["format", "nbytes"]],
-        class_names=read_class_names(build_dir / "index.parquet"),
-        counts={"images": len(index), "quarantined": pq.read_metadata(build_dir / "quarantine.parquet").num_rows},
+        class_names=read_class_names(build_dir / layout.INDEX),
+        counts={"images": len(index), "quarantined": pq.read_metadata(build_dir / layout.QUARANTINE).num_rows},
         metrics=read_json(metrics_path) if metrics_path.exists() else None,
         figure=grid if grid.exists() else None, review=review,
         index_keys=index[["key", "digest"]].reset_index(drop=True), snapshot=build_dir / layout.RELEASED_INDEX)
@@ -258,7 +258,7 @@ def _staging(release: Path, plan: dict[str, Any], option: str) -> Path:
             same = False
         if not same:
             remove_owned(staging, layout.RELEASE_FILES, option)  # another recipe or plan: nothing to reuse
-    (staging / "data").mkdir(parents=True, exist_ok=True)
+    (staging / layout.PARQUET_FOLDER).mkdir(parents=True, exist_ok=True)
     write_json(plan_file, plan)
     remove_stale_temps(staging)
     return staging
@@ -294,7 +294,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
         return done
     release = _staging(final, plan, option)
     if not id_only:
-        (release / "wds").mkdir(parents=True, exist_ok=True)
+        (release / layout.TAR_FOLDER).mkdir(parents=True, exist_ok=True)
 
     features = id_features(inp.class_names) if id_only else pair_features(inp.class_names)
     row_group_rows = int(np.clip(64e6 / max(float(pair_bytes.mean()) if len(pairs) else 1.0, 1.0), 16, 10_000))
@@ -328,8 +328,8 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
               "images_reencoded": 0 if id_only else int(sum(formats.loc[used] != target))}
     figure = None
     if inp.figure is not None:
-        (release / "assets").mkdir(exist_ok=True)
-        with atomic_path(release / "assets" / inp.figure.name) as tmp:
+        (release / layout.ASSET_FOLDER).mkdir(exist_ok=True)
+        with atomic_path(release / layout.ASSET_FOLDER / inp.figure.name) as tmp:
             shutil.copyfile(inp.figure, tmp)
         figure = f"assets/{inp.figure.name}"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,3 @@ class PairSample:
                 "anchor_digest": self.anchor_digest, "positive_digest": self.positive_digest,
                 "label": self.label, "label_name": self.label_name,
                 "similarity": round(float(self.similarity), 6)}
-
-
-class ShardWriter(Protocol):
-    """What every release writer offers: take samples, then close into a finished file."""
-
-    def write(self, sample: PairSample) -> None: ...
-
-    def close(self) -> int:
-        """Finish the shard (rename into place); return the number of rows written."""
-        ...

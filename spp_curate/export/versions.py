@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import layout
 from ..curate.index import key_changes
 from ..errors import UserError
 from ..files import sha256_file
@@ -84,7 +85,7 @@ def parent_of(final: Path) -> tuple[Manifest, str] | None:
         manifest = load_manifest(final)
     except UserError:
         return None
-    return manifest, sha256_file(final / "manifest.json")
+    return manifest, sha256_file(final / layout.MANIFEST)
 
 
 def version_block(final: Path, pairs: pd.DataFrame, images: pd.DataFrame | None,

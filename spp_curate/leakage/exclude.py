@@ -32,7 +32,7 @@ from .. import layout
 from ..config import Recipe, ReferenceSpec, resolve_threshold
 from ..devices import auto_workers
 from ..errors import UserError
-from ..files import atomic_path, read_json, remove_owned, write_json, write_table
+from ..files import atomic_path, read_json, remove_owned, short_hash, write_json, write_table
 from ..images import load_images
 from ..progress import stage_progress
 from .copies import DRAFT, VERSION, Descriptors, copy_scores, describe
@@ -126,7 +126,7 @@ def reference_state(recipe: Recipe) -> str | None:
     if not recipe.references:
         return None
     states = [f"{ref.spec}={_open_reference(recipe, ref)[2]}" for ref in recipe.references]
-    return hashlib.sha256("\n".join(states).encode()).hexdigest()[:16]
+    return short_hash("\n".join(states))
 
 
 def prepare_reference(recipe: Recipe, ref: ReferenceSpec, build_dir: Path, engine

@@ -56,10 +56,6 @@ def pair_codes(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     return a.astype(np.int64) * np.int64(n) + b.astype(np.int64)
 
 
-def not_self(c: Candidates) -> np.ndarray:
-    return c.anchor != c.positive
-
-
 def at_least(c: Candidates, min_similarity: float) -> np.ndarray:
     return c.similarity >= min_similarity
 
@@ -81,10 +77,6 @@ def not_copy(c: Candidates, copy_codes: np.ndarray | None, n: int) -> np.ndarray
     if copy_codes is None or not len(copy_codes):
         return np.ones(len(c.anchor), bool)
     return ~np.isin(unordered_codes(c.anchor, c.positive, n), copy_codes)
-
-
-def same_label(c: Candidates, labels: np.ndarray) -> np.ndarray:
-    return (labels[c.anchor] == labels[c.positive]) & (labels[c.anchor] >= 0)
 
 
 def is_mutual(c: Candidates, neighbour_codes: np.ndarray, n: int) -> np.ndarray:

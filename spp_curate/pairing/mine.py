@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import layout
 from ..config import Recipe
 from ..errors import UserError
 from ..layout import WHITENING, load_embeddings, read_class_names
@@ -220,7 +221,7 @@ def resolve_precision_target(recipe: Recipe, build_dir: Path, cand: F.Candidates
 
 def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     """Write ``pairs.parquet`` and ``mine_stats.json``; return counts."""
-    index = pq.read_table(build_dir / "index.parquet", columns=["id", "key", "label", "label_name", "digest"])
+    index = pq.read_table(build_dir / layout.INDEX, columns=["id", "key", "label", "label_name", "digest"])
     vecs, ids = load_embeddings(build_dir, dtype=np.float16)
     if not np.array_equal(ids, index.column("id").to_numpy()):
         raise RuntimeError("embeddings do not cover the index row for row; rerun the embed stage")
@@ -233,7 +234,7 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     n, d = vecs.shape
 
     class_names = (read_class_names_file(recipe.class_names) if recipe.class_names
-                   else read_class_names(build_dir / "index.parquet"))
+                   else read_class_names(build_dir / layout.INDEX))
     cats = assign_categories(recipe.category, vecs, valid, labels, class_names, recipe.encoder,
                              recipe.image_size, recipe.clusters, recipe.seed)
     # The similarity scale, fitted on this build's embeddings (the chunks stay as the encoder wrote them).
@@ -291,6 +292,6 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
         "kept_hist": np.histogram(kept.similarity, F.HIST_BINS)[0].tolist(),
         "removed_hist": funnel.removed_hist,
     }
-    write_json(build_dir / "mine_stats.json", stats)
-    write_table(build_dir / "pairs.parquet", table)
+    write_json(build_dir / layout.MINE_STATS, stats)
+    write_table(build_dir / layout.PAIRS, table)
     return {"pairs": len(kept)}

@@ -201,12 +201,12 @@ Search: {html.escape(search["scope"])}, {search["groups"]} groups, indexes {html
 
 def write_report(recipe: Recipe, build_dir: Path, engine=None) -> dict[str, Any]:
     """Write ``report/metrics.json``, the figures and ``report/index.html``; return the metrics."""
-    out = build_dir / "report"
+    out = build_dir / layout.REPORT
     out.mkdir(parents=True, exist_ok=True)
-    index = pq.read_table(build_dir / "index.parquet", columns=["id", "key", "label"]).to_pandas()
-    pairs = pq.read_table(build_dir / "pairs.parquet").to_pandas()
-    stats = read_json(build_dir / "mine_stats.json")
-    quarantined = pq.read_metadata(build_dir / "quarantine.parquet").num_rows
+    index = pq.read_table(build_dir / layout.INDEX, columns=["id", "key", "label"]).to_pandas()
+    pairs = pq.read_table(build_dir / layout.PAIRS).to_pandas()
+    stats = read_json(build_dir / layout.MINE_STATS)
+    quarantined = pq.read_metadata(build_dir / layout.QUARANTINE).num_rows
     metrics = compute_metrics(index, pairs, stats, quarantined)
 
     source = open_source(recipe)
@@ -221,24 +221,24 @@ def write_report(recipe: Recipe, build_dir: Path, engine=None) -> dict[str, Any]
     if len(wrong):
         picks["Wrong pairs (labels disagree)"] = wrong.nlargest(n, "similarity")
     for i, (title, chosen) in enumerate(picks.items()):
-        name = [layout.STRONGEST_GRID, "pairs-threshold.png", "pairs-wrong.png"][i]
+        name = [layout.STRONGEST_GRID, layout.THRESHOLD_GRID, layout.WRONG_GRID][i]
         if len(chosen):
             pair_grid(source, keys, chosen, out / name, source.class_names)
             grids[title] = name
-    threshold_curve_plot(stats["curve"], out / "threshold-curve.png")
-    grids = {"Precision and coverage against the minimum similarity": "threshold-curve.png", **grids}
-    similarity_histogram(stats, recipe, out / "similarity.png")
-    grids["Similarity histogram"] = "similarity.png"
+    threshold_curve_plot(stats["curve"], out / layout.THRESHOLD_CURVE)
+    grids = {"Precision and coverage against the minimum similarity": layout.THRESHOLD_CURVE, **grids}
+    similarity_histogram(stats, recipe, out / layout.SIMILARITY_HISTOGRAM)
+    grids["Similarity histogram"] = layout.SIMILARITY_HISTOGRAM
     if metrics["pairs_per_class"]:
-        pairs_per_class_plot(metrics, out / "pairs-per-class.png")
-        grids["Pairs per class"] = "pairs-per-class.png"
+        pairs_per_class_plot(metrics, out / layout.PAIRS_PER_CLASS)
+        grids["Pairs per class"] = layout.PAIRS_PER_CLASS
     from ..leakage.report import leakage_section
 
     metrics["leakage"], leak_figures = leakage_section(recipe, build_dir, out)
     metrics["excluded_near_copies"] = metrics["leakage"]["excluded"] if metrics["leakage"] else None
     grids.update(leak_figures)
     metrics["figures"] = list(grids.values())
-    write_json(out / "metrics.json", metrics)
-    with atomic_path(out / "index.html") as tmp:
+    write_json(build_dir / layout.METRICS, metrics)
+    with atomic_path(build_dir / layout.REPORT_HTML) as tmp:
         tmp.write_text(_html(recipe, metrics, grids))
     return metrics

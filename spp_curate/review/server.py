@@ -35,7 +35,6 @@ from . import store
 PAGE = Path(__file__).with_name("page.html")
 #: Longest side of a picture on the page; small ones are enlarged by the browser, pixel for pixel.
 PICTURE_SIDE = 512
-DEFAULT_PORT = 8765
 
 
 class Decision(BaseModel):
@@ -50,7 +49,7 @@ class Build:
 
     def __init__(self, build_dir: Path) -> None:
         from ..curate.sources import open_source
-        from ..stages import load_recipe
+        from ..config import load_recipe
 
         self.dir = build_dir
         self.recipe = load_recipe(build_dir)

@@ -30,7 +30,6 @@ from ..errors import UserError
 from ..files import write_table
 
 DECISIONS = ("accept", "reject", "skip")
-REVIEWED = ("all", "accepted", "not-rejected")
 SCHEMA = pa.schema([
     ("pair_id", pa.int64()), ("anchor_key", pa.string()), ("positive_key", pa.string()),
     ("decision", pa.string()), ("time", pa.timestamp("ms", tz="UTC")), ("reviewer", pa.string()),

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ...errors import UserError
+from ...files import file_identity
 from .base import Source, register, row_of, state_hash
 
 
@@ -84,7 +85,7 @@ class FashionMNISTSource(Source):
     def state(self) -> str:
         if not self.files:
             return state_hash([self.HUB_ID, self.split, str(len(self.labels))])
-        return state_hash(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in self.files)
+        return state_hash(f"{p.name}:{file_identity(p.stat())}" for p in self.files)
 
     def describe(self) -> str:
         return f"fashion-mnist ({self.split}, {len(self.labels)} images)"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ...errors import KeyRefused, UserError
-from ...files import UnsafePath, safe_join
+from ...files import UnsafePath, file_identity, safe_join
 from .base import IMAGE_EXTENSIONS, Source, register, state_hash
 
 
@@ -93,7 +93,7 @@ class ImageFolderSource(Source):
             st = (self.root / key).stat()
         except OSError:
             return None
-        return f"{st.st_size}:{st.st_mtime_ns}"
+        return file_identity(st)
 
     def state(self) -> str:
         return state_hash(f"{key}:{self.stat(key) or 'unreadable'}:{label}" for key, label in self.items())

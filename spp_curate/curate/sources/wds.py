@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from ...errors import KeyRefused, UserError
+from ...files import file_identity
 from .base import Source, register, state_hash
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class WebDatasetSource(Source):
             return fh.read(size)
 
     def state(self) -> str:
-        return state_hash(f"{p}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in self.paths)
+        return state_hash(f"{p}:{file_identity(os.stat(p))}" for p in self.paths)
 
     def describe(self) -> str:
         return f"wds {self.pattern} ({len(self.samples)} images)"

@@ -72,6 +72,13 @@ class Method(nn.Module):
 
     name = "method"
     momentum = 0.99
+    #: Every method by its ``--method`` name: a subclass that sets ``name`` is one (see ``__init__.py``).
+    registry: dict[str, type["Method"]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            Method.registry[cls.name] = cls
 
     def __init__(self, backbone: nn.Module, feat_dim: int, use_partner: bool) -> None:
         super().__init__()
