@@ -32,11 +32,11 @@ from torchvision.transforms import v2 as T
 from spp_curate.checkpoint import MEAN, STD
 from spp_curate.config import resolve_recipe
 from spp_curate.curate.sources import open_source
-from spp_curate.devices import auto_workers, autocast_for, default_device
+from spp_curate.devices import auto_workers, default_device
 from spp_curate.images import image_from_bytes, load_image
 from spp_curate.stages import build
 from spp_curate.train.data import image_id
-from spp_curate.train.loop import TrainConfig, build_model, train
+from spp_curate.train.loop import TrainConfig, build_model, train, train_step
 from spp_curate.train.methods import Views
 
 from _common import DEBIAN, SUBSET, mode_parser
@@ -99,12 +99,7 @@ def step_fn(cfg: TrainConfig, device, channels_last: bool = True):
                          for t in views.tensors]
         views.images = [i.to(device) for i in views.images]
         views.partners = [p.to(device) for p in views.partners]
-        with autocast_for(device):
-            loss = model.loss(views)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.after_step(0.5)
+        train_step(model, opt, views, device, 0.5)  # the trainer's own step
     return step
 
 

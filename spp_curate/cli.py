@@ -244,17 +244,10 @@ def review(
                                       help="let --host be an address others can reach (the page has no authentication)"),
 ) -> None:
     """Review pairs in the browser: accept (a), reject (r), skip (s); decisions go to DIR/reviews.parquet."""
-    import getpass
-
     from .review.server import serve
+    from .review.store import reviewer_name
 
-    try:
-        default = getpass.getuser()
-    except (OSError, KeyError):
-        default = "reviewer"
-    name = (reviewer if reviewer is not None else default).strip()
-    if not name or len(name) > 100 or any(not c.isprintable() for c in name):
-        raise UserError(f"got {reviewer!r}; accepted: a printable name of at most 100 characters", option="--reviewer")
+    name = reviewer_name(reviewer)
     serve(build_dir, host, port, name, say=lambda line: out.print(line, markup=False, highlight=False),
           estimate=estimate, half_width=half_width, seed=seed, allow_remote=allow_remote)
 

@@ -6,7 +6,7 @@ import contextlib
 import multiprocessing as mp
 from typing import Any, Sequence
 
-from . import OnResult, Work, check_complete
+from .base import OnResult, Work, check_complete
 
 _work: Work | None = None
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import ray
 from ray.util import ActorPool
 
-from . import OnResult, Work, check_complete
+from .base import OnResult, Work, check_complete
 
 RETRIES = {"max_restarts": -1, "max_task_retries": -1}
 

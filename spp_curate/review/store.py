@@ -73,6 +73,26 @@ def _locked(build_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+#: The longest reviewer name recorded with a decision.
+MAX_REVIEWER = 100
+
+
+def reviewer_name(given: str | None) -> str:
+    """The name recorded with each decision: ``--reviewer``, else the login name; printable, at most
+    MAX_REVIEWER characters, or a one-line error naming the option."""
+    import getpass
+
+    try:
+        default = getpass.getuser()
+    except (OSError, KeyError):
+        default = "reviewer"
+    name = (given if given is not None else default).strip()
+    if not name or len(name) > MAX_REVIEWER or any(not c.isprintable() for c in name):
+        raise UserError(f"got {given!r}; accepted: a printable name of at most {MAX_REVIEWER} characters",
+                        option="--reviewer")
+    return name
+
+
 def read_reviews(build_dir: Path) -> pd.DataFrame:
     """Every decision recorded on this build (an empty table when there is none)."""
     path = build_dir / layout.REVIEWS

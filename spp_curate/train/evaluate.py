@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import parse_source, resolve_recipe
-from ..curate.sources import open_source
+from ..config import parse_source
+from ..curate.sources import open_named
 from ..devices import autocast_for, default_device
 from ..errors import UserError
 from ..files import write_json
@@ -107,11 +107,9 @@ def evaluate(run: Path, source: str, root: str | None, test_root: str | None = N
     backbone, _, image_size = load_backbone(run)
     kind = parse_source(source).kind
     if kind == "fashion-mnist":
-        train_src = open_source(resolve_recipe(source, {"root": root, "split": "train"}))
-        test_src = open_source(resolve_recipe(source, {"root": root, "split": "test"}))
+        train_src, test_src = open_named(source, root, "train"), open_named(source, root, "test")
     elif test_root:
-        train_src = open_source(resolve_recipe(source, {"root": root}))
-        test_src = open_source(resolve_recipe(source, {"root": test_root}))
+        train_src, test_src = open_named(source, root), open_named(source, test_root)
     else:
         raise UserError("this source needs --test-root for the test split (--root is the train split)",
                         option="--test-root")

@@ -87,11 +87,24 @@ def _dataset(cfg: TrainConfig) -> TrainData:
     """The run's rows and pictures, decoded once (by row ranges of the release, or of the source's keys)."""
     if cfg.pairs is not None:
         return pair_data(cfg.pairs, cfg.image_size, cfg.workers, cfg.cache, Path(cfg.out), cfg.limit)
-    from ..config import resolve_recipe
-    from ..curate.sources import open_source
+    from ..curate.sources import open_named
 
-    source = open_source(resolve_recipe(cfg.source, {"root": cfg.root}))
+    source = open_named(cfg.source, cfg.root)
     return single_data(source, cfg.image_size, cfg.workers, cfg.cache, Path(cfg.out), cfg.limit)
+
+
+def train_step(model, optimizer, views, device, progress: float, check=None) -> torch.Tensor:
+    """One step on a batch of views: the loss (under autocast on a GPU), ``check(loss)`` before anything is
+    updated, the gradient, the optimiser's step, and the momentum schedule at ``progress`` (0..1) of training."""
+    with autocast_for(device):
+        loss = model.loss(views)
+    if check is not None:
+        check(loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    model.after_step(progress)
+    return loss
 
 
 def build_model(cfg: TrainConfig):
@@ -177,18 +190,17 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, 
         with stage_progress(label, len(data), unit=data.unit) as (bar, task):
             for batch in batches:
                 views = make_views(batch)
-                with autocast_for(device):
-                    loss = model.loss(views)
-                if not torch.isfinite(loss.detach()):
-                    raise UserError(f"the loss is {float(loss.detach())} at epoch {epoch + 1}, step {steps + 1}: "
-                                    f"training diverged at learning rate {cfg.lr}; lower --lr (the last good "
-                                    f"checkpoint, if any, is kept)", option="--lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                steps += 1
+
+                def finite(loss: torch.Tensor) -> None:
+                    if not torch.isfinite(loss.detach()):
+                        raise UserError(f"the loss is {float(loss.detach())} at epoch {epoch + 1}, step {steps + 1}: "
+                                        f"training diverged at learning rate {cfg.lr}; lower --lr (the last good "
+                                        f"checkpoint, if any, is kept)", option="--lr")
+
                 # momentum schedules follow training progress
-                model.after_step(min(1.0, (epoch + steps / len(batches)) / cfg.epochs))
+                loss = train_step(model, optimizer, views, device,
+                                  min(1.0, (epoch + (steps + 1) / len(batches)) / cfg.epochs), check=finite)
+                steps += 1
                 total += float(loss.detach()) * views.batch
                 seen += views.batch
                 bar.update(task, advance=views.batch, description=f"{label} loss {total / seen:.3f}")

@@ -8,7 +8,7 @@ this package is imported below, so nothing else in the project names the kinds.
 import importlib
 import pkgutil
 
-from .base import IMAGE_EXTENSIONS, SOURCES, Source, open_source, register, row_of, source_class, source_kinds, \
+from .base import IMAGE_EXTENSIONS, SOURCES, Source, open_named, open_source, register, row_of, source_class, source_kinds, \
     state_hash
 from .fashion_mnist import FashionMNISTSource, read_idx
 from .folder import ImageFolderSource, ImageNetSource, class_folders, linked_folders
@@ -18,6 +18,6 @@ from .wds import WebDatasetSource
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["IMAGE_EXTENSIONS", "SOURCES", "Source", "open_source", "register", "row_of", "source_class",
+__all__ = ["IMAGE_EXTENSIONS", "SOURCES", "Source", "open_named", "open_source", "register", "row_of", "source_class",
            "source_kinds", "state_hash", "FashionMNISTSource", "read_idx", "ImageFolderSource", "ImageNetSource",
            "class_folders", "linked_folders", "HFSource", "WebDatasetSource"]

@@ -72,9 +72,11 @@ class Source(ABC):
     listing_problems: list[tuple[str, str]]
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, argument: str) -> "Source":
-        """Open the source a recipe names (``argument``: what followed ``KIND:`` in ``--source``)."""
-        return cls(argument or recipe.root, recipe.split)
+    def open(cls, argument: str, root: str | None, split: str, image_column: str | None = None,
+             label_column: str | None = None) -> "Source":
+        """Open a source of this kind (``argument``: what followed ``KIND:`` in ``--source``; the columns: for
+        kinds that have them)."""
+        return cls(argument or root, split)
 
     @abstractmethod
     def items(self) -> Iterator[tuple[str, int]]:
@@ -123,7 +125,15 @@ def source_class(kind: str) -> type[Source]:
 
 def open_source(recipe: Recipe) -> Source:
     """Open the source a recipe names. Raises :class:`UserError` on a bad root."""
-    spec = recipe.source_spec
-    if recipe.root is not None and not Path(recipe.root).exists():
-        raise UserError(f"{recipe.root} does not exist", option="--root")
-    return SOURCES[spec.kind].from_recipe(recipe, spec.argument)
+    return open_named(recipe.source, recipe.root, recipe.split, recipe.image_column, recipe.label_column)
+
+
+def open_named(source: str, root: str | None = None, split: str = "train", image_column: str | None = None,
+               label_column: str | None = None) -> Source:
+    """Open a source from its ``--source`` string alone (the trainer and ``eval`` need no build recipe)."""
+    from ...config import parse_source
+
+    spec = parse_source(source)
+    if root is not None and not Path(root).exists():
+        raise UserError(f"{root} does not exist", option="--root")
+    return SOURCES[spec.kind].open(spec.argument, root, split, image_column, label_column)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from ...errors import KeyRefused, UserError
 from .base import Source, register, row_of, state_hash
-
-if TYPE_CHECKING:
-    from ...config import Recipe
 
 
 def _feature_kind(feature) -> str:
@@ -48,8 +45,9 @@ class HFSource(Source):
     takes_argument = True
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, argument: str) -> "HFSource":
-        return cls(argument or recipe.root or "", recipe.split, recipe.image_column, recipe.label_column)
+    def open(cls, argument: str, root: str | None, split: str, image_column: str | None = None,
+             label_column: str | None = None) -> "HFSource":
+        return cls(argument or root or "", split, image_column, label_column)
 
     def __init__(self, name: str, split: str = "train", image_column: str | None = None,
                  label_column: str | None = None) -> None:

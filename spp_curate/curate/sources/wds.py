@@ -5,14 +5,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from ...errors import KeyRefused, UserError
 from ...files import file_identity
 from .base import Source, register, state_hash
-
-if TYPE_CHECKING:
-    from ...config import Recipe
 
 
 @register
@@ -34,8 +31,9 @@ class WebDatasetSource(Source):
     takes_argument = True
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, argument: str) -> "WebDatasetSource":
-        return cls(argument or recipe.root or "", recipe.split)
+    def open(cls, argument: str, root: str | None, split: str, image_column: str | None = None,
+             label_column: str | None = None) -> "WebDatasetSource":
+        return cls(argument or root or "", split)
     IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
     MAX_META_BYTES = 1 << 20
 
