@@ -76,7 +76,8 @@ class Source(ABC):
              label_column: str | None = None) -> "Source":
         """Open a source of this kind (``argument``: what followed ``KIND:`` in ``--source``; the columns: for
         kinds that have them)."""
-        return cls(argument or root, split)
+        target = argument or root
+        return cls((target or "") if cls.takes_argument else target, split)
 
     @abstractmethod
     def items(self) -> Iterator[tuple[str, int]]:

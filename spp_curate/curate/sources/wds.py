@@ -29,11 +29,6 @@ class WebDatasetSource(Source):
     form = "wds:SHARDS"
     reference_example = "wds:/data/eval-{0000..0009}.tar"
     takes_argument = True
-
-    @classmethod
-    def open(cls, argument: str, root: str | None, split: str, image_column: str | None = None,
-             label_column: str | None = None) -> "WebDatasetSource":
-        return cls(argument or root or "", split)
     IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
     MAX_META_BYTES = 1 << 20
 
