@@ -25,9 +25,11 @@ demo: $(STAMP)
 	fi
 	$(BIN)/spp-curate demo --out $(DEMO_OUT)
 
-# One worker per core (pytest-xdist), each test file on one worker so that its fixtures are built once.
+# One worker per core this process may run on (at most 4; pytest-xdist's "auto" may count a container's
+# host), each test file on one worker so that its fixtures are built once.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/mine.py --quick
