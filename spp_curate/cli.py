@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -81,85 +82,43 @@ def _print_result(build_dir: Path) -> None:
     out.print(f"report:  {build_dir / 'report' / 'index.html'}")
 
 
-#: The embed stage's options, declared once for `build` and `embed`.
-EMBED_OPTIONS = {
-    "batch_size": typer.Option(None, min=1, help="images per encoder batch"),
-    "workers": typer.Option(None, min=0, help="decode processes [default: spare cores]"),
-    "chunk_size": typer.Option(None, min=1, help="images per embedding chunk (resume unit)"),
-    "decode": typer.Option(
-        None, help="where the embed stage decodes JPEGs: auto (the GPU when there is one) | device | pillow"),
-}
-
-
-@app.command()
-def build(
-    source: str = typer.Option(..., help=source_forms()),
-    root: Optional[Path] = typer.Option(None, help="where the source's files are"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="build directory [default: builds/<source>]"),
-    recipe_file: Optional[Path] = typer.Option(None, "--recipe",
-                                               help="a recipe YAML instead of manifests/<source>.yaml"),
-    encoder: Optional[str] = typer.Option(
-        None, help="openclip:MODEL[:TAG|:FILE] | openclip:hf-hub:ORG/NAME | openclip:local-dir:PATH | "
-        "timm:MODEL[.TAG][:FILE|:random] | torchvision:ARCH:CHECKPOINT | ssl:RUN"),
-    encoder_prefix: Optional[str] = typer.Option(
-        None, help="key prefix of the backbone in a torchvision: checkpoint [recognised: MoCo, solo-learn, lightly]"),
-    image_size: Optional[int] = typer.Option(None, help="encoder input size override"),
-    category: Optional[str] = typer.Option(None, help="what 'same category' means: label | zeroshot | cluster | none"),
-    class_names: Optional[Path] = typer.Option(None, help="class names, one per line (for --category zeroshot)"),
-    clusters: Optional[int] = typer.Option(None, min=2, help="k-means clusters (for --category cluster)"),
-    limit: Optional[int] = typer.Option(None, min=0, help="take the first N images in source order"),
-    split: Optional[str] = typer.Option(None, help="source split, e.g. train | test | val"),
-    image_column: Optional[str] = typer.Option(None, help="hf sources: the image column [default: detected]"),
-    label_column: Optional[str] = typer.Option(None, help="hf sources: the label column [default: detected]"),
-    k: Optional[int] = typer.Option(None, min=1, help="neighbours searched per image"),
-    min_similarity: Optional[str] = typer.Option(
-        None, help="minimum cosine similarity of a pair (0.5), or a quantile of the build's candidate "
-        "similarities (q0.2)"),
-    dup_threshold: Optional[str] = typer.Option(
-        None, help="also count pairs at or above this embedding similarity (0.985) or quantile (q0.999) as "
-        "near-duplicates [default: none; duplicates are decided by picture, --copy-threshold]"),
-    copy_threshold: Optional[str] = typer.Option(
-        None, help="copy score (grayscale cross-correlation, crops and rescaling allowed) at or above which two "
-        "pictures are one and never a pair [0.993; none: off]"),
-    whiten: Optional[str] = typer.Option(
-        None, help="similarity scale fitted on the build before kNN: none | center | pca | pca:DIM [pca]"),
-    max_per_anchor: Optional[int] = typer.Option(None, min=1, help="pairs kept per anchor"),
-    mutual: Optional[bool] = typer.Option(None, "--mutual/--no-mutual", help="keep mutual neighbours only"),
-    pairs_per_class: Optional[int] = typer.Option(None, min=1, help="cap and balance pairs per category"),
-    index: Optional[str] = typer.Option(None, help="kNN index: auto | flat | ivf-flat | ivf-pq"),
-    memory: Optional[str] = typer.Option(None, help="memory budget for the kNN index, e.g. 8GB"),
-    nprobe: Optional[int] = typer.Option(None, min=1, help="IVF lists probed per query"),
-    batch_size: Optional[int] = EMBED_OPTIONS["batch_size"],
-    workers: Optional[int] = EMBED_OPTIONS["workers"],
-    chunk_size: Optional[int] = EMBED_OPTIONS["chunk_size"],
-    decode: Optional[str] = EMBED_OPTIONS["decode"],
-    shard_size: Optional[str] = typer.Option(None, help="release shard size, e.g. 500MB"),
-    images: Optional[str] = typer.Option(None, help="embed | none (an ID-only release: keys and digests)"),
-    max_side: Optional[int] = typer.Option(None, min=8, help="shrink release images larger than this"),
-    name: Optional[str] = typer.Option(None, help="release name"),
-    license: Optional[str] = typer.Option(None, help="license id for the dataset card"),
-    seed: Optional[int] = typer.Option(None, help="random seed"),
-    exclude_near: Optional[list[str]] = typer.Option(
-        None, "--exclude-near", help=f"a reference set whose near-copies never enter a pair, {reference_forms()} "
-        "(repeatable)"),
-    exclude_threshold: Optional[str] = typer.Option(
-        None, help="copy score at or above which an image is a near-copy (0.99), or a quantile of the build's "
-        "own scores (q0.999)"),
-    engine: Optional[str] = typer.Option(None, help="local | ray (a cluster at RAY_ADDRESS, or a local one)"),
-    until: Optional[str] = typer.Option(None, help=f"stop after this stage: {' | '.join(STAGES)}"),
-    force: bool = typer.Option(False, "--force", help="rerun every stage, reading every source file again"),
-    rehash: bool = typer.Option(False, "--rehash", help="read and hash every source file again, not only those "
-                                "whose size or modification time changed (a content check, as rsync's "
-                                "--checksum); later stages rerun only where the index changed"),
-) -> None:
-    """Build a release: index -> embed -> exclude -> mine -> report -> export. Complete stages are skipped."""
+def recipe_option(name: str) -> inspect.Parameter:
+    """The command-line option of recipe field ``name``, made from the field's own declaration
+    (``config.knob``): its help, how it is taken and its bound. Every command that takes a field takes it so."""
     from .config import Recipe
+
+    field = Recipe.model_fields[name]
+    extra = field.json_schema_extra or {}
+    flag = f"--{name.replace('_', '-')}"
+    text = (field.description or "").format(sources=source_forms(), references=reference_forms())
+    kind, bound = extra.get("option", "value"), {"min": extra["min"]} if extra.get("min") is not None else {}
+    if kind == "flag":
+        option, annotation = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=text), Optional[bool]
+    elif kind == "list":
+        option, annotation = typer.Option(None, flag, help=text), Optional[list[str]]
+    elif kind == "path":
+        option, annotation = typer.Option(None, flag, help=text), Optional[Path]
+    else:
+        whole = kind == "value" and field.annotation in (int, Optional[int])
+        required = bool(extra.get("required"))
+        option = typer.Option(... if required else None, flag, help=text, **bound)
+        annotation = (int if whole else str) if required else Optional[int] if whole else Optional[str]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def _option(name: str, annotation, option) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def build(**options) -> None:
+    """Build a release: index -> embed -> exclude -> mine -> report -> export. Complete stages are skipped."""
     from .stages import build as run_build
 
-    # Every option named as a recipe field is that field (tests/test_architecture.py holds them equal).
-    overrides = {name: value for name, value in locals().items() if name in Recipe.model_fields and name != "source"}
-    overrides.update(root=str(root) if root else None, class_names=str(class_names) if class_names else None,
-                     exclude_near=exclude_near or None)
+    out_dir, recipe_file, until = options.pop("out_dir"), options.pop("recipe_file"), options.pop("until")
+    force, rehash, source = options.pop("force"), options.pop("rehash"), options.pop("source")
+    # What is left is the recipe's fields, each an option of its own name (made by recipe_option).
+    overrides = {name: str(value) if isinstance(value, Path) else value for name, value in options.items()}
+    overrides["exclude_near"] = options.get("exclude_near") or None
     if until is not None and until not in STAGES:
         raise UserError(f"unknown stage {until!r}; accepted: {', '.join(STAGES)}", option="--until")
     recipe = resolve_recipe(source, overrides, str(recipe_file) if recipe_file else None)
@@ -168,6 +127,31 @@ def build(
     run_build(build_dir, recipe, force=force, on_stage=_print_stage, until=until, rehash=rehash)
     if until in (None, STAGES[-1]):
         _print_result(build_dir)
+
+
+def _build_signature() -> inspect.Signature:
+    from .config import Recipe
+
+    fields = [n for n, f in Recipe.model_fields.items() if (f.json_schema_extra or {}).get("build", True)]
+    first = ["source", "root"]
+    return inspect.Signature([
+        *(recipe_option(n) for n in first),
+        _option("out_dir", Optional[Path], typer.Option(None, "--out", help="build directory [default: builds/<source>]")),
+        _option("recipe_file", Optional[Path], typer.Option(None, "--recipe",
+                                                            help="a recipe YAML instead of manifests/<source>.yaml")),
+        *(recipe_option(n) for n in fields if n not in first),
+        _option("until", Optional[str], typer.Option(None, help=f"stop after this stage: {' | '.join(STAGES)}")),
+        _option("force", bool, typer.Option(False, "--force", help="rerun every stage, reading every source file "
+                                            "again")),
+        _option("rehash", bool, typer.Option(False, "--rehash", help="read and hash every source file again, not "
+                                             "only those whose size or modification time changed (a content check, "
+                                             "as rsync's --checksum); later stages rerun only where the index "
+                                             "changed")),
+    ])
+
+
+build.__signature__ = _build_signature()
+app.command()(build)
 
 
 def _stage_command(stage: str, doc: str) -> None:
@@ -182,16 +166,15 @@ def _stage_command(stage: str, doc: str) -> None:
     app.command(name=stage)(command)
 
 
-def embed_command(
-    build_dir: Path = DirArg,
-    force: bool = ForceOpt,
-    chunk_size: Optional[int] = EMBED_OPTIONS["chunk_size"],
-    workers: Optional[int] = EMBED_OPTIONS["workers"],
-    batch_size: Optional[int] = EMBED_OPTIONS["batch_size"],
-    decode: Optional[str] = EMBED_OPTIONS["decode"],
-) -> None:
-    _run_with(build_dir, "embed", force, chunk_size=chunk_size, workers=workers, batch_size=batch_size,
-              decode=decode)
+def _stage_with(stage: str, fields: tuple[str, ...]) -> Callable[..., None]:
+    """The command that runs ``stage`` with these recipe fields as options (changed and saved where given)."""
+    def command(**options) -> None:
+        build_dir, force = options.pop("build_dir"), options.pop("force")
+        _run_with(build_dir, stage, force, **options)
+
+    command.__signature__ = inspect.Signature([
+        _option("build_dir", Path, DirArg), _option("force", bool, ForceOpt), *(recipe_option(f) for f in fields)])
+    return command
 
 
 def _run_with(build_dir: Path, stage: str, force: bool, **changes) -> None:
@@ -208,17 +191,9 @@ def _run_with(build_dir: Path, stage: str, force: bool, **changes) -> None:
     _print_stage(stage, run_stage(build_dir, recipe, stage, force=force))
 
 
-def export_command(
-    build_dir: Path = DirArg,
-    force: bool = ForceOpt,
-    reviewed: Optional[str] = typer.Option(
-        None, help="which pairs the release holds: all | accepted (a reviewer accepted, none rejected) | "
-        "not-rejected (no reviewer rejected); decisions come from `spp-curate review`"),
-) -> None:
-    _run_with(build_dir, "export", force, reviewed=reviewed)
-
-
+embed_command = _stage_with("embed", ("chunk_size", "workers", "batch_size", "decode"))
 embed_command.__doc__ = STAGE_BY_NAME["embed"].help
+export_command = _stage_with("export", ("reviewed",))
 export_command.__doc__ = STAGE_BY_NAME["export"].help + " --reviewed keeps the pairs the review page accepted."
 _COMMANDS = {"embed": embed_command, "export": export_command}
 for _stage in PIPELINE:  # registered in pipeline order, so --help lists them so

@@ -23,11 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .errors import UserError
 from . import layout
 from .files import atomic_path, file_identity, read_capped, short_hash
-from .pipeline import STAGE_FIELDS, STAGES
+from .pipeline import STAGES
 
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
 
-# Which recipe fields each stage's output depends on: the stage table in pipeline.py.
 
 def _sources():
     """The registry of source kinds (``curate/sources/``), read where a ``--source`` is parsed."""
@@ -259,70 +258,115 @@ def parse_size(value: int | str) -> int:
     return size
 
 
+def knob(default: Any = ..., *, help: str, stage: str | None, option: str = "value", cli_min: int | None = None,
+         build: bool = True, required: bool = False, **field: Any) -> Any:
+    """A recipe field that is also a command-line option, declared once: its help (``{sources}`` and
+    ``{references}`` name the registered source kinds), the stage whose fingerprint it joins (with every stage
+    after it; None: it changes how a build runs, not what it makes), how the CLI takes it (``value``: an
+    integer where the field is one, else text; ``text``: text always, e.g. ``8GB``; ``path``; ``flag``: a
+    ``--x/--no-x`` pair; ``list``: repeatable), the option's own lower bound, whether ``build`` offers it and
+    whether the option must be given (a recipe file gives the others) (``cli.py`` makes ``build``'s and the
+    stage commands' options from these)."""
+    extra = {"stage": stage, "option": option, "min": cli_min, "build": build, "required": required}
+    if "default_factory" in field:
+        return Field(description=help, json_schema_extra=extra, **field)
+    return Field(default, description=help, json_schema_extra=extra, **field)
+
+
 class Recipe(BaseModel):
-    """Everything that determines a build's output."""
+    """Everything that determines a build's output: each field is also the option of that name."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="release name, used in the dataset card")
-    description: str = ""
-    license: str = "other"
-    source: str
-    root: str | None = None
-    split: str = "train"
-    limit: int | None = Field(default=None, ge=0, le=2**62)
-    image_column: str | None = None
-    label_column: str | None = None
+    name: str = knob(help="release name", stage="export")
+    description: str = knob("", help="free text for the dataset card (a recipe file holds it)", stage="export",
+                            build=False)
+    license: str = knob("other", help="license id for the dataset card", stage="export")
+    source: str = knob(help="{sources}", stage="index", required=True)
+    root: str | None = knob(None, help="where the source's files are", stage="index", option="path")
+    split: str = knob("train", help="source split, e.g. train | test | val", stage="index")
+    limit: int | None = knob(None, help="take the first N images in source order", stage="index", cli_min=0,
+                             ge=0, le=2**62)
+    image_column: str | None = knob(None, help="hf sources: the image column [default: detected]", stage="index")
+    label_column: str | None = knob(None, help="hf sources: the label column [default: detected]", stage="index")
 
-    encoder: str = "openclip:ViT-B-32"
+    encoder: str = knob("openclip:ViT-B-32", help="openclip:MODEL[:TAG|:FILE] | openclip:hf-hub:ORG/NAME | "
+                        "openclip:local-dir:PATH | timm:MODEL[.TAG][:FILE|:random] | torchvision:ARCH:CHECKPOINT | "
+                        "ssl:RUN", stage="embed")
     #: The key prefix of the backbone's weights in a ``torchvision:`` checkpoint, when it is none of those
     #: recognised (MoCo's ``module.encoder_q.``/``module.base_encoder.``, solo-learn's ``backbone.``, ...).
-    encoder_prefix: str | None = None
-    image_size: int | None = Field(default=None, ge=8, le=1024, description="override the encoder's input size")
-    batch_size: int = Field(default=128, ge=1)
-    workers: int | None = Field(default=None, ge=0, description="decode processes; None = one per spare core")
-    chunk_size: int = Field(default=50_000, ge=1, description="images per embedding chunk (the resume unit)")
+    encoder_prefix: str | None = knob(None, help="key prefix of the backbone in a torchvision: checkpoint "
+                                      "[recognised: MoCo, solo-learn, lightly]", stage="embed")
+    image_size: int | None = knob(None, help="encoder input size override", stage="embed", ge=8, le=1024)
+    batch_size: int = knob(128, help="images per encoder batch", stage=None, cli_min=1, ge=1)
+    workers: int | None = knob(None, help="decode processes [default: spare cores]", stage=None, cli_min=0, ge=0)
+    chunk_size: int = knob(50_000, help="images per embedding chunk (resume unit)", stage=None, cli_min=1, ge=1)
     #: Where the embed stage decodes JPEGs: on the encoder's device in batches (nvJPEG on a GPU), with
     #: Pillow for the rest, or Pillow for all; auto = the device on a GPU, Pillow on the CPU.
-    decode: Literal["auto", "device", "pillow"] = "auto"
+    decode: Literal["auto", "device", "pillow"] = knob(
+        "auto", help="where the embed stage decodes JPEGs: auto (the GPU when there is one) | device | pillow",
+        stage="embed")
 
-    k: int = Field(default=16, ge=1, le=4096)
-    category: Literal["label", "zeroshot", "cluster", "none"] = "label"
-    class_names: str | None = Field(default=None, description="file of class names, one per line (zeroshot)")
-    clusters: int = Field(default=100, ge=2, le=1_000_000, description="k-means clusters (category cluster)")
+    k: int = knob(16, help="neighbours searched per image", stage="mine", cli_min=1, ge=1, le=4096)
+    category: Literal["label", "zeroshot", "cluster", "none"] = knob(
+        "label", help="what 'same category' means: label | zeroshot | cluster | none", stage="mine")
+    class_names: str | None = knob(None, help="class names, one per line (for --category zeroshot)", stage="mine",
+                                   option="path")
+    clusters: int = knob(100, help="k-means clusters (for --category cluster)", stage="mine", cli_min=2, ge=2,
+                         le=1_000_000)
     #: Similarity thresholds: a cosine similarity, or a quantile of the build's own candidate similarities
     #: (``q0.2``), resolved by the mine stage and recorded in ``mine_stats.json``.
-    min_similarity: float | str = "q0.1"
+    min_similarity: float | str = knob(
+        "q0.1", help="minimum cosine similarity of a pair (0.5), or a quantile of the build's candidate "
+        "similarities (q0.2)", stage="mine")
     #: An embedding similarity at or above which a pair counts as a duplicate: off by default (None), since
     #: near-duplicates are decided by picture content (``copy_threshold``), which no encoder's scale moves.
-    dup_threshold: float | str | None = None
+    dup_threshold: float | str | None = knob(
+        None, help="also count pairs at or above this embedding similarity (0.985) or quantile (q0.999) as "
+        "near-duplicates [default: none; duplicates are decided by picture, --copy-threshold]", stage="mine")
     #: The copy score (``leakage/copies.py``: normalised cross-correlation of small grayscale renderings,
     #: crops and rescaling allowed) at or above which two pictures are one: never a pair. None: off. Every
     #: pair the other rules would keep is compared (``pairing/mine.py:mine_without_copies``).
-    copy_threshold: float | None = Field(default=0.993, ge=0.0, le=1.0)
+    copy_threshold: float | None = knob(
+        0.993, help="copy score (grayscale cross-correlation, crops and rescaling allowed) at or above which two "
+        "pictures are one and never a pair [0.993; none: off]", stage="mine", ge=0.0, le=1.0)
     #: The similarity scale: none, center, or PCA-whitening (pca, pca:DIM), fitted on the build's embeddings
     #: and applied before the kNN search (``pairing/whiten.py``).
-    whiten: str = "pca"
-    max_per_anchor: int = Field(default=2, ge=1)
-    mutual: bool = False
-    pairs_per_class: int | None = Field(default=None, ge=1, description="cap and balance pairs per category")
-    index: Literal["auto", "flat", "ivf-flat", "ivf-pq"] = "auto"
-    memory: int = Field(default=8 * 10**9, ge=1, description="memory budget for the kNN index")
-    nprobe: int | None = Field(default=None, ge=1, description="IVF lists probed per query")
-    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    whiten: str = knob("pca", help="similarity scale fitted on the build before kNN: none | center | pca | "
+                       "pca:DIM [pca]", stage="mine")
+    max_per_anchor: int = knob(2, help="pairs kept per anchor", stage="mine", cli_min=1, ge=1)
+    mutual: bool = knob(False, help="keep mutual neighbours only", stage="mine", option="flag")
+    pairs_per_class: int | None = knob(None, help="cap and balance pairs per category", stage="mine", cli_min=1,
+                                       ge=1)
+    index: Literal["auto", "flat", "ivf-flat", "ivf-pq"] = knob(
+        "auto", help="kNN index: auto | flat | ivf-flat | ivf-pq", stage="mine")
+    memory: int = knob(8 * 10**9, help="memory budget for the kNN index, e.g. 8GB", stage="mine", option="text",
+                       ge=1)
+    nprobe: int | None = knob(None, help="IVF lists probed per query", stage="mine", cli_min=1, ge=1)
+    seed: int = knob(0, help="random seed", stage="mine", ge=0, le=2**32 - 1)
 
     #: Reference (evaluation) sets whose near-copies never enter a pair, and the copy-score threshold.
-    exclude_near: list[str] = Field(default_factory=list)
-    exclude_threshold: str = "0.99"
+    exclude_near: list[str] = knob(
+        help="a reference set whose near-copies never enter a pair, {references} (repeatable)", stage="exclude",
+        option="list", default_factory=list)
+    exclude_threshold: str = knob(
+        "0.99", help="copy score at or above which an image is a near-copy (0.99), or a quantile of the build's "
+        "own scores (q0.999)", stage="exclude")
 
-    grid_pairs: int = Field(default=24, ge=1)
+    grid_pairs: int = knob(24, help="pairs in each of the report's grids (a recipe file holds it)", stage="report",
+                           build=False, ge=1)
     #: Which pairs a release holds: all, or those the review page's decisions accepted / did not reject.
-    reviewed: Literal["all", "accepted", "not-rejected"] = "all"
-    engine: Literal["local", "ray"] = Field(default="local", description="where stages run; results are the same")
+    reviewed: Literal["all", "accepted", "not-rejected"] = knob(
+        "all", help="which pairs the release holds: all | accepted (a reviewer accepted, none rejected) | "
+        "not-rejected (no reviewer rejected); decisions come from `spp-curate review`", stage="export", build=False)
+    engine: Literal["local", "ray"] = knob("local", help="local | ray (a cluster at RAY_ADDRESS, or a local one)",
+                                           stage=None)
 
-    shard_size: int = Field(default=500 * 10**6, ge=1)
-    images: Literal["embed", "none"] = Field(default="embed", description="none = an ID-only release")
-    max_side: int | None = Field(default=None, ge=8, description="shrink images larger than this (re-encodes)")
+    shard_size: int = knob(500 * 10**6, help="release shard size, e.g. 500MB", stage="export", option="text", ge=1)
+    images: Literal["embed", "none"] = knob("embed", help="embed | none (an ID-only release: keys and digests)",
+                                            stage="export")
+    max_side: int | None = knob(None, help="shrink release images larger than this", stage="export", cli_min=8,
+                                ge=8)
 
     #: What the source held when this build looked (``Source.state()``); part of every fingerprint.
     _source_state: str | None = PrivateAttr(default=None)
@@ -576,3 +620,10 @@ def load_recipe(build_dir: Path) -> Recipe:
     if not isinstance(data, dict) or not isinstance(data.get("recipe", {}), dict):
         raise UserError(f"{path} does not hold a recipe mapping", option="DIR")
     return validate_recipe(data.get("recipe", {}))
+
+
+#: Which recipe fields each stage's output depends on (with those of the stages before it): the ``stage`` each
+#: field declares.
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    stage: tuple(n for n, f in Recipe.model_fields.items() if (f.json_schema_extra or {}).get("stage") == stage)
+    for stage in STAGES}

@@ -1,6 +1,7 @@
-"""The one table of stages: name, what each reads and writes, the recipe fields it depends on, its runner, its help.
+"""The one table of stages: name, what each reads and writes, its runner, its help.
 
-``config`` reads the fields (fingerprints), ``stages`` the outputs and runners,
+Which recipe fields a stage's output depends on is said by each field (``config.knob``'s ``stage``).
+``config`` reads the names (fingerprints), ``stages`` the inputs, outputs and runners,
 and the CLI the names and help texts, so adding a stage is one row here and
 one module. Runners are named as ``module:function`` and imported on demand:
 ``spp-curate verify`` should not pay for torch and faiss.
@@ -18,8 +19,6 @@ from . import layout
 @dataclass(frozen=True)
 class Stage:
     name: str
-    #: Recipe fields this stage's output depends on (with those of the stages before it).
-    fields: tuple[str, ...]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     runner: str
@@ -42,33 +41,29 @@ class Stage:
 
 
 PIPELINE: tuple[Stage, ...] = (
-    Stage("index", ("source", "root", "split", "limit", "image_column", "label_column"),
-          (), (layout.INDEX, layout.QUARANTINE), "spp_curate.curate.index:index_source",
+    Stage("index", (), (layout.INDEX, layout.QUARANTINE), "spp_curate.curate.index:index_source",
           "Index the source: read and hash every file, check it (from the header of a whole JPEG, else by "
           "decoding it); bad ones go to quarantine.parquet."),
-    Stage("embed", ("encoder", "encoder_prefix", "image_size", "decode"),
-          (layout.INDEX,), (layout.EMBEDDINGS_META,), "spp_curate.curate.embed:embed_index",
+    Stage("embed", (layout.INDEX,), (layout.EMBEDDINGS_META,), "spp_curate.curate.embed:embed_index",
           "Embed the indexed images into float16, L2-normalised chunks (resumable): the one pass that decodes "
           "pixels; an image that does not decode is added to quarantine.parquet."),
-    Stage("exclude", ("exclude_near", "exclude_threshold"),
-          (layout.INDEX,), (layout.EXCLUSION, layout.EXCLUSION_STATS), "spp_curate.leakage.exclude:exclude_near",
+    Stage("exclude", (layout.INDEX,), (layout.EXCLUSION, layout.EXCLUSION_STATS),
+          "spp_curate.leakage.exclude:exclude_near",
           "Find near-copies of the --exclude-near reference sets; they never enter a pair (exclusion.parquet)."),
-    Stage("mine", ("k", "category", "class_names", "clusters", "whiten", "min_similarity", "dup_threshold",
-                   "copy_threshold", "max_per_anchor", "mutual", "pairs_per_class", "index", "memory", "nprobe", "seed"),
-          (layout.INDEX, layout.EMBEDDINGS_META, layout.EXCLUSION), (layout.PAIRS, layout.MINE_STATS, layout.WHITENING),
+    Stage("mine", (layout.INDEX, layout.EMBEDDINGS_META, layout.EXCLUSION),
+          (layout.PAIRS, layout.MINE_STATS, layout.WHITENING),
           "spp_curate.pairing.mine:mine_pairs",
           "Mine semantic pairs with faiss kNN and the pair rules into pairs.parquet.",
           # --min-similarity precision:P is resolved on the reviewed sample
           watches_if=((layout.REVIEWS, "precision_target"),)),
-    Stage("report", ("grid_pairs",),
-          (layout.INDEX, layout.QUARANTINE, layout.PAIRS, layout.MINE_STATS), (layout.METRICS, layout.REPORT_HTML),
+    Stage("report", (layout.INDEX, layout.QUARANTINE, layout.PAIRS, layout.MINE_STATS),
+          (layout.METRICS, layout.REPORT_HTML),
           "spp_curate.pairing.quality:write_report",
           "Write report/: metrics.json, pair grids, histograms, index.html."),
-    Stage("export", ("name", "license", "shard_size", "description", "images", "max_side", "reviewed"),
-          (layout.INDEX, layout.QUARANTINE, layout.PAIRS, layout.METRICS), (f"{layout.RELEASE}/{layout.MANIFEST}",),
+    Stage("export", (layout.INDEX, layout.QUARANTINE, layout.PAIRS, layout.METRICS),
+          (f"{layout.RELEASE}/{layout.MANIFEST}",),
           "spp_curate.export.release:export_release",
           "Write release/: Parquet and WebDataset shards, dataset card, manifest.json.", watches=(layout.REVIEWS,)),
 )
 STAGE_BY_NAME: dict[str, Stage] = {s.name: s for s in PIPELINE}
 STAGES: tuple[str, ...] = tuple(STAGE_BY_NAME)
-STAGE_FIELDS: dict[str, tuple[str, ...]] = {s.name: s.fields for s in PIPELINE}
