@@ -14,7 +14,8 @@ import os
 import pyarrow.parquet as pq
 
 from conftest import TEST_ENCODER
-from images import fmnist_pictures
+from images import fmnist_pictures, jpeg_bytes
+from test_decode_once import broken_behind_header
 
 OPTIONS = [*TEST_ENCODER, "--workers", "0", "--min-similarity", "0"]
 
@@ -28,6 +29,10 @@ def test_rehash_sees_a_swap_that_kept_sizes_and_times_and_force_reads_every_file
     for n, (label, img) in enumerate(fmnist_pictures(10, classes=3, size=32)):
         (root / f"class{label}").mkdir(parents=True, exist_ok=True)
         img.save(root / f"class{label}" / f"{n:04d}.ppm")
+    # indexed (its header is sound), then quarantined by the embed stage, which alone decodes it
+    (root / "class2" / "broken.jpg").write_bytes(broken_behind_header(fmnist_pictures(1, size=32)[0][1]))
+    truncated = jpeg_bytes(fmnist_pictures(1, size=32)[0][1])[:300]  # quarantined by the index stage
+    (root / "class1" / "bad.jpg").write_bytes(truncated)
     build = ["build", "--source", "imagefolder", "--root", root, "--out", out, *OPTIONS]
     assert cli(*build).returncode == 0
     index = pq.read_table(out / "index.parquet").to_pandas().set_index("id")
@@ -49,7 +54,7 @@ def test_rehash_sees_a_swap_that_kept_sizes_and_times_and_force_reads_every_file
     assert stale.returncode == 2 and "--rehash" in stale.stderr and "Traceback" not in stale.stderr
 
     rehashed = _stage_lines(cli(*build, "--rehash"))
-    assert "read 30" in rehashed["index"] and "changed 2" in rehashed["index"], rehashed["index"]
+    assert "read 32" in rehashed["index"] and "changed 2" in rehashed["index"], rehashed["index"]
     assert "embedded 2" in rehashed["embed"], rehashed["embed"]
     index = pq.read_table(out / "index.parquet").to_pandas().set_index("key")
     for p in (a, b):
@@ -59,10 +64,19 @@ def test_rehash_sees_a_swap_that_kept_sizes_and_times_and_force_reads_every_file
     assert manifest["changelog"]["images"]["changed"] == sorted(p.relative_to(root).as_posix() for p in (a, b))
 
     # a rehash that finds nothing new reads every file and runs nothing after the index
+    quarantine = dict(zip(*pq.read_table(out / "quarantine.parquet").to_pydict().values()))
+    assert sorted(quarantine) == ["class1/bad.jpg", "class2/broken.jpg"] and "truncated" in quarantine["class1/bad.jpg"]
+    # the index's own quarantined file changes its bytes (not its size or time): the index comes out the same
+    bad, kept = root / "class1" / "bad.jpg", os.stat(root / "class1" / "bad.jpg")
+    bad.write_bytes(b"x" * len(truncated))
+    os.utime(bad, ns=(kept.st_atime_ns, kept.st_mtime_ns))
     again = _stage_lines(cli(*build, "--rehash"))
-    assert "read 30" in again["index"]
-    assert all(again[s].endswith("complete, skipped") for s in ("embed", "exclude", "mine", "report", "export")), again
+    assert "read 32" in again["index"]
+    after = dict(zip(*pq.read_table(out / "quarantine.parquet").to_pydict().values()))
+    assert sorted(after) == sorted(quarantine) and "not an image" in after["class1/bad.jpg"]  # the embed row stays
+    # what reads only the index runs nothing; the report reads the quarantine, which now says another reason
+    assert all(again[s].endswith("complete, skipped") for s in ("embed", "exclude", "mine")), again
     assert json.loads((out / "release" / "manifest.json").read_text())["version"] == 2
 
     forced = _stage_lines(cli(*build, "--force"))
-    assert "read 30" in forced["index"], forced["index"]
+    assert "read 32" in forced["index"], forced["index"]

@@ -165,7 +165,9 @@ def index_source(recipe: Recipe, out_dir: Path, engine, rehash: bool = False) ->
     quarantine = pa.table({"key": [p.key for p in probes if p.error],
                            "error": [p.error for p in probes if p.error]}, schema=QUARANTINE_SCHEMA)
     same_index = index_path.is_file() and _same_table(index_path, table)
-    if not (same_index and _same_own_quarantine(out_dir / layout.QUARANTINE, quarantine, table)):
+    if same_index:  # the embed stage will not run again: its rows (of indexed keys) stay
+        quarantine = _with_embed_rows(out_dir / layout.QUARANTINE, quarantine, table)
+    if not _same_quarantine(out_dir / layout.QUARANTINE, quarantine):
         write_table(out_dir / layout.QUARANTINE, quarantine)
     if not good:
         if recipe.limit == 0:
@@ -193,16 +195,23 @@ def _same_table(path: Path, table: pa.Table) -> bool:
     return old.schema.equals(table.schema, check_metadata=True) and old.equals(table)
 
 
-def _same_own_quarantine(path: Path, quarantine: pa.Table, index: pa.Table) -> bool:
-    """Whether the quarantine at ``path`` holds these rows of the index stage's own (the embed stage adds rows
-    of indexed keys, which stay)."""
+def _with_embed_rows(path: Path, quarantine: pa.Table, index: pa.Table) -> pa.Table:
+    """``quarantine`` and the rows the embed stage added to the one at ``path`` (those of indexed keys)."""
+    try:
+        old = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        return quarantine
+    indexed = set(index.column("key").to_pylist())
+    embed_rows = old.filter(pa.array([k in indexed for k in old.column("key").to_pylist()], pa.bool_()))
+    return pa.concat_tables([quarantine, embed_rows.cast(quarantine.schema)])
+
+
+def _same_quarantine(path: Path, quarantine: pa.Table) -> bool:
     try:
         old = pq.read_table(path)
     except (OSError, pa.ArrowException):
         return False
-    indexed = set(index.column("key").to_pylist())
-    own = old.filter(pa.array([k not in indexed for k in old.column("key").to_pylist()], pa.bool_()))
-    return own.schema.equals(quarantine.schema) and own.equals(quarantine)
+    return old.schema.equals(quarantine.schema) and old.equals(quarantine)
 
 
 def source_changes(previous: list[dict], table: pa.Table) -> dict[str, int]:
