@@ -103,7 +103,7 @@ def recipe_option(name: str) -> inspect.Parameter:
         required = bool(extra.get("required"))
         option = typer.Option(... if required else None, flag, help=text, **bound)
         annotation = (int if whole else str) if required else Optional[int] if whole else Optional[str]
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+    return _option(name, annotation, option)
 
 
 def _option(name: str, annotation, option) -> inspect.Parameter:
@@ -376,7 +376,9 @@ def diff(
     versions = ["?" if v is None else str(v) for v in d["versions"]]
     say(f"{old} (version {versions[0]}) -> {new} (version {versions[1]}): "
         + ("NEW's parent is OLD" if d["descends"] else "NEW does not name OLD as its parent"))
-    say(f"pictures compared by {'the sha256 of the bytes each release ships' if d['by'] == 'bytes' else 'the digest column (an ID-only release ships no pictures)'}")
+    by = ("the sha256 of the bytes each release ships" if d["by"] == "bytes"
+          else "the digest column (an ID-only release ships no pictures)")
+    say(f"pictures compared by {by}")
     for release, keys in zip((old, new), d["conflicting"]):
         if keys:
             say(f"warning: {release} ships {len(keys):,} keys with two different pictures: "

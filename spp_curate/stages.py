@@ -95,16 +95,16 @@ def _run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False,
     """Run ``stage`` unless complete. ``force`` runs it anyway, and the index stage then reads every file
     again; ``rehash`` does that for the index stage alone (what a content check needs: an edit that kept a
     file's size and modification time is seen by its bytes)."""
-    options = {"rehash": True} if stage == "index" and (force or rehash) else {}
-    if stage == "export" and force:
-        options = {"again": True}  # written anew, even where this very release stands whole
+    rehash_only = stage == "index" and rehash and not force
+    # the index reads every file again; an export is written anew even where this very release stands whole
+    options = ({"rehash": True} if stage == "index" and (force or rehash) else
+               {"again": True} if stage == "export" and force else {})
     position = STAGES.index(stage)
     for before in STAGES[:position]:
         if not is_complete(build_dir, recipe, before):
             raise UserError(f"stage {before!r} is not complete for this recipe and source; run "
                             f"`spp-curate {before} {build_dir}` (or `spp-curate build`) first", option=stage)
     complete = is_complete(build_dir, recipe, stage)
-    rehash_only = "rehash" in options and not force
     if complete and not force and not rehash_only:
         return None
     # A rerun voids what follows. A rehash of a complete index does not: the index is rewritten only where it

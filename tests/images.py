@@ -34,6 +34,13 @@ def jpeg_bytes(img: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
+def broken_behind_header(picture: Image.Image) -> bytes:
+    """A JPEG with a sound header and end marker whose Huffman table is garbage: only decoding finds it."""
+    good = jpeg_bytes(picture)
+    table = good.find(b"\xff\xc4")
+    return good[: table + 4] + b"\xff" * 30 + good[table + 34:]
+
+
 def png_bytes(img: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", **kw)

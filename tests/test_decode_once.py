@@ -27,16 +27,9 @@ from spp_curate.images import BadImage, check_image, decode_with_format
 from spp_curate.layout import chunk_keys_path, chunk_paths
 
 from conftest import TEST_ENCODER, run_cli
-from images import broken_files, fmnist_pictures, jpeg_bytes, odd_files
+from images import broken_behind_header, broken_files, fmnist_pictures, jpeg_bytes, odd_files
 
 PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-
-
-def broken_behind_header(picture: Image.Image) -> bytes:
-    """A JPEG with a sound header and end marker whose Huffman table is garbage: only decoding finds it."""
-    good = jpeg_bytes(picture)
-    table = good.find(b"\xff\xc4")
-    return good[: table + 4] + b"\xff" * 30 + good[table + 34:]
 
 
 def corpus(tmp: Path) -> Path:

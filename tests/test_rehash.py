@@ -14,8 +14,7 @@ import os
 import pyarrow.parquet as pq
 
 from conftest import TEST_ENCODER
-from images import fmnist_pictures, jpeg_bytes
-from test_decode_once import broken_behind_header
+from images import broken_behind_header, fmnist_pictures, jpeg_bytes
 
 OPTIONS = [*TEST_ENCODER, "--workers", "0", "--min-similarity", "0"]
 

@@ -194,10 +194,6 @@ def _create_openclip(model_name: str, pretrained: str | None, image_size: int | 
         if Path(pretrained).is_file():
             # Read by us first (size-capped, tensors only): a foreign pickle or a file of something else is a
             # one-line error of ours, not torch's advice to load it unsafely.
-            size = Path(pretrained).stat().st_size
-            if size > MAX_WEIGHTS_BYTES:
-                raise UserError(f"{pretrained} is {size:,} bytes, over the {MAX_WEIGHTS_BYTES:,}-byte limit for a "
-                                "weights file", option="--encoder")
             read_state_dict(Path(pretrained))
             source = f"file:{Path(pretrained).name}"
         elif pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
@@ -223,12 +219,11 @@ def _create_openclip(model_name: str, pretrained: str | None, image_size: int | 
                             "hf-hub: needs the Hub or the model in the Hugging Face cache (HF_HUB_CACHE), local-dir: "
                             "a folder with open_clip_config.json and open_clip_model.safetensors",
                             option="--encoder") from None
-        first = " ".join(str(exc).split())[:200]
         if Path(pretrained).is_file():
-            raise UserError(f"the tensors of {pretrained} do not fit {model_name} ({type(exc).__name__}: {first}); "
-                            "name the architecture the weights were saved from", option="--encoder") from None
+            raise _not_fitting(pretrained, model_name, exc) from None
         raise UserError(
-            f"cannot load weights {pretrained!r} for {model_name} ({type(exc).__name__}: {first[:160]}); "
+            f"cannot load weights {pretrained!r} for {model_name} ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:160]}); "
             f"offline, fetch them once where the Hub is reachable or pass a local file: "
             f"openclip:{model_name}:/path/to/open_clip_model.safetensors",
             option="--encoder",
@@ -308,9 +303,20 @@ def _check_weights_file(enc) -> None:
     if not path.is_file():
         raise UserError(f"no weights file at {enc.pretrained} (give a local file, or "
                         f"{enc.kind}:{enc.name}:random for seeded random weights)", option="--encoder")
+    _check_size(path)
+
+
+def _check_size(path: Path) -> None:
     if path.stat().st_size > MAX_WEIGHTS_BYTES:
         raise UserError(f"{path} is {path.stat().st_size:,} bytes, over the {MAX_WEIGHTS_BYTES:,}-byte limit for "
                         "a weights file", option="--encoder")
+
+
+def _not_fitting(path: str, model: str, exc: Exception) -> UserError:
+    """A weights file that read as tensors but that the model's loader refused: the wrong architecture."""
+    return UserError(f"the tensors of {path} do not fit {model} ({type(exc).__name__}: "
+                     f"{' '.join(str(exc).split())[:200]}); name the architecture the weights were saved from",
+                     option="--encoder")
 
 
 def unreadable_weights(path: Path, exc: Exception) -> str:
@@ -331,6 +337,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from the containers training scripts put them in (``state_dict``, ``model``, ``teacher``, ...)."""
     import warnings
 
+    _check_size(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -384,11 +391,8 @@ def _timm(enc, image_size: int | None) -> Encoder:
         raise
     except Exception as exc:  # noqa: BLE001 - download, file and shape errors have many types
         if weights not in (None, "random"):
-            raise UserError(f"the tensors of {weights} do not fit timm's {enc.name} ({type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:200]}); name the architecture the weights were saved "
-                            "from", option="--encoder") from None
-        where = "the Hub"
-        raise UserError(f"cannot load timm weights for {enc.name} from {where} ({type(exc).__name__}: "
+            raise _not_fitting(weights, f"timm's {enc.name}", exc) from None
+        raise UserError(f"cannot load timm weights for {enc.name} from the Hub ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); offline, give a local file "
                         f"(timm:{enc.name}:/path/model.safetensors) or timm:{enc.name}:random",
                         option="--encoder") from None

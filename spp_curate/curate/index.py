@@ -117,7 +117,8 @@ def index_source(recipe: Recipe, out_dir: Path, engine, rehash: bool = False) ->
         items = itertools.islice(items, recipe.limit)
     items = list(items)
     index_path = out_dir / layout.INDEX
-    previous = pq.read_table(index_path).to_pylist() if index_path.is_file() else []
+    old_index = pq.read_table(index_path) if index_path.is_file() else None
+    previous = old_index.to_pylist() if old_index is not None else []
     known = {} if rehash else known_probes(recipe, out_dir, previous)
     stats = {key: source.stat(key) for key, _ in items}  # taken before reading: a later edit reads again
     reused: dict[str, Probe] = {}
@@ -164,10 +165,15 @@ def index_source(recipe: Recipe, out_dir: Path, engine, rehash: bool = False) ->
     table = table.replace_schema_metadata({CLASS_NAMES_META: json.dumps(names).encode()})
     quarantine = pa.table({"key": [p.key for p in probes if p.error],
                            "error": [p.error for p in probes if p.error]}, schema=QUARANTINE_SCHEMA)
-    same_index = index_path.is_file() and _same_table(index_path, table)
-    if same_index:  # the embed stage will not run again: its rows (of indexed keys) stay
-        quarantine = _with_embed_rows(out_dir / layout.QUARANTINE, quarantine, table)
-    if not _same_quarantine(out_dir / layout.QUARANTINE, quarantine):
+    old_quarantine = _read_or_none(out_dir / layout.QUARANTINE)
+    same_index = old_index is not None and _same(old_index, table)
+    if same_index and old_quarantine is not None:
+        # the embed stage will not run again: the rows it added (of indexed keys) stay
+        indexed = set(table.column("key").to_pylist())
+        embed_rows = old_quarantine.filter(
+            pa.array([k in indexed for k in old_quarantine.column("key").to_pylist()], pa.bool_()))
+        quarantine = pa.concat_tables([quarantine, embed_rows.cast(quarantine.schema)])
+    if old_quarantine is None or not _same(old_quarantine, quarantine):
         write_table(out_dir / layout.QUARANTINE, quarantine)
     if not good:
         if recipe.limit == 0:
@@ -187,31 +193,15 @@ def index_source(recipe: Recipe, out_dir: Path, engine, rehash: bool = False) ->
     return {"images": len(good), "quarantined": len(probes) - len(good), "read": len(todo), **changes}
 
 
-def _same_table(path: Path, table: pa.Table) -> bool:
+def _read_or_none(path: Path) -> pa.Table | None:
     try:
-        old = pq.read_table(path)
+        return pq.read_table(path) if path.is_file() else None
     except (OSError, pa.ArrowException):
-        return False
-    return old.schema.equals(table.schema, check_metadata=True) and old.equals(table)
+        return None  # damaged: written anew
 
 
-def _with_embed_rows(path: Path, quarantine: pa.Table, index: pa.Table) -> pa.Table:
-    """``quarantine`` and the rows the embed stage added to the one at ``path`` (those of indexed keys)."""
-    try:
-        old = pq.read_table(path)
-    except (OSError, pa.ArrowException):
-        return quarantine
-    indexed = set(index.column("key").to_pylist())
-    embed_rows = old.filter(pa.array([k in indexed for k in old.column("key").to_pylist()], pa.bool_()))
-    return pa.concat_tables([quarantine, embed_rows.cast(quarantine.schema)])
-
-
-def _same_quarantine(path: Path, quarantine: pa.Table) -> bool:
-    try:
-        old = pq.read_table(path)
-    except (OSError, pa.ArrowException):
-        return False
-    return old.schema.equals(quarantine.schema) and old.equals(quarantine)
+def _same(old: pa.Table, new: pa.Table) -> bool:
+    return old.schema.equals(new.schema, check_metadata=True) and old.equals(new)
 
 
 def source_changes(previous: list[dict], table: pa.Table) -> dict[str, int]:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from .. import layout
 from ..curate.index import key_changes
 from ..errors import UserError
-from ..files import sha256_file
+from ..files import sha256_bytes, sha256_file
 from ..review.store import pair_key
 from .manifest import Manifest, load_manifest, release_file
 
@@ -74,8 +74,8 @@ def shipped_pairs(release: Path, manifest: Manifest, batch_size: int = 256) -> p
             rows = batch.to_pydict()
             parts.append(pd.DataFrame({
                 "anchor_key": rows["anchor_key"], "positive_key": rows["positive_key"],
-                **{f"{side}_digest": [hashlib.sha256((cell or {}).get("bytes") or b"").hexdigest()
-                                      for cell in rows[side]] for side in ("anchor", "positive")}}))
+                **{f"{side}_digest": [sha256_bytes((cell or {}).get("bytes") or b"") for cell in rows[side]]
+                   for side in ("anchor", "positive")}}))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=PAIR_KEY_COLUMNS)
 
 

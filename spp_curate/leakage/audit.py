@@ -13,7 +13,6 @@ exclude stage's own code, so an audit and a build agree on every score.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..config import Recipe, parse_reference, resolve_threshold
+from ..files import sha256_bytes
 from ..export.manifest import Manifest, load_manifest, release_file, verified_files
 from ..images import BadImage, image_from_bytes
 from ..progress import stage_progress
@@ -65,7 +65,7 @@ def _release_images(release: Path, manifest: Manifest, pixels: bool) -> dict[str
     seen: dict[str, dict[tuple[str, str], tuple[str, Any]]] = {s: {} for s in SIDES}
 
     def add(side: str, key: str, digest: str, data: bytes | None) -> None:
-        ident = hashlib.sha256(data or b"").hexdigest() if pixels else str(digest)
+        ident = sha256_bytes(data or b"") if pixels else str(digest)
         if (key, ident) in seen[side]:
             return
         picture = None

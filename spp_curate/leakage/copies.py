@@ -162,9 +162,8 @@ def candidates(pictures: Descriptors, references: Descriptors, engine, memory: i
     flat = _unit_rows(references.coarse.reshape(n_ref * per, -1))
     flat[np.repeat(~references.ok, per)] = 0.0
     limit = int(EXACT_VIEWS_PER_FLAT * FLAT_MAX_N["gpu" if faiss_gpus() > 0 else "cpu"])
-    plan = plan_search(len(flat), flat.shape[1], memory, flat_max_n=limit)
-    if plan.backend == "torch":  # the thumbnails are searched by faiss on the host, within the same limit
-        plan = plan_search(len(flat), flat.shape[1], memory, cuda=False, flat_max_n=limit)
+    # searched by faiss (on its GPUs where it has them), never through torch: cuda=False
+    plan = plan_search(len(flat), flat.shape[1], memory, cuda=False, flat_max_n=limit)
     index = build_faiss_index(flat, plan, seed)
     k = min(len(flat), CANDIDATES * per)
     queries = _unit_rows(pictures.coarse)

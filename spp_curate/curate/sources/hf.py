@@ -98,11 +98,11 @@ class HFSource(Source):
         import datasets
         import pyarrow.types as pat
 
-        column = ds.select_columns([self.label_column]).with_format("arrow")[:].column(0)
-        kind = _feature_kind(feature)
+        wrong = UserError(f"column {self.label_column!r} holds {_feature_kind(feature)}; accepted: a ClassLabel, "
+                          "integer or string column", option="--label-column")
         if self.label_column == self.image_column or not isinstance(feature, (datasets.ClassLabel, datasets.Value)):
-            raise UserError(f"column {self.label_column!r} holds {kind}; accepted: a ClassLabel, integer or "
-                            "string column", option="--label-column")
+            raise wrong  # before its values are read: an image column is all the pictures
+        column = ds.select_columns([self.label_column]).with_format("arrow")[:].column(0)
         dtype = column.type
         if isinstance(feature, datasets.ClassLabel):
             self.class_names = [str(n) for n in feature.names]
@@ -120,10 +120,10 @@ class HFSource(Source):
             self.class_names = distinct
             self._labels = [number[v] if v else -1 for v in values]
         else:
-            raise UserError(f"column {self.label_column!r} holds {kind}; accepted: a ClassLabel, integer or "
-                            "string column", option="--label-column")
+            raise wrong
+
     def items(self) -> Iterator[tuple[str, int]]:
-        names = len(self.class_names) if isinstance(self._labels, list) and self.class_names else None
+        names = len(self.class_names) or None  # labels past the class names are refused where there are names
         for i in range(len(self.ds)):
             key = f"{self.split}/{i:08d}"
             label = -1 if self._labels is None or self._labels[i] is None else self._labels[i]
