@@ -164,7 +164,7 @@ def main() -> None:
             result = data.evaluate(run)
             knn.append(result["knn_top1"])
             lin.append(result["linear_top1"])
-            pixel = result["pixel_knn_top1"], result["pixel_1nn_top1"]
+            pixel = result["pixel_knn_top1"], result["pixel_1nn_top1"], result["pixel_linear_top1"]
         row = {"knn": np.array(knn), "linear": np.array(lin)}
         rows[(label, method, positives, weight)] = row
         print(f"{label} {method} {positives} (partner weight {weight}): kNN {np.mean(knn):.4f} +- {np.std(knn):.4f}, "
@@ -237,8 +237,10 @@ def main() -> None:
             print(f"| {label} | {'-' if prec is None else f'{prec:.3f}'} | {method} | {positives} | "
                   f"{weight if positives != 'augment' else '-'} | {r['knn'].mean():.4f} ± {r['knn'].std():.4f} | "
                   f"{r['linear'].mean():.4f} ± {r['linear'].std():.4f} |")
-        print(f"| raw pixels (same split, reference) | - | - | - | - | {pixel[0]:.4f} (1-NN {pixel[1]:.4f}) | - |")
-        summary = {"dataset": data.name, "pixel_knn_top1": round(float(pixel[0]), 4), "wall_min": round(wall / 60, 1)}
+        print(f"| raw pixels (same split, reference) | - | - | - | - | {pixel[0]:.4f} (1-NN {pixel[1]:.4f}) | "
+              f"{pixel[2]:.4f} |")
+        summary = {"dataset": data.name, "pixel_knn_top1": round(float(pixel[0]), 4),
+                   "pixel_linear_top1": round(float(pixel[2]), 4), "wall_min": round(wall / 60, 1)}
         if args.noise:
             summary["noise"] = noise
         else:

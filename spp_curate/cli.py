@@ -284,13 +284,14 @@ def eval_run(
     test_root: Optional[Path] = typer.Option(None, help="image folders: the test split"),
     limit: Optional[int] = typer.Option(None, min=1, help="first N images of each split"),
 ) -> None:
-    """Weighted kNN (k=200, T=0.1) and linear-probe top-1 of a run's backbone, beside raw-pixel kNN and 1-NN of
-    the same split; writes RUN/eval.json."""
+    """Weighted kNN (k=200, T=0.1) and linear-probe top-1 of a run's backbone, beside raw-pixel kNN, 1-NN and
+    linear probe of the same split; writes RUN/eval.json."""
     from .train.evaluate import evaluate
 
     result = evaluate(run, source, str(root) if root else None, str(test_root) if test_root else None, limit)
     out.print(f"knn_top1 {result['knn_top1']:.4f}  linear_top1 {result['linear_top1']:.4f}  "
-              f"(raw pixels: knn_top1 {result['pixel_knn_top1']:.4f}, 1-NN {result['pixel_1nn_top1']:.4f})  "
+              f"(raw pixels: knn_top1 {result['pixel_knn_top1']:.4f}, 1-NN {result['pixel_1nn_top1']:.4f}, "
+              f"linear_top1 {result['pixel_linear_top1']:.4f})  "
               f"({run / 'eval.json'})")
 
 

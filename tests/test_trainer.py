@@ -178,6 +178,7 @@ def test_train_eval_and_reuse_as_encoder(label_build, tmp_path):
     assert 0.1 < result["knn_top1"] <= 1 and 0.1 < result["linear_top1"] <= 1
     # the raw-pixel reference of the same split: Fashion-MNIST pixels alone classify far above chance
     assert 0.5 < result["pixel_1nn_top1"] <= 1 and 0.5 < result["pixel_knn_top1"] <= 1
+    assert 0.5 < result["pixel_linear_top1"] <= 1
     out = tmp_path / "b"
     assert run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, "--limit", "300",
                    "--encoder", f"ssl:{run / 'last.pt'}", "--category", "none", "--min-similarity", "0",

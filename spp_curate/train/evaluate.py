@@ -1,5 +1,5 @@
 """Evaluation of a run's backbone: weighted kNN (k=200, T=0.1) and a linear probe, BatchNorm in eval mode,
-with the raw-pixel kNN and 1-NN of the same split as the reference line."""
+with the raw-pixel kNN, 1-NN and linear probe of the same split as the reference lines."""
 
 from __future__ import annotations
 
@@ -132,6 +132,8 @@ def evaluate(run: Path, source: str, root: str | None, test_root: str | None = N
               # The reference every result is read against: the same kNN, and 1-NN, on raw pixels.
               **dict(zip(("pixel_knn_top1", "pixel_1nn_top1"),
                          knn_accuracies(train_px, train_y, test_px, test_y, (200, 1)))),
+              # and the same probe on the raw pixels, the reference for the linear figure
+              "pixel_linear_top1": linear_top1(train_px, train_y, test_px, test_y),
               "train_images": len(train_y), "test_images": len(test_y), "knn_k": 200, "knn_t": 0.1,
               "linear_probe": "standardised features, L-BFGS"}
     write_json(run / "eval.json", result)
