@@ -73,12 +73,13 @@ def test_release_rows_read_by_many_workers_once_each(label_build, tmp_path):
     order = {k: i for i, k in enumerate(stream.keys)}
     assert stream.keys == reader.keys and np.array_equal(stream.pairs, reader.pairs)
     assert np.array_equal(streamed.pixels[[order[k] for k in reader.keys]], serial.pixels)
-    # an epoch uses every pair exactly once, in a seeded order that changes with the epoch
+    # an epoch uses every anchor exactly once, in a seeded order that changes with the epoch
     data = pair_data(str(release), 32, workers=2)
     epoch = [data.batches(64, seed=0, epoch=e) for e in (0, 1)]
     for batches in epoch:
-        used = torch.cat(batches).sort().values
-        assert torch.equal(used, torch.arange(len(data)))
+        used = torch.cat(batches)
+        assert len(used) == data.per_epoch and len(set(used.tolist())) == len(used)
+        assert sorted(data.rows[used.numpy(), 0].tolist()) == sorted(set(data.rows[:, 0].tolist()))
     assert not torch.equal(torch.cat(epoch[0]), torch.cat(epoch[1]))
     assert torch.equal(torch.cat(data.batches(64, seed=0, epoch=0)), torch.cat(epoch[0]))
 
@@ -114,3 +115,21 @@ def test_views_show_the_pair_their_mode_asks_for(label_build, positives, views):
         assert torch.equal(v.images[1], b) and torch.equal(v.partners[1], a)
     if positives == "both":
         assert torch.equal(v.images[2], b)
+
+
+def test_an_epoch_draws_one_partner_per_anchor(label_build):
+    # a release with several partners per anchor: each epoch uses every anchor once, with one of its
+    # partners drawn; over epochs every partner is met; the draw is the seed's and the epoch's
+    data = pair_data(str(label_build / "release"), 32, workers=0, limit=64)
+    anchors = np.repeat(np.arange(10), [1, 2, 3, 4, 1, 2, 3, 4, 5, 1])
+    data.rows = np.stack([anchors, (anchors + 1 + np.arange(len(anchors))) % 64], axis=1).astype(np.int64)
+    assert data.per_epoch == 10
+    met = set()
+    for epoch in range(40):
+        rows = torch.cat(data.batches(4, seed=3, epoch=epoch)).numpy()
+        assert sorted(data.rows[rows, 0].tolist()) == list(range(10))
+        met.update(rows.tolist())
+    assert met == set(range(len(anchors)))
+    assert torch.equal(torch.cat(data.batches(4, seed=3, epoch=5)), torch.cat(data.batches(4, seed=3, epoch=5)))
+    assert not all(torch.equal(torch.cat(data.batches(4, seed=3, epoch=e)), torch.cat(data.batches(4, seed=4, epoch=e)))
+                   for e in range(3))

@@ -8,9 +8,12 @@ its positive mode asks for, augmented on the training device (:mod:`.augment`):
 * ``semantic``: aug(a), aug(b)       - the pair replaces the augmented positive (arXiv 2510.08722)
 * ``both``:     aug(a), aug'(a), aug(b) - all positives of each other (SePP-ID, arXiv 2306.16122)
 
-Every pair is used exactly once per epoch (the last, shorter batch too, when it
-holds at least two pairs); a pair whose anchor or positive does not decode is
-left out of every epoch and counted.
+An epoch uses every anchor once (the last, shorter batch too, when it holds at
+least two rows). A release with one pair per anchor is then every pair once; where
+an anchor has several pairs (``--max-per-anchor``), each epoch draws one of them
+(seeded), so over the epochs the anchor meets its different partners while the
+matched ``augment`` still sees each anchor as often as ``both`` does. A pair whose
+anchor or positive does not decode is left out of every epoch and counted.
 """
 
 from __future__ import annotations
@@ -55,9 +58,24 @@ class TrainData:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def per_epoch(self) -> int:
+        """Rows trained on in one epoch: one per anchor."""
+        return len(np.unique(self.rows[:, 0]))
+
     def batches(self, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-        """This epoch's batches of row numbers: a seeded permutation, every row once."""
-        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+        """This epoch's batches of row numbers: a seeded permutation of one row per anchor (every row when
+        each anchor has one; otherwise one of each anchor's rows, drawn with the same seed)."""
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        anchors = self.rows[:, 0]
+        if self.per_epoch == len(anchors):
+            order = torch.randperm(len(anchors), generator=generator)
+        else:
+            draw = torch.rand(len(anchors), generator=generator, dtype=torch.float64).numpy()
+            by_anchor = np.lexsort((draw, anchors))  # each anchor's rows together, in a random order
+            _, first = np.unique(anchors[by_anchor], return_index=True)
+            chosen = torch.from_numpy(by_anchor[first])
+            order = chosen[torch.randperm(len(chosen), generator=generator)]
         return [b for b in order.split(batch_size) if len(b) >= 2]
 
 

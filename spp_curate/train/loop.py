@@ -187,7 +187,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, 
         model.train()
         total, seen, steps, started = 0.0, 0, 0, time.perf_counter()
         label = f"{cfg.method}/{cfg.positives} {epoch + 1}/{cfg.epochs}"
-        with stage_progress(label, len(data), unit=data.unit) as (bar, task):
+        with stage_progress(label, data.per_epoch, unit=data.unit) as (bar, task):
             for batch in batches:
                 views = make_views(batch)
 
