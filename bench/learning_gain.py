@@ -168,7 +168,8 @@ def main() -> None:
         row = {"knn": np.array(knn), "linear": np.array(lin)}
         rows[(label, method, positives, weight)] = row
         print(f"{label} {method} {positives} (partner weight {weight}): kNN {np.mean(knn):.4f} +- {np.std(knn):.4f}, "
-              f"linear {np.mean(lin):.4f} +- {np.std(lin):.4f}", flush=True)
+              f"linear {np.mean(lin):.4f} +- {np.std(lin):.4f}; per seed kNN {[round(x, 4) for x in knn]}, "
+              f"linear {[round(x, 4) for x in lin]}", flush=True)
         return row
 
     try:
@@ -251,6 +252,8 @@ def main() -> None:
                             "baseline": "simclr-augment, label pairs",
                             "gain_points": round(100 * float(diff_knn.mean()), 2),
                             "gain_linear_points": round(100 * float(diff_lin.mean()), 2),
+                            "gain_std_points": round(100 * float(diff_knn.std()), 2),
+                            "gain_linear_std_points": round(100 * float(diff_lin.std()), 2),
                             "baseline_std_points": round(100 * float(base["knn"].std()), 2),
                             "baseline_std_linear_points": round(100 * float(base["linear"].std()), 2)})
         print(json.dumps(summary))
