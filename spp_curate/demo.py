@@ -68,6 +68,5 @@ def results_table(summary: dict[str, Any], method: str) -> Table:
                       f"{result['knn_top1']:.4f}", f"{result['linear_top1']:.4f}")
     table.add_row("label pairs", f"{summary['precision']['label']:.4f}", "-", "-", "-")
     first = next(iter(summary["results"].values()))
-    table.add_row("raw pixels (ref.)", "-", "-", f"{first['pixel_knn_top1']:.4f}",
-                  f"{first['pixel_linear_top1']:.4f}" if "pixel_linear_top1" in first else "-")
+    table.add_row("raw pixels (ref.)", "-", "-", f"{first['pixel_knn_top1']:.4f}", f"{first['pixel_linear_top1']:.4f}")
     return table

@@ -176,8 +176,9 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, 
     if data.skipped:
         console.print(f"[yellow]{data.skipped} {data.unit}(s) left out: their images do not decode "
                       f"(first: {data.cache.first_failure})[/yellow]")
-    if len(data) < 2:
-        raise UserError(f"{len(data)} {data.unit}(s) to train on; at least 2 are needed",
+    if data.per_epoch < 2:  # one row per anchor and epoch
+        raise UserError(f"{data.per_epoch} {'anchor' if data.unit == 'pair' else data.unit}(s) to train on; "
+                        "at least 2 are needed",
                         option="--pairs" if cfg.pairs else "--source")
     make_views = ViewMaker(data, cfg.positives, cfg.image_size, device,
                            partner_weight=trust.weight if trust else 1.0)
