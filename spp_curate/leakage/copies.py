@@ -50,8 +50,15 @@ VERIFY_BATCH = 2048
 
 
 def _gray(image: Image.Image, size: int | tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """``image`` (already grayscale, mode L) resized to ``size``, as bytes."""
     size = (size, size) if isinstance(size, int) else size
-    return np.asarray(image.convert("L").resize(size, resample), dtype=np.uint8).reshape(-1)
+    return np.frombuffer(image.resize(size, resample).tobytes(), dtype=np.uint8)
+
+
+def _as_gray(image: Image.Image) -> Image.Image:
+    """The picture in grayscale, converted once: every rendering and crop is taken from it (a per-pixel
+    conversion, so converting before or after a crop or a resize's input gives the same bytes)."""
+    return image if image.mode == "L" else image.convert("L")
 
 
 def _crops(image: Image.Image) -> list[Image.Image]:
@@ -68,21 +75,28 @@ def _thumbnail(image: Image.Image) -> np.ndarray:
     """The 8x8 thumbnail, boxed down from the 24 px rendering: every picture passes through the same 24 px
     grid first, so a copy resized to any size (by any resampler) lands on its original's thumbnail; boxed
     straight from its own size, a resized copy ranked up to 60th among 10,000 look-alikes."""
-    gray = image.convert("L").resize((FINE, FINE), Image.Resampling.BILINEAR)
+    gray = _as_gray(image).resize((FINE, FINE), Image.Resampling.BILINEAR)
     return np.asarray(gray.resize((COARSE, COARSE), Image.Resampling.BOX), dtype=np.uint8).reshape(-1)
 
 
-def picture_descriptor(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """A picture that may be a copy: its thumbnail (64 bytes) and its 24x24 rendering (576 bytes)."""
-    return _thumbnail(image), _gray(image, FINE, Image.Resampling.BILINEAR)
+def picture_descriptor(image: Image.Image, coarse: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A picture that may be a copy: its thumbnail (64 bytes; empty without ``coarse``) and its 24x24
+    rendering (576 bytes)."""
+    gray = _as_gray(image)
+    return (_thumbnail(gray) if coarse else _NO_COARSE), _gray(gray, FINE, Image.Resampling.BILINEAR)
 
 
-def reference_descriptor(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """A reference picture: the thumbnails of it and its crops (VIEWS x 64) and its renderings at FINE_SIZES
-    (16,900 bytes)."""
-    coarse = np.stack([_thumbnail(v) for v in _crops(image)])
-    fine = np.concatenate([_gray(image, m, Image.Resampling.BILINEAR) for m in FINE_SIZES])
-    return coarse, fine
+def reference_descriptor(image: Image.Image, coarse: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A reference picture: the thumbnails of it and its crops (VIEWS x 64; empty without ``coarse``, which
+    only the candidate search reads) and its renderings at FINE_SIZES (16,900 bytes; the first, 24x24, is the
+    picture's own :func:`picture_descriptor` rendering)."""
+    gray = _as_gray(image)
+    thumbs = np.stack([_thumbnail(v) for v in _crops(gray)]) if coarse else _NO_COARSE
+    fine = np.concatenate([_gray(gray, m, Image.Resampling.BILINEAR) for m in FINE_SIZES])
+    return thumbs, fine
+
+
+_NO_COARSE = np.zeros(0, np.uint8)
 
 
 @dataclass
@@ -109,18 +123,22 @@ class Descriptors:
             return Descriptors(z["coarse"], z["fine"], z["ok"])
 
 
-def describe(images: list[Image.Image | None], reference: bool) -> Descriptors:
+def describe(images: list[Image.Image | None], reference: bool, coarse: bool = True) -> Descriptors:
+    """Descriptors of ``images`` as pictures or as references; without ``coarse`` the thumbnails (needed
+    only to search for candidates) are left empty, for comparisons of given pairs."""
     fn = reference_descriptor if reference else picture_descriptor
-    shape_c = (VIEWS, COARSE * COARSE) if reference else (COARSE * COARSE,)
+    shape_c = ((VIEWS, COARSE * COARSE) if reference else (COARSE * COARSE,)) if coarse else (0,)
     width_f = int(FINE_OFFSETS[-1]) if reference else FINE * FINE
-    coarse = np.zeros((len(images), *shape_c), np.uint8)
+    coarse_rows = np.zeros((len(images), *shape_c), np.uint8)
     fine = np.zeros((len(images), width_f), np.uint8)
     ok = np.zeros(len(images), bool)
     for i, image in enumerate(images):
         if image is not None:
-            coarse[i], fine[i] = fn(image)
+            thumbs, fine[i] = fn(image, coarse)
+            if coarse:
+                coarse_rows[i] = thumbs
             ok[i] = True
-    return Descriptors(coarse, fine, ok)
+    return Descriptors(coarse_rows, fine, ok)
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..images import BadImage, load_image
-from ..leakage.copies import DRAFT, FINE_SIZES, Descriptors, _scores, _unit_rows, describe
+from ..leakage.copies import DRAFT, FINE_OFFSETS, FINE_SIZES, Descriptors, _scores, _unit_rows, describe
 
 #: Pairs compared per batch (the pictures of a batch are decoded and rendered once).
 PAIR_BATCH = 4096
@@ -28,14 +28,19 @@ NEAR = 0.8
 
 
 def _describe_keys(source: Any, keys: list[str]) -> tuple[Descriptors, Descriptors]:
-    """Each picture as a possible copy (thumbnail, 24x24) and as a possible original (its renderings)."""
+    """Each picture as a possible copy (its 24x24 rendering) and as a possible original (its renderings).
+
+    Given pairs need no candidate search, so no thumbnails; the 24x24 rendering is the first of the
+    reference renderings, so each picture is rendered once."""
     pictures = []
     for key in keys:
         try:
             pictures.append(load_image(source, key, draft_size=DRAFT))
         except BadImage:  # the mine stage mines only images that encoded; a file changed since: no score
             pictures.append(None)
-    return describe(pictures, reference=False), describe(pictures, reference=True)
+    refs = describe(pictures, reference=True, coarse=False)
+    own = int(FINE_OFFSETS[1])  # FINE_SIZES[0] is (FINE, FINE)
+    return Descriptors(refs.coarse, refs.fine[:, :own], refs.ok), refs
 
 
 def pair_copy_scores(source: Any, keys: np.ndarray, a: np.ndarray, b: np.ndarray, on_batch=None) -> np.ndarray:
