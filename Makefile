@@ -26,10 +26,11 @@ demo: $(STAMP)
 	$(BIN)/spp-curate demo --out $(DEMO_OUT)
 
 # One worker per core this process may run on (at most 4; pytest-xdist's "auto" may count a container's
-# host), each test file on one worker so that its fixtures are built once.
+# host), each test file on one worker so that its fixtures are built once, heaviest files first (the order
+# tests/conftest.py gives; xdist's own reorder, by number of tests, would start the heaviest last).
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python bench/mine.py --quick

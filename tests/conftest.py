@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,17 @@ FMNIST = DATA / "fashion-mnist"
 
 # A small random-init ViT at 32 px: real open_clip code, seconds per thousand images on a CPU.
 TEST_ENCODER = ["--encoder", "openclip:ViT-S-32", "--image-size", "32"]
+
+# Heaviest test files first (seconds from a recent run; tests/file_costs.py refreshes them), so that under
+# `--dist loadfile --no-loadscope-reorder` no long file starts last while the other workers sit idle. A file
+# not in the table counts as the heaviest. Tests within a file keep their order.
+_COSTS = json.loads((Path(__file__).with_name("file_costs.json")).read_text())
+
+
+def pytest_collection_modifyitems(config, items):
+    unknown = max(_COSTS.values(), default=0.0) + 1.0
+    items.sort(key=lambda item: -_COSTS.get(item.path.name, unknown))
+
 
 # Nothing in the suite may reach for the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,13 +78,35 @@ def fmnist_root() -> Path:
     return FMNIST
 
 
+def shared_build(tmp_path_factory, name: str, *extra: str) -> Path:
+    """A build of the committed subset made once per run: under pytest-xdist the first worker to need it
+    builds it (the others wait on a lock) into the run's shared temporary folder, and every worker reads
+    it. Only for read-only tests (the others copy it first)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build_fmnist(tmp_path_factory.mktemp(name) / "build", *extra)
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp().parent  # the run's folder, above each worker's own
+    out, done = shared / f"shared-{name}" / "build", shared / f"shared-{name}.done"
+    with open(shared / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            if out.parent.exists():  # a worker that failed half-way left it
+                import shutil
+
+                shutil.rmtree(out.parent)
+            build_fmnist(out, *extra)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def label_build(tmp_path_factory) -> Path:
     """A build of the committed subset with --category label, shared by the read-only tests."""
-    return build_fmnist(tmp_path_factory.mktemp("label") / "build", "--category", "label")
+    return shared_build(tmp_path_factory, "label", "--category", "label")
 
 
 @pytest.fixture(scope="session")
 def none_build(tmp_path_factory) -> Path:
     """The same images mined with --category none (the semantic sampler alone)."""
-    return build_fmnist(tmp_path_factory.mktemp("none") / "build", "--category", "none", "--min-similarity", "0")
+    return shared_build(tmp_path_factory, "none", "--category", "none", "--min-similarity", "0")
