@@ -71,14 +71,15 @@ class Log:
         self.fh.write(line + "\n")
 
 
-def install(wheels: Path, log: Log) -> tuple[dict[str, str], str]:
+def install(wheels: Path, log: Log) -> tuple[dict[str, str], str, dict]:
     """The environment for the steps: the carried wheels in a temporary prefix (when anything is missing)
-    and this repository on PYTHONPATH. Returns it and a line saying what was done."""
+    and this repository on PYTHONPATH. Returns it, a line saying what was done, and :func:`probe` of it."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(":"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    missing = _missing(MODULES, env)
-    if not missing:
-        return env, "every module present; nothing installed"
+    found_here = probe(env)
+    if not found_here["missing"]:
+        return env, "every module present; nothing installed", found_here
+    missing = found_here["missing"]
     found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
     if not found:
         raise SystemExit(f"missing modules {', '.join(missing)} and no wheels in {wheels} (run `make device-wheels` "
@@ -92,43 +93,46 @@ def install(wheels: Path, log: Log) -> tuple[dict[str, str], str]:
         raise SystemExit(f"pip could not install the carried wheels: {proc.stderr.strip()[-400:]}")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(prefix), os.environ.get("PYTHONPATH", "")]).rstrip(":")
     env["PATH"] = os.pathsep.join([str(prefix / "bin"), env.get("PATH", "")])
-    still = _missing(MODULES, env)
-    if still:
-        raise SystemExit(f"after installing {len(found)} wheels these modules still do not import: {', '.join(still)}")
-    return env, f"installed {len(found)} wheels into {prefix} in {time.perf_counter() - started:.1f} s"
+    after = probe(env)
+    if after["missing"]:
+        raise SystemExit(f"after installing {len(found)} wheels these modules still do not import: "
+                         f"{', '.join(after['missing'])}")
+    return env, f"installed {len(found)} wheels into {prefix} in {time.perf_counter() - started:.1f} s", after
 
 
-def _missing(modules: list[str], env: dict[str, str]) -> list[str]:
-    code = ("import importlib, json\nbad = []\nfor m in %r:\n    try: importlib.import_module(m)\n"
-            "    except Exception as e: bad.append(m + ' (' + type(e).__name__ + ': ' + str(e)[:80] + ')')\n"
-            "print(json.dumps(bad))") % (modules,)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else [proc.stderr[-300:]]
-
-
-def versions(env: dict[str, str]) -> dict:
+def probe(env: dict[str, str]) -> dict:
+    """One interpreter under ``env``: the versions of Python, torch (and its GPU) and every module in
+    :data:`MODULES`, and ``missing``: those that do not import, each with its error."""
     code = r"""
 import json, importlib, platform
-import torch
-out = {"python": platform.python_version(), "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
-if torch.cuda.is_available():
-    out["gpu"] = torch.cuda.get_device_name(0)
-    out["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
-    out["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+out, missing = {"python": platform.python_version()}, []
 for m in %r:
     try:
         out[m] = getattr(importlib.import_module(m), "__version__", "?")
     except Exception as exc:
         out[m] = "missing: " + type(exc).__name__
+        missing.append(m + " (" + type(exc).__name__ + ": " + str(exc)[:80] + ")")
+try:
+    import torch
+    out.update(torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+        out["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+except Exception:
+    pass
 try:
     import faiss
     out["faiss_gpus"] = faiss.get_num_gpus()
 except Exception:
     pass
+out["missing"] = missing
 print(json.dumps(out))
 """ % (MODULES,)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-300:]}
+    if proc.returncode:
+        return {"error": proc.stderr[-300:], "missing": [proc.stderr[-300:]]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_step(name: str, cmd: list[str], cap: float, env: dict[str, str], log: Log, cwd: Path = REPO) -> dict:
@@ -313,10 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         report["wall_s"] = round(time.perf_counter() - started, 1)
         report_path.write_text(json.dumps(report, indent=1) + "\n")
 
-    env, installed = install(args.wheels, log)
+    env, installed, found = install(args.wheels, log)
     log(installed)
     report["install"] = installed
-    report["versions"] = versions(env)
+    report["versions"] = {k: v for k, v in found.items() if k != "missing"}
     if args.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the rehearsal runs on the CPU even where a GPU is
         env.pop("SPP_CURATE_CUDA_TESTS", None)
