@@ -570,6 +570,12 @@ def resolve_recipe(source: str, overrides: dict[str, Any], recipe_file: str | No
         manifest = MANIFEST_DIR / f"{kind}.yaml"
         base = load_recipe_file(manifest) if manifest.exists() else {"name": kind}
     merged = {**base, "source": source, **{k: v for k, v in overrides.items() if v is not None}}
+    encoder = overrides.get("encoder")
+    if (isinstance(encoder, str) and encoder.startswith("ssl:") and encoder != base.get("encoder")
+            and overrides.get("image_size") is None):
+        # The base's input size belongs to the base's encoder; a trainer checkpoint is embedded at the size
+        # it was trained at (its own, read from it) unless --image-size says otherwise.
+        merged["image_size"] = None
     try:
         return Recipe(**merged)
     except ValidationError as err:

@@ -185,6 +185,8 @@ def test_train_eval_and_reuse_as_encoder(label_build, tmp_path):
                    "--dup-threshold", "0.9999", "--workers", "0") == 0
     meta = json.loads((out / "embeddings" / "meta.json").read_text())
     assert meta["model"]["output"] == "backbone (pre-projector)" and meta["dim"] == 128
+    # embedded at the size the checkpoint was trained at, not the manifest's size for its own encoder (64)
+    assert meta["model"]["image_size"] == 32
 
 
 def test_train_single_images_gives_the_sampler(tmp_path):
@@ -199,3 +201,12 @@ def test_train_wrong_option_is_one_line(label_build, tmp_path, args, option):
     proc = run_cli_process("train", "--out", tmp_path / "r", "--pairs", label_build / "release", *args)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert option in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_checkpoint_encoder_is_embedded_at_its_own_size_unless_told():
+    from spp_curate.config import resolve_recipe
+
+    assert resolve_recipe("fashion-mnist", {}).image_size == 64  # the manifest's size, for its own encoder
+    assert resolve_recipe("fashion-mnist", {"encoder": "ssl:run/last.pt"}).image_size is None  # the checkpoint's
+    assert resolve_recipe("fashion-mnist", {"encoder": "ssl:run/last.pt", "image_size": 48}).image_size == 48
+    assert resolve_recipe("fashion-mnist", {"encoder": "openclip:ViT-B-32"}).image_size == 64
