@@ -50,14 +50,14 @@ VERIFY_BATCH = 2048
 
 
 def _gray(image: Image.Image, size: int | tuple[int, int], resample: Image.Resampling) -> np.ndarray:
-    """``image`` (already grayscale, mode L) resized to ``size``, as bytes."""
+    """``image`` in grayscale resized to ``size``, as bytes (converted here only if it is not grayscale yet)."""
     size = (size, size) if isinstance(size, int) else size
-    return np.frombuffer(image.resize(size, resample).tobytes(), dtype=np.uint8)
+    return np.frombuffer(_as_gray(image).resize(size, resample).tobytes(), dtype=np.uint8)
 
 
 def _as_gray(image: Image.Image) -> Image.Image:
-    """The picture in grayscale, converted once: every rendering and crop is taken from it (a per-pixel
-    conversion, so converting before or after a crop or a resize's input gives the same bytes)."""
+    """The picture in grayscale. Each picture is converted once and every crop and rendering is taken from
+    that: the conversion is per pixel, so converting before cropping gives the same bytes as after."""
     return image if image.mode == "L" else image.convert("L")
 
 
