@@ -76,15 +76,12 @@ def main() -> None:
             duplicates._describe_keys = original
 
     duplicates.pair_copy_scores(source, keys, a[:200], b[:200])  # imports and first calls, outside the timing
-    runs = {"now": [], "before": []}
+    runs, got = {"now": [], "before": []}, {}
     for _ in range(2):  # alternated, the best of two each: machines here are noisy
         for name, describe in (("now", duplicates._describe_keys), ("before", previous_describe)):
-            seconds, got = timed(describe)
+            seconds, got[name] = timed(describe)
             runs[name].append(seconds)
-            if name == "now":
-                scores = got
-            else:
-                before = got
+    scores, before = got["now"], got["before"]
     now_s, before_s = min(runs["now"]), min(runs["before"])
     same = bool(np.array_equal(scores, before))
     print(f"{len(a):,} pairs of {len(keys):,} pictures: {len(a) / now_s:,.0f} pairs/s; previous descriptors "

@@ -76,10 +76,10 @@ def install(wheels: Path, log: Log) -> tuple[dict[str, str], str, dict]:
     and this repository on PYTHONPATH. Returns it, a line saying what was done, and :func:`probe` of it."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(":"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    found_here = probe(env)
-    if not found_here["missing"]:
-        return env, "every module present; nothing installed", found_here
-    missing = found_here["missing"]
+    probed = probe(env)
+    missing = probed["missing"]
+    if not missing:
+        return env, "every module present; nothing installed", probed
     found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
     if not found:
         raise SystemExit(f"missing modules {', '.join(missing)} and no wheels in {wheels} (run `make device-wheels` "
@@ -317,10 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         report["wall_s"] = round(time.perf_counter() - started, 1)
         report_path.write_text(json.dumps(report, indent=1) + "\n")
 
-    env, installed, found = install(args.wheels, log)
+    env, installed, probed = install(args.wheels, log)
     log(installed)
     report["install"] = installed
-    report["versions"] = {k: v for k, v in found.items() if k != "missing"}
+    report["versions"] = {k: v for k, v in probed.items() if k != "missing"}
     if args.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the rehearsal runs on the CPU even where a GPU is
         env.pop("SPP_CURATE_CUDA_TESTS", None)

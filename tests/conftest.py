@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,16 +86,12 @@ def shared_build(tmp_path_factory, name: str, *extra: str) -> Path:
     it. Only for read-only tests (the others copy it first)."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return build_fmnist(tmp_path_factory.mktemp(name) / "build", *extra)
-    import fcntl
-
     shared = tmp_path_factory.getbasetemp().parent  # the run's folder, above each worker's own
     out, done = shared / f"shared-{name}" / "build", shared / f"shared-{name}.done"
     with open(shared / f"shared-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
             if out.parent.exists():  # a worker that failed half-way left it
-                import shutil
-
                 shutil.rmtree(out.parent)
             build_fmnist(out, *extra)
             done.touch()

@@ -134,9 +134,7 @@ def describe(images: list[Image.Image | None], reference: bool, coarse: bool = T
     ok = np.zeros(len(images), bool)
     for i, image in enumerate(images):
         if image is not None:
-            thumbs, fine[i] = fn(image, coarse)
-            if coarse:
-                coarse_rows[i] = thumbs
+            coarse_rows[i], fine[i] = fn(image, coarse)
             ok[i] = True
     return Descriptors(coarse_rows, fine, ok)
 

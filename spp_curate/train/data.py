@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,9 @@ class TrainData:
     def __len__(self) -> int:
         return len(self.rows)
 
-    @property
+    @cached_property
     def per_epoch(self) -> int:
-        """Rows trained on in one epoch: one per anchor."""
+        """Rows trained on in one epoch: one per anchor (the rows do not change once made)."""
         return len(np.unique(self.rows[:, 0]))
 
     def batches(self, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
