@@ -13,7 +13,9 @@ crop or colour jitter makes); every run trains on those pairs for the same
 epochs (batch 128): ``augment`` sees only the anchors (aug(a), aug'(a)),
 ``semantic`` the pair (aug(a), aug(b)), ``both`` all three views.
 ``--sampler`` adds the SePP-ID loop: a single-image SimCLR model mines pairs
-with ``--category none`` and ``both`` trains on them.
+with ``--category none`` and ``both`` trains on them; ``--pixel-sampler`` adds
+the pairs raw pixels mine (``--encoder pixels:32``, ``--category none``), the
+sampler ``make demo`` uses.
 
 Noise (``--noise``): the label release's partners are replaced, for a share
 of its pairs drawn at random, by random images, so that the release's label
@@ -123,6 +125,8 @@ def main() -> None:
                         "[default: a temporary one]")
     parser.add_argument("--noise", action="store_true", help="the precision sweep: label pairs mixed with random ones")
     parser.add_argument("--sampler", action="store_true", help="also the SePP-ID loop's own pairs (quick mode)")
+    parser.add_argument("--pixel-sampler", action="store_true",
+                        help="also the pairs raw pixels mine, --encoder pixels:32 (quick mode)")
     parser.add_argument("--epochs", type=int, default=None, help="[quick 3, full 100]")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=None, help="[quick 128, full 512]")
@@ -186,6 +190,8 @@ def main() -> None:
                      limit=data.limit)
                 sampler = work / "runs" / "single_images-simclr-augment-auto-0" / "last.pt"
                 builds["sampler pairs"] = data.pair_release(work, "pairs-none", f"ssl:{sampler}", "none")
+            if args.pixel_sampler:
+                builds["pixel pairs"] = data.pair_release(work, "pairs-pixels", "pixels:32", "none")
         for label, b in builds.items():
             precision_of[label] = json.loads((b / "report" / "metrics.json").read_text()).get("precision")
         noise = []

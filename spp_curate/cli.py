@@ -301,16 +301,17 @@ def demo(
     root: Optional[Path] = typer.Option(None, help="Fashion-MNIST IDX files [default: the Debian package's]"),
     limit: int = typer.Option(10_000, min=100, help="images used from each split"),
     epochs: int = typer.Option(3, min=1, help="epochs for every training run"),
+    sampler: str = typer.Option("pixels", help="the semantic sampler: pixels (raw pixels, PCA-whitened) | ssl "
+                                "(SimCLR pretrained on single images first)"),
 ) -> None:
-    """The SePP-ID loop on Fashion-MNIST: pretrain a sampler, mine pairs, train augment vs both, evaluate."""
+    """The SePP-ID loop on Fashion-MNIST: a sampler mines pairs, then augment vs both are trained and evaluated."""
     from .demo import results_table, run_demo
 
-    summary = run_demo(out_dir, str(root) if root else None, limit=limit, epochs=epochs,
+    summary = run_demo(out_dir, str(root) if root else None, limit=limit, epochs=epochs, sampler=sampler,
                        say=lambda line: err.print(f"[bold]{line}[/bold]"))
     out.print(results_table(summary, "simclr"))
-    for category, build_dir in summary["builds"].items():
-        out.print(f"release ({category}): {build_dir / 'release'}")
-        out.print(f"report  ({category}): {build_dir / 'report' / 'index.html'}")
+    out.print(f"release: {summary['build'] / 'release'}")
+    out.print(f"report:  {summary['build'] / 'report' / 'index.html'}")
 
 
 @app.command()

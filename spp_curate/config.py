@@ -35,10 +35,12 @@ def _sources():
     return sources.SOURCES
 
 #: The kinds of encoder a recipe may name (``curate/encoders.py`` builds each).
-ENCODER_KINDS = ("openclip", "timm", "torchvision", "ssl")
+ENCODER_KINDS = ("openclip", "timm", "torchvision", "ssl", "pixels")
 #: What follows an encoder kind, for messages.
 ENCODER_FORMS = ("openclip:MODEL[:TAG|:FILE], openclip:hf-hub:ORG/NAME, openclip:local-dir:PATH, "
-                 "timm:MODEL[.TAG][:FILE|:random], torchvision:ARCH:CHECKPOINT|random or ssl:CHECKPOINT")
+                 "timm:MODEL[.TAG][:FILE|:random], torchvision:ARCH:CHECKPOINT|random, ssl:CHECKPOINT or pixels:SIZE")
+#: The largest side ``pixels:SIZE`` takes: 3 x 64 x 64 = 12,288 numbers an image already.
+MAX_PIXELS_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,9 @@ def parse_encoder(spec: str) -> EncoderSpec:
             raise UserError(f"{spec!r}: accepted {'torchvision:ARCH:CHECKPOINT (or :random)' if kind == 'torchvision' else 'timm:MODEL[.TAG][:FILE|:random]'}",
                             option="--encoder")
         return EncoderSpec(kind, model, weights or None)
+    if kind == "pixels" and not (rest.isascii() and rest.isdigit() and 8 <= int(rest) <= MAX_PIXELS_SIZE):
+        raise UserError(f"{spec[:60]!r}: accepted pixels:SIZE, a side from 8 to {MAX_PIXELS_SIZE} px (e.g. pixels:32)",
+                        option="--encoder")
     return EncoderSpec(kind, rest)
 
 
@@ -292,7 +297,7 @@ class Recipe(BaseModel):
 
     encoder: str = knob("openclip:ViT-B-32", help="openclip:MODEL[:TAG|:FILE] | openclip:hf-hub:ORG/NAME | "
                         "openclip:local-dir:PATH | timm:MODEL[.TAG][:FILE|:random] | torchvision:ARCH:CHECKPOINT | "
-                        "ssl:RUN", stage="embed")
+                        "ssl:RUN | pixels:SIZE", stage="embed")
     #: The key prefix of the backbone's weights in a ``torchvision:`` checkpoint, when it is none of those
     #: recognised (MoCo's ``module.encoder_q.``/``module.base_encoder.``, solo-learn's ``backbone.``, ...).
     encoder_prefix: str | None = knob(None, help="key prefix of the backbone in a torchvision: checkpoint "
@@ -571,10 +576,11 @@ def resolve_recipe(source: str, overrides: dict[str, Any], recipe_file: str | No
         base = load_recipe_file(manifest) if manifest.exists() else {"name": kind}
     merged = {**base, "source": source, **{k: v for k, v in overrides.items() if v is not None}}
     encoder = overrides.get("encoder")
-    if (isinstance(encoder, str) and encoder.startswith("ssl:") and encoder != base.get("encoder")
+    if (isinstance(encoder, str) and encoder.startswith(("ssl:", "pixels:")) and encoder != base.get("encoder")
             and overrides.get("image_size") is None):
         # The base's input size belongs to the base's encoder; a trainer checkpoint is embedded at the size
-        # it was trained at (its own, read from it) unless --image-size says otherwise.
+        # it was trained at (its own, read from it), raw pixels at the size their spec names, unless
+        # --image-size says otherwise.
         merged["image_size"] = None
     try:
         return Recipe(**merged)

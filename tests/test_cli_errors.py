@@ -20,6 +20,9 @@ def _one_line_error(proc) -> str:
     (["--source", "imagefolder", "--root", "/nonexistent/images"], ["--root", "/nonexistent/images", "does not exist"]),
     (["--source", "fashion-mnist", "--root", str(FMNIST), "--encoder", "clip:RN50"], ["--encoder", "openclip:MODEL"]),
     (["--source", "fashion-mnist", "--root", str(FMNIST), "--encoder", "openclip:NoSuchNet"], ["--encoder", "NoSuchNet"]),
+    (["--source", "fashion-mnist", "--root", str(FMNIST), "--encoder", "pixels:500"], ["--encoder", "8 to 64"]),
+    (["--source", "fashion-mnist", "--root", str(FMNIST), "--encoder", "pixels:32", "--image-size", "96"],
+     ["--image-size", "8 to 64"]),
     (["--source", "fashion-mnist", "--root", str(FMNIST), "--limit", "-5"], ["--limit", "greater than or equal to 0"]),
     (["--source", "fashion-mnist", "--root", str(FMNIST), "--category", "colour"], ["--category", "label", "none"]),
     (["--source", "fashion-mnist", "--root", str(FMNIST), "--shard-size", "lots"], ["--shard-size", "500MB"]),
@@ -56,3 +59,9 @@ def test_help_lists_every_command():
     assert proc.returncode == 0
     for command in ("build", "index", "embed", "mine", "report", "export", "verify"):
         assert command in proc.stdout
+
+
+def test_demo_with_an_unknown_sampler_is_one_line_and_writes_nothing(tmp_path):
+    line = _one_line_error(run_cli_process("demo", "--sampler", "clip", "--out", tmp_path / "demo"))
+    assert "--sampler" in line and "pixels, ssl" in line, line
+    assert not (tmp_path / "demo").exists()

@@ -235,6 +235,27 @@ def test_every_encoder_kind_builds_a_release_from_the_subset(tmp_path, spec):
     assert manifest["counts"]["pairs"] > 0 and manifest["recipe"]["encoder"] == spec
 
 
+def test_raw_pixels_mine_same_class_neighbours_at_the_size_they_name(tmp_path):
+    """``pixels:SIZE``: the picture itself as the embedding (no weights); on the Fashion-MNIST subset its
+    neighbours are of the anchor's class far more often than chance (a tenth)."""
+    import json
+
+    from conftest import FMNIST, run_cli
+    from spp_curate.config import resolve_recipe
+
+    assert resolve_recipe("fashion-mnist", {"encoder": "pixels:16"}).image_size is None  # not the manifest's 64
+    encoder = load_encoder("pixels:16")
+    assert (encoder.dim, encoder.image_size) == (768, 16)
+    out = tmp_path / "b"
+    assert run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, "--limit", "300",
+                   "--encoder", "pixels:16", "--workers", "0", "--category", "none", "--min-similarity", "q0",
+                   "--max-per-anchor", "1") == 0
+    meta = json.loads((out / "embeddings" / "meta.json").read_text())
+    assert meta["dim"] == 768 and meta["model"]["image_size"] == 16 and "raw pixels" in meta["model"]["output"]
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["pairs"] > 100 and metrics["precision"] > 0.5, metrics["precision"]
+
+
 def test_weights_holding_nan_are_one_line_before_anything_is_embedded(tmp_path, cli):
     import timm
 

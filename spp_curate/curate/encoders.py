@@ -16,6 +16,11 @@
   is an error that names it, never a silent partial load. ``torchvision:ARCH:random`` for seeded weights.
 * ``ssl:PATH`` - a checkpoint of the bundled trainer (``RUN/last.pt`` or ``RUN``): its backbone's
   pooled features, *before* the projection head, at the input size it was trained at.
+* ``pixels:SIZE`` - no model: the picture itself, resized to ``SIZE`` px and normalised as the trainer's
+  input is, flattened (``3 * SIZE**2`` numbers). The build's PCA whitening makes it the classic
+  PCA-pixel retrieval baseline; on aligned pictures (Fashion-MNIST) its neighbours are more often of the
+  anchor's class than a short self-supervised run's, and they carry what that run's augmentations do not
+  (BENCHMARKS.md, learning gain).
 
 Every file is read size-capped and with ``weights_only=True`` (no pickled code runs). :func:`load_encoder`
 returns an :class:`Encoder`: a module mapping a batch of preprocessed images to features, the matching PIL
@@ -172,6 +177,8 @@ def check_encoder(spec: str, image_size: int | None = None) -> None:
         if image_size is not None and isinstance(patch, int) and image_size < patch:
             raise UserError(f"{image_size} px is below {enc.name}'s patch size of {patch} px; use at least {patch}",
                             option="--image-size")
+    elif enc.kind == "pixels":
+        _pixels(int(enc.name), image_size)
     elif enc.kind == "ssl":
         path = Path(enc.name)
         if not (path.is_file() or (path / "last.pt").is_file()):
@@ -274,6 +281,8 @@ def load_encoder(spec: str, image_size: int | None = None, prefix: str | None = 
         encoder = _timm(enc, image_size)
     elif enc.kind == "torchvision":
         encoder = _torchvision(enc, image_size, prefix)
+    elif enc.kind == "pixels":
+        encoder = _pixels(int(enc.name), image_size)
     else:
         encoder = _ssl(enc.name, image_size)
     check_finite(encoder.module, spec)
@@ -505,3 +514,15 @@ def _ssl(path: str, image_size: int | None) -> Encoder:
     meta = {"library": "spp-curate trainer", "checkpoint": Path(path).name, "output": "backbone (pre-projector)",
             "image_size": size}
     return Encoder(f"ssl:{path}", backbone, eval_transform(size), size, dim, meta)
+
+
+def _pixels(side: int, image_size: int | None) -> Encoder:
+    """Raw pixels: the trainer's eval preprocessing at ``side`` px (or ``--image-size``), flattened."""
+    from ..checkpoint import eval_transform
+    from ..config import MAX_PIXELS_SIZE
+
+    size = image_size or side
+    if not 8 <= size <= MAX_PIXELS_SIZE:
+        raise UserError(f"got {size} px for pixels:; accepted: 8 to {MAX_PIXELS_SIZE}", option="--image-size")
+    meta = {"library": "spp-curate", "output": "raw pixels (RGB, normalised, flattened)", "image_size": size}
+    return Encoder(f"pixels:{side}", torch.nn.Flatten(), eval_transform(size), size, 3 * size * size, meta)
