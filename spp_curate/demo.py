@@ -39,11 +39,11 @@ def run_demo(out: Path, root: str | None, limit: int = 10_000, epochs: int = 3, 
     # Batch 128: at a few epochs the number of steps matters more than the batch (BENCHMARKS.md, learning gain).
     common = dict(backbone="small-cnn", epochs=epochs, batch_size=128, image_size=32, seed=0)
     if sampler == "ssl":
-        run = out / "sampler"
+        sampler_run = out / "sampler"
         say(f"[1/4] pretraining the semantic sampler ({method}, {limit:,} images, {epochs} epochs)")
-        train(TrainConfig(out=str(run), method=method, positives="augment", source="fashion-mnist", root=root,
-                          limit=limit, **common), resume=True)
-        encoder = f"ssl:{run / 'last.pt'}"
+        train(TrainConfig(out=str(sampler_run), method=method, positives="augment", source="fashion-mnist",
+                          root=root, limit=limit, **common), resume=True)
+        encoder = f"ssl:{sampler_run / 'last.pt'}"
     else:
         say("[1/4] the semantic sampler: raw pixels at 32 px, PCA-whitened (nothing to train)")
         encoder = "pixels:32"
@@ -66,9 +66,8 @@ def run_demo(out: Path, root: str | None, limit: int = 10_000, epochs: int = 3, 
         results[positives] = evaluate(run, "fashion-mnist", root, limit=limit)
         history = (run / "metrics.jsonl").read_text().splitlines()
         results[positives]["partner_weight"] = json.loads(history[-1]).get("partner_weight") if history else None
-    metrics = read_json(pairs / layout.METRICS)
-    return {"results": results, "precision": metrics["precision"], "pairs": metrics.get("pairs"),
-            "sampler": sampler, "encoder": encoder, "build": pairs}
+    return {"results": results, "precision": read_json(pairs / layout.METRICS)["precision"], "sampler": sampler,
+            "build": pairs}
 
 
 def results_table(summary: dict[str, Any], method: str) -> Table:

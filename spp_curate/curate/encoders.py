@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import parse_encoder
+from ..config import MAX_PIXELS_SIZE, parse_encoder
 from ..errors import UserError
 
 RANDOM_INIT_SEED = 0
@@ -178,7 +178,7 @@ def check_encoder(spec: str, image_size: int | None = None) -> None:
             raise UserError(f"{image_size} px is below {enc.name}'s patch size of {patch} px; use at least {patch}",
                             option="--image-size")
     elif enc.kind == "pixels":
-        _pixels(int(enc.name), image_size)
+        _pixels_size(int(enc.name), image_size)
     elif enc.kind == "ssl":
         path = Path(enc.name)
         if not (path.is_file() or (path / "last.pt").is_file()):
@@ -516,13 +516,18 @@ def _ssl(path: str, image_size: int | None) -> Encoder:
     return Encoder(f"ssl:{path}", backbone, eval_transform(size), size, dim, meta)
 
 
-def _pixels(side: int, image_size: int | None) -> Encoder:
-    """Raw pixels: the trainer's eval preprocessing at ``side`` px (or ``--image-size``), flattened."""
-    from ..checkpoint import eval_transform
-    from ..config import MAX_PIXELS_SIZE
-
+def _pixels_size(side: int, image_size: int | None) -> int:
+    """The side ``pixels:SIZE`` embeds at: ``--image-size`` when given, else its own; one line when out of range."""
     size = image_size or side
     if not 8 <= size <= MAX_PIXELS_SIZE:
         raise UserError(f"got {size} px for pixels:; accepted: 8 to {MAX_PIXELS_SIZE}", option="--image-size")
+    return size
+
+
+def _pixels(side: int, image_size: int | None) -> Encoder:
+    """Raw pixels: the trainer's eval preprocessing at ``side`` px (or ``--image-size``), flattened."""
+    from ..checkpoint import eval_transform
+
+    size = _pixels_size(side, image_size)
     meta = {"library": "spp-curate", "output": "raw pixels (RGB, normalised, flattened)", "image_size": size}
     return Encoder(f"pixels:{side}", torch.nn.Flatten(), eval_transform(size), size, 3 * size * size, meta)
