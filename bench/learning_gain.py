@@ -20,14 +20,19 @@ sampler ``make demo`` uses.
 Noise (``--noise``): the label release's partners are replaced, for a share
 of its pairs drawn at random, by random images, so that the release's label
 precision is about 0.1, 0.25, 0.5, 0.75 and 1.0 (0.1 is random pairs of ten
-balanced classes). ``augment`` (which never sees a partner) runs once per
-seed; ``both`` runs on every mix with each ``--partner-weights`` value
-(``auto``: the trainer's default, the precision above chance; ``1``: every
-partner counts fully, as before weighting). Ends with one JSON line holding
-``noise``: ``{precision, weight, gain_knn, std_knn, gain_linear, std_linear}``
-per mix and weight, where gain is ``both`` minus ``augment`` (mean over seeds)
-and std the standard deviation over seeds of that difference, beside
-``augment``'s own standard deviations.
+balanced classes). A replaced pair carries its own similarity (the build's
+whitened embeddings of its two pictures), as a mined wrong pair would
+(``--noise-similarity kept``: the replaced pair's, as before). ``augment``
+(which never sees a partner) runs once per seed; ``both`` runs on every mix
+with each ``--partner-weights`` value (``auto``: the trainer's default, the
+precision above chance; ``1``: every partner counts fully, as before
+weighting) and, for ``auto``, each ``--partner-trusts`` mode (``release``: one
+weight for all pairs; ``similarity``: each pair by its similarity band's
+precision). Ends with one JSON line holding ``noise``: ``{precision, weight,
+trust, gain_knn, std_knn, gain_linear, std_linear}`` per mix, weight and mode,
+where gain is ``both`` minus ``augment`` (mean over seeds) and std the
+standard deviation over seeds of that difference, beside ``augment``'s own
+standard deviations.
 
 Full: the SePP-ID loop (arXiv 2306.16122) on all 60,000 training images with
 resnet18 at 32 px: a sampler pretrained with SimCLR on single images (also the
@@ -57,7 +62,7 @@ from spp_curate.config import resolve_recipe
 from spp_curate.stages import build, run_stage
 from spp_curate.train.evaluate import evaluate
 from spp_curate.train.loop import TrainConfig, train
-from spp_curate.train.trust import parse_partner_weight, release_trust
+from spp_curate.train.trust import check_partner_trust, parse_partner_weight, release_trust
 
 from _common import DEBIAN, SUBSET, mode_parser
 from glyphs import generate as generate_glyphs
@@ -86,11 +91,15 @@ class Dataset:
         return work / name
 
 
-def noisy_build(base: Path, out: Path, precision: float, seed: int = 0) -> tuple[Path, float]:
+def noisy_build(base: Path, out: Path, precision: float, seed: int = 0,
+                real_similarity: bool = True) -> tuple[Path, float]:
     """A copy of the label-pair build ``base`` whose partners are random images for a share of its pairs,
-    drawn so that the label precision is about ``precision``; report and export run again on it.
-    Returns the release and its label precision."""
+    drawn so that the label precision is about ``precision``; report and export run again on it. With
+    ``real_similarity`` a replaced pair's similarity is its own (the build's whitened embeddings), else the
+    replaced pair's. Returns the release and its label precision."""
+    from spp_curate import layout
     from spp_curate.config import load_recipe
+    from spp_curate.pairing.whiten import Whitening
 
     shutil.copytree(base, out, ignore=shutil.ignore_patterns("release", ".release.partial", ".lock",
                                                              "released-index.parquet"))
@@ -111,11 +120,46 @@ def noisy_build(base: Path, out: Path, precision: float, seed: int = 0) -> tuple
     table.loc[swap, "positive_id"] = new
     table.loc[swap, "positive_label"] = index.set_index("id").label.loc[new].to_numpy()
     table.loc[swap, "mutual"] = False
+    if real_similarity and swap.any():
+        vecs, emb_ids = layout.load_embeddings(out)
+        white = Whitening.load(out / layout.WHITENING).apply(vecs)
+        row = {int(i): r for r, i in enumerate(emb_ids)}
+        a = np.asarray([row[int(i)] for i in table.anchor_id.to_numpy()[swap]])
+        b = np.asarray([row[int(i)] for i in new])
+        table.loc[swap, "similarity"] = np.sum(white[a] * white[b], axis=1).astype(table.similarity.dtype)
     pq.write_table(pa.Table.from_pandas(table, schema=pairs.schema, preserve_index=False), out / "pairs.parquet")
     recipe = load_recipe(out)
     for stage in ("report", "export"):
         run_stage(out, recipe, stage, force=True)
     return out / "release", float((table.label == table.positive_label).mean())
+
+
+def weights_used(release: Path, weight: str, trust: str) -> tuple:
+    """What the trainer would weight the partners of ``release`` by: runs that would train alike run once."""
+    from spp_curate.train.cache import ReleaseReader
+
+    t = release_trust(str(release), parse_partner_weight(weight), trust)
+    per_pair = t.pair_weights(ReleaseReader(Path(release)).similarity)
+    if per_pair is None or np.ptp(per_pair) < 1e-6:  # one weight for every pair, however it was reached
+        return (round(float(t.weight if per_pair is None else per_pair[0]), 6),)
+    return tuple(np.round(per_pair, 6))
+
+
+def gains(rows: dict, precision_of: dict) -> list[dict]:
+    """Every run with partners against the ``augment`` of its pairs and method, seed by seed."""
+    out = []
+    for (label, method, positives, weight), r in rows.items():
+        base = rows.get((label, method, "augment", "auto"))
+        if positives == "augment" or base is None:
+            continue
+        d = {k: 100 * (r[k] - base[k]) for k in ("knn", "linear")}
+        out.append({"pairs": label, "precision": precision_of.get(label), "method": method, "positives": positives,
+                    "partner_weight": weight, "gain_knn": round(float(d["knn"].mean()), 2),
+                    "std_knn": round(float(d["knn"].std()), 2), "gain_linear": round(float(d["linear"].mean()), 2),
+                    "std_linear": round(float(d["linear"].std()), 2),
+                    "per_seed_knn": [round(float(x), 2) for x in d["knn"]],
+                    "per_seed_linear": [round(float(x), 2) for x in d["linear"]]})
+    return out
 
 
 def main() -> None:
@@ -134,6 +178,12 @@ def main() -> None:
     parser.add_argument("--positives", default="augment,semantic,both")
     parser.add_argument("--partner-weights", default="auto",
                         help="comma-separated --partner-weight values for the runs that use partners")
+    parser.add_argument("--partner-trusts", default="release",
+                        help="comma-separated --partner-trust modes for the runs at --partner-weight auto")
+    parser.add_argument("--noise-similarity", choices=("real", "kept"), default="real",
+                        help="a replaced pair's similarity: its own, or the replaced pair's")
+    parser.add_argument("--no-label-runs", action="store_true",
+                        help="train on the sampler's pairs only (the label build is still made)")
     parser.add_argument("--precisions", default=",".join(map(str, NOISE_PRECISIONS)))
     args = parser.parse_args()
     full = args.full
@@ -143,6 +193,11 @@ def main() -> None:
     weights = [w.strip() for w in args.partner_weights.split(",")]
     for w in weights:
         parse_partner_weight(w)
+    trusts = [t.strip() for t in args.partner_trusts.split(",")]
+    for t in trusts:
+        check_partner_trust(t)
+    # the runs that use partners: (--partner-weight, --partner-trust); the trust mode matters at auto only
+    settings = [(w, t) for w in weights for t in (trusts if w == "auto" else ["release"])]
     common = dict(backbone="resnet18" if full else "small-cnn", batch_size=batch, epochs=epochs)
     work = Path(tempfile.mkdtemp(prefix="spp-bench-gain-"))
     if args.dataset == "glyphs":
@@ -157,21 +212,23 @@ def main() -> None:
     rows: dict[tuple[str, str, str, str], dict] = {}
     pixel = None
 
-    def runs(label: str, method: str, positives: str, weight: str = "auto", **where) -> dict:
+    def runs(label: str, method: str, positives: str, weight: str = "auto", trust: str = "release",
+             **where) -> dict:
         nonlocal pixel
         knn, lin = [], []
         for seed in range(args.seeds):
-            run = work / "runs" / f"{label}-{method}-{positives}-{weight}-{seed}".replace(" ", "_")
+            run = work / "runs" / f"{label}-{method}-{positives}-{weight}-{trust}-{seed}".replace(" ", "_")
             train(TrainConfig(out=str(run), method=method, positives=positives, seed=seed,
                               partner_weight=parse_partner_weight(weight) if positives != "augment" else None,
-                              **common, **where))
+                              partner_trust=trust, **common, **where))
             result = data.evaluate(run)
             knn.append(result["knn_top1"])
             lin.append(result["linear_top1"])
             pixel = result["pixel_knn_top1"], result["pixel_1nn_top1"], result["pixel_linear_top1"]
         row = {"knn": np.array(knn), "linear": np.array(lin)}
-        rows[(label, method, positives, weight)] = row
-        print(f"{label} {method} {positives} (partner weight {weight}): kNN {np.mean(knn):.4f} +- {np.std(knn):.4f}, "
+        shown = weight if trust == "release" else f"{weight}, {trust}"
+        rows[(label, method, positives, shown)] = row
+        print(f"{label} {method} {positives} (partner weight {shown}): kNN {np.mean(knn):.4f} +- {np.std(knn):.4f}, "
               f"linear {np.mean(lin):.4f} +- {np.std(lin):.4f}; per seed kNN {[round(x, 4) for x in knn]}, "
               f"linear {[round(x, 4) for x in lin]}", flush=True)
         return row
@@ -200,21 +257,22 @@ def main() -> None:
             for method in methods:
                 augment = runs("label pairs", method, "augment", pairs=str(base / "release"))
                 for target in (float(x) for x in args.precisions.split(",")):
-                    release, measured = noisy_build(base, work / f"noise-{target}", target)
+                    release, measured = noisy_build(base, work / f"noise-{target}", target,
+                                                    real_similarity=args.noise_similarity == "real")
                     label = f"precision {measured:.3f}"
                     precision_of[label] = measured
-                    done = {}  # weight value -> its entry: at precision 1.0 ``auto`` is 1, run once
-                    for weight in weights:
-                        value = release_trust(str(release), parse_partner_weight(weight)).weight
+                    done = {}  # the weights the runs would use -> its entry: such runs are run once
+                    for weight, trust in settings:
+                        value = weights_used(release, weight, trust)
                         if value in done:
-                            noise.append({**done[value], "partner_weight": weight,
-                                          "same_run_as": done[value]["partner_weight"]})
+                            noise.append({**done[value], "partner_weight": weight, "trust": trust,
+                                          "same_run_as": [done[value]["partner_weight"], done[value]["trust"]]})
                             print(json.dumps(noise[-1]), flush=True)
                             continue
-                        both = runs(label, method, "both", weight, pairs=str(release))
+                        both = runs(label, method, "both", weight, trust, pairs=str(release))
                         gain = {k: both[k] - augment[k] for k in ("knn", "linear")}
                         noise.append({"target": target, "precision": round(measured, 4), "method": method,
-                                      "partner_weight": weight,
+                                      "partner_weight": weight, "trust": trust,
                                       "gain_knn": round(100 * float(gain["knn"].mean()), 2),
                                       "std_knn": round(100 * float(gain["knn"].std()), 2),
                                       "gain_linear": round(100 * float(gain["linear"].mean()), 2),
@@ -225,14 +283,16 @@ def main() -> None:
                         print(json.dumps(noise[-1]), flush=True)
         else:
             for label, b in builds.items():
-                # the weights that differ on this release (on label pairs ``auto`` is 1: run it once)
+                if args.no_label_runs and label == "label pairs" and len(builds) > 1:
+                    continue
+                # the settings that differ on this release (on label pairs ``auto`` is 1: run it once)
                 resolved = {}
-                for w in weights:
-                    resolved.setdefault(release_trust(str(b / "release"), parse_partner_weight(w)).weight, w)
+                for w, t in settings:
+                    resolved.setdefault(weights_used(b / "release", w, t), (w, t))
                 for method in methods:
                     for positives in args.positives.split(","):
-                        for weight in (["auto"] if positives == "augment" else resolved.values()):
-                            runs(label, method, positives, weight, pairs=str(b / "release"))
+                        for weight, trust in ([("auto", "release")] if positives == "augment" else resolved.values()):
+                            runs(label, method, positives, weight, trust, pairs=str(b / "release"))
         wall = time.perf_counter() - started
         print(f"\n{data.name}: {len(pq.read_table(builds['label pairs'] / 'pairs.parquet', columns=['pair_id'])):,} "
               f"label pairs, {epochs} epochs, batch {batch}, {common['backbone']}, {args.seeds} seeds, "
@@ -251,6 +311,7 @@ def main() -> None:
         if args.noise:
             summary["noise"] = noise
         else:
+            summary["gains"] = gains(rows, precision_of)
             base = rows.get(("label pairs", "simclr", "augment", "auto")) or next(iter(rows.values()))
             best = rows.get(("label pairs", "simclr", "both", weights[0])) or base
             diff_knn, diff_lin = best["knn"] - base["knn"], best["linear"] - base["linear"]

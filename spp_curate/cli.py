@@ -260,6 +260,9 @@ def train(
     partner_weight: str = typer.Option(
         "auto", help="weight of the partner positives: auto (the release's pair precision above chance: "
         "reviewed estimate, else labels) or a number from 0 to 1"),
+    partner_trust: str = typer.Option(
+        "release", help="with --partner-weight auto: release (one weight for every pair) or similarity (each pair "
+        "by the precision of its similarity band, from the reviewed sample or the labels)"),
     resume: bool = typer.Option(False, "--resume", help="continue from RUN/last.pt"),
     force: bool = typer.Option(False, "--force", help="start again in a folder that holds a run"),
 ) -> None:
@@ -270,7 +273,8 @@ def train(
     cfg = TrainConfig(out=str(out_dir), method=method, positives=positives, backbone=backbone, pairs=pairs,
                       source=source, root=str(root) if root else None, limit=limit, epochs=epochs,
                       batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, workers=workers,
-                      cache=cache, partner_weight=parse_partner_weight(partner_weight))
+                      cache=cache, partner_weight=parse_partner_weight(partner_weight),
+                      partner_trust=partner_trust)
     metrics = run_train(cfg, resume=resume, force=force)
     out.print(f"run: {out_dir} (epoch {metrics.get('epoch')}, loss {metrics.get('loss', float('nan')):.4f}); "
               f"use it as --encoder ssl:{out_dir / 'last.pt'}")

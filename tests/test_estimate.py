@@ -145,6 +145,13 @@ def test_estimate_mode_through_the_page_api_and_what_the_release_says(none_build
     assert est["pairs_reviewed"] == 40 and est["low"] <= est["value"] <= est["high"] and "Korn" in est["method"]
     card = (build / "release" / "README.md").read_text()
     assert "reviewed at random" in card and f"{est['value']:.3f}" in card
+    # and the precision of each similarity band, from the same sample, for the trainer to weight pairs by
+    trust = manifest["pair_trust"]
+    assert trust["source"] == "reviewed sample" and len(trust["bands"]) == len(est["bands"])
+    for band, judged in zip(trust["bands"], est["bands"]):
+        assert band["judged"] == judged["judged"]
+        assert band["precision"] == pytest.approx((judged["accepted"] + 0.5) / (judged["judged"] + 1))
+    assert trust["cuts"] == pytest.approx(np.quantile(pairs.similarity, E.BAND_EDGES[1:-1]).tolist())
 
 
 def test_a_precision_target_threshold_comes_from_the_reviews_and_reproduces(none_build, tmp_path):

@@ -152,3 +152,83 @@ def test_a_wrong_partner_weight_is_one_line(label_build, tmp_path, cli, value):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "--partner-weight" in last and "auto, or a number from 0 to 1" in last
+
+
+def test_a_release_carries_its_precision_by_similarity_band_from_the_labels(none_build):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from spp_curate.review.estimate import bands_of
+
+    manifest = json.loads((none_build / "release" / "manifest.json").read_text())
+    trust = manifest["pair_trust"]
+    pairs = pq.read_table(none_build / "pairs.parquet").to_pandas()
+    band = bands_of(pairs.similarity.to_numpy())
+    agree = (pairs.label == pairs.positive_label).to_numpy()
+    assert trust["source"] == "labels"
+    assert [b["pairs"] for b in trust["bands"]] == np.bincount(band, minlength=5).tolist()
+    for h, b in enumerate(trust["bands"]):
+        assert b["precision"] == pytest.approx(agree[band == h].mean())
+    # the mean over bands, by their pairs, is the release's precision
+    shares = np.asarray([b["pairs"] for b in trust["bands"]]) / len(pairs)
+    assert float(np.sum(shares * [b["precision"] for b in trust["bands"]])) == pytest.approx(
+        manifest["metrics"]["precision"])
+    card = (none_build / "release" / "README.md").read_text()
+    assert "Precision by similarity band (labels" in card
+    assert f"{trust['cuts'][-1]:.3f} and up | {trust['bands'][-1]['pairs']:,} | " \
+        f"{trust['bands'][-1]['precision']:.3f} |" in card
+
+
+def test_similarity_trust_weights_each_pair_by_its_band_and_train_uses_them(none_build, tmp_path, cli):
+    import numpy as np
+
+    release = str(none_build / "release")
+    one = release_trust(release, None)
+    banded = release_trust(release, None, "similarity")
+    assert one.bands is None and one.pair_weights(np.array([0.5])) is None
+    data = pair_data(release, 32, workers=0)
+    weights = banded.pair_weights(data.similarity)
+    cuts, bands = banded.bands["cuts"], banded.bands["bands"]
+    for s, w in zip(data.similarity[:200], weights[:200]):
+        h = sum(s >= c for c in cuts)
+        assert w == pytest.approx(weight_for(bands[h]["precision"], banded.chance))
+    assert len(set(np.round(weights, 6))) > 1  # the bands differ on these pairs
+    # a batch's views carry the weights of its own rows
+    views = ViewMaker(data, "both", 32, torch.device("cpu"), pair_weights=weights)(torch.arange(7, 19))
+    assert torch.allclose(views.weights, torch.from_numpy(weights[7:19]).float())
+
+    run = tmp_path / "run"
+    proc = cli("train", "--out", run, "--pairs", release, "--positives", "both", "--partner-trust", "similarity",
+               "--epochs", "1", "--limit", "96", "--batch-size", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "by similarity band (labels)" in " ".join(proc.stderr.split())
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["partner_weight"]
+    first = pair_data(release, 32, workers=0, limit=96)
+    assert logged == pytest.approx(float(banded.pair_weights(first.similarity).mean()))
+
+
+@pytest.mark.parametrize("odd", [
+    "high", {"source": "labels", "cuts": [0.1, 0.2], "bands": []},
+    {"source": "labels", "cuts": [0.4, 0.3, 0.5, 0.6], "bands": [{"pairs": 1, "judged": 1, "precision": 0.5}] * 5},
+    {"source": "labels", "cuts": [0.1, 0.2, 0.3, 0.4], "bands": [{"pairs": 1, "judged": 1, "precision": 1.5}] * 5},
+    {"source": "me", "cuts": [0.1, 0.2, 0.3, 0.4], "bands": [{"pairs": 1, "judged": 1, "precision": 0.5}] * 5},
+    {"source": "labels", "cuts": [0.1, float("nan"), 0.3, 0.4],
+     "bands": [{"pairs": 1, "judged": 1, "precision": 0.5}] * 5}])
+def test_an_odd_band_table_is_ignored_and_train_says_it_weighs_by_one_weight(none_build, tmp_path, cli, odd):
+    def change(m):
+        m["pair_trust"] = odd
+    release = _with_manifest(none_build / "release", tmp_path / "r", change)
+    trust = release_trust(str(release), None, "similarity")
+    assert trust.bands is None and trust.precision is not None
+    proc = cli("train", "--out", tmp_path / "run", "--pairs", release, "--positives", "both", "--partner-trust",
+               "similarity", "--epochs", "1", "--limit", "64", "--batch-size", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "no precision by similarity band" in " ".join(proc.stderr.split())
+
+
+def test_a_wrong_partner_trust_is_one_line(label_build, tmp_path, cli):
+    proc = cli("train", "--out", tmp_path / "r", "--pairs", label_build / "release", "--positives", "both",
+               "--partner-trust", "rank")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--partner-trust" in last and "release, similarity" in last

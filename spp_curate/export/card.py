@@ -108,6 +108,23 @@ def estimate_lines(est: dict[str, Any] | None) -> list[str]:
             f"{kappa}.", ""]
 
 
+def band_lines(trust: dict[str, Any] | None) -> list[str]:
+    """Precision by similarity band: where the sampler's mistakes are (``train --partner-trust similarity``
+    weights each pair by its band's)."""
+    if not trust:
+        return []
+    edges = [None, *trust["cuts"], None]
+    rows = ["| similarity | pairs | precision |", "|---|---|---|"]
+    for h, band in enumerate(trust["bands"]):
+        low, high = edges[h], edges[h + 1]
+        span = (f"below {high:.3f}" if low is None else f"{low:.3f} and up" if high is None
+                else f"{low:.3f} to {high:.3f}")
+        precision = "n/a" if band["precision"] is None else f"{band['precision']:.3f}"
+        rows.append(f"| {span} | {band['pairs']:,} | {precision} |")
+    return [f"Precision by similarity band ({trust['source']}; `spp-curate train --partner-trust similarity` "
+            "weights each pair by its band's):", "", *rows, ""]
+
+
 def version_lines(versions: dict[str, Any] | None) -> list[str]:
     """The card's version section: this release's version, its parent, and what changed since."""
     if not versions or not versions.get("parent"):
@@ -127,7 +144,8 @@ def version_lines(versions: dict[str, Any] | None) -> list[str]:
 
 def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, int], parquet_bytes: int,
                 metrics: dict[str, Any] | None, figure: str | None, image_ext: str,
-                review: dict[str, Any] | None = None, versions: dict[str, Any] | None = None) -> str:
+                review: dict[str, Any] | None = None, versions: dict[str, Any] | None = None,
+                pair_trust: dict[str, Any] | None = None) -> str:
     header = yaml.safe_dump(card_header(recipe, features, counts["pairs"], parquet_bytes), sort_keys=False,
                             allow_unicode=True)
     lines = [f"# {recipe.name}", ""]
@@ -160,6 +178,7 @@ def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, i
                   f"- coverage (share of images in at least one pair): {metrics['coverage']:.4f}",
                   "- removed by each filter: " + ", ".join(f"{k} {v:,}" for k, v in metrics["filter_removed"].items()),
                   ""]
+    lines += band_lines(pair_trust)
     lines += version_lines(versions)
     lines += review_lines(review)
     lines += leakage_lines(metrics.get("leakage") if metrics else None)

@@ -26,6 +26,7 @@ from ..images import BadImage, ImageRefused, ImageUnreadable, read_image
 from ..errors import UserError
 from ..files import safe_join, sha256_bytes
 from ..progress import stage_progress
+from ..review.estimate import checked_band_trust
 from .manifest import load_manifest, release_file, verify_release
 from .release import PAIR_COLUMNS, ReleaseInput, write_release
 
@@ -87,6 +88,7 @@ def materialize(release: Path, source_spec: str, root: Path | None, out: Path,
     figure = safe_join(release, assets[0].path) if assets else None
     counts = {k: int(getattr(manifest.counts, k, 0) or 0) for k in ("images", "quarantined")}
     inp = ReleaseInput(recipe=recipe, pairs=pairs, images=images, class_names=manifest.class_names,
-                       counts=counts, metrics=getattr(manifest, "metrics", None), figure=figure)
+                       counts=counts, metrics=getattr(manifest, "metrics", None), figure=figure,
+                       pair_trust=checked_band_trust((manifest.model_extra or {}).get("pair_trust")))
     return [], write_release(inp, source, out, engine, option="--out")
 

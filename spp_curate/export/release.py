@@ -73,6 +73,9 @@ class ReleaseInput:
     #: The build's index (key, digest) and where the build keeps its snapshot at each export (versions.py).
     index_keys: pd.DataFrame | None = None
     snapshot: Path | None = None
+    #: The precision of each similarity band of the released pairs (reviewed sample, else labels), which
+    #: ``train --partner-trust similarity`` weights each pair by; None when neither knows it.
+    pair_trust: dict[str, Any] | None = None
 
 
 def release_format(formats: list[str]) -> str:
@@ -181,6 +184,7 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         "anchor_digest": a.digest.to_numpy(), "positive_digest": p.digest.to_numpy(),
         "label": pairs.label.to_numpy(), "label_name": pairs.label_name.to_numpy(),
         "similarity": pairs.similarity.to_numpy()})
+    mined = table.similarity.to_numpy(dtype=np.float64)
     table, review = reviewed_pairs(recipe, build_dir, table, pairs)
     metrics_path = build_dir / layout.METRICS
     grid = build_dir / layout.REPORT / layout.STRONGEST_GRID
@@ -190,7 +194,24 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         counts={"images": len(index), "quarantined": pq.read_metadata(build_dir / layout.QUARANTINE).num_rows},
         metrics=read_json(metrics_path) if metrics_path.exists() else None,
         figure=grid if grid.exists() else None, review=review,
-        index_keys=index[["key", "digest"]].reset_index(drop=True), snapshot=build_dir / layout.RELEASED_INDEX)
+        index_keys=index[["key", "digest"]].reset_index(drop=True), snapshot=build_dir / layout.RELEASED_INDEX,
+        pair_trust=band_trust(table, pairs, mined, review))
+
+
+def band_trust(table: pd.DataFrame, pairs: pd.DataFrame, mined: np.ndarray,
+               review: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The released pairs' precision by similarity band: from the reviewed sample's estimate when there is one
+    (its bands are those of the mined pairs, ``mined`` their similarities), else from the labels of the pairs
+    ``table`` holds (both labels known)."""
+    from ..review.estimate import bands_from_estimate, bands_from_labels
+
+    estimate = (review or {}).get("precision_estimate")
+    if estimate:
+        return bands_from_estimate(mined, estimate)
+    rows = pairs.set_index("pair_id").loc[table.pair_id]
+    labelled = ((rows.label >= 0) & (rows.positive_label >= 0)).to_numpy()
+    return bands_from_labels(table.similarity.to_numpy(dtype=np.float64),
+                             (rows.label == rows.positive_label).to_numpy(), labelled)
 
 
 def reviewed_pairs(recipe: Recipe, build_dir: Path, table: pd.DataFrame,
@@ -342,7 +363,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
     parquet_bytes = sum(e["bytes"] for e in entries if e["kind"] == "parquet")
     with atomic_path(release / layout.CARD) as tmp:
         tmp.write_text(render_card(recipe, features, counts, parquet_bytes, inp.metrics, figure, ext, inp.review,
-                                   versions))
+                                   versions, inp.pair_trust))
     entries.append(file_entry(release, release / layout.CARD, "card", None))
     if figure:
         entries.append(file_entry(release, release / figure, "asset", None))
@@ -362,6 +383,8 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
         "leakage": metrics.get("leakage") if metrics else None,
         # Decisions made on the review page: which pairs were kept, counts, reviewers, their agreement.
         "review": inp.review,
+        # The pairs' precision by similarity band, which the trainer can weight each pair by (train/trust.py).
+        "pair_trust": inp.pair_trust,
         # This release's version, its parent's manifest digest, and what changed since (versions.py).
         **versions,
         "files": entries,

@@ -240,3 +240,81 @@ def precision_threshold(pairs: pd.DataFrame, reviews: pd.DataFrame, target: floa
     value = float(sims[ok[-1]]) if len(ok) else None
     return {"value": value, "reviewed": int(len(j.good)), "target": target,
             "precision_at_value": float(precision[ok[-1]]) if len(ok) else None}
+
+
+def _cuts(similarity: np.ndarray) -> list[float]:
+    """The similarities where :func:`bands_of` cuts these pairs into bands (the inner edges)."""
+    return [float(c) for c in np.quantile(np.asarray(similarity, dtype=np.float64), BAND_EDGES[1:-1])]
+
+
+def bands_from_labels(similarity: np.ndarray, agree: np.ndarray, labelled: np.ndarray) -> dict[str, Any] | None:
+    """The precision of each similarity band of these pairs, from their labels (``agree`` where both of a pair's
+    labels are known, ``labelled``): what ``train --partner-trust similarity`` weights each pair by.
+
+    ``{"source": "labels", "cuts": [...], "bands": [{"pairs", "judged", "precision"}]}``; a band with no
+    labelled pair has precision None. None when no pair is labelled."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    labelled = np.asarray(labelled, dtype=bool)
+    if not len(similarity) or not labelled.any() or not np.isfinite(similarity).all():
+        return None
+    band = bands_of(similarity)
+    good = np.asarray(agree, dtype=bool) & labelled
+    pairs = np.bincount(band, minlength=N_BANDS)
+    judged = np.bincount(band[labelled], minlength=N_BANDS)
+    accepted = np.bincount(band[good], minlength=N_BANDS)
+    return {"source": "labels", "cuts": _cuts(similarity),
+            "bands": [{"pairs": int(pairs[h]), "judged": int(judged[h]),
+                       "precision": float(accepted[h] / judged[h]) if judged[h] else None} for h in range(N_BANDS)]}
+
+
+def bands_from_estimate(similarity: np.ndarray, estimate: dict[str, Any]) -> dict[str, Any] | None:
+    """The precision of each similarity band from the reviewed sample (:func:`estimate_precision` of the pairs
+    whose ``similarity`` is given, as a dict): each band's share accepted, taken as ``(a + 1/2) / (n + 1)`` as the
+    interval takes it, so that a band judged all good or all bad is not read as certain. None without an
+    estimate."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    if not len(similarity) or not np.isfinite(similarity).all() or estimate.get("value") is None:
+        return None
+    band = bands_of(similarity)
+    pairs = np.bincount(band, minlength=N_BANDS)
+    rows = []
+    for h, entry in enumerate(estimate.get("bands") or []):
+        judged, accepted = int(entry["judged"]), int(entry["accepted"])
+        rows.append({"pairs": int(pairs[h]), "judged": judged,
+                     "precision": (accepted + 0.5) / (judged + 1.0) if judged else None})
+    if len(rows) != N_BANDS:
+        return None
+    return {"source": "reviewed sample", "cuts": _cuts(similarity), "bands": rows}
+
+
+def checked_band_trust(value: Any) -> dict[str, Any] | None:
+    """A manifest's ``pair_trust`` block as :func:`bands_from_labels` writes it, or None where it is anything else
+    (a release is input from others: a wrong count, a precision outside [0, 1], cuts that do not rise)."""
+    if not isinstance(value, dict) or value.get("source") not in ("labels", "reviewed sample"):
+        return None
+    cuts, bands = value.get("cuts"), value.get("bands")
+    if not isinstance(cuts, list) or not isinstance(bands, list) or len(cuts) != N_BANDS - 1 \
+            or len(bands) != N_BANDS:
+        return None
+
+    def number(x: Any) -> float | None:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not np.isfinite(x):
+            return None
+        return float(x)
+
+    checked_cuts = [number(c) for c in cuts]
+    if any(c is None for c in checked_cuts) or any(b < a for a, b in zip(checked_cuts, checked_cuts[1:])):
+        return None
+    rows = []
+    for band in bands:
+        if not isinstance(band, dict):
+            return None
+        counts = [band.get("pairs"), band.get("judged")]
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            return None
+        precision = band.get("precision")
+        if precision is not None and (number(precision) is None or not 0.0 <= precision <= 1.0):
+            return None
+        rows.append({"pairs": counts[0], "judged": counts[1],
+                     "precision": None if precision is None else float(precision)})
+    return {"source": value["source"], "cuts": checked_cuts, "bands": rows}

@@ -175,6 +175,27 @@ def pair_table(anchors: Iterable[str], positives: Iterable[str]) -> PairTable:
     return PairTable(list(uniques), codes.reshape(-1, 2).astype(np.int64))
 
 
+def finite_similarities(values: list[Any]) -> np.ndarray | None:
+    """The pairs' similarities as float64, or None unless every one is a finite number (a release is input from
+    others: the trainer then weighs its pairs without them)."""
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        return None
+    out = np.asarray(values, dtype=np.float64)
+    return out if np.isfinite(out).all() else None
+
+
+def pair_similarities(tables: list, limit: int | None) -> np.ndarray | None:
+    """The ``similarity`` column of a release's shards, row for row with its pairs (None where a shard lacks it)."""
+    import pyarrow as pa
+
+    if not tables or any("similarity" not in t.column_names or not pa.types.is_floating(t.schema.field(
+            "similarity").type) for t in tables):
+        return None
+    values = np.concatenate([t.column("similarity").to_numpy(zero_copy_only=False).astype(np.float64)
+                             for t in tables])[:limit]  # a null is NaN here, and refused below
+    return values if len(values) and np.isfinite(values).all() else None
+
+
 class ReleaseReader:
     """A local release's pictures, read from its Parquet shards by row ranges (not by shard).
 
@@ -215,7 +236,8 @@ class ReleaseReader:
                                          f"{MAX_ROW_GROUP_BYTES:,}")
                     groups.append((len(self.files), g, start))
                     start += parquet.metadata.row_group(g).num_rows
-                tables.append(parquet.read(columns=["anchor_key", "positive_key"]))
+                tables.append(parquet.read(columns=["anchor_key", "positive_key"]
+                                           + (["similarity"] if "similarity" in parquet.schema_arrow.names else [])))
             except (UnsafePath, OSError, ValueError, KeyError) as exc:
                 raise UserError(f"{release}: {entry.path} cannot be read as pairs ({exc})",
                                 option="--pairs") from None
@@ -227,6 +249,7 @@ class ReleaseReader:
                 raise UserError(f"{release}: a pair has no {name} (an empty or null key)", option="--pairs")
         table = pair_table(columns["anchor_key"], columns["positive_key"])
         self.keys, self.pairs = table.keys, table.pairs
+        self.similarity = pair_similarities(tables, limit)
         # Where each cache row's picture is read: the first (row, column) its key appears at.
         _, first = np.unique(table.pairs.reshape(-1), return_index=True)
         starts = np.asarray([s for _, _, s in groups] + [start])
@@ -254,7 +277,7 @@ class StreamReader:
     bytes in units of :data:`UNIT_IMAGES` until decoded (for releases that fit in memory as encoded bytes)."""
 
     def __init__(self, rows: Iterable[dict[str, Any]]) -> None:
-        anchors, positives, blobs = [], [], {}
+        anchors, positives, blobs, similarity = [], [], {}, []
         for row in rows:
             for name in ("anchor", "positive"):
                 key = row[f"{name}_key"]
@@ -262,8 +285,10 @@ class StreamReader:
                     blobs[key] = (row[name] or {}).get("bytes")
             anchors.append(row["anchor_key"])
             positives.append(row["positive_key"])
+            similarity.append(row.get("similarity"))
         table = pair_table(anchors, positives)
         self.keys, self.pairs = table.keys, table.pairs
+        self.similarity = finite_similarities(similarity)
         self._blobs = [blobs[k] for k in self.keys]
 
     def units(self) -> list[tuple[int, int]]:

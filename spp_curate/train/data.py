@@ -55,6 +55,7 @@ class TrainData:
     rows: np.ndarray  # (P, 2) int64
     skipped: int  # rows left out because a picture did not decode
     unit: str  # "pair" or "img"
+    similarity: np.ndarray | None = None  # (P,) each pair's similarity in its release, when every one is known
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -80,9 +81,10 @@ class TrainData:
         return [b for b in order.split(batch_size) if len(b) >= 2]
 
 
-def _usable(cache: PictureCache, rows: np.ndarray, unit: str) -> TrainData:
+def _usable(cache: PictureCache, rows: np.ndarray, unit: str, similarity: np.ndarray | None = None) -> TrainData:
     good = cache.ok[rows[:, 0]] & np.where(rows[:, 1] >= 0, cache.ok[np.maximum(rows[:, 1], 0)], True)
-    return TrainData(cache, rows[good], int((~good).sum()), unit)
+    return TrainData(cache, rows[good], int((~good).sum()), unit,
+                     similarity[good] if similarity is not None and len(similarity) == len(rows) else None)
 
 
 def pair_data(release: str, side: int, workers: int | None, cache_mode: str = "auto", run_dir: Path | None = None,
@@ -91,7 +93,7 @@ def pair_data(release: str, side: int, workers: int | None, cache_mode: str = "a
     reader: ReleaseReader | StreamReader = release_reader(release, limit)
     cache = decode_into(reader, side, workers, cache_mode, run_dir / CACHE_DIR if run_dir else None,
                         label="decode pairs")
-    return _usable(cache, reader.pairs, "pair")
+    return _usable(cache, reader.pairs, "pair", reader.similarity)
 
 
 def single_data(source, side: int, workers: int | None, cache_mode: str = "auto", run_dir: Path | None = None,
@@ -112,8 +114,11 @@ class ViewMaker:
     """
 
     def __init__(self, data: TrainData, positives: str, image_size: int, device: torch.device,
-                 partner_weight: float = 1.0) -> None:
+                 partner_weight: float = 1.0, pair_weights: np.ndarray | None = None) -> None:
         self.positives, self.device, self.partner_weight = positives, device, float(partner_weight)
+        # each row's own weight (``--partner-trust similarity``), else one weight for every row
+        self.pair_weights = None if pair_weights is None else torch.from_numpy(
+            np.asarray(pair_weights, dtype=np.float32)).to(device)
         pixels = torch.from_numpy(np.asarray(data.cache.pixels))
         if device.type == "cuda" and pixels.numel() <= GPU_CACHE_SHARE * torch.cuda.mem_get_info(device)[0]:
             pixels = pixels.to(device)
@@ -137,8 +142,11 @@ class ViewMaker:
         if self.positives == "augment":
             return Views([self.augment(xa), self.augment(xa)], [ia, ia], [ib, ib])
         xb = self._pictures(b, b_dev)
-        weights = None if self.partner_weight == 1.0 else torch.full((len(batch),), self.partner_weight,
-                                                                     device=self.device)
+        if self.pair_weights is not None:
+            weights = self.pair_weights[batch.to(self.device)]
+        else:
+            weights = None if self.partner_weight == 1.0 else torch.full((len(batch),), self.partner_weight,
+                                                                         device=self.device)
         if self.positives == "semantic":
             return Views([self.augment(xa), self.augment(xb)], [ia, ib], [ib, ia], weights)
         return Views([self.augment(xa), self.augment(xa), self.augment(xb)], [ia, ia, ib], [ib, ib, ia], weights)

@@ -20,7 +20,7 @@ from ..backbones import BACKBONES, build_backbone
 from .cache import CACHE_MODES
 from .data import POSITIVE_MODES, TrainData, ViewMaker, epoch_seed, pair_data, single_data
 from .methods import METHODS, build_method
-from .trust import check_partner_weight, release_trust
+from .trust import check_partner_trust, check_partner_weight, release_trust
 
 
 METRICS_LOG = "metrics.jsonl"
@@ -50,6 +50,7 @@ class TrainConfig:
     workers: int | None = None  # decode processes; None: one per spare core
     cache: str = "auto"
     partner_weight: float | None = None  # the partner terms' weight; None: from the release's precision (trust.py)
+    partner_trust: str = "release"  # one weight for all pairs, or each by its similarity band (trust.py)
 
     def check(self) -> None:
         for name, value, accepted in (("--method", self.method, tuple(METHODS)),
@@ -78,6 +79,7 @@ class TrainConfig:
             raise UserError(f"got {self.workers}; accepted: 0 to {max_workers()} on this machine (4 per core)",
                             option="--workers")
         check_partner_weight(self.partner_weight)
+        check_partner_trust(self.partner_trust)
         if self.source is not None and self.positives != "augment":
             raise UserError("single images have no partner: --source trains with --positives augment",
                             option="--positives")
@@ -137,7 +139,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
 def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, Any]:
     trust = None
     if cfg.pairs is not None and cfg.positives != "augment":
-        trust = release_trust(cfg.pairs, cfg.partner_weight)
+        trust = release_trust(cfg.pairs, cfg.partner_weight, cfg.partner_trust)
         console.print(f"pairs: {trust.describe()}", markup=False, highlight=False)
         if trust.warning():
             console.print(f"[yellow]warning: {trust.warning()}[/yellow]")
@@ -180,8 +182,14 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, 
         raise UserError(f"{data.per_epoch} {'anchor' if data.unit == 'pair' else data.unit}(s) to train on; "
                         "at least 2 are needed",
                         option="--pairs" if cfg.pairs else "--source")
+    pair_weights = trust.pair_weights(data.similarity) if trust else None
+    if trust and cfg.partner_trust == "similarity" and trust.source != "given" and pair_weights is None:
+        console.print("[yellow]--partner-trust similarity: this release has no precision by similarity band, or "
+                      "its pairs no similarity; every pair counts by the one weight above[/yellow]")
+    partner_weight = (float(pair_weights.mean()) if pair_weights is not None and len(pair_weights)
+                      else trust.weight if trust else None)
     make_views = ViewMaker(data, cfg.positives, cfg.image_size, device,
-                           partner_weight=trust.weight if trust else 1.0)
+                           partner_weight=trust.weight if trust else 1.0, pair_weights=pair_weights)
     for epoch in range(start, min(cfg.epochs, stop_after or cfg.epochs)):
         torch.manual_seed(epoch_seed(cfg.seed, epoch))  # each epoch's augmentations, resumable
         batches = data.batches(cfg.batch_size, cfg.seed, epoch)
@@ -208,7 +216,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, 
         scheduler.step()
         metrics = {"epoch": epoch + 1, "loss": total / max(seen, 1), "steps": steps, "skipped": data.skipped,
                    "unit": data.unit, "per_s": seen / max(time.perf_counter() - started, 1e-9),
-                   "partner_weight": trust.weight if trust else None}
+                   "partner_weight": partner_weight}
         history.append(metrics)
         ckpt = {"config": asdict(cfg), "epoch": epoch + 1, "feat_dim": dim, "history": history,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -12,6 +12,14 @@ precision *above chance*:
 so that pairs no better than random pairs of the same classes add nothing
 (``both`` then trains as ``augment`` does, with the partners as extra
 negatives), and perfect pairs count fully. ``--partner-weight X`` sets ``w``.
+
+With ``--partner-trust similarity`` each pair is weighted by the precision of
+its *similarity band* instead (the release's ``pair_trust`` block: the bands
+the reviewed sample is drawn from, their precision from that sample, else
+from the labels), so that the least similar pairs, where the sampler's
+mistakes gather, count less than its most similar ones. A release without the
+block, or whose pairs carry no similarity, falls back to the one weight.
+
 The manifest is input from others: a value that is not a number in [0, 1] is
 ignored, as if absent.
 """
@@ -23,6 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+#: ``--partner-trust``: one weight for every pair of the release, or each pair by its similarity band.
+TRUST_MODES = ("release", "similarity")
 #: Below this weight the run is told that its pairs are likely to add little or to hurt.
 LOW_TRUST = 0.5
 
@@ -33,14 +45,36 @@ class Trust:
     source: str  # where it comes from: "reviewed sample", "labels", "given", "unknown"
     chance: float  # the precision of random pairs of the same classes
     weight: float  # the partner terms' weight, in [0, 1]
+    #: With ``--partner-trust similarity``: the release's checked ``pair_trust`` block, else None.
+    bands: dict[str, Any] | None = None
+
+    def band_weights(self) -> list[float] | None:
+        """The weight of each similarity band: its precision above chance (a band of unknown precision: the
+        release's weight)."""
+        if self.bands is None:
+            return None
+        return [self.weight if b["precision"] is None else weight_for(b["precision"], self.chance)
+                for b in self.bands["bands"]]
+
+    def pair_weights(self, similarity: np.ndarray | None) -> np.ndarray | None:
+        """Each pair's weight from its similarity band, or None (one weight for all: ``self.weight``)."""
+        weights = self.band_weights()
+        if weights is None or similarity is None:
+            return None
+        band = np.searchsorted(np.asarray(self.bands["cuts"]), np.asarray(similarity), side="right")
+        return np.asarray(weights, dtype=np.float64)[band]
 
     def describe(self) -> str:
         if self.source == "given":
             return f"partner weight {self.weight:.3g} (--partner-weight)"
         if self.precision is None:
             return "pair precision unknown (no labels, no reviewed sample): partner weight 1"
-        return (f"pair precision {self.precision:.3f} ({self.source}; random pairs of these classes: "
+        text = (f"pair precision {self.precision:.3f} ({self.source}; random pairs of these classes: "
                 f"{self.chance:.3f}): partner weight {self.weight:.3f}")
+        if self.bands is not None:
+            text += (f"; by similarity band ({self.bands['source']}), lowest to highest: "
+                     + " ".join(f"{w:.2f}" for w in self.band_weights()))
+        return text
 
     def warning(self) -> str | None:
         """What the user should hear before training, or None."""
@@ -95,11 +129,21 @@ def weight_for(precision: float, chance: float) -> float:
     return min(1.0, max(0.0, (precision - chance) / (1.0 - chance)))
 
 
-def release_trust(release: str, given: float | None) -> Trust:
-    """The trust in ``release``'s pairs (a local release's manifest; ``hf://`` releases: unknown)."""
+def check_partner_trust(value: Any) -> str:
+    """``value`` when it is one of :data:`TRUST_MODES`; a one-line error naming ``--partner-trust``."""
+    from ..errors import UserError
+
+    if value not in TRUST_MODES:
+        raise UserError(f"got {str(value)[:40]!r}; accepted: {', '.join(TRUST_MODES)}", option="--partner-trust")
+    return value
+
+
+def release_trust(release: str, given: float | None, mode: str = "release") -> Trust:
+    """The trust in ``release``'s pairs (a local release's manifest; ``hf://`` releases: unknown); with ``mode``
+    ``similarity`` also its precision by similarity band, where the manifest has it."""
     if given is not None:
         return Trust(None, "given", 0.0, float(given))
-    precision, source, chance = None, "unknown", 0.0
+    precision, source, chance, bands = None, "unknown", 0.0, None
     if not release.startswith("hf://"):
         from ..export.manifest import load_manifest
 
@@ -115,6 +159,10 @@ def release_trust(release: str, given: float | None) -> Trust:
                 break
         classes = len(manifest.class_names)
         chance = 1.0 / classes if classes > 1 else 0.0
+        if mode == "similarity":
+            from ..review.estimate import checked_band_trust
+
+            bands = checked_band_trust(extra.get("pair_trust"))
     if precision is None:
         return Trust(None, "unknown", chance, 1.0)
-    return Trust(precision, source, chance, weight_for(precision, chance))
+    return Trust(precision, source, chance, weight_for(precision, chance), bands)
