@@ -11,10 +11,11 @@ changes one thing of the plain ``both`` run (aug(a), aug'(a), aug(b) all
 positives of each other, the partner masked out of the negatives):
 
 * ``l_in``: SupCon's L_in, ``-log mean_p p(p)``, where ``both`` uses L_out,
-  ``-mean_p log p(p)`` (Khosla et al. 2020, eq. 2 and 3).
+  ``-mean_p log p(p)`` (Khosla et al. 2020, eq. 2 and 3): ``train
+  --positive-loss in``.
 * ``nnclr``: a support set of past partner embeddings (NNCLR, Dwibedi et al.
   2021): each view's nearest entry in a queue of the last 2,048 partner
-  projections is one more positive of it.
+  projections is one more positive of it: ``train --support 2048``.
 * ``mask_neighbours``: the partner's and the anchor's own neighbours (their 8
   nearest in the build's whitened embeddings, the sampler that mined the
   pairs) are taken out of the negatives too, not only the partner.
@@ -24,6 +25,7 @@ positives of each other, the partner masked out of the negatives):
   Fashion-MNIST, 8 on glyphs), where the plain run's batches are a random
   draw, so pairs of a category are spread over every batch.
 * ``t01``: the temperature 0.1 instead of 0.2.
+* ``l_in_nnclr``: ``l_in`` and ``nnclr`` together.
 
 ``gathered`` and ``t01`` change ``augment`` too, so each runs its own matched
 ``augment``; the others compare with the plain ``augment``. The gain of a run
@@ -56,68 +58,12 @@ from _common import DEBIAN, SUBSET, mode_parser
 from glyphs import generate as generate_glyphs
 from learning_gain import Dataset
 
-LEVERS = ("l_in", "nnclr", "mask_neighbours", "warmup", "gathered", "t01")
+LEVERS = ("l_in", "nnclr", "mask_neighbours", "warmup", "gathered", "t01", "l_in_nnclr")
+#: Levers the trainer has as options (``spp-curate train``); the others are probes defined here.
+TRAINER_OPTIONS = {"l_in": {"positive_loss": "in"}, "nnclr": {"support": 2048},
+                   "l_in_nnclr": {"positive_loss": "in", "support": 2048}}
 #: Levers whose change applies to ``augment`` as well: each has its own matched ``augment``.
 CHANGES_AUGMENT = ("gathered", "t01")
-
-
-def l_in_info_nce(logits: torch.Tensor, positives: torch.Tensor, excluded: torch.Tensor,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
-    """SupCon's L_in: ``-log (mean_p exp(l_qp) / sum_k exp(l_qk))``, positives weighted as in L_out."""
-    logits = logits.float().masked_fill(excluded, float("-inf"))
-    denom = torch.logsumexp(logits, dim=1)
-    w = positives.float() if weights is None else weights.float().masked_fill(~positives, 0.0)
-    w_sum = w.sum(dim=1).clamp_min(1e-12)
-    num = torch.logsumexp(logits.masked_fill(~positives, float("-inf")) + torch.log(w.clamp_min(1e-30)), dim=1)
-    per_row = -(num - torch.log(w_sum) - denom)
-    row_weight = w.amax(dim=1)
-    return (row_weight * per_row).sum() / row_weight.sum().clamp_min(1e-12)
-
-
-class SimCLRLin(SimCLR):
-    name = "simclr-lever-l_in"
-
-    def loss(self, views):
-        x, group, image, partner = views.stacked()
-        z = torch.nn.functional.normalize(self.projector(self.backbone(x)), dim=1)
-        positives, excluded = view_masks(group, image, partner, self.use_partner)
-        weights = None if views.weights is None or not self.use_partner else \
-            partner_weights(image, views.weights.to(z.device)[group])
-        return l_in_info_nce(z @ z.T / self.temperature, positives, excluded, weights)
-
-
-class SimCLRSupport(SimCLR):
-    """A queue of past partner projections; each view's nearest entry is one more positive."""
-
-    name = "simclr-lever-nnclr"
-    support_size = 2048
-
-    def __init__(self, backbone, feat_dim, use_partner):
-        super().__init__(backbone, feat_dim, use_partner)
-        self.register_buffer("support", torch.zeros(0, 128))
-
-    def loss(self, views):
-        x, group, image, partner = views.stacked()
-        z = torch.nn.functional.normalize(self.projector(self.backbone(x)), dim=1)
-        positives, excluded = view_masks(group, image, partner, self.use_partner)
-        logits = z @ z.T / self.temperature
-        weights = None if views.weights is None or not self.use_partner else \
-            partner_weights(image, views.weights.to(z.device)[group])
-        if self.use_partner and len(self.support):
-            support = self.support.to(z.device)
-            nearest = support[(z.detach() @ support.T).argmax(dim=1)]
-            extra = (z * nearest).sum(dim=1, keepdim=True) / self.temperature
-            logits = torch.cat([logits, extra], dim=1)
-            positives = torch.cat([positives, torch.ones_like(extra, dtype=torch.bool)], dim=1)
-            excluded = torch.cat([excluded, torch.zeros_like(extra, dtype=torch.bool)], dim=1)
-            if weights is not None:
-                row = views.weights.to(z.device)[group]
-                weights = torch.cat([weights, row[:, None]], dim=1)
-        if self.use_partner:  # the partner views' projections (the last view of ``both``) join the queue
-            with torch.no_grad():
-                partner_z = z[-views.batch:].detach().float()
-                self.support = torch.cat([partner_z, self.support.to(z.device)])[: self.support_size]
-        return multi_positive_info_nce(logits, positives, excluded, weights)
 
 
 class SimCLRMaskNeighbours(SimCLR):
@@ -156,8 +102,8 @@ class SimCLRWarmup(SimCLR):
     name = "simclr-lever-warmup"
     warm = 1 / 3
 
-    def __init__(self, backbone, feat_dim, use_partner):
-        super().__init__(backbone, feat_dim, use_partner)
+    def __init__(self, backbone, feat_dim, use_partner, **options):
+        super().__init__(backbone, feat_dim, use_partner, **options)
         self._progress = 0.0
 
     def after_step(self, progress: float) -> None:
@@ -259,14 +205,15 @@ def main() -> None:
         results: dict[str, dict[str, np.ndarray]] = {}
         pixel = None
 
-        def runs(name: str, method: str, positives: str, context=contextlib.nullcontext) -> None:
+        def runs(name: str, method: str, positives: str, context=contextlib.nullcontext, **options) -> None:
             nonlocal pixel
             knn, lin = [], []
             for seed in range(args.seeds):
                 run = work / "runs" / f"{name}-{seed}"
                 with context():
                     train(TrainConfig(out=str(run), method=method, positives=positives, seed=seed, pairs=release,
-                                      backbone="small-cnn", batch_size=args.batch_size, epochs=epochs))
+                                      backbone="small-cnn", batch_size=args.batch_size, epochs=epochs,
+                                      **options))
                 result = data.evaluate(run)
                 knn.append(result["knn_top1"])
                 lin.append(result["linear_top1"])
@@ -281,10 +228,11 @@ def main() -> None:
         for lever in levers:
             context = (lambda: gathered_batches(label_of_key, per_batch)) if lever == "gathered" \
                 else contextlib.nullcontext
-            method = "simclr" if lever == "gathered" else f"simclr-lever-{lever}"
+            options = TRAINER_OPTIONS.get(lever)
+            method = "simclr" if lever == "gathered" or options is not None else f"simclr-lever-{lever}"
             if lever in CHANGES_AUGMENT:
                 runs(f"augment+{lever}", method, "augment", context)
-            runs(f"both+{lever}", method, "both", context)
+            runs(f"both+{lever}", method, "both", context, **(options or {}))
         wall = (time.perf_counter() - started) / 60
 
         def diff(a: str, b: str, metric: str) -> tuple[float, float]:

@@ -122,6 +122,9 @@ def test_a_diverging_loss_stops_the_run_with_one_line(label_build, tmp_path, cli
     (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--seed", str(10**20)], "--seed"),
     (["--seed", "-1"], "--seed"), (["--image-size", "100000"], "--image-size"),
     (["--epochs", str(10**9)], "--epochs"), (["--partner-weight", "2"], "--partner-weight"),
+    (["--positive-loss", "mean"], "--positive-loss"), (["--support", "-1"], "--support"),
+    (["--support", str(10**9)], "--support"), (["--method", "byol", "--support", "64"], "--support"),
+    (["--method", "simsiam", "--positive-loss", "in"], "--positive-loss"),
 ])
 def test_out_of_range_train_options_are_one_line(label_build, tmp_path, cli, args, option):
     proc = cli("train", "--out", tmp_path / "r", "--pairs", label_build / "release", *args)

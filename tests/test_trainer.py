@@ -34,6 +34,67 @@ def test_info_nce_on_known_logits():
     denominator = math.exp(2) + math.exp(1)
     expected = -(math.log(math.exp(2) / denominator) + math.log(math.exp(1) / denominator)) / 2
     assert multi_positive_info_nce(logits, positives, excluded).item() == pytest.approx(expected, rel=1e-6)
+    # SupCon's L_in: the log of their mean probability
+    expected_in = -math.log((math.exp(2) / denominator + math.exp(1) / denominator) / 2)
+    assert multi_positive_info_nce(logits, positives, excluded, form="in").item() == pytest.approx(expected_in,
+                                                                                                 rel=1e-6)
+    # weighted: a soft target in proportion to the weights, in either form
+    weights = torch.tensor([[0.0, 1.0, 0.25, 0.0]])
+    p2, p1 = math.exp(2) / denominator, math.exp(1) / denominator
+    assert multi_positive_info_nce(logits, positives, excluded, weights, form="in").item() == pytest.approx(
+        -math.log((1.0 * p2 + 0.25 * p1) / 1.25), rel=1e-6)
+    assert multi_positive_info_nce(logits, positives, excluded, weights).item() == pytest.approx(
+        -(1.0 * math.log(p2) + 0.25 * math.log(p1)) / 1.25, rel=1e-6)
+    # with a single positive the two forms are one loss (``augment`` is unchanged by the choice)
+    positives[0, 2] = False
+    assert multi_positive_info_nce(logits, positives, excluded, form="in").item() == pytest.approx(
+        multi_positive_info_nce(logits, positives, excluded).item(), rel=1e-6)
+
+
+def test_the_support_set_adds_each_views_nearest_partner_projection_as_a_positive():
+    from spp_curate.train.support import SupportSet
+
+    support = SupportSet(4, 3)
+    z = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1, 0.0], [0.0, 1.0, 0.2]]), dim=1)
+    logits, positives, excluded = z @ z.T / 0.5, torch.eye(2, dtype=torch.bool).logical_not(), torch.eye(2).bool()
+    same = support.extend(z, logits, positives, excluded, None, None, 0.5)
+    assert all(a is b for a, b in zip(same, (logits, positives, excluded, None)))  # empty: nothing added
+    bank = torch.nn.functional.normalize(torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), dim=1)
+    support.push(bank)
+    new_logits, new_pos, new_exc, weights = support.extend(z, logits, positives, excluded, None,
+                                                           torch.tensor([1.0, 0.3]), 0.5)
+    assert new_logits.shape == (2, 3) and new_pos[:, 2].all() and not new_exc[:, 2].any()
+    # row 0's nearest entry is (1, 0, 0), row 1's (0, 1, 0)
+    assert new_logits[:, 2].tolist() == pytest.approx([z[0, 0].item() / 0.5, z[1, 1].item() / 0.5], rel=1e-6)
+    assert weights[:, 2].tolist() == pytest.approx([1.0, 0.3]) and weights[:, :2].tolist() == positives.float().tolist()
+    # first in, first out: the oldest entries leave once the queue is full
+    support.push(-bank[:2])
+    assert int(support.filled) == 4 and torch.allclose(support.bank[0], -bank[1])
+    assert torch.allclose(support.bank[1:3], bank[1:3]) and torch.allclose(support.bank[3], -bank[0])
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_contrastive_methods_with_l_in_and_a_support_set_learn(pair_batches, method):
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("small-cnn", 32)
+    model = build_method(method, backbone, dim, use_partner=True, positive_loss="in", support=64)
+    views = pair_batches["both"]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    # MoCo's queue held fixed, as above; the support set fills from the first step
+    queue = {k: v.clone() for k, v in model.named_buffers() if k.startswith("queue")}
+    losses = []
+    for step in range(10):
+        for k, v in model.named_buffers():
+            if k in queue:
+                v.copy_(queue[k])
+        loss = model.loss(views)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.after_step(step / 10)
+        losses.append(loss.item())
+    assert int(model.support.filled) == 64  # the partner views of every step went in
+    assert all(math.isfinite(v) for v in losses) and np.mean(losses[-3:]) < losses[1], losses
 
 
 def test_both_masks_the_partner_out_of_in_batch_negatives():
@@ -117,9 +178,10 @@ def test_every_method_and_positive_mode_learns(pair_batches, method, positives):
     assert np.mean(losses[-3:]) < losses[0], losses
 
 
-def test_resume_continues_the_same_run(label_build, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"positive_loss": "in", "support": 96}])
+def test_resume_continues_the_same_run(label_build, tmp_path, options):
     common = dict(pairs=str(label_build / "release"), method="simclr", positives="both", limit=256,
-                  batch_size=64, epochs=2, seed=1)
+                  batch_size=64, epochs=2, seed=1, **options)
     train(TrainConfig(out=str(tmp_path / "straight"), **common))
     train(TrainConfig(out=str(tmp_path / "resumed"), **common), stop_after=1)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1

@@ -18,6 +18,7 @@ from ..files import BuildLock, atomic_path
 from ..progress import console, stage_progress
 from ..backbones import BACKBONES, build_backbone
 from .cache import CACHE_MODES
+from .losses import POSITIVE_LOSSES
 from .data import POSITIVE_MODES, TrainData, ViewMaker, epoch_seed, pair_data, single_data
 from .methods import METHODS, build_method
 from .trust import check_partner_trust, check_partner_weight, release_trust
@@ -51,6 +52,8 @@ class TrainConfig:
     cache: str = "auto"
     partner_weight: float | None = None  # the partner terms' weight; None: from the release's precision (trust.py)
     partner_trust: str = "release"  # one weight for all pairs, or each by its similarity band (trust.py)
+    positive_loss: str = "out"  # how several positives enter a contrastive loss (losses.POSITIVE_LOSSES)
+    support: int = 0  # a support set of this many partner projections, 0: none (support.py)
 
     def check(self) -> None:
         for name, value, accepted in (("--method", self.method, tuple(METHODS)),
@@ -80,6 +83,17 @@ class TrainConfig:
                             option="--workers")
         check_partner_weight(self.partner_weight)
         check_partner_trust(self.partner_trust)
+        if self.positive_loss not in POSITIVE_LOSSES:
+            raise UserError(f"got {str(self.positive_loss)[:40]!r}; accepted: {', '.join(POSITIVE_LOSSES)}",
+                            option="--positive-loss")
+        if isinstance(self.support, bool) or not isinstance(self.support, int) or not 0 <= self.support <= 1 << 20:
+            raise UserError(f"got {str(self.support)[:40]}; accepted: a whole number from 0 (none) to {1 << 20:,}",
+                            option="--support")
+        if not METHODS[self.method].contrastive:
+            for name, value, default in (("--positive-loss", self.positive_loss, "out"), ("--support", self.support, 0)):
+                if value != default:
+                    raise UserError(f"{self.method} has no negatives to contrast with: {name} applies to "
+                                    f"{', '.join(m for m, cls in METHODS.items() if cls.contrastive)}", option=name)
         if self.source is not None and self.positives != "augment":
             raise UserError("single images have no partner: --source trains with --positives augment",
                             option="--positives")
@@ -111,7 +125,8 @@ def train_step(model, optimizer, views, device, progress: float, check=None) -> 
 
 def build_model(cfg: TrainConfig):
     backbone, dim = build_backbone(cfg.backbone, cfg.image_size)
-    return build_method(cfg.method, backbone, dim, use_partner=cfg.positives != "augment"), dim
+    return build_method(cfg.method, backbone, dim, use_partner=cfg.positives != "augment",
+                        positive_loss=cfg.positive_loss, support=cfg.support), dim
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,

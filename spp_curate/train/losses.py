@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import torch
 
+#: How a row's several positives enter the loss (``--positive-loss``), after SupCon (Khosla et al. 2020):
+#: ``out`` averages their log-probabilities (eq. 2), ``in`` takes the log of their averaged probability (eq. 3).
+POSITIVE_LOSSES = ("out", "in")
+
 
 def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor, excluded: torch.Tensor,
-                            weights: torch.Tensor | None = None) -> torch.Tensor:
-    """InfoNCE with several positives per row (the "L_out" form of SupCon, Khosla et al. 2020).
+                            weights: torch.Tensor | None = None, form: str = "out") -> torch.Tensor:
+    """InfoNCE with several positives per row (the "L_out" form of SupCon, Khosla et al. 2020; ``form="in"``
+    its "L_in" form).
 
     Args:
         logits: ``(Q, K)`` similarities already divided by the temperature.
@@ -27,9 +32,12 @@ def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor, exclu
             partner's view is then a negative, as any other image's is) and a row whose positives are
             all partners drops out.
 
+        form: ``out`` or ``in`` (:data:`POSITIVE_LOSSES`).
+
     Returns:
         The mean over rows of ``-mean_p log(exp(l_qp) / sum_{k not excluded} exp(l_qk))``
-        (weighted means with ``weights``).
+        (weighted means with ``weights``); with ``form="in"``, of ``-log mean_p (exp(l_qp) / sum_k ...)``,
+        which a row satisfies through any of its positives, not each of them.
 
     Raises:
         ValueError: when a row has no positive.
@@ -37,15 +45,21 @@ def multi_positive_info_nce(logits: torch.Tensor, positives: torch.Tensor, exclu
     With one positive per row and nothing excluded but the row itself this is
     NT-Xent (SimCLR) and MoCo's loss.
     """
+    if form not in POSITIVE_LOSSES:
+        raise ValueError(f"form {form!r}: accepted {', '.join(POSITIVE_LOSSES)}")
     if not bool(positives.any(dim=1).all()):
         raise ValueError("every row needs at least one positive")
     logits = logits.float().masked_fill(excluded, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    w = positives.float() if weights is None else weights.float().masked_fill(~positives, 0.0)
+    w_sum = w.sum(dim=1).clamp_min(1e-12)
+    if form == "in":  # -log sum_p (w_p / sum w) p_p, in log space
+        per_row = -(torch.logsumexp(log_prob.masked_fill(~positives, float("-inf"))
+                                    + torch.log(w.clamp_min(1e-30)), dim=1) - torch.log(w_sum))
+    else:
+        per_row = -(w * log_prob.masked_fill(~positives, 0.0)).sum(dim=1) / w_sum
     if weights is None:
-        pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(dim=1) / positives.sum(dim=1)
-        return -pos_log_prob.mean()
-    w = weights.float().masked_fill(~positives, 0.0)
-    per_row = -(w * log_prob.masked_fill(~positives, 0.0)).sum(dim=1) / w.sum(dim=1).clamp_min(1e-12)
+        return per_row.mean()
     row_weight = w.amax(dim=1)
     return (row_weight * per_row).sum() / row_weight.sum().clamp_min(1e-12)
 

@@ -23,8 +23,9 @@ for _module in pkgutil.iter_modules(__path__):
 METHODS: dict[str, type[Method]] = Method.registry
 
 
-def build_method(name: str, backbone: nn.Module, feat_dim: int, use_partner: bool) -> Method:
-    return METHODS[name](backbone, feat_dim, use_partner)
+def build_method(name: str, backbone: nn.Module, feat_dim: int, use_partner: bool, positive_loss: str = "out",
+                 support: int = 0) -> Method:
+    return METHODS[name](backbone, feat_dim, use_partner, positive_loss=positive_loss, support=support)
 
 
 __all__ = ["METHODS", "Method", "Views", "build_method"]

@@ -11,6 +11,8 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
+from ..support import SupportSet
+
 
 @dataclass
 class Views:
@@ -22,7 +24,8 @@ class Views:
     except that in ``augment`` mode only views of the same image are.
     ``weights`` (``(B,)``, optional) is the trust in each pair, in [0, 1]: a term between views
     of two different images (anchor and partner) counts by it, a term between two views of one
-    image by 1 (see ``--partner-weight``).
+    image by 1 (see ``--partner-weight``). With partners (``semantic``, ``both``) the last view
+    shows the partner image.
     """
 
     tensors: list[torch.Tensor]
@@ -72,6 +75,9 @@ class Method(nn.Module):
 
     name = "method"
     momentum = 0.99
+    #: Whether the loss contrasts positives against negatives (InfoNCE): then ``--positive-loss`` and
+    #: ``--support`` apply to it.
+    contrastive = False
     #: Every method by its ``--method`` name: a subclass that sets ``name`` is one (see ``__init__.py``).
     registry: dict[str, type["Method"]] = {}
 
@@ -80,11 +86,15 @@ class Method(nn.Module):
         if "name" in cls.__dict__:
             Method.registry[cls.name] = cls
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, use_partner: bool) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int, use_partner: bool, positive_loss: str = "out",
+                 support: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.feat_dim = feat_dim
         self.use_partner = use_partner
+        self.positive_loss = positive_loss
+        # a support set of partner projections (contrastive methods with partners; ``support.py``)
+        self.support = SupportSet(support, 128) if support and use_partner and self.contrastive else None
         self._momentum_pairs: list[tuple[nn.Module, nn.Module]] = []
 
     def momentum_copy(self, online: nn.Module) -> nn.Module:

@@ -17,8 +17,8 @@ from .base import Method, Views, weighted_mean
 class BYOL(Method):
     name = "byol"
 
-    def __init__(self, backbone, feat_dim: int, use_partner: bool) -> None:
-        super().__init__(backbone, feat_dim, use_partner)
+    def __init__(self, backbone, feat_dim: int, use_partner: bool, **options) -> None:
+        super().__init__(backbone, feat_dim, use_partner, **options)
         self.projector = BYOLProjectionHead(feat_dim, 512, 128)
         self.predictor = BYOLPredictionHead(128, 512, 128)
         self.target_backbone = self.momentum_copy(backbone)

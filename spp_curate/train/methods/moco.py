@@ -21,9 +21,10 @@ class MoCo(Method):
     name = "moco"
     temperature = 0.2
     queue_size = 4096
+    contrastive = True
 
-    def __init__(self, backbone, feat_dim: int, use_partner: bool) -> None:
-        super().__init__(backbone, feat_dim, use_partner)
+    def __init__(self, backbone, feat_dim: int, use_partner: bool, **options) -> None:
+        super().__init__(backbone, feat_dim, use_partner, **options)
         self.projector = MoCoProjectionHead(feat_dim, 512, 128)
         self.key_backbone = self.momentum_copy(backbone)
         self.key_projector = self.momentum_copy(self.projector)
@@ -54,14 +55,20 @@ class MoCo(Method):
             positives[:, : len(pos_views)] = True
             excluded = torch.zeros_like(positives)
             excluded[:, len(pos_views):] = related
-            weights = None
+            weights, pair_weights = None, None
             if views.weights is not None and self.use_partner:
                 weights = torch.zeros_like(logits)
                 weights[:, : len(pos_views)] = torch.stack([views.term_weight(i, j) for j in pos_views], dim=1)
-            losses.append(multi_positive_info_nce(logits, positives, excluded, weights))
+                pair_weights = views.weights.to(q.device)
+            if self.support is not None:
+                logits, positives, excluded, weights = self.support.extend(q, logits, positives, excluded, weights,
+                                                                           pair_weights, self.temperature)
+            losses.append(multi_positive_info_nce(logits, positives, excluded, weights, self.positive_loss))
             # kept on the device: a float() here would wait for the device once per view and step
             row_weights.append(torch.ones((), device=q.device) if weights is None else weights.amax(dim=1).mean())
         self._enqueue(keys[0], views.images[0])
+        if self.support is not None:
+            self.support.push(keys[-1])  # the partner's view is the last (``Views``)
         # each query view's loss counts by its rows' weight, as the rows do within it
         w = torch.stack(row_weights)
         return (torch.stack(losses) * w).sum() / w.sum().clamp_min(1e-12)

@@ -20,15 +20,21 @@ from .base import Method, Views
 class SimCLR(Method):
     name = "simclr"
     temperature = 0.2
+    contrastive = True
 
-    def __init__(self, backbone, feat_dim: int, use_partner: bool) -> None:
-        super().__init__(backbone, feat_dim, use_partner)
+    def __init__(self, backbone, feat_dim: int, use_partner: bool, **options) -> None:
+        super().__init__(backbone, feat_dim, use_partner, **options)
         self.projector = SimCLRProjectionHead(feat_dim, 512, 128)
 
     def loss(self, views: Views) -> torch.Tensor:
         x, group, image, partner = views.stacked()
         z = torch.nn.functional.normalize(self.projector(self.backbone(x)), dim=1)
         positives, excluded = view_masks(group, image, partner, self.use_partner)
-        weights = None if views.weights is None or not self.use_partner else \
-            partner_weights(image, views.weights.to(z.device)[group])
-        return multi_positive_info_nce(z @ z.T / self.temperature, positives, excluded, weights)
+        row_weights = None if views.weights is None or not self.use_partner else views.weights.to(z.device)[group]
+        weights = None if row_weights is None else partner_weights(image, row_weights)
+        logits = z @ z.T / self.temperature
+        if self.support is not None:
+            logits, positives, excluded, weights = self.support.extend(z, logits, positives, excluded, weights,
+                                                                       row_weights, self.temperature)
+            self.support.push(z[-views.batch:])  # the partner's view is the last (``Views``)
+        return multi_positive_info_nce(logits, positives, excluded, weights, self.positive_loss)

@@ -18,8 +18,8 @@ from .base import Method, Views, weighted_mean
 class SimSiam(Method):
     name = "simsiam"
 
-    def __init__(self, backbone, feat_dim: int, use_partner: bool) -> None:
-        super().__init__(backbone, feat_dim, use_partner)
+    def __init__(self, backbone, feat_dim: int, use_partner: bool, **options) -> None:
+        super().__init__(backbone, feat_dim, use_partner, **options)
         self.projector = SimSiamProjectionHead(feat_dim, 512, 128)
         self.predictor = SimSiamPredictionHead(128, 64, 128)
 
