@@ -182,6 +182,8 @@ def main() -> None:
                         help="comma-separated --partner-trust modes for the runs at --partner-weight auto")
     parser.add_argument("--noise-similarity", choices=("real", "kept"), default="real",
                         help="a replaced pair's similarity: its own, or the replaced pair's")
+    parser.add_argument("--support", type=int, default=0, help="train --support for every run [0]")
+    parser.add_argument("--positive-loss", default="out", help="train --positive-loss for every run [out]")
     parser.add_argument("--no-label-runs", action="store_true",
                         help="train on the sampler's pairs only (the label build is still made)")
     parser.add_argument("--precisions", default=",".join(map(str, NOISE_PRECISIONS)))
@@ -198,7 +200,8 @@ def main() -> None:
         check_partner_trust(t)
     # the runs that use partners: (--partner-weight, --partner-trust); the trust mode matters at auto only
     settings = [(w, t) for w in weights for t in (trusts if w == "auto" else ["release"])]
-    common = dict(backbone="resnet18" if full else "small-cnn", batch_size=batch, epochs=epochs)
+    common = dict(backbone="resnet18" if full else "small-cnn", batch_size=batch, epochs=epochs, support=args.support,
+                  positive_loss=args.positive_loss)
     work = Path(tempfile.mkdtemp(prefix="spp-bench-gain-"))
     if args.dataset == "glyphs":
         glyphs = args.glyphs or work / "glyphs"
@@ -306,7 +309,8 @@ def main() -> None:
                   f"{r['linear'].mean():.4f} ± {r['linear'].std():.4f} |")
         print(f"| raw pixels (same split, reference) | - | - | - | - | {pixel[0]:.4f} (1-NN {pixel[1]:.4f}) | "
               f"{pixel[2]:.4f} |")
-        summary = {"dataset": data.name, "pixel_knn_top1": round(float(pixel[0]), 4),
+        summary = {"dataset": data.name, "epochs": epochs, "seeds": args.seeds, "support": args.support,
+                   "positive_loss": args.positive_loss, "pixel_knn_top1": round(float(pixel[0]), 4),
                    "pixel_linear_top1": round(float(pixel[2]), 4), "wall_min": round(wall / 60, 1)}
         if args.noise:
             summary["noise"] = noise
