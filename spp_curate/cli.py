@@ -266,21 +266,21 @@ def train(
     positive_loss: str = typer.Option(
         "out", help="how a view's several positives enter the contrastive loss: out (the mean of their log "
         "probabilities, SupCon's L_out) or in (the log of their mean probability, L_in)"),
-    support: int = typer.Option(
-        0, help="a support set of this many partner projections; each view's nearest one is one more positive "
-        "(after NNCLR); 0: none"),
+    support: str = typer.Option(
+        "auto", help="a support set of this many partner projections; each view's nearest one is one more positive "
+        "(after NNCLR); 0: none; auto: the default for the method"),
     resume: bool = typer.Option(False, "--resume", help="continue from RUN/last.pt"),
     force: bool = typer.Option(False, "--force", help="start again in a folder that holds a run"),
 ) -> None:
     """Pretrain MoCo-v2, SimCLR, SimSiam or BYOL on pair shards (or single images); checkpoints every epoch."""
-    from .train.loop import TrainConfig, train as run_train
+    from .train.loop import TrainConfig, parse_support, train as run_train
     from .train.trust import parse_partner_weight
 
     cfg = TrainConfig(out=str(out_dir), method=method, positives=positives, backbone=backbone, pairs=pairs,
                       source=source, root=str(root) if root else None, limit=limit, epochs=epochs,
                       batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, workers=workers,
                       cache=cache, partner_weight=parse_partner_weight(partner_weight),
-                      partner_trust=partner_trust, positive_loss=positive_loss, support=support)
+                      partner_trust=partner_trust, positive_loss=positive_loss, support=parse_support(support))
     metrics = run_train(cfg, resume=resume, force=force)
     out.print(f"run: {out_dir} (epoch {metrics.get('epoch')}, loss {metrics.get('loss', float('nan')):.4f}); "
               f"use it as --encoder ssl:{out_dir / 'last.pt'}")

@@ -123,6 +123,7 @@ def test_a_diverging_loss_stops_the_run_with_one_line(label_build, tmp_path, cli
     (["--seed", "-1"], "--seed"), (["--image-size", "100000"], "--image-size"),
     (["--epochs", str(10**9)], "--epochs"), (["--partner-weight", "2"], "--partner-weight"),
     (["--positive-loss", "mean"], "--positive-loss"), (["--support", "-1"], "--support"),
+    (["--support", "many"], "--support"),
     (["--support", str(10**9)], "--support"), (["--method", "byol", "--support", "64"], "--support"),
     (["--method", "simsiam", "--positive-loss", "in"], "--positive-loss"),
 ])
@@ -194,4 +195,24 @@ def test_a_checkpoint_from_before_an_option_existed_resumes(label_build, tmp_pat
             assert proc.returncode == 0, proc.stderr[-1500:]
             assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
         else:
-            assert "other options" in one_line(proc, "--resume")
+            said = one_line(proc, "--resume")
+            assert "other options (--partner-weight 0.5)" in said, said
+
+
+def test_a_checkpoint_from_before_the_support_set_resumes_as_it_was_trained(label_build, tmp_path, cli):
+    from spp_curate.train.loop import DEFAULT_SUPPORT
+
+    args = ["--pairs", label_build / "release", "--positives", "both", "--limit", "64", "--batch-size", "32"]
+    out = tmp_path / "older"
+    assert cli("train", "--out", out, *args, "--epochs", "1", "--support", "0").returncode == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["config"].pop("support")  # written before --support existed: it trained without one
+    torch.save(ckpt, out / "last.pt")
+    proc = cli("train", "--out", out, *args, "--epochs", "2", "--resume")
+    if DEFAULT_SUPPORT:  # the default has one now: the run is named what it needs, not silently changed
+        assert "other options (--support 0)" in one_line(proc, "--resume")
+    else:
+        assert proc.returncode == 0, proc.stderr[-1500:]
+    proc = cli("train", "--out", out, *args, "--epochs", "2", "--resume", "--support", "0")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2

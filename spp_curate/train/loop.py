@@ -30,6 +30,11 @@ MAX_SEED = 2**32 - 1
 
 #: Options a resumed run may change: they do not change what it computes.
 RESUMABLE_CHANGES = ("epochs", "workers", "cache")
+#: ``--support auto``: the support set of partner projections a contrastive method trains with (support.py;
+#: chosen in BENCHMARKS.md, levers).
+DEFAULT_SUPPORT = 0
+#: What a checkpoint written before an option existed trained with (where that is not the option's default now).
+BEFORE_OPTION = {"support": 0}
 
 
 @dataclass
@@ -53,7 +58,7 @@ class TrainConfig:
     partner_weight: float | None = None  # the partner terms' weight; None: from the release's precision (trust.py)
     partner_trust: str = "release"  # one weight for all pairs, or each by its similarity band (trust.py)
     positive_loss: str = "out"  # how several positives enter a contrastive loss (losses.POSITIVE_LOSSES)
-    support: int = 0  # a support set of this many partner projections, 0: none (support.py)
+    support: int | None = None  # a support set of this many partner projections, 0: none; None: auto (support.py)
 
     def check(self) -> None:
         for name, value, accepted in (("--method", self.method, tuple(METHODS)),
@@ -86,17 +91,33 @@ class TrainConfig:
         if self.positive_loss not in POSITIVE_LOSSES:
             raise UserError(f"got {str(self.positive_loss)[:40]!r}; accepted: {', '.join(POSITIVE_LOSSES)}",
                             option="--positive-loss")
-        if isinstance(self.support, bool) or not isinstance(self.support, int) or not 0 <= self.support <= 1 << 20:
-            raise UserError(f"got {str(self.support)[:40]}; accepted: a whole number from 0 (none) to {1 << 20:,}",
-                            option="--support")
+        if self.support is not None and (isinstance(self.support, bool) or not isinstance(self.support, int)
+                                         or not 0 <= self.support <= 1 << 20):
+            raise UserError(f"got {str(self.support)[:40]}; accepted: auto, or a whole number from 0 (none) to "
+                            f"{1 << 20:,}", option="--support")
         if not METHODS[self.method].contrastive:
-            for name, value, default in (("--positive-loss", self.positive_loss, "out"), ("--support", self.support, 0)):
+            for name, value, default in (("--positive-loss", self.positive_loss, "out"),
+                                         ("--support", self.support or 0, 0)):
                 if value != default:
                     raise UserError(f"{self.method} has no negatives to contrast with: {name} applies to "
                                     f"{', '.join(m for m, cls in METHODS.items() if cls.contrastive)}", option=name)
         if self.source is not None and self.positives != "augment":
             raise UserError("single images have no partner: --source trains with --positives augment",
                             option="--positives")
+
+
+def trained_otherwise(saved: dict[str, Any], cfg: TrainConfig) -> str:
+    """The options a checkpoint's run (its config ``saved``) was trained with where ``cfg`` differs, as
+    ``--name value`` (auto values resolved), or "" when ``cfg`` continues the same run."""
+    now = asdict(cfg)
+    try:
+        saved = {**saved, "support": support_size(TrainConfig(**{k: v for k, v in saved.items()
+                                                                  if k in now}))}
+    except (TypeError, KeyError):
+        pass  # a hostile or damaged config: compared as it is, and found different
+    now["support"] = support_size(cfg)
+    return ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in now
+                     if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
 
 
 def _dataset(cfg: TrainConfig) -> TrainData:
@@ -126,7 +147,27 @@ def train_step(model, optimizer, views, device, progress: float, check=None) -> 
 def build_model(cfg: TrainConfig):
     backbone, dim = build_backbone(cfg.backbone, cfg.image_size)
     return build_method(cfg.method, backbone, dim, use_partner=cfg.positives != "augment",
-                        positive_loss=cfg.positive_loss, support=cfg.support), dim
+                        positive_loss=cfg.positive_loss, support=support_size(cfg)), dim
+
+
+def parse_support(value: str) -> int | None:
+    """``auto`` (None) or a whole number, from the command line (checked by :meth:`TrainConfig.check`)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"got {str(value)[:40]!r}; accepted: auto, or a whole number from 0 (none) to {1 << 20:,}",
+                        option="--support") from None
+
+
+def support_size(cfg: TrainConfig) -> int:
+    """The support set a run trains with: ``--support``, else :data:`DEFAULT_SUPPORT` for a contrastive method
+    (none for the others, which have no negatives to add a positive against)."""
+    if cfg.support is not None:
+        return cfg.support
+    return DEFAULT_SUPPORT if METHODS[cfg.method].contrastive else 0
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
@@ -175,10 +216,11 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, 
         ckpt = load_checkpoint(ckpt_path, option="--resume")
         # an option added since the checkpoint was written counts as its default there
         defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-        saved = {**defaults, **ckpt["config"]}
-        if {k: v for k, v in saved.items() if k not in RESUMABLE_CHANGES} != \
-                {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}:
-            raise UserError(f"{ckpt_path} was trained with other options; use another --out", option="--resume")
+        saved = {**defaults, **BEFORE_OPTION, **ckpt["config"]}
+        differ = trained_otherwise(saved, cfg)
+        if differ:
+            raise UserError(f"{ckpt_path} was trained with other options ({differ}); give those to resume it, or "
+                            "use another --out", option="--resume")
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
