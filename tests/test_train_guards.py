@@ -200,7 +200,7 @@ def test_a_checkpoint_from_before_an_option_existed_resumes(label_build, tmp_pat
 
 
 def test_a_checkpoint_from_before_the_support_set_resumes_as_it_was_trained(label_build, tmp_path, cli):
-    from spp_curate.train.loop import DEFAULT_SUPPORT
+    from spp_curate.train.methods import METHODS
 
     args = ["--pairs", label_build / "release", "--positives", "both", "--limit", "64", "--batch-size", "32"]
     out = tmp_path / "older"
@@ -209,7 +209,7 @@ def test_a_checkpoint_from_before_the_support_set_resumes_as_it_was_trained(labe
     ckpt["config"].pop("support")  # written before --support existed: it trained without one
     torch.save(ckpt, out / "last.pt")
     proc = cli("train", "--out", out, *args, "--epochs", "2", "--resume")
-    if DEFAULT_SUPPORT:  # the default has one now: the run is named what it needs, not silently changed
+    if METHODS["simclr"].default_support:  # the default has one now: the run is told what it needs, not changed
         assert "other options (--support 0)" in one_line(proc, "--resume")
     else:
         assert proc.returncode == 0, proc.stderr[-1500:]

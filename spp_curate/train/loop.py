@@ -30,9 +30,6 @@ MAX_SEED = 2**32 - 1
 
 #: Options a resumed run may change: they do not change what it computes.
 RESUMABLE_CHANGES = ("epochs", "workers", "cache")
-#: ``--support auto``: the support set of partner projections a contrastive method trains with (support.py;
-#: chosen in BENCHMARKS.md, levers).
-DEFAULT_SUPPORT = 0
 #: What a checkpoint written before an option existed trained with (where that is not the option's default now).
 BEFORE_OPTION = {"support": 0}
 
@@ -163,11 +160,11 @@ def parse_support(value: str) -> int | None:
 
 
 def support_size(cfg: TrainConfig) -> int:
-    """The support set a run trains with: ``--support``, else :data:`DEFAULT_SUPPORT` for a contrastive method
-    (none for the others, which have no negatives to add a positive against)."""
+    """The support set a run trains with: ``--support``, else its method's ``default_support`` (SimCLR's; MoCo
+    and the non-contrastive methods have none by default, see ``Method.default_support``)."""
     if cfg.support is not None:
         return cfg.support
-    return DEFAULT_SUPPORT if METHODS[cfg.method].contrastive else 0
+    return METHODS[cfg.method].default_support
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
@@ -197,6 +194,9 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, 
     if cfg.pairs is not None and cfg.positives != "augment":
         trust = release_trust(cfg.pairs, cfg.partner_weight, cfg.partner_trust)
         console.print(f"pairs: {trust.describe()}", markup=False, highlight=False)
+        if support_size(cfg):
+            console.print(f"support set: each view's nearest of the last {support_size(cfg):,} partner projections is "
+                          "one more positive, weighted as its pair (--support)", markup=False, highlight=False)
         if trust.warning():
             console.print(f"[yellow]warning: {trust.warning()}[/yellow]")
     out = Path(cfg.out)

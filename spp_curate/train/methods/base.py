@@ -78,6 +78,9 @@ class Method(nn.Module):
     #: Whether the loss contrasts positives against negatives (InfoNCE): then ``--positive-loss`` and
     #: ``--support`` apply to it.
     contrastive = False
+    #: ``--support auto``: the support set of partner projections the method trains with by default, chosen by
+    #: measurement (BENCHMARKS.md, levers: SimCLR gains with one, MoCo-v2 loses).
+    default_support = 0
     #: Every method by its ``--method`` name: a subclass that sets ``name`` is one (see ``__init__.py``).
     registry: dict[str, type["Method"]] = {}
 

@@ -21,6 +21,7 @@ class SimCLR(Method):
     name = "simclr"
     temperature = 0.2
     contrastive = True
+    default_support = 2048
 
     def __init__(self, backbone, feat_dim: int, use_partner: bool, **options) -> None:
         super().__init__(backbone, feat_dim, use_partner, **options)
