@@ -17,6 +17,10 @@ with ``--category none`` and ``both`` trains on them; ``--pixel-sampler`` adds
 the pairs raw pixels mine (``--encoder pixels:32``, ``--category none``), the
 sampler ``make demo`` uses.
 
+Every run trains with the trainer's defaults (SimCLR with its support set of
+partner projections, MoCo without) unless ``--support`` or ``--positive-loss``
+say otherwise.
+
 Noise (``--noise``): the label release's partners are replaced, for a share
 of its pairs drawn at random, by random images, so that the release's label
 precision is about 0.1, 0.25, 0.5, 0.75 and 1.0 (0.1 is random pairs of ten
@@ -61,7 +65,7 @@ import pyarrow.parquet as pq
 from spp_curate.config import resolve_recipe
 from spp_curate.stages import build, run_stage
 from spp_curate.train.evaluate import evaluate
-from spp_curate.train.loop import TrainConfig, train
+from spp_curate.train.loop import TrainConfig, parse_support, train
 from spp_curate.train.trust import check_partner_trust, parse_partner_weight, release_trust
 
 from _common import DEBIAN, SUBSET, mode_parser
@@ -182,7 +186,7 @@ def main() -> None:
                         help="comma-separated --partner-trust modes for the runs at --partner-weight auto")
     parser.add_argument("--noise-similarity", choices=("real", "kept"), default="real",
                         help="a replaced pair's similarity: its own, or the replaced pair's")
-    parser.add_argument("--support", type=int, default=0, help="train --support for every run [0]")
+    parser.add_argument("--support", default="auto", help="train --support for every run [auto: the method's]")
     parser.add_argument("--positive-loss", default="out", help="train --positive-loss for every run [out]")
     parser.add_argument("--no-label-runs", action="store_true",
                         help="train on the sampler's pairs only (the label build is still made)")
@@ -200,8 +204,8 @@ def main() -> None:
         check_partner_trust(t)
     # the runs that use partners: (--partner-weight, --partner-trust); the trust mode matters at auto only
     settings = [(w, t) for w in weights for t in (trusts if w == "auto" else ["release"])]
-    common = dict(backbone="resnet18" if full else "small-cnn", batch_size=batch, epochs=epochs, support=args.support,
-                  positive_loss=args.positive_loss)
+    common = dict(backbone="resnet18" if full else "small-cnn", batch_size=batch, epochs=epochs,
+                  support=parse_support(args.support), positive_loss=args.positive_loss)
     work = Path(tempfile.mkdtemp(prefix="spp-bench-gain-"))
     if args.dataset == "glyphs":
         glyphs = args.glyphs or work / "glyphs"
