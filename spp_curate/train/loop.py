@@ -113,7 +113,7 @@ def trained_otherwise(saved: dict[str, Any], cfg: TrainConfig) -> str:
     except (TypeError, KeyError):
         pass  # a hostile or damaged config: compared as it is, and found different
     now["support"] = support_size(cfg)
-    return ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in now
+    return ", ".join(f"--{k.replace('_', '-')} {str(saved.get(k))[:40]}" for k in now
                      if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
 
 
