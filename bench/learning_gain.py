@@ -138,6 +138,11 @@ def noisy_build(base: Path, out: Path, precision: float, seed: int = 0,
     return out / "release", float((table.label == table.positive_label).mean())
 
 
+def run_dir(work: Path, label: str, method: str, positives: str, weight: str, trust: str, seed: int) -> Path:
+    """Where one run of the study trains (the single-image run of seed 0 is the SePP-ID loop's sampler)."""
+    return work / "runs" / f"{label}-{method}-{positives}-{weight}-{trust}-{seed}".replace(" ", "_")
+
+
 def weights_used(release: Path, weight: str, trust: str) -> tuple:
     """What the trainer would weight the partners of ``release`` by: runs that would train alike run once."""
     from spp_curate.train.cache import ReleaseReader
@@ -224,7 +229,7 @@ def main() -> None:
         nonlocal pixel
         knn, lin = [], []
         for seed in range(args.seeds):
-            run = work / "runs" / f"{label}-{method}-{positives}-{weight}-{trust}-{seed}".replace(" ", "_")
+            run = run_dir(work, label, method, positives, weight, trust, seed)
             train(TrainConfig(out=str(run), method=method, positives=positives, seed=seed,
                               partner_weight=parse_partner_weight(weight) if positives != "augment" else None,
                               partner_trust=trust, **common, **where))
@@ -244,7 +249,7 @@ def main() -> None:
         builds, precision_of = {}, {}
         if full:
             runs("single images", "simclr", "augment", source=data.source, root=data.train_root)
-            sampler = work / "runs" / "single_images-simclr-augment-auto-0" / "last.pt"
+            sampler = run_dir(work, "single images", "simclr", "augment", "auto", "release", 0) / "last.pt"
             builds["sampler pairs"] = data.pair_release(work, "pairs-none", f"ssl:{sampler}", "none")
             builds["label pairs"] = data.pair_release(work, "pairs-label", f"ssl:{sampler}", "label")
         else:
@@ -252,7 +257,7 @@ def main() -> None:
             if args.sampler:
                 runs("single images", "simclr", "augment", source=data.source, root=data.train_root,
                      limit=data.limit)
-                sampler = work / "runs" / "single_images-simclr-augment-auto-0" / "last.pt"
+                sampler = run_dir(work, "single images", "simclr", "augment", "auto", "release", 0) / "last.pt"
                 builds["sampler pairs"] = data.pair_release(work, "pairs-none", f"ssl:{sampler}", "none")
             if args.pixel_sampler:
                 builds["pixel pairs"] = data.pair_release(work, "pairs-pixels", "pixels:32", "none")
