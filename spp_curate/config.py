@@ -212,14 +212,15 @@ def parse_encoder(spec: str) -> EncoderSpec:
     return EncoderSpec(kind, rest)
 
 
-_WHITEN_RE = re.compile(r"^(none|center|pca)(?::(\d{1,6}))?$")
+_WHITEN_RE = re.compile(r"^(none|center|pca|keep)(?::(\d{1,6}))?$")
 
 
 def parse_whiten(value: str) -> tuple[str, int | None]:
-    """``--whiten``: ``none``, ``center``, ``pca`` or ``pca:DIM``."""
+    """``--whiten``: ``none``, ``center``, ``pca``, ``pca:DIM`` or ``keep`` (the build's stored scale)."""
     match = _WHITEN_RE.match(str(value).strip())
     if not match or (match.group(2) and match.group(1) != "pca") or match.group(2) == "0":
-        raise UserError(f"got {value!r}; accepted: none, center, pca or pca:DIM (e.g. pca:128)", option="--whiten")
+        raise UserError(f"got {str(value)[:40]!r}; accepted: none, center, pca, pca:DIM (e.g. pca:128) or keep",
+                        option="--whiten")
     return match.group(1), int(match.group(2)) if match.group(2) else None
 
 
@@ -336,9 +337,10 @@ class Recipe(BaseModel):
         0.993, help="copy score (grayscale cross-correlation, crops and rescaling allowed) at or above which two "
         "pictures are one and never a pair [0.993; none: off]", stage="mine", ge=0.0, le=1.0)
     #: The similarity scale: none, center, or PCA-whitening (pca, pca:DIM), fitted on the build's embeddings
-    #: and applied before the kNN search (``pairing/whiten.py``).
+    #: and applied before the kNN search (``pairing/whiten.py``); keep: the one the build stored before.
     whiten: str = knob("pca", help="similarity scale fitted on the build before kNN: none | center | pca | "
-                       "pca:DIM [pca]", stage="mine")
+                       "pca:DIM | keep (the scale this build stored before, so thresholds keep their meaning "
+                       "as the source grows) [pca]", stage="mine")
     max_per_anchor: int = knob(2, help="pairs kept per anchor", stage="mine", cli_min=1, ge=1)
     mutual: bool = knob(False, help="keep mutual neighbours only", stage="mine", option="flag")
     pairs_per_class: int | None = knob(None, help="cap and balance pairs per category", stage="mine", cli_min=1,

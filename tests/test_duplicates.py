@@ -107,3 +107,81 @@ def test_whitening_is_fitted_on_the_build_and_kept_in_it(label_build):
 def test_a_wrong_whiten_value_is_one_line(cli, tmp_path, value):
     proc = cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", tmp_path / "b", "--whiten", value)
     assert proc.returncode == 2 and "--whiten" in proc.stderr and "pca:DIM" in proc.stderr
+
+
+def test_whiten_keep_applies_the_stored_scale_as_the_source_grows_and_refuses_another(tmp_path, cli):
+    """By default an update fits the scale anew (it equals a fresh build); ``--whiten keep`` applies the one the
+    build stored, so a threshold chosen on it keeps its meaning; a stored scale of other embeddings, or a damaged
+    one, is a one-line error that leaves the file as it was."""
+    from images import fmnist_pictures
+    from spp_curate.layout import WHITENING, load_embeddings
+    from spp_curate.pairing.whiten import Whitening
+
+    root, out, fresh = tmp_path / "images", tmp_path / "b", tmp_path / "fresh"
+    pictures = fmnist_pictures(60, classes=4, size=28)
+    for n, (label, img) in enumerate(pictures):
+        (root / f"class{label}").mkdir(parents=True, exist_ok=True)
+        if n % 60 < 45:
+            img.save(root / f"class{label}" / f"{n:03d}.png")
+    options = ["--source", "imagefolder", "--root", root, "--encoder", "pixels:16", "--workers", "0",
+               "--category", "none", "--min-similarity", "q0"]
+    assert cli("build", "--out", out, *options, "--whiten", "keep").returncode == 0  # nothing stored: fits pca
+    stats = json.loads((out / "mine_stats.json").read_text())["whitening"]
+    assert (stats["kind"], stats["kept"]) == ("pca", False)
+    first = (out / WHITENING).read_bytes()
+
+    for n, (label, img) in enumerate(pictures):  # the source grows by a third
+        if n % 60 >= 45:
+            img.save(root / f"class{label}" / f"{n:03d}.png")
+    assert cli("build", "--out", out, *options, "--whiten", "keep").returncode == 0
+    assert (out / WHITENING).read_bytes() == first
+    assert json.loads((out / "mine_stats.json").read_text())["whitening"]["kept"] is True
+    stored = Whitening.load(out / WHITENING)
+    vecs, _ = load_embeddings(out, dtype=np.float32)
+    assert len(vecs) == 240
+    white = stored.apply(vecs)
+    pairs = pq.read_table(out / "pairs.parquet").to_pandas()
+    assert np.allclose(np.sum(white[pairs.anchor_id] * white[pairs.positive_id], axis=1), pairs.similarity,
+                       atol=2e-3)
+    # the default fits the grown source anew: another scale than the stored one
+    assert cli("build", "--out", fresh, *options).returncode == 0
+    assert not np.allclose(Whitening.load(fresh / WHITENING).mean, stored.mean)
+
+    # another encoder's embeddings: the stored scale is not theirs
+    proc = cli("build", "--out", out, *[o if o != "pixels:16" else "pixels:8" for o in options], "--whiten", "keep")
+    assert proc.returncode == 2 and "--whiten" in proc.stderr and "other embeddings" in proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "--whiten" in line]  # after the embed stage's progress
+    assert len(said) == 1 and said[0] == proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+    assert (out / WHITENING).read_bytes() == first
+
+    # a damaged stored scale is named, not applied, and not deleted
+    (fresh / WHITENING).write_bytes(b"PK\x03\x04 not a transform")
+    proc = cli("build", "--out", fresh, *options, "--whiten", "keep")
+    assert proc.returncode == 2 and "cannot be used" in proc.stderr and "--whiten" in proc.stderr
+    assert (fresh / WHITENING).read_bytes() == b"PK\x03\x04 not a transform"
+
+
+def test_a_stored_scale_that_would_run_code_or_holds_odd_numbers_is_refused(tmp_path):
+    from spp_curate.pairing.whiten import Whitening
+
+    def stored(name, **arrays):
+        path = tmp_path / f"{name}.npz"
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+        return path
+
+    good = {"kind": np.array("pca"), "mean": np.zeros(4, np.float32), "projection": np.eye(4, 2, dtype=np.float32),
+            "fitted_on": np.array("x")}
+    assert Whitening.load(stored("good", **good)).dim == 2
+    odd = {"pickle": {**good, "mean": np.array([object()], dtype=object)},
+           "nan": {**good, "mean": np.full(4, np.nan, np.float32)},
+           "kind": {**good, "kind": np.array("zca")},
+           "shape": {**good, "projection": np.eye(3, 2, dtype=np.float32)},
+           "missing": {k: v for k, v in good.items() if k != "mean"}}
+    for name, arrays in odd.items():
+        with pytest.raises(ValueError):
+            Whitening.load(stored(name, **arrays))
+    link = tmp_path / "link.npz"
+    link.symlink_to(stored("target", **good))
+    with pytest.raises(ValueError, match="regular file"):
+        Whitening.load(link)

@@ -8,6 +8,7 @@ search runs over everything (the SePP-ID semantic sampler alone).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from . import filters as F
 from .categories import Categories, assign_categories, read_class_names_file
 from .knn import SearchPlan, ivf_recall, knn_search, plan_search
 from .thresholds import resolve_thresholds, threshold_curve
-from .whiten import fit_whitening
+from .whiten import embedding_identity, fit_whitening, stored_whitening
 
 PAIRS_SCHEMA = pa.schema([
     ("pair_id", pa.int64()), ("anchor_id", pa.int64()), ("positive_id", pa.int64()),
@@ -237,9 +238,14 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
                    else read_class_names(build_dir / layout.INDEX))
     cats = assign_categories(recipe.category, vecs, valid, labels, class_names, recipe.encoder,
                              recipe.image_size, recipe.clusters, recipe.seed)
-    # The similarity scale, fitted on this build's embeddings (the chunks stay as the encoder wrote them).
-    whitening = fit_whitening(vecs, valid, recipe.whiten, recipe.seed)
-    whitening.save(build_dir / WHITENING)
+    # The similarity scale, fitted on this build's embeddings (the chunks stay as the encoder wrote them), or
+    # with --whiten keep the one this build stored before.
+    identity = embedding_identity(json.loads((build_dir / layout.EMBEDDINGS_META).read_text()))
+    whitening = (stored_whitening(build_dir / WHITENING, d, identity) if recipe.whiten == "keep" else None)
+    if whitening is None:
+        whitening = fit_whitening(vecs, valid, recipe.whiten, recipe.seed)
+        whitening.fitted_on = identity
+        whitening.save(build_dir / WHITENING)
     if whitening.kind != "none":
         vecs = whitening.apply(vecs)
         d = vecs.shape[1]

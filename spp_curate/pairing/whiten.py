@@ -8,7 +8,12 @@ evidences and co-occurrences in image retrieval", ECCV 2012) also rescales the l
 dimensions dominate the cosine and similarities spread over the range a threshold can be chosen in.
 
 The transform is fitted on the build's own embeddings (the rows that encoded), applied before the kNN
-search, and kept in the build (``whitening.npz``); the float16 chunks stay as the encoder wrote them.
+search, and kept in the build (``whitening.npz``, with the identity of the embeddings it was fitted on);
+the float16 chunks stay as the encoder wrote them. By default every run of the mine stage fits it anew, so
+an updated build equals a fresh build of the changed source. ``--whiten keep`` applies the stored one
+instead: the similarity scale, and a ``--min-similarity`` chosen on it, stay as they were while the source
+grows. A stored transform of other embeddings (another encoder, size or model) is refused in one line,
+never applied: it would be a scale of something else.
 """
 
 from __future__ import annotations
@@ -16,9 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import hashlib
+import json
+import zipfile
+
 import numpy as np
 
 from ..config import parse_whiten
+from ..errors import UserError
 from ..files import atomic_path
 
 #: The dimension ``pca`` keeps when none is given (or the embedding's, when smaller).
@@ -29,6 +39,18 @@ SHRINK = 0.05
 FIT_ROWS = 200_000
 
 
+#: What a stored transform is read into memory up to: the largest projection ``pca`` makes is d x 4,096 floats.
+MAX_STORED_BYTES = 512 * 2**20
+KINDS = ("none", "center", "pca")
+
+
+def embedding_identity(meta: dict) -> str:
+    """The embeddings a transform belongs to: a digest of the encoder, its input size and model as
+    ``embeddings/meta.json`` records them (not the rows: a grown build keeps its identity)."""
+    fields = {k: meta.get(k) for k in ("encoder", "image_size", "model", "dim", "normalized")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 @dataclass
 class Whitening:
     """``x -> normalise((x - mean) @ projection)``; ``projection`` None for centring alone."""
@@ -36,6 +58,10 @@ class Whitening:
     kind: str
     mean: np.ndarray  # (d,) float32
     projection: np.ndarray | None  # (d, dim) float32
+    #: :func:`embedding_identity` of the embeddings it was fitted on ("" when unknown).
+    fitted_on: str = ""
+    #: True when this run applied the build's stored transform (``--whiten keep``).
+    kept: bool = False
 
     @property
     def dim(self) -> int | None:
@@ -60,24 +86,60 @@ class Whitening:
         return out
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "dim": self.dim, "shrink": SHRINK if self.projection is not None else None}
+        return {"kind": self.kind, "dim": self.dim, "shrink": SHRINK if self.projection is not None else None,
+                "kept": self.kept}
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, kind=np.array(self.kind), mean=self.mean,
+                np.savez(fh, kind=np.array(self.kind), mean=self.mean, fitted_on=np.array(self.fitted_on),
                          projection=self.projection if self.projection is not None else np.zeros((0, 0), np.float32))
 
     @staticmethod
     def load(path: Path) -> "Whitening":
-        with np.load(path, allow_pickle=False) as z:
-            projection = z["projection"]
-            return Whitening(str(z["kind"]), z["mean"].astype(np.float32),
-                             projection.astype(np.float32) if projection.size else None)
+        """A stored transform, checked: no pickle, at most :data:`MAX_STORED_BYTES`, a known kind, finite
+        numbers of consistent shapes; a ``ValueError`` saying what is wrong otherwise."""
+        if path.is_symlink() or not path.is_file():
+            raise ValueError("not a regular file")
+        if path.stat().st_size > MAX_STORED_BYTES:
+            raise ValueError(f"over {MAX_STORED_BYTES // 2**20} MiB")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                kind, mean, projection = str(z["kind"]), z["mean"], z["projection"]
+                fitted_on = str(z["fitted_on"]) if "fitted_on" in z.files else ""
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"not a transform this program wrote ({type(exc).__name__})") from None
+        if kind not in KINDS or mean.ndim != 1 or projection.ndim != 2:
+            raise ValueError("not a transform this program wrote")
+        if projection.size and projection.shape[0] != mean.shape[0]:
+            raise ValueError("its projection does not fit its mean")
+        if not (np.isfinite(mean).all() and np.isfinite(projection).all()):
+            raise ValueError("it holds numbers that are not finite")
+        return Whitening(kind, mean.astype(np.float32), projection.astype(np.float32) if projection.size else None,
+                         fitted_on)
+
+
+def stored_whitening(path: Path, d: int, identity: str) -> Whitening | None:
+    """``--whiten keep``: the build's stored transform when it is one of these embeddings, None when the build
+    has none yet; a one-line error naming ``--whiten`` when it cannot be applied."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        stored = Whitening.load(path)
+    except ValueError as why:
+        raise UserError(f"keep: the build's {path.name} cannot be used ({why}); give pca to fit a new scale",
+                        option="--whiten") from None
+    if stored.mean.shape[0] != d or stored.fitted_on != identity:
+        raise UserError(f"keep: the build's stored scale was fitted on other embeddings (another encoder, size "
+                        f"or model{'' if stored.mean.shape[0] == d else f'; {stored.mean.shape[0]} dims, not {d}'}); "
+                        "give pca to fit a new one", option="--whiten")
+    stored.kept = True
+    return stored
 
 
 def fit_whitening(vecs: np.ndarray, valid: np.ndarray, spec: str, seed: int = 0) -> Whitening:
-    """Fit ``spec`` (``--whiten``) on the valid rows of ``vecs``."""
+    """Fit ``spec`` (``--whiten``; ``keep`` fits ``pca``, for a build with no stored transform) on the valid
+    rows of ``vecs``."""
     kind, dim = parse_whiten(spec)
     d = vecs.shape[1]
     if kind == "none":
