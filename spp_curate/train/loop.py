@@ -30,6 +30,8 @@ MAX_SEED = 2**32 - 1
 
 #: Options a resumed run may change: they do not change what it computes.
 RESUMABLE_CHANGES = ("epochs", "workers", "cache")
+#: The largest ``--support``: a queue of about a million 128-number projections (512 MiB).
+MAX_SUPPORT = 1 << 20
 #: What a checkpoint written before an option existed trained with (where that is not the option's default now).
 BEFORE_OPTION = {"support": 0}
 
@@ -89,9 +91,8 @@ class TrainConfig:
             raise UserError(f"got {str(self.positive_loss)[:40]!r}; accepted: {', '.join(POSITIVE_LOSSES)}",
                             option="--positive-loss")
         if self.support is not None and (isinstance(self.support, bool) or not isinstance(self.support, int)
-                                         or not 0 <= self.support <= 1 << 20):
-            raise UserError(f"got {str(self.support)[:40]}; accepted: auto, or a whole number from 0 (none) to "
-                            f"{1 << 20:,}", option="--support")
+                                         or not 0 <= self.support <= MAX_SUPPORT):
+            raise support_error(str(self.support))
         if not METHODS[self.method].contrastive:
             for name, value, default in (("--positive-loss", self.positive_loss, "out"),
                                          ("--support", self.support or 0, 0)):
@@ -155,8 +156,13 @@ def parse_support(value: str) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise UserError(f"got {str(value)[:40]!r}; accepted: auto, or a whole number from 0 (none) to {1 << 20:,}",
-                        option="--support") from None
+        raise support_error(repr(str(value))) from None
+
+
+def support_error(shown: str) -> UserError:
+    """The one-line error of a ``--support`` value that is not ``auto`` or a size up to :data:`MAX_SUPPORT`."""
+    return UserError(f"got {shown[:40]}; accepted: auto, or a whole number from 0 (none) to {MAX_SUPPORT:,}",
+                     option="--support")
 
 
 def support_size(cfg: TrainConfig) -> int:

@@ -36,7 +36,7 @@ import numpy as np
 #: ``--partner-trust``: one weight for every pair of the release, or each pair by its similarity band.
 TRUST_MODES = ("release", "similarity")
 #: Below this weight the pairs are as good as random ones: semantic positives would add nothing or hurt
-#: (the precision 0.063 sampler pairs of 26 classes, at full weight, lowered kNN by 2 points).
+#: (sampler pairs of precision 0.063 among a few dozen classes, at full weight, lowered kNN by 2 points).
 NEAR_RANDOM = 0.1
 #: Below this weight many pairs are wrong: measured over 3 seeds (BENCHMARKS.md), such pairs still gained,
 #: by about half what accurate pairs gain on Fashion-MNIST, so the run is told, not stopped.
