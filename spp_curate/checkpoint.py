@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, m
 from torchvision.transforms import v2 as T
 
 from .backbones import BACKBONES, build_backbone
-from .errors import UserError
+from .errors import UserError, brief
 
 CHECKPOINT = "last.pt"
 #: The largest input side a checkpoint may ask for (``train --image-size`` has the same bound).
@@ -109,5 +109,5 @@ def load_backbone(run_or_ckpt: str | Path, option: str = "RUN") -> tuple[torch.n
         backbone.load_state_dict(weights)
     except RuntimeError as exc:
         raise UserError(f"{path}: its backbone weights do not fit a {config['backbone']} "
-                        f"({str(exc).splitlines()[0][:120]})", option=option) from None
+                        f"({brief(exc, 120)})", option=option) from None
     return backbone.eval(), dim, int(config["image_size"])

@@ -43,13 +43,21 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     """Build, curate and publish semantic positive pair datasets for self-supervised learning."""
 
 
-def preflight(recipe) -> None:
-    """Cheap checks before any stage runs, so a wrong option fails in a second, not after indexing."""
-    from .curate.encoders import check_encoder
+def preflight(recipe, build_dir: Path | None = None) -> None:
+    """Checks before any stage runs, so a wrong option fails in seconds, not after indexing: the cheap ones, and
+    an encoder that names weights (a file, a folder, the Hub's) is built once, so weights that do not load or
+    that hold inf fail here, unless this build's embeddings were already made with it."""
+    from .curate.encoders import check_encoder, load_encoder, names_weights
 
     if recipe.root is not None and not Path(recipe.root).exists():
         raise UserError(f"{recipe.root} does not exist", option="--root")
     check_encoder(recipe.encoder, recipe.image_size)
+    if recipe.class_names:
+        from .pairing.categories import read_class_names_file
+
+        read_class_names_file(recipe.class_names)
+    if names_weights(recipe.encoder) and not _embedded_with(build_dir, recipe.encoder):
+        load_encoder(recipe.encoder, recipe.image_size, recipe.encoder_prefix)
     for ref in recipe.references:
         if ref.root_option and not Path(ref.root_option).exists():
             raise UserError(f"reference set {ref.spec!r}: {ref.root_option} does not exist", option="--exclude-near")
@@ -58,6 +66,16 @@ def preflight(recipe) -> None:
 
         if importlib.util.find_spec("ray") is None:
             raise UserError("Ray is not installed; pip install 'spp-curate[ray]'", option="--engine")
+
+
+def _embedded_with(build_dir: Path | None, encoder: str) -> bool:
+    """Whether ``build_dir`` holds embeddings that this encoder string made (its weights loaded then)."""
+    from .files import read_json
+
+    try:
+        return build_dir is not None and read_json(build_dir / layout.EMBEDDINGS_META).get("encoder") == encoder
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _print_stage(stage: str, summary) -> None:
@@ -122,8 +140,8 @@ def build(**options) -> None:
     if until is not None and until not in STAGES:
         raise UserError(f"unknown stage {until!r}; accepted: {', '.join(STAGES)}", option="--until")
     recipe = resolve_recipe(source, overrides, str(recipe_file) if recipe_file else None)
-    preflight(recipe)
     build_dir = out_dir or Path("builds") / recipe.source_spec.kind
+    preflight(recipe, build_dir)
     run_build(build_dir, recipe, force=force, on_stage=_print_stage, until=until, rehash=rehash)
     if until in (None, STAGES[-1]):
         _print_result(build_dir)

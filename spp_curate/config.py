@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from .errors import UserError, brief
 from . import layout
 from .files import atomic_path, file_identity, read_capped, short_hash
 from .pipeline import STAGES
@@ -559,7 +559,7 @@ def load_recipe_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} expands past {MAX_RECIPE_DEPTH} levels (nesting); a recipe is a flat mapping of "
                         "fields", option="--recipe") from None
     except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        first = brief(exc, 200)
         raise UserError(f"{path} is not valid YAML: {first}", option="--recipe") from None
     except ValueError as exc:  # over the size limit
         raise UserError(f"{path}: {exc}", option="--recipe") from None

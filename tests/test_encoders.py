@@ -101,7 +101,7 @@ def test_openclip_local_dir_and_hf_hub_names_load_offline(tmp_path, monkeypatch)
     with torch.inference_mode():
         assert np.allclose(enc(X32).numpy(), want, atol=1e-5)
     assert enc.meta["weights"] == "hf-hub:someorg/tiny-clip"
-    with pytest.raises(UserError, match="hf-hub: needs the Hub or the model in the Hugging Face cache"):
+    with pytest.raises(UserError, match="is not in the Hugging Face cache"):
         load_encoder("openclip:hf-hub:someorg/not-cached")
 
 
@@ -122,7 +122,7 @@ def test_timm_backbones_by_name_with_random_or_local_weights(tmp_path):
     assert enc.meta["weights"] == "file:resnet10t.safetensors"
     with pytest.raises(UserError, match="unknown timm model"):
         load_encoder("timm:no_such_net")
-    with pytest.raises(UserError, match="offline, give a local file"):
+    with pytest.raises(UserError, match="give a local file"):
         load_encoder("timm:resnet10t")  # the Hub's weights, unreachable here
 
 

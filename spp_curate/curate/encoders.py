@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import MAX_PIXELS_SIZE, parse_encoder
-from ..errors import UserError
+from ..errors import UserError, brief
 
 RANDOM_INIT_SEED = 0
 
@@ -148,8 +148,14 @@ def check_encoder(spec: str, image_size: int | None = None) -> None:
         if not (folder / "open_clip_config.json").is_file():
             raise UserError(f"{folder} holds no open_clip_config.json (open_clip's local-dir: layout: the config "
                             "and open_clip_model.safetensors)", option="--encoder")
+        _check_openclip_config(folder / "open_clip_config.json")
+        _local_dir_weights(folder)
     elif enc.kind == "openclip" and enc.name.startswith("hf-hub:"):
-        pass  # resolved by open_clip against the Hub or its cache when the model is built
+        repo = enc.name[len("hf-hub:"):]
+        config = _hub_file(repo, ("open_clip_config.json",), f"openclip:{enc.name}")
+        if config is not None:
+            _check_openclip_config(Path(config))
+            _hub_file(repo, _OPENCLIP_HUB_WEIGHTS, f"openclip:{enc.name}")
     elif enc.kind == "timm":
         import timm
 
@@ -159,6 +165,8 @@ def check_encoder(spec: str, image_size: int | None = None) -> None:
             raise UserError(f"unknown timm model {enc.name!r}" + (f" (close: {', '.join(close)})" if close else
                             " (see timm.list_models())"), option="--encoder")
         _check_weights_file(enc)
+        if enc.pretrained is None:
+            _timm_hub_weights(enc.name)
     elif enc.kind == "torchvision":
         import torchvision
 
@@ -173,6 +181,8 @@ def check_encoder(spec: str, image_size: int | None = None) -> None:
             close = [m for m in open_clip.list_models() if enc.name.lower()[:5] in m.lower()][:5]
             hint = f" (close: {', '.join(close)})" if close else " (see open_clip.list_models())"
             raise UserError(f"unknown open_clip model {enc.name!r}{hint}", option="--encoder")
+        if enc.pretrained and enc.pretrained in open_clip.list_pretrained_tags_by_model(enc.name):
+            _openclip_tag_weights(enc.name, enc.pretrained)
         patch = (open_clip.get_model_config(enc.name) or {}).get("vision_cfg", {}).get("patch_size")
         if image_size is not None and isinstance(patch, int) and image_size < patch:
             raise UserError(f"{image_size} px is below {enc.name}'s patch size of {patch} px; use at least {patch}",
@@ -186,8 +196,149 @@ def check_encoder(spec: str, image_size: int | None = None) -> None:
                             option="--encoder")
 
 
+#: What open_clip looks for in a ``local-dir:`` folder or a Hub repo, in its own order of preference.
+_OPENCLIP_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                         "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.safetensors",
+                         "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+_OPENCLIP_HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+#: An ``open_clip_config.json`` is read up to this size (real ones are a few KB).
+MAX_CONFIG_BYTES = 1 * 2**20
+
+
+def _local_dir_weights(folder: Path) -> Path:
+    """The weights file open_clip would take from a ``local-dir:`` folder; a one-line error when it holds none
+    (open_clip itself would build the model with random weights and only log a warning)."""
+    for name in _OPENCLIP_DIR_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p for ext in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(ext) if p.is_file())
+    if found:
+        return found[0]
+    raise UserError(f"{folder} holds open_clip_config.json but no weights file ({', '.join(_OPENCLIP_HUB_WEIGHTS)}); "
+                    "random weights are asked for as openclip:MODEL with no tag, never taken silently",
+                    option="--encoder")
+
+
+def _check_openclip_config(path: Path) -> None:
+    """An ``open_clip_config.json`` read size-capped: a model config, and a preprocessing whose mean and std are
+    finite numbers (one, or one per channel) with every std above zero; one line naming ``--encoder`` else."""
+    import json
+    import math
+
+    from ..files import read_capped
+
+    try:
+        config = json.loads(read_capped(path, MAX_CONFIG_BYTES, path.name))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} cannot be read as open_clip's config ({brief(exc, 120)})", option="--encoder") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg", config), dict):
+        raise UserError(f"{path} holds no model_cfg mapping", option="--encoder")
+    pre = config.get("preprocess_cfg") or {}
+    if not isinstance(pre, dict):
+        raise UserError(f"{path}: preprocess_cfg is not a mapping", option="--encoder")
+    for name in ("mean", "std"):
+        value = pre.get(name)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        ok = len(values) in (1, 3) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           and math.isfinite(v) and (name == "mean" or v > 0) for v in values)
+        if not ok:
+            raise UserError(f"{path}: preprocess_cfg {name} is {str(value)[:60]}; accepted: one or three finite "
+                            f"numbers{', each above 0' if name == 'std' else ''}", option="--encoder")
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants as hub_constants
+
+    return bool(hub_constants.HF_HUB_OFFLINE)
+
+
+def _hub_file(repo: str, names: tuple[str, ...], spec: str, hint: str = "") -> str | None:
+    """The cached path of the first of ``names`` in Hub repo ``repo``; None when none is cached but the Hub
+    answers that one exists (the build fetches it). Where neither holds, a one-line error naming ``--encoder``,
+    before any stage runs (a pretrained encoder offline must not fail after the index has run)."""
+    import huggingface_hub as hub
+
+    for name in names:
+        try:
+            found = hub.try_to_load_from_cache(repo, name)
+        except Exception:  # noqa: BLE001 - a repo id the cache cannot hold
+            found = None
+        if isinstance(found, str):
+            return found
+    hint = hint or f"or copy the model into a folder and give openclip:local-dir:PATH"
+    if _hub_offline():
+        raise UserError(f"{spec}: the Hub is offline (HF_HUB_OFFLINE) and {repo} ({' or '.join(names)}) is not in the "
+                        f"Hugging Face cache; fetch it once where the Hub is reachable, {hint}", option="--encoder")
+    reason = ""
+    for name in names:
+        try:
+            hub.get_hf_file_metadata(hub.hf_hub_url(repo, name), timeout=10)
+            return None
+        except Exception as exc:  # noqa: BLE001 - network, 401/404 and timeouts have many types
+            reason = reason or brief(exc, 100)
+    raise UserError(f"{spec}: {repo} ({' or '.join(names)}) is neither in the Hugging Face cache nor reachable on "
+                    f"the Hub ({reason}); fetch it once where the Hub is reachable, {hint}", option="--encoder")
+
+
+def _url_reachable(url: str, cached: Path, spec: str, hint: str) -> None:
+    """A weights URL outside the Hub: cached at ``cached``, or answering a HEAD request; a one-line error else."""
+    import urllib.request
+
+    if cached.is_file():
+        return
+    try:
+        if _hub_offline():
+            raise OSError("offline (HF_HUB_OFFLINE)")
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10).close()
+    except Exception as exc:  # noqa: BLE001 - DNS, refused, timeouts, HTTP errors
+        raise UserError(f"{spec}: its weights ({url}) are neither cached nor reachable ({brief(exc, 80)}); {hint}",
+                        option="--encoder") from None
+
+
+def _openclip_tag_weights(model: str, tag: str) -> None:
+    """Preflight of ``openclip:MODEL:TAG``: its weights are in the cache or the Hub answers for them."""
+    import os
+
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+    hint = (f"or pass a local file: openclip:{model}:/path/to/open_clip_model.safetensors "
+            "(offline, fetch them once where the Hub is reachable)")
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])  # open_clip's form: "org/name/" or "org/name/file.bin"
+        names = (filename,) if filename else _OPENCLIP_HUB_WEIGHTS
+        if filename.endswith((".bin", ".pth")):
+            names = (filename[:-4] + ".safetensors", filename)
+        _hub_file(repo, names, f"openclip:{model}:{tag}", hint)
+    elif cfg.get("url"):
+        _url_reachable(cfg["url"], Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg["url"]),
+                       f"openclip:{model}:{tag}", hint)
+
+
+def _timm_hub_weights(name: str) -> None:
+    """Preflight of ``timm:MODEL[.TAG]`` with no file: its pretrained weights are cached or reachable."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hint = f"or give a local file (timm:{name}:/path/model.safetensors) or timm:{name}:random"
+    if cfg is None:
+        raise UserError(f"timm has no pretrained weights for {name}; give a local file (timm:{name}:/path/"
+                        f"model.safetensors) or timm:{name}:random", option="--encoder")
+    if getattr(cfg, "hf_hub_id", None):
+        names = (cfg.hf_hub_filename,) if getattr(cfg, "hf_hub_filename", None) else \
+            ("model.safetensors", "pytorch_model.bin")
+        _hub_file(cfg.hf_hub_id.split("@")[0], names, f"timm:{name}", hint)
+    elif getattr(cfg, "url", None):
+        _url_reachable(cfg.url, Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name, f"timm:{name}", hint)
+
+
 def _create_openclip(model_name: str, pretrained: str | None, image_size: int | None) -> tuple[Any, Any, str]:
-    """The whole open_clip model, its eval preprocessing, and where its weights came from."""
+    """The whole open_clip model, its eval preprocessing, and where its weights came from.
+
+    Every weights file passes our size-capped, tensors-only reader first, and a ``local-dir:`` or ``hf-hub:``
+    model must load its weights (open_clip would otherwise fall back to random init with a logged warning)."""
     import open_clip
 
     kwargs: dict[str, Any] = {}
@@ -197,6 +348,11 @@ def _create_openclip(model_name: str, pretrained: str | None, image_size: int | 
     scheme = model_name.startswith(("hf-hub:", "local-dir:"))
     if scheme:
         source = model_name  # open_clip reads the config and the weights from there
+        if model_name.startswith("local-dir:"):
+            read_state_dict(_local_dir_weights(Path(model_name[len("local-dir:"):])))
+        else:
+            read_state_dict(Path(_hub_weights(model_name[len("hf-hub:"):])))
+        kwargs["require_pretrained"] = True
     elif pretrained:
         if Path(pretrained).is_file():
             # Read by us first (size-capped, tensors only): a foreign pickle or a file of something else is a
@@ -209,9 +365,12 @@ def _create_openclip(model_name: str, pretrained: str | None, image_size: int | 
                             f"(tags: {tags})", option="--encoder")
         else:
             source = f"tag:{pretrained}"
+    root = logging.getLogger()
+    level = root.level
     try:
-        # open_clip logs a warning for random init; that is what the user asked for.
-        logging.getLogger().setLevel(logging.ERROR)
+        # open_clip logs a warning for random init (what the user asked for) and errors for downloads it then
+        # raises; the raised error is what the user reads, once.
+        root.setLevel(logging.CRITICAL)
         # Random init is seeded, so the encoder string alone fixes the weights:
         # a resumed run, a stage rerun, the text tower and a test all see the same model.
         with torch.random.fork_rng(devices=[]):
@@ -221,22 +380,37 @@ def _create_openclip(model_name: str, pretrained: str | None, image_size: int | 
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - download/IO errors have many types
+        if scheme and "state_dict" in str(exc):  # the weights read as tensors but are another model's
+            raise _not_fitting(model_name, "its config's model", exc) from None
         if scheme:
-            raise UserError(f"cannot load {model_name} ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+            raise UserError(f"cannot load {model_name} ({type(exc).__name__}: {brief(exc, 160)}); "
                             "hf-hub: needs the Hub or the model in the Hugging Face cache (HF_HUB_CACHE), local-dir: "
                             "a folder with open_clip_config.json and open_clip_model.safetensors",
                             option="--encoder") from None
         if Path(pretrained).is_file():
             raise _not_fitting(pretrained, model_name, exc) from None
         raise UserError(
-            f"cannot load weights {pretrained!r} for {model_name} ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:160]}); "
+            f"cannot load weights {pretrained!r} for {model_name} ({type(exc).__name__}: {brief(exc, 160)}); "
             f"offline, fetch them once where the Hub is reachable or pass a local file: "
             f"openclip:{model_name}:/path/to/open_clip_model.safetensors",
             option="--encoder",
         ) from None
+    finally:
+        root.setLevel(level)
     model.eval()
     return model, preprocess, source
+
+
+def _hub_weights(repo: str) -> str:
+    """The local path of an ``hf-hub:`` model's weights file (from the cache, else fetched)."""
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    try:
+        return download_pretrained_from_hf(repo)
+    except Exception as exc:  # noqa: BLE001 - offline, missing file and HTTP errors have many types
+        raise UserError(f"hf-hub:{repo} has no weights file in the Hugging Face cache or on the Hub "
+                        f"({', '.join(_OPENCLIP_HUB_WEIGHTS)}; {brief(exc, 100)}); hf-hub: needs the Hub or the model "
+                        "in the Hugging Face cache (HF_HUB_CACHE)", option="--encoder") from None
 
 
 def _openclip(model_name: str, pretrained: str | None, image_size: int | None) -> Encoder:
@@ -250,12 +424,25 @@ def _openclip(model_name: str, pretrained: str | None, image_size: int | None) -
         with torch.inference_mode():
             dim = int(tower(torch.zeros(1, 3, size, size)).shape[-1])
     except RuntimeError as exc:
-        raise UserError(f"{model_name} cannot take {size} px inputs ({str(exc).splitlines()[0][:120]})",
+        raise UserError(f"{model_name} cannot take {size} px inputs ({brief(exc, 120)})",
                         option="--image-size") from None
     meta = {"library": "open_clip", "version": open_clip.__version__, "model": model_name,
             "weights": source, "preprocess": repr(preprocess).replace("\n", " ")}
     return Encoder(f"openclip:{model_name}" + (f":{pretrained}" if pretrained else ""), tower, preprocess,
                    size, dim, meta)
+
+
+def names_weights(spec: str) -> bool:
+    """Whether the encoder string names weights to load (a file, a folder, a checkpoint, the Hub's), or a
+    torchvision net (whose input size only a forward pass checks): the preflight builds those once."""
+    enc = parse_encoder(spec)
+    if enc.kind == "pixels":
+        return False
+    if enc.kind in ("ssl", "torchvision"):
+        return True
+    if enc.kind == "openclip":
+        return bool(enc.pretrained) or enc.name.startswith(("hf-hub:", "local-dir:"))
+    return enc.pretrained != "random"
 
 
 def load_text_encoder(spec: str, image_size: int | None = None) -> tuple[Callable, Callable]:
@@ -286,15 +473,33 @@ def load_encoder(spec: str, image_size: int | None = None, prefix: str | None = 
     else:
         encoder = _ssl(enc.name, image_size)
     check_finite(encoder.module, spec)
+    check_preprocess(encoder, spec)
     return encoder
+
+
+def check_preprocess(encoder: Encoder, spec: str) -> None:
+    """The encoder's preprocessing runs on a picture (a config's zero std, say, fails here in one line naming
+    ``--encoder``, before any image is embedded, not in the embed stage's workers)."""
+    from PIL import Image
+
+    try:
+        out = encoder.preprocess(Image.new("RGB", (max(encoder.image_size, 8),) * 2, (128, 128, 128)))
+        ok = isinstance(out, torch.Tensor) and bool(torch.isfinite(out).all())
+    except Exception as exc:  # noqa: BLE001 - whatever a transform raises, the preprocessing is unusable
+        raise UserError(f"the preprocessing of {spec} fails on a picture ({type(exc).__name__}: {brief(exc, 120)})",
+                        option="--encoder") from None
+    if not ok:
+        raise UserError(f"the preprocessing of {spec} gives numbers that are not finite (a zero std?)",
+                        option="--encoder")
 
 
 def check_finite(module: torch.nn.Module, spec: str) -> None:
     """Weights holding NaN or inf (a run whose loss diverged) give no usable features: one line naming the
     first such tensor, before any image is embedded, rather than empty pairs further on."""
-    # Buffers may hold -inf by design (a causal attention mask); NaN in them (batch-norm statistics) is damage.
+    # Buffers may hold -inf by design (a causal attention mask); NaN or +inf in them (batch-norm statistics: an
+    # infinite running variance) is damage.
     checks = [(n, t, torch.isfinite) for n, t in module.named_parameters()] + \
-             [(n, t, lambda x: ~torch.isnan(x)) for n, t in module.named_buffers()]
+             [(n, t, lambda x: ~torch.isnan(x) & (x != float("inf"))) for n, t in module.named_buffers()]
     for name, tensor, fine in checks:
         if tensor.is_floating_point() and not bool(fine(tensor).all()):
             raise UserError(f"the weights of {spec} hold NaN or inf (first in {name}); they give no usable "
@@ -324,7 +529,7 @@ def _check_size(path: Path) -> None:
 def _not_fitting(path: str, model: str, exc: Exception) -> UserError:
     """A weights file that read as tensors but that the model's loader refused: the wrong architecture."""
     return UserError(f"the tensors of {path} do not fit {model} ({type(exc).__name__}: "
-                     f"{' '.join(str(exc).split())[:200]}); name the architecture the weights were saved from",
+                     f"{brief(exc, 200)}); name the architecture the weights were saved from",
                      option="--encoder")
 
 
@@ -383,10 +588,10 @@ def _timm(enc, image_size: int | None) -> Encoder:
 
     kwargs: dict[str, Any] = {"num_classes": 0}
     weights = enc.pretrained
+    state = None
     if weights not in (None, "random"):
-        read_state_dict(Path(weights))  # ours first: a foreign pickle or a file of something else is one line
-        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(weights))}
-    pretrained = weights != "random"
+        state = read_state_dict(Path(weights))  # ours: size-capped, tensors only, loaded strictly below
+    pretrained = weights is None  # the Hub's weights; a file is loaded by us, every tensor accounted for
     if image_size:
         kwargs["img_size"] = image_size
     try:
@@ -402,9 +607,11 @@ def _timm(enc, image_size: int | None) -> Encoder:
         if weights not in (None, "random"):
             raise _not_fitting(weights, f"timm's {enc.name}", exc) from None
         raise UserError(f"cannot load timm weights for {enc.name} from the Hub ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); offline, give a local file "
+                        f"{brief(exc, 160)}); offline, give a local file "
                         f"(timm:{enc.name}:/path/model.safetensors) or timm:{enc.name}:random",
                         option="--encoder") from None
+    if state is not None:
+        _load_timm_file(model, state, Path(weights), enc.name)
     model.eval()
     config = timm.data.resolve_data_config({}, model=model)
     if image_size:
@@ -421,12 +628,45 @@ def _timm(enc, image_size: int | None) -> Encoder:
     return Encoder(f"timm:{enc.name}" + (f":{weights}" if weights else ""), model, preprocess, size, dim, meta)
 
 
+def _load_timm_file(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    """Load a weights file into a timm backbone strictly: through the model's own checkpoint filter (which
+    converts original layouts and resizes position embeddings) when it has one, the classifier's tensors left
+    out (the backbone has none: ``num_classes=0``), and every other tensor of the model and of the file matched;
+    what is missing or left over is named, never loaded in part as timm's non-strict loading would."""
+    import sys
+
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception:  # noqa: BLE001 - a filter for another layout: the tensors are matched as they are
+            pass
+    state = {k: v for k, v in state.items() if not any(k == h or k.startswith(h + ".") for h in heads)}
+    wanted = model.state_dict()
+    missing = [k for k in wanted if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in wanted]
+    shapes = [k for k in wanted if k in state and state[k].shape != wanted[k].shape]
+    if missing or unexpected or shapes:
+        raise UserError(f"{path} does not fit timm's {name}: " + _key_problems(missing, unexpected, shapes)
+                        + "; name the architecture the weights were saved from", option="--encoder")
+    model.load_state_dict(state, strict=False)
+
+
+def _key_problems(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    parts = [f"{len(missing)} weights missing ({', '.join(missing[:4])})" if missing else "",
+             f"{len(unexpected)} keys unmatched ({', '.join(unexpected[:4])})" if unexpected else "",
+             f"{len(shapes)} of other shape ({', '.join(shapes[:3])})" if shapes else ""]
+    return "; ".join(p for p in parts if p)
+
+
 def _feature_dim(module: torch.nn.Module, size: int, name: str) -> int:
     try:
         with torch.inference_mode():
             out = module(torch.zeros(1, 3, size, size))
-    except RuntimeError as exc:
-        raise UserError(f"{name} cannot take {size} px inputs ({str(exc).splitlines()[0][:120]})",
+    except (RuntimeError, AssertionError, ValueError) as exc:  # torchvision's ViT asserts its input size
+        raise UserError(f"{name} cannot take {size} px inputs ({brief(exc, 120)})",
                         option="--image-size") from None
     return int(out.reshape(1, -1).shape[-1])
 
@@ -465,8 +705,8 @@ def _torchvision(enc, image_size: int | None, prefix: str | None) -> Encoder:
     if enc.pretrained != "random":
         path = Path(enc.pretrained)
         weights = read_state_dict(path)
-        used = prefix if prefix is not None else _best_prefix(weights, wanted)
-        if used is None:
+        used, covered = (prefix, None) if prefix is not None else _best_prefix(weights, wanted)
+        if covered == 0:
             raise UserError(f"{path}: no key prefix maps its tensors onto {enc.name} (tried "
                             f"{', '.join(repr(p) for p in KNOWN_PREFIXES if p)}; first keys: "
                             f"{', '.join(list(weights)[:3])}); give --encoder-prefix", option="--encoder-prefix")
@@ -476,11 +716,9 @@ def _torchvision(enc, image_size: int | None, prefix: str | None) -> Encoder:
         unexpected = [k for k in mine if k not in wanted and k not in dropped_head]
         shapes = [k for k in wanted if k in mine and mine[k].shape != wanted[k].shape]
         if missing or unexpected or shapes:
-            parts = [f"{len(missing)} weights missing ({', '.join(missing[:4])})" if missing else "",
-                     f"{len(unexpected)} keys unmatched ({', '.join(unexpected[:4])})" if unexpected else "",
-                     f"{len(shapes)} of other shape ({', '.join(shapes[:3])})" if shapes else ""]
-            raise UserError(f"{path} does not fit {enc.name} under prefix {used!r}: "
-                            + "; ".join(p for p in parts if p), option="--encoder")
+            how = "given" if prefix is not None else "the best of the known prefixes"
+            raise UserError(f"{path} does not fit {enc.name} under prefix {used!r} ({how}): "
+                            + _key_problems(missing, unexpected, shapes), option="--encoder")
         model.load_state_dict({k: v for k, v in mine.items() if k in wanted}, strict=False)
         source = f"file:{path.name}"
     model.eval()
@@ -495,14 +733,19 @@ def _torchvision(enc, image_size: int | None, prefix: str | None) -> Encoder:
     return Encoder(f"torchvision:{enc.name}:{enc.pretrained}", module, preprocess, size, dim, meta)
 
 
-def _best_prefix(weights: dict[str, torch.Tensor], wanted: dict[str, torch.Tensor]) -> str | None:
-    """The known prefix under which the checkpoint's keys cover every weight of the backbone."""
+def _best_prefix(weights: dict[str, torch.Tensor], wanted: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """The known prefix under which the checkpoint's keys cover the most weights of the backbone (the first in
+    :data:`KNOWN_PREFIXES` order among equals), and how many it covers: all of them for a checkpoint that fits,
+    fewer for one that lacks layers (the caller names what is missing), 0 when no prefix maps any."""
     need = {k for k in wanted if not k.endswith("num_batches_tracked")}
+    best, most = "", 0
     for prefix in KNOWN_PREFIXES:
-        have = {k[len(prefix):] for k in weights if k.startswith(prefix)}
-        if need <= have:
-            return prefix
-    return None
+        covered = len(need & {k[len(prefix):] for k in weights if k.startswith(prefix)})
+        if covered == len(need):
+            return prefix, covered
+        if covered > most:
+            best, most = prefix, covered
+    return best, most
 
 
 def _ssl(path: str, image_size: int | None) -> Encoder:

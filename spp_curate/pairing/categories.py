@@ -34,11 +34,25 @@ class Categories:
         return [np.flatnonzero(usable & (self.ids == c)) for c in np.unique(self.ids[usable])]
 
 
+#: A class-names file is read up to this size (ImageNet-21k's 21,841 names take about 400 KB).
+MAX_CLASS_NAMES_BYTES = 16 * 2**20
+
+
 def read_class_names_file(path: str) -> list[str]:
+    """One class name per line, UTF-8; a one-line error naming ``--class-names`` for anything else (the build's
+    preflight reads it, so a wrong file fails before the index and embed stages run)."""
+    from ..files import read_capped
+
     try:
-        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+        text = read_capped(path, MAX_CLASS_NAMES_BYTES, str(path)).decode("utf-8")
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}", option="--class-names") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                        "give one class name per line", option="--class-names") from None
+    except ValueError as exc:  # over the size limit
+        raise UserError(str(exc), option="--class-names") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise UserError(f"{path} holds no class names (one per line)", option="--class-names")
     return names

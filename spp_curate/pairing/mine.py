@@ -28,7 +28,7 @@ from . import filters as F
 from .categories import Categories, assign_categories, read_class_names_file
 from .knn import SearchPlan, ivf_recall, knn_search, plan_search
 from .thresholds import resolve_thresholds, threshold_curve
-from .whiten import embedding_identity, fit_whitening, stored_whitening
+from .whiten import check_fits, embedding_identity, fit_whitening, stored_whitening
 
 PAIRS_SCHEMA = pa.schema([
     ("pair_id", pa.int64()), ("anchor_id", pa.int64()), ("positive_id", pa.int64()),
@@ -242,6 +242,9 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     # with --whiten keep the one this build stored before.
     identity = embedding_identity(json.loads((build_dir / layout.EMBEDDINGS_META).read_text()))
     whitening = (stored_whitening(build_dir / WHITENING, d, identity) if recipe.whiten == "keep" else None)
+    if whitening is not None and (why := check_fits(whitening, vecs, valid)):
+        raise UserError(f"keep: the build's {WHITENING} cannot be applied to its embeddings ({why}); give pca to fit "
+                        "a new scale", option="--whiten")
     if whitening is None:
         whitening = fit_whitening(vecs, valid, recipe.whiten, recipe.seed)
         whitening.fitted_on = identity

@@ -103,6 +103,7 @@ class Whitening:
             raise ValueError("not a regular file")
         if path.stat().st_size > MAX_STORED_BYTES:
             raise ValueError(f"over {MAX_STORED_BYTES // 2**20} MiB")
+        _check_headers(path)  # what each array expands to, from its header, before any is read
         try:
             with np.load(path, allow_pickle=False) as z:
                 kind, mean, projection = str(z["kind"]), z["mean"], z["projection"]
@@ -113,10 +114,80 @@ class Whitening:
             raise ValueError("not a transform this program wrote")
         if projection.size and projection.shape[0] != mean.shape[0]:
             raise ValueError("its projection does not fit its mean")
+        if mean.dtype.kind not in "fiu" or projection.dtype.kind not in "fiu":
+            raise ValueError(f"its arrays hold {mean.dtype} and {projection.dtype}, not numbers")
         if not (np.isfinite(mean).all() and np.isfinite(projection).all()):
             raise ValueError("it holds numbers that are not finite")
         return Whitening(kind, mean.astype(np.float32), projection.astype(np.float32) if projection.size else None,
                          fitted_on)
+
+
+def _check_headers(path: Path) -> None:
+    """Each array of a stored ``.npz``: numbers of a plain dtype (or the short strings ``kind`` and ``fitted_on``)
+    whose shape, as its header states it, fits :data:`MAX_STORED_BYTES`; read from the headers alone, so a
+    header claiming a (768, 2**24) array is refused before 48 GiB are asked for."""
+    from numpy.lib import format as npformat
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                with zf.open(info) as fh:
+                    version = npformat.read_magic(fh)
+                    shape, _, dtype = (npformat.read_array_header_1_0(fh) if version == (1, 0)
+                                       else npformat.read_array_header_2_0(fh))
+                if dtype.hasobject or dtype.kind not in "fiuU":
+                    raise ValueError(f"{info.filename} holds {dtype}, not numbers")
+                if int(np.prod(shape, dtype=object)) * max(dtype.itemsize, 1) > MAX_STORED_BYTES:
+                    raise ValueError(f"{info.filename} claims shape {tuple(shape)}, over "
+                                     f"{MAX_STORED_BYTES // 2**20} MiB")
+    except (OSError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"not a transform this program wrote ({type(exc).__name__})") from None
+
+
+#: A kept transform may shrink the embeddings' rank at most by this factor (a fitted ``pca`` keeps it), and may
+#: move their mean by at most this many of their spreads: beyond either, cosines collapse (one direction left).
+MIN_RANK_SHARE = 0.5
+MAX_MEAN_OFFSET = 10.0
+CHECK_ROWS = 4096
+
+
+def check_fits(whitening: Whitening, vecs: np.ndarray, valid: np.ndarray) -> str | None:
+    """Why ``whitening`` would collapse these embeddings' similarities, or None when it keeps them apart: on a
+    sample of the valid rows, its output must be finite and non-zero, keep at least :data:`MIN_RANK_SHARE` of
+    their rank (up to its own width), and its mean may not sit :data:`MAX_MEAN_OFFSET` spreads off theirs."""
+    rows = np.flatnonzero(valid)
+    if len(rows) < 3 or whitening.kind == "none":
+        return None
+    if len(rows) > CHECK_ROWS:
+        rows = np.sort(np.random.default_rng(0).choice(rows, CHECK_ROWS, replace=False))
+    x = np.asarray(vecs[rows], dtype=np.float64)
+    centre = x.mean(axis=0)
+    spread = float(np.sqrt(np.mean(np.sum((x - centre) ** 2, axis=1))))
+    offset = float(np.linalg.norm(centre - whitening.mean.astype(np.float64)))
+    if offset > MAX_MEAN_OFFSET * max(spread, 1e-12):
+        return (f"its mean lies {offset:.3g} from these embeddings' mean, {offset / max(spread, 1e-12):.3g} times "
+                "their spread: every similarity would come out near one value")
+    with np.errstate(all="ignore"):  # in float32, as apply() computes it
+        y = x.astype(np.float32) - whitening.mean
+        if whitening.projection is not None:
+            y = y @ whitening.projection
+        finite = bool(np.isfinite(y).all() and np.isfinite(np.linalg.norm(y, axis=1)).all())
+        y = y.astype(np.float64)
+    if not finite:
+        return "it overflows on these embeddings (numbers too large)"
+    norms = np.linalg.norm(y, axis=1)
+    if not (norms > 1e-12 * max(1.0, float(norms.max(initial=0.0)))).mean() > 0.99 or not norms.max(initial=0) > 0:
+        return "it maps these embeddings to zero"
+    def rank(a: np.ndarray) -> int:
+        s = np.linalg.svd(a - a.mean(axis=0), compute_uv=False)
+        return int((s > s.max(initial=0.0) * 1e-6).sum()) if len(s) else 0
+    have = rank(x)
+    need = int(MIN_RANK_SHARE * min(have, y.shape[1]))
+    got = rank(y)
+    if got < max(1, need):
+        return (f"it leaves rank {got} of these embeddings' {have} (at most {y.shape[1]} kept): their similarities "
+                "would collapse")
+    return None
 
 
 def stored_whitening(path: Path, d: int, identity: str) -> Whitening | None:

@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import layout
-from ..errors import UserError
+from ..errors import UserError, brief
 from ..files import read_json
 from ..images import BadImage, load_image
 from . import estimate as E
@@ -63,7 +63,7 @@ class Build:
             if not isinstance(self.stats, dict):
                 raise ValueError(f"{layout.MINE_STATS} holds no mapping")
         except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
-            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            first = brief(exc, 160)
             raise UserError(f"{build_dir} is not a complete build ({type(exc).__name__}: {first}); run "
                             "`spp-curate build` on it again", option="DIR") from None
         self.keys = dict(zip(index.id.tolist(), index.key.tolist()))

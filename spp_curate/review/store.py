@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import layout
-from ..errors import UserError
+from ..errors import UserError, brief
 from ..files import write_table
 
 DECISIONS = ("accept", "reject", "skip")
@@ -58,7 +58,7 @@ def _read(path: Path) -> pa.Table:
                              else pa.nulls(table.num_rows, typ))
         return pa.table(columns, schema=SCHEMA)
     except (OSError, ValueError, TypeError, pa.ArrowException) as exc:
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        first = brief(exc, 160)
         raise UserError(f"{path} is damaged ({first}); move it aside to review afresh, or restore it "
                         "(nothing here removes it)", option="DIR") from None
 

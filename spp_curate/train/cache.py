@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from ..devices import auto_workers
 from ..engine.local import LocalEngine
-from ..errors import UserError
+from ..errors import UserError, brief
 from ..images import BadImage, read_bytes, square_pixels
 from ..progress import stage_progress
 
@@ -309,7 +309,7 @@ def stream_rows(name: str) -> Iterator[dict[str, Any]]:
             rows = rows.cast_column(column, datasets.Image(decode=False))
         yield from rows
     except Exception as exc:  # noqa: BLE001 - unreachable hub, missing files
-        raise UserError(f"cannot read pairs from {name}: {str(exc).splitlines()[0][:200]}",
+        raise UserError(f"cannot read pairs from {name}: {brief(exc, 200)}",
                         option="--pairs") from None
 
 

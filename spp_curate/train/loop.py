@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoint import CHECKPOINT, MAX_IMAGE_SIZE, load_checkpoint
 from ..devices import autocast_for, default_device
-from ..errors import UserError
+from ..errors import UserError, brief
 from ..files import BuildLock, atomic_path
 from ..progress import console, stage_progress
 from ..backbones import BACKBONES, build_backbone
@@ -233,7 +233,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, 
             scheduler.load_state_dict(ckpt["scheduler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise UserError(f"{ckpt_path} is damaged: its state does not fit this run "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                            f"({type(exc).__name__}: {brief(exc, 120)}); "
                             "start again with --force", option="--resume") from None
         start, history = ckpt["epoch"], list(ckpt["history"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from ...errors import KeyRefused, UserError
+from ...errors import KeyRefused, UserError, brief
 from .base import Source, register, row_of, state_hash
 
 
@@ -63,7 +63,7 @@ class HFSource(Source):
         except Exception as exc:  # noqa: BLE001 - missing, offline, or not a dataset
             if _saved_without_rows(name):
                 raise UserError(f"{name} holds no rows", option="--source") from None
-            raise UserError(f"cannot open Hugging Face dataset {name!r}: {str(exc).splitlines()[0][:200]}",
+            raise UserError(f"cannot open Hugging Face dataset {name!r}: {brief(exc, 200)}",
                             option="--source") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
