@@ -93,7 +93,15 @@ def review_lines(review: dict[str, Any] | None) -> list[str]:
             f"{len(review['reviewers'])} reviewer(s): {review['accepted']:,} accepted, {review['rejected']:,} "
             f"rejected; {agreement}. This release holds {held}: {review['pairs_released']:,} pairs"
             + (f" (labels agree on {precision:.4f} of them)." if precision is not None else "."), "",
-            *estimate_lines(review.get("precision_estimate"))]
+            *estimate_lines(review.get("precision_estimate")), *shipped_lines(review.get("precision_shipped"))]
+
+
+def shipped_lines(shipped: dict[str, Any] | None) -> list[str]:
+    """The precision of the pairs this release ships, as the reviews tell it (what the trainer weights by)."""
+    if not shipped or shipped.get("value") is None:
+        return []
+    return [f"**Precision of the {shipped['pairs']:,} shipped pairs: {shipped['value']:.3f}** ({shipped['judged']:,} "
+            f"of them judged by hand; {shipped['method']}).", ""]
 
 
 def estimate_lines(est: dict[str, Any] | None) -> list[str]:
@@ -102,7 +110,7 @@ def estimate_lines(est: dict[str, Any] | None) -> list[str]:
         return []
     kappa = (f"; Cohen's kappa {est['kappa']:.2f} on the {est['pairs_judged_by_two']:,} pairs two of them judged"
              if est.get("kappa") is not None else "")
-    return [f"**Pair precision estimated by review: {est['value']:.3f}** ({est['confidence']:.0%} interval "
+    return [f"**Precision of the mined pairs, estimated by review: {est['value']:.3f}** ({est['confidence']:.0%} interval "
             f"{est['low']:.3f}-{est['high']:.3f}), from {est['pairs_reviewed']:,} pairs reviewed at random "
             f"by {', '.join(est['reviewers'])} on {est.get('date', 'the date of export')}; method: {est['method']}"
             f"{kappa}.", ""]

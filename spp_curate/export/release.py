@@ -184,8 +184,7 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         "anchor_digest": a.digest.to_numpy(), "positive_digest": p.digest.to_numpy(),
         "label": pairs.label.to_numpy(), "label_name": pairs.label_name.to_numpy(),
         "similarity": pairs.similarity.to_numpy()})
-    mined = table.similarity.to_numpy(dtype=np.float64)
-    table, review = reviewed_pairs(recipe, build_dir, table, pairs)
+    table, review, expected = reviewed_pairs(recipe, build_dir, table, pairs)
     metrics_path = build_dir / layout.METRICS
     grid = build_dir / layout.REPORT / layout.STRONGEST_GRID
     return ReleaseInput(
@@ -195,42 +194,59 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         metrics=read_json(metrics_path) if metrics_path.exists() else None,
         figure=grid if grid.exists() else None, review=review,
         index_keys=index[["key", "digest"]].reset_index(drop=True), snapshot=build_dir / layout.RELEASED_INDEX,
-        pair_trust=band_trust(table, pairs, mined, review))
+        pair_trust=band_trust(table, pairs, expected))
 
 
-def band_trust(table: pd.DataFrame, pairs: pd.DataFrame, mined: np.ndarray,
-               review: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The released pairs' precision by similarity band: from the reviewed sample's estimate when there is one
-    (its bands are those of the mined pairs, ``mined`` their similarities), else from the labels of the pairs
-    ``table`` holds (both labels known)."""
-    from ..review.estimate import bands_from_estimate, bands_from_labels
+def band_trust(table: pd.DataFrame, pairs: pd.DataFrame, expected: np.ndarray | None) -> dict[str, Any] | None:
+    """The released pairs' precision by similarity band (bands cut on the released pairs' similarities): from
+    the reviews when they give one (``expected``: each released pair's chance of being right), else from the
+    labels of the pairs ``table`` holds (both labels known)."""
+    from ..review.estimate import bands_from_expected, bands_from_labels
 
-    estimate = (review or {}).get("precision_estimate")
-    if estimate:
-        return bands_from_estimate(mined, estimate)
+    if expected is not None:
+        return bands_from_expected(table.similarity.to_numpy(dtype=np.float64), expected)
     rows = pairs.set_index("pair_id").loc[table.pair_id]
     labelled = ((rows.label >= 0) & (rows.positive_label >= 0)).to_numpy()
     return bands_from_labels(table.similarity.to_numpy(dtype=np.float64),
                              (rows.label == rows.positive_label).to_numpy(), labelled)
 
 
-def reviewed_pairs(recipe: Recipe, build_dir: Path, table: pd.DataFrame,
-                   pairs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any] | None]:
-    """The pairs ``recipe.reviewed`` keeps, and the review's summary (None when nobody reviewed and all are kept)."""
+def reviewed_pairs(recipe: Recipe, build_dir: Path, table: pd.DataFrame, pairs: pd.DataFrame
+                   ) -> tuple[pd.DataFrame, dict[str, Any] | None, np.ndarray | None]:
+    """The pairs ``recipe.reviewed`` keeps, the review's summary (None when nobody reviewed and all are kept),
+    and each kept pair's chance of being right as the reviews tell it (None where they tell nothing).
+
+    The random sample's estimate describes the *mined* pairs; a release of the accepted pairs alone (or of all
+    but the rejected) ships another set, so its precision is recomputed for the pairs it ships: a pair a
+    reviewer accepted counts 1, one rejected 0, and an unjudged one its similarity band's estimate from the
+    sample (``review.precision_shipped``, which the trainer reads first)."""
+    from ..review.estimate import expected_correct
+    from ..review.store import pair_key
+
     reviews = read_reviews(build_dir)
     if recipe.reviewed == "all" and not len(reviews):
-        return table, None
+        return table, None, None
     chosen, review = apply_reviews(table, reviews, recipe.reviewed)
+    mined = pd.DataFrame({"key": pair_key(table.anchor_key, table.positive_key),
+                          "similarity": table.similarity.to_numpy(dtype=np.float64)})
     if "sample" in reviews and reviews["sample"].fillna(False).astype(bool).any():
         from ..review.estimate import estimate_precision
-        from ..review.store import pair_key
 
-        mined = pd.DataFrame({"key": pair_key(table.anchor_key, table.positive_key),
-                              "similarity": table.similarity.to_numpy(dtype=np.float64)})
         est = estimate_precision(mined, reviews).as_dict()
         sample = reviews[reviews["sample"].fillna(False).astype(bool)]
         est["date"] = str(pd.Timestamp(sample.time.max()).date())
         review["precision_estimate"] = est
+    kept = table.index.get_indexer(chosen.index)
+    expected = expected_correct(mined, reviews, review.get("precision_estimate"))
+    expected = None if expected is None else expected[kept]
+    if expected is not None and np.isnan(expected).any():
+        expected = None  # unjudged pairs and no sample to estimate them by: the reviews do not tell
+    if expected is not None:
+        review["precision_shipped"] = {
+            "value": float(expected.mean()) if len(expected) else None, "pairs": int(len(expected)),
+            "judged": int(np.isin(expected, (0.0, 1.0)).sum()),
+            "method": "each shipped pair a reviewer accepted counts 1, one rejected 0, an unjudged one the "
+                      "reviewed sample's estimate for its similarity band"}
     if not len(chosen):
         raise UserError(f"no pair is {recipe.reviewed} by the reviews ({review['pairs_reviewed']:,} reviewed, "
                         f"{review['accepted']:,} accepted, {review['rejected']:,} rejected); review with "
@@ -240,7 +256,7 @@ def reviewed_pairs(recipe: Recipe, build_dir: Path, table: pd.DataFrame,
     review["pairs_released"] = len(chosen)
     review["precision_released"] = (float((rows.label == rows.positive_label)[labelled].mean())
                                     if labelled.any() else None)
-    return chosen.reset_index(drop=True), review
+    return chosen.reset_index(drop=True), review, expected
 
 
 def _already_released(final: Path, plan: dict[str, Any], index_keys: pd.DataFrame | None,
@@ -263,6 +279,21 @@ def _already_released(final: Path, plan: dict[str, Any], index_keys: pd.DataFram
     return manifest.get("counts")
 
 
+def statement_digest(inp: ReleaseInput) -> str:
+    """A digest of what a release says beside its shards: review, trust, metrics, counts, classes, figure."""
+    import json
+
+    figure = sha256_bytes(inp.figure.read_bytes()) if inp.figure is not None and inp.figure.is_file() else None
+    said = {"review": inp.review, "pair_trust": inp.pair_trust, "metrics": inp.metrics, "counts": inp.counts,
+            "class_names": inp.class_names, "figure": figure}
+    return sha256_bytes(json.dumps(said, sort_keys=True, default=str).encode())
+
+
+def _shard_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """The part of a plan the shards depend on (a new statement alone keeps the shards a killed export wrote)."""
+    return {k: v for k, v in plan.items() if k != "statement_sha256"} if isinstance(plan, dict) else plan
+
+
 def _staging(release: Path, plan: dict[str, Any], option: str) -> Path:
     """The folder the new release is written in: resumed when it holds this plan's shards, else begun anew.
 
@@ -274,7 +305,7 @@ def _staging(release: Path, plan: dict[str, Any], option: str) -> Path:
     plan_file = staging / layout.EXPORT_PLAN
     if staging.exists():
         try:
-            same = plan_file.is_file() and read_json(plan_file) == plan
+            same = plan_file.is_file() and _shard_plan(read_json(plan_file)) == _shard_plan(plan)
         except ValueError:
             same = False
         if not same:
@@ -307,7 +338,9 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
     n = len(shards)
 
     plan = {"fingerprint": recipe.fingerprint("export"), "shards": n, "image_ext": ext, "pairs": len(pairs),
-            "pair_ids_sha256": sha256_bytes(pairs.pair_id.to_numpy(dtype=np.int64).tobytes())}
+            "pair_ids_sha256": sha256_bytes(pairs.pair_id.to_numpy(dtype=np.int64).tobytes()),
+            # everything else the card and the manifest state: a new review decision is a new release
+            "statement_sha256": statement_digest(inp)}
     done = None if again else _already_released(final, plan, inp.index_keys, option)
     if done is not None:
         if inp.snapshot is not None and inp.index_keys is not None:

@@ -150,16 +150,33 @@ class Judgements:
     row_band: np.ndarray  # per judged pair
     row_similarity: np.ndarray  # per judged pair
     good: np.ndarray  # per judged pair: accepted by the consensus
+    #: per judged pair: the inverse of its chance of being drawn, from the band it was drawn in (equal within a
+    #: band while the pairs are those the sample was drawn from; unequal once they were mined again)
+    row_weight: np.ndarray | None = None
 
     @property
     def shares(self) -> np.ndarray:
         return np.bincount(self.band, minlength=N_BANDS) / max(len(self.band), 1)
 
     def counts(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(accepted, judged)`` per band, over the judged pairs ``rows`` selects (all by default)."""
+        """``(accepted, judged)`` per band, over the judged pairs ``rows`` selects (all by default); accepted is
+        the judged count times the band's share accepted, each judgement weighted by :attr:`row_weight` (a
+        whole number when the weights are equal)."""
         rows = np.ones(len(self.good), bool) if rows is None else rows
-        return (np.bincount(self.row_band[rows & self.good], minlength=N_BANDS),
-                np.bincount(self.row_band[rows], minlength=N_BANDS))
+        judged = np.bincount(self.row_band[rows], minlength=N_BANDS)
+        w = np.ones(len(self.good)) if self.row_weight is None else self.row_weight
+        total = np.bincount(self.row_band[rows], weights=w[rows], minlength=N_BANDS)
+        good = np.bincount(self.row_band[rows & self.good], weights=w[rows & self.good], minlength=N_BANDS)
+        share = np.divide(good, total, out=np.zeros(N_BANDS), where=total > 0)
+        accepted = share * judged
+        rounded = np.round(accepted)
+        return (rounded.astype(np.int64) if np.allclose(accepted, rounded, atol=1e-9) else accepted), judged
+
+    def band_weights(self) -> np.ndarray:
+        """Each judged pair's weight within its (current) band, the band's weights summing to its share."""
+        w = np.ones(len(self.good)) if self.row_weight is None else self.row_weight
+        total = np.bincount(self.row_band, weights=w, minlength=N_BANDS)
+        return self.shares[self.row_band] * w / total[self.row_band]
 
 
 def judgements(pairs: pd.DataFrame, reviews: pd.DataFrame) -> Judgements:
@@ -173,8 +190,34 @@ def judgements(pairs: pd.DataFrame, reviews: pd.DataFrame) -> Judgements:
     last = _judged(reviews, facts)
     verdict = store.consensus(last)
     rows = [facts[k] for k in verdict.index]
-    return Judgements(band, sims, last, np.asarray([b for b, _ in rows], dtype=np.int64),
-                      np.asarray([x for _, x in rows], dtype=np.float64), (verdict == "accepted").to_numpy(bool))
+    row_band = np.asarray([b for b, _ in rows], dtype=np.int64)
+    return Judgements(band, sims, last, row_band, np.asarray([x for _, x in rows], dtype=np.float64),
+                      (verdict == "accepted").to_numpy(bool), draw_weights(reviews, verdict.index))
+
+
+def draw_weights(reviews: pd.DataFrame, judged: pd.Index) -> np.ndarray | None:
+    """The inverse chance of each judged pair (``judged``: unordered keys) of having been drawn: the sample
+    allocates equally over the bands *of the pairs it was drawn from* (each decision stores that band), so a
+    pair drawn in band ``b`` stood for ``share_b / n_b`` of those pairs, ``n_b`` the sample pairs drawn in ``b``.
+    Once the pairs are mined again their bands move, and a new band's judged pairs come from old bands with
+    unequal odds: weighting each by its draw keeps the estimate unbiased (Horvitz-Thompson within each new
+    band). None when decisions carry no band (every judgement then counts alike)."""
+    from . import store
+
+    if "band" not in reviews or not len(judged):
+        return None
+    sample = reviews[reviews["sample"].fillna(False).astype(bool) & (reviews.decision != "skip")]
+    keys = store.pair_key(sample.anchor_key, sample.positive_key)
+    drawn = pd.Series(pd.to_numeric(sample.band, errors="coerce").to_numpy(), index=keys)
+    drawn = drawn[~drawn.index.duplicated(keep="first")].dropna()
+    drawn = drawn[(drawn >= 0) & (drawn < N_BANDS)].astype(np.int64)
+    share = np.diff(np.asarray(BAND_EDGES))
+    per_band = np.bincount(drawn.to_numpy(), minlength=N_BANDS)
+    bands = drawn.reindex(judged).to_numpy()
+    if np.isnan(bands.astype(np.float64)).any():
+        return None
+    bands = bands.astype(np.int64)
+    return share[bands] / per_band[bands]
 
 
 def estimate_precision(pairs: pd.DataFrame, reviews: pd.DataFrame, confidence: float = 0.95) -> Estimate:
@@ -199,7 +242,8 @@ def estimate_precision(pairs: pd.DataFrame, reviews: pd.DataFrame, confidence: f
         if best is not None and len(best[2]):
             both = len(best[2])
             kappa = cohen_kappa(best[2][best[0]] == "accept", best[2][best[1]] == "accept")
-    per_band = [{"band": h, "share": float(shares[h]), "judged": int(judged[h]), "accepted": int(accepted[h])}
+    per_band = [{"band": h, "share": float(shares[h]), "judged": int(judged[h]),
+                 "accepted": int(accepted[h]) if float(accepted[h]).is_integer() else round(float(accepted[h]), 4)}
                 for h in range(N_BANDS)]
     return Estimate(p, low, high, confidence, int(judged.sum()), per_band, reviewers=reviewers, kappa=kappa,
                     pairs_judged_by_two=both)
@@ -229,7 +273,7 @@ def precision_threshold(pairs: pd.DataFrame, reviews: pd.DataFrame, target: floa
     accepted, judged = j.counts()
     if not len(j.good) or stratified_interval(shares, accepted, judged)[0] is None:
         return {"value": None, "reviewed": int(len(j.good)), "target": target}
-    weight = shares[j.row_band] / judged[j.row_band]
+    weight = j.band_weights()  # shares[band] / judged[band] while the pairs are those the sample was drawn from
     order = np.argsort(-j.row_similarity, kind="stable")
     sims = j.row_similarity[order]
     good = j.good[order]
@@ -267,24 +311,42 @@ def bands_from_labels(similarity: np.ndarray, agree: np.ndarray, labelled: np.nd
                        "precision": float(accepted[h] / judged[h]) if judged[h] else None} for h in range(N_BANDS)]}
 
 
-def bands_from_estimate(similarity: np.ndarray, estimate: dict[str, Any]) -> dict[str, Any] | None:
-    """The precision of each similarity band from the reviewed sample (:func:`estimate_precision` of the pairs
-    whose ``similarity`` is given, as a dict): each band's share accepted, taken as ``(a + 1/2) / (n + 1)`` as the
-    interval takes it, so that a band judged all good or all bad is not read as certain. None without an
-    estimate."""
-    similarity = np.asarray(similarity, dtype=np.float64)
-    if not len(similarity) or not np.isfinite(similarity).all() or estimate.get("value") is None:
+def expected_correct(pairs: pd.DataFrame, reviews: pd.DataFrame, estimate: dict[str, Any] | None) -> np.ndarray | None:
+    """Each of ``pairs``' (columns ``key``, ``similarity``) chance of being right as the reviews tell it: 1 where
+    the reviewers' consensus accepted it, 0 where it rejected it, else its similarity band's share accepted in
+    the reviewed sample (``estimate``: :func:`estimate_precision` of these pairs, as a dict), taken as
+    ``(a + 1/2) / (n + 1)`` as the interval takes it; NaN where neither tells. None without any review."""
+    from . import store
+
+    if not len(reviews):
+        return None
+    verdict = store.consensus(store.last_decisions(reviews))
+    state = pd.Series(pairs.key.to_numpy()).map(verdict).fillna("unreviewed").to_numpy()
+    out = np.full(len(pairs), np.nan)
+    if estimate and estimate.get("value") is not None and len(estimate.get("bands") or []) == N_BANDS:
+        band = bands_of(pairs.similarity.to_numpy())
+        share = np.asarray([(float(b["accepted"]) + 0.5) / (float(b["judged"]) + 1.0) if b["judged"] else np.nan
+                            for b in estimate["bands"]])
+        out = share[band]
+    out[state == "accepted"] = 1.0
+    out[state == "rejected"] = 0.0
+    return out
+
+
+def bands_from_expected(similarity: np.ndarray, expected: np.ndarray) -> dict[str, Any] | None:
+    """The precision of each similarity band of these pairs from each pair's chance of being right
+    (:func:`expected_correct`), bands cut on these pairs' similarities: what ``train --partner-trust
+    similarity`` weights each shipped pair by."""
+    similarity, expected = np.asarray(similarity, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    if not len(similarity) or not np.isfinite(similarity).all() or not np.isfinite(expected).all():
         return None
     band = bands_of(similarity)
     pairs = np.bincount(band, minlength=N_BANDS)
-    rows = []
-    for h, entry in enumerate(estimate.get("bands") or []):
-        judged, accepted = int(entry["judged"]), int(entry["accepted"])
-        rows.append({"pairs": int(pairs[h]), "judged": judged,
-                     "precision": (accepted + 0.5) / (judged + 1.0) if judged else None})
-    if len(rows) != N_BANDS:
-        return None
-    return {"source": "reviewed sample", "cuts": _cuts(similarity), "bands": rows}
+    judged = np.bincount(band[np.isin(expected, (0.0, 1.0))], minlength=N_BANDS)  # band estimates lie inside
+    total = np.bincount(band, weights=expected, minlength=N_BANDS)
+    return {"source": "reviewed sample", "cuts": _cuts(similarity),
+            "bands": [{"pairs": int(pairs[h]), "judged": int(judged[h]),
+                       "precision": float(total[h] / pairs[h]) if pairs[h] else None} for h in range(N_BANDS)]}
 
 
 def checked_band_trust(value: Any) -> dict[str, Any] | None:

@@ -2,8 +2,10 @@
 
 A semantic positive helps when the partner truly shows the anchor's category
 and hurts when it does not (arXiv 2306.16122 stresses accurate pairs). The
-trainer reads the release's pair precision, from the reviewed random sample's
-estimate (``review.precision_estimate``) when there is one, else from the
+trainer reads the release's pair precision, from the reviews of the pairs it
+ships (``review.precision_shipped``: accepted pairs count 1, the others their
+band's estimate) or the reviewed random sample's estimate
+(``review.precision_estimate``) when there is one, else from the
 labels (``metrics.precision``), and weights every partner term by the
 precision *above chance*:
 
@@ -160,7 +162,10 @@ def release_trust(release: str, given: float | None, mode: str = "release") -> T
         review = extra.get("review") if isinstance(extra.get("review"), dict) else {}
         metrics = extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {}
         estimate = review.get("precision_estimate") if isinstance(review.get("precision_estimate"), dict) else {}
-        for value, name in ((estimate.get("value"), "reviewed sample"), (review.get("precision_released"), "labels"),
+        shipped = review.get("precision_shipped") if isinstance(review.get("precision_shipped"), dict) else {}
+        # the shipped pairs' precision first (a release of the accepted pairs is not the mined pairs' sample)
+        for value, name in ((shipped.get("value"), "reviews of the shipped pairs"),
+                            (estimate.get("value"), "reviewed sample"), (review.get("precision_released"), "labels"),
                             (metrics.get("precision"), "labels")):
             if _fraction(value) is not None:
                 precision, source = _fraction(value), name
