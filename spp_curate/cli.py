@@ -43,7 +43,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     """Build, curate and publish semantic positive pair datasets for self-supervised learning."""
 
 
-def preflight(recipe, build_dir: Path | None = None) -> None:
+def preflight(recipe, build_dir: Path | None = None, until: str | None = None) -> None:
     """Checks before any stage runs, so a wrong option fails in seconds, not after indexing: the cheap ones, and
     an encoder that names weights (a file, a folder, the Hub's) is built once, so weights that do not load or
     that hold inf fail here, unless this build's embeddings were already made with it."""
@@ -51,13 +51,14 @@ def preflight(recipe, build_dir: Path | None = None) -> None:
 
     if recipe.root is not None and not Path(recipe.root).exists():
         raise UserError(f"{recipe.root} does not exist", option="--root")
-    check_encoder(recipe.encoder, recipe.image_size)
+    if until != "index":  # with --until index no picture is embedded: the encoder is not asked for yet
+        check_encoder(recipe.encoder, recipe.image_size)
+        if names_weights(recipe.encoder) and not _embedded_with(build_dir, recipe.encoder):
+            load_encoder(recipe.encoder, recipe.image_size, recipe.encoder_prefix)
     if recipe.class_names:
         from .pairing.categories import read_class_names_file
 
         read_class_names_file(recipe.class_names)
-    if names_weights(recipe.encoder) and not _embedded_with(build_dir, recipe.encoder):
-        load_encoder(recipe.encoder, recipe.image_size, recipe.encoder_prefix)
     for ref in recipe.references:
         if ref.root_option and not Path(ref.root_option).exists():
             raise UserError(f"reference set {ref.spec!r}: {ref.root_option} does not exist", option="--exclude-near")
@@ -141,7 +142,7 @@ def build(**options) -> None:
         raise UserError(f"unknown stage {until!r}; accepted: {', '.join(STAGES)}", option="--until")
     recipe = resolve_recipe(source, overrides, str(recipe_file) if recipe_file else None)
     build_dir = out_dir or Path("builds") / recipe.source_spec.kind
-    preflight(recipe, build_dir)
+    preflight(recipe, build_dir, until)
     run_build(build_dir, recipe, force=force, on_stage=_print_stage, until=until, rehash=rehash)
     if until in (None, STAGES[-1]):
         _print_result(build_dir)

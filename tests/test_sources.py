@@ -129,3 +129,44 @@ def test_wds_source_reads_cls_and_json_labels_and_refuses_unsafe_members(tmp_pat
     assert set(index.label_name) == set(NAMES)
     quarantine = pq.read_table(out / "quarantine.parquet").to_pandas()
     assert len(quarantine) == 1 and "refused" in quarantine.error[0]
+
+
+def test_wds_members_with_dots_are_quarantined_with_a_reason_and_the_counts_add_up(tmp_path):
+    """A member named ``.hidden.png`` (no key before the first dot) or ``dot.in.name.png`` (webdataset's sample
+    ``dot`` with extension ``in.name.png``) is neither a picture nor dropped in silence: quarantined, named."""
+    pictures = fmnist_pictures(3)
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        names = [f"s{i:04d}.png" for i in range(7)] + [".hidden.png", "dot.in.name.png"]
+        for name, (_, img) in zip(names, pictures):
+            data = png_bytes(img)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "b"
+    assert run_cli("build", "--source", f"wds:{shard}", "--out", out, "--until", "index", "--workers", "0") == 0
+    index = pq.read_table(out / "index.parquet").to_pandas()
+    quarantine = pq.read_table(out / "quarantine.parquet").to_pandas().set_index("key")
+    assert len(index) == 7 and len(index) + len(quarantine) == 9
+    assert "no sample key" in quarantine.error["shard-000000.tar/.hidden.png"]
+    assert "dot in the sample key" in quarantine.error["shard-000000.tar/dot.in.name.png"]
+
+
+def test_file_and_folder_names_that_are_not_utf8_are_quarantined_not_a_traceback(tmp_path, cli):
+    import os
+
+    root = tmp_path / "images"
+    pictures = fmnist_pictures(2, classes=2, size=16)
+    for n, (label, img) in enumerate(pictures):
+        (root / f"class{label}").mkdir(parents=True, exist_ok=True)
+        img.save(root / f"class{label}" / f"{n}.png")
+    pictures[0][1].save(os.fsencode(root / "class0") + b"/bad\xff.png", format="PNG")
+    os.mkdir(os.fsencode(root) + b"/\xfe")
+    pictures[0][1].save(os.fsencode(root) + b"/\xfe/x.png", format="PNG")
+    out = tmp_path / "b"
+    proc = cli("build", "--source", "imagefolder", "--root", root, "--out", out, "--until", "index", "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    index = pq.read_table(out / "index.parquet").to_pandas()
+    quarantine = pq.read_table(out / "quarantine.parquet").to_pandas().set_index("key")
+    assert len(index) == len(pictures)
+    assert "not UTF-8" in quarantine.error["class0/bad\\xff.png"] and "not UTF-8" in quarantine.error["\\xfe"]

@@ -304,8 +304,7 @@ def _openclip_tag_weights(model: str, tag: str) -> None:
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(model, tag) or {}
-    hint = (f"or pass a local file: openclip:{model}:/path/to/open_clip_model.safetensors "
-            "(offline, fetch them once where the Hub is reachable)")
+    hint = f"or pass a local file: openclip:{model}:/path/to/open_clip_model.safetensors"
     if cfg.get("hf_hub"):
         repo, filename = os.path.split(cfg["hf_hub"])  # open_clip's form: "org/name/" or "org/name/file.bin"
         names = (filename,) if filename else _OPENCLIP_HUB_WEIGHTS

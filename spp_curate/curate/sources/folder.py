@@ -11,10 +11,21 @@ from ...files import UnsafePath, file_identity, safe_join
 from .base import IMAGE_EXTENSIONS, Source, register, state_hash
 
 
+def not_utf8(name: str) -> str | None:
+    """A file name the system gave with bytes that are not UTF-8 (Python holds them as surrogates, which no
+    table can store), written with those bytes escaped (``bad\\xff.png``) to name it; None for a UTF-8 name."""
+    try:
+        name.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def class_folders(root: Path) -> list[str]:
-    """Sub-folders of ``root``, sorted; symlinked folders are not classes (never followed)."""
+    """Sub-folders of ``root``, sorted; symlinked folders are not classes (never followed), nor are folders
+    whose names are not UTF-8 (the source reports them)."""
     return sorted(e.name for e in os.scandir(root)
-                  if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+                  if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and not_utf8(e.name) is None)
 
 
 def linked_folders(root: Path) -> list[str]:
@@ -66,13 +77,25 @@ class ImageFolderSource(Source):
                 if Path(dirpath, d).is_symlink():
                     rel = Path(dirpath, d).relative_to(self.root).as_posix()
                     self.listing_problems.append((rel, "folder symlink, not followed"))
-            dirnames[:] = sorted(d for d in dirnames if not Path(dirpath, d).is_symlink())
+            for d in sorted(dirnames):
+                if (shown := not_utf8(str(Path(dirpath, d).relative_to(self.root)))) is not None:
+                    self.listing_problems.append((shown, "a folder name that is not UTF-8; not read"))
+            dirnames[:] = sorted(d for d in dirnames if not Path(dirpath, d).is_symlink() and not_utf8(d) is None)
             for fname in sorted(filenames):
                 if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    yield Path(dirpath, fname).relative_to(self.root).as_posix()
+                    key = Path(dirpath, fname).relative_to(self.root).as_posix()
+                    if (shown := not_utf8(key)) is not None:
+                        self.listing_problems.append((shown, "a file name that is not UTF-8 (rename it to index it)"))
+                        continue
+                    yield key
+
+    def _odd_class_folders(self) -> list[tuple[str, str]]:
+        return [(shown, "a class folder whose name is not UTF-8; not read") for e in os.scandir(self.root)
+                if e.is_dir(follow_symlinks=False) and (shown := not_utf8(e.name)) is not None]
 
     def items(self) -> Iterator[tuple[str, int]]:
         self.listing_problems = [(name, "folder symlink, not followed") for name in linked_folders(self.root)]
+        self.listing_problems += self._odd_class_folders()
         for name in self.folders:
             label = self.label_of_folder(name)
             for key in self._walk(self.root / name):

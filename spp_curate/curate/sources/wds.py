@@ -77,7 +77,9 @@ class WebDatasetSource(Source):
                     self.listing_problems.append((f"{shard}/{m.name}", "refused tar member: absolute or '..' path"))
                     continue
                 prefix, ext = base_plus_ext(m.name)
-                if prefix is None:
+                if prefix is None:  # ".hidden.png": webdataset's grouping finds no key before the first dot
+                    self.listing_problems.append((f"{shard}/{m.name}", "a tar member with no sample key before its "
+                                                  "first dot; webdataset cannot group it into a sample"))
                     continue
                 samples.setdefault(f"{shard}/{prefix}", {})[ext.lower()] = m
 
@@ -89,6 +91,14 @@ class WebDatasetSource(Source):
             for key, parts in samples.items():
                 images = [e for e in self.IMAGE_EXTS if e in parts]
                 if not images:
+                    # Every member is indexed or reported: "dot.in.name.png" is webdataset's sample "dot" with
+                    # the extension "in.name.png", which names no picture; a sample of metadata alone neither.
+                    for ext, member in parts.items():
+                        pictured = ext.rsplit(".", 1)[-1] in self.IMAGE_EXTS
+                        self.listing_problems.append((f"{shard}/{member.name}", (
+                            f"a dot in the sample key: webdataset reads it as sample {key.split('/')[-1]!r} with "
+                            f"extension {ext!r}, which names no picture" if pictured else
+                            f"sample {key.split('/')[-1]!r} has no picture member ({', '.join(sorted(parts))})")))
                     continue
                 for extra in images[1:]:
                     self.listing_problems.append(
