@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import sys
 from pathlib import Path
@@ -472,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     except _CLICK_ERROR as exc:
         err.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        err.print(f"error: no space left on the device{f' of {exc.filename}' if exc.filename else ''}; free some "
+                  "space and run the same command again", markup=False, highlight=False, soft_wrap=True)
+        return 2
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         return 130

@@ -13,6 +13,7 @@ and first removes the temporary files a killed run left there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -113,13 +114,50 @@ def _run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False,
         _record(build_dir, after).unlink(missing_ok=True)
     started = time.time()
     fingerprint = stage_fingerprint(build_dir, recipe, stage)  # before the run: a change during it reruns
-    summary = STAGE_BY_NAME[stage].run(recipe, build_dir, get_engine(recipe.engine), **options)
+    try:
+        summary = STAGE_BY_NAME[stage].run(recipe, build_dir, get_engine(recipe.engine), **options)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(no_space(stage, build_dir, exc), option=stage) from None
     metrics_keys = ("precision", "coverage", "pairs", "images", "quarantined")
     short = {k: v for k, v in (summary or {}).items()
              if (k in metrics_keys and v is not None) or (isinstance(v, int) and not isinstance(v, bool))}
     write_json(_record(build_dir, stage), {"fingerprint": fingerprint,
                                            "seconds": round(time.time() - started, 2), "summary": short})
     return short
+
+
+def no_space(stage: str, build_dir: Path, exc: OSError) -> str:
+    """One line for a stage that ran out of disk: the file it was writing, the space free, what it needs."""
+    import shutil
+
+    written = Path(exc.filename) if exc.filename else None
+    where = (f"{written.relative_to(build_dir)}" if written and written.is_relative_to(build_dir) else
+             str(written) if written else f"the {stage} stage's files")
+    free = shutil.disk_usage(build_dir).free
+    need = space_needed(stage, build_dir)
+    return (f"no space left on the device of {build_dir} while writing {where} ({free:,} bytes free"
+            f"{f'; the stage writes about {need:,} bytes' if need else ''}); free some space and run the same "
+            "command again: it resumes where it stopped")
+
+
+def space_needed(stage: str, build_dir: Path) -> int | None:
+    """About how many bytes ``stage`` writes, from what the stages before it recorded (None where unknown)."""
+    import pyarrow.parquet as pq
+
+    try:
+        if stage == "embed":
+            rows = pq.read_metadata(build_dir / layout.INDEX).num_rows
+            return rows * (2 * 768 + 8)  # float16 rows up to 768 dims, and their ids
+        if stage == "export":
+            index = pq.read_table(build_dir / layout.INDEX, columns=["id", "nbytes"]).to_pandas().set_index("id")
+            pairs = pq.read_table(build_dir / layout.PAIRS, columns=["anchor_id", "positive_id"]).to_pandas()
+            pictures = index.nbytes.loc[pairs.anchor_id].sum() + index.nbytes.loc[pairs.positive_id].sum()
+            return int(2 * pictures + 3072 * len(pairs))  # both formats, headers and rows
+    except (OSError, ValueError, KeyError):
+        return None
+    return None
 
 
 def run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False) -> dict[str, Any] | None:

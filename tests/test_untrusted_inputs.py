@@ -378,3 +378,30 @@ def test_every_stage_cleans_the_temporary_files_a_killed_run_left(cli, label_bui
     assert run_cli("report", out, "--force") == 0
     assert not any(p.exists() for p in stale)
     assert mine.read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line_naming_the_stage_and_a_rerun_with_space_finishes(tmp_path):
+    """A build directory on a device that fills up: one line naming the stage, the space free and what it
+    needs, no traceback (nor an ignored one from a half-written tar); with space, the same command finishes."""
+    import subprocess
+
+    from conftest import run_cli_process
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=800k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        args = ["build", "--source", "fashion-mnist", "--root", FMNIST, "--out", disk / "b", "--limit", "300",
+                "--encoder", "pixels:8", "--workers", "0"]
+        proc = run_cli_process(*args)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, lines
+        assert lines[-1].startswith("error: export: no space left on the device") and "bytes free" in lines[-1]
+        assert "the stage writes about" in lines[-1]
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        assert run_cli_process(*args).returncode == 0
+        assert run_cli_process("verify", disk / "b" / "release").returncode == 0
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

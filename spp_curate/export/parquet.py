@@ -71,3 +71,11 @@ class PairParquetWriter:
         self._writer.close()
         os.replace(self.tmp, self.path)
         return self.rows
+
+    def abort(self) -> None:
+        """After a failed write: close quietly and drop the temporary file."""
+        try:
+            self._writer.close()
+        except (OSError, ValueError):
+            pass
+        self.tmp.unlink(missing_ok=True)

@@ -129,9 +129,19 @@ def write_shard(recipe: Recipe, source: Source | None, rows: pd.DataFrame, forma
     writers: list = [PairParquetWriter(pq_path, features, row_group_rows)]
     if tar_path is not None:
         writers.append(PairTarWriter(tar_path, ext))
+    try:
+        return _write_rows(recipe, source, rows, formats, target, writers, tar_path is not None, on_pair)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+
+
+def _write_rows(recipe: Recipe, source: Source | None, rows: pd.DataFrame, formats: pd.Series, target: str,
+                writers: list, pictures: bool, on_pair=None) -> int:
     for row in rows.itertuples(index=False):
         anchor = positive = b""
-        if tar_path is not None:
+        if pictures:
             anchor = encoded_image(source, row.anchor_key, row.anchor_digest, formats[row.anchor_key], target,
                                    recipe.max_side)
             positive = encoded_image(source, row.positive_key, row.positive_digest, formats[row.positive_key], target,

@@ -41,3 +41,17 @@ class PairTarWriter:
             self._fh.close()
         os.replace(self.tmp, self.path)
         return self.rows
+
+    def abort(self) -> None:
+        """After a failed write (a full disk): drop the temporary file without flushing the tar's end blocks,
+        which would fail again, from a finaliser, as an ignored exception."""
+        tar = self._tar.tarstream
+        tar.closed = True
+        stream = getattr(tar, "fileobj", None)
+        if stream is not None and hasattr(stream, "closed"):
+            stream.closed = True  # tarfile's stream would flush its buffer when collected
+        try:
+            self._fh.close()
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)
