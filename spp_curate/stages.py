@@ -172,9 +172,10 @@ def build(build_dir: Path, recipe: Recipe, force: bool = False,
     """Run the stages in order, up to ``until``; complete stages are skipped (unless ``force``). ``rehash``
     reads every source file again in the index stage; what follows runs again only where the index changed."""
     check_build_dir(build_dir)
+    bound = bind_source_state(recipe)  # opens and lists the source: a wrong one fails before the folder exists
     with locked(build_dir):
         save_recipe(build_dir, recipe)
-        recipe = bind_source_state(recipe)
+        recipe = bound
         last = STAGES.index(until) if until else len(STAGES) - 1
         for stage in STAGES[: last + 1]:
             summary = _run_stage(build_dir, recipe, stage, force=force, rehash=rehash)

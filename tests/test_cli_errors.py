@@ -65,3 +65,25 @@ def test_demo_with_an_unknown_sampler_is_one_line_and_writes_nothing(tmp_path):
     line = _one_line_error(run_cli_process("demo", "--sampler", "clip", "--out", tmp_path / "demo"))
     assert "--sampler" in line and "pixels, ssl" in line, line
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_command_whose_inputs_fail_their_check_leaves_no_out_folder(tmp_path, cli):
+    """``build`` of a source that cannot be opened and ``train`` on a folder that is not a release fail before
+    their ``--out`` folder exists: no ``.lock`` and ``build.yaml`` left behind."""
+    (tmp_path / "empty").mkdir()
+    proc = cli("build", "--source", "imagefolder", "--root", tmp_path / "empty", "--out", tmp_path / "b",
+               "--encoder", "pixels:8")
+    assert proc.returncode == 2 and "--root" in proc.stderr and not (tmp_path / "b").exists()
+    proc = cli("train", "--pairs", tmp_path / "empty", "--out", tmp_path / "run")
+    assert proc.returncode == 2 and "--pairs" in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_class_names_file_that_is_not_utf8_is_one_line_before_any_stage(tmp_path, cli):
+    names = tmp_path / "names.txt"
+    names.write_bytes(b"\xff\xfe")
+    out = tmp_path / "b"
+    proc = cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, "--limit", "40",
+               "--encoder", "pixels:8", "--workers", "0", "--category", "zeroshot", "--class-names", names)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines == [lines[-1]] and "--class-names" in lines[-1] and "UTF-8" in lines[-1]
+    assert not (out / "index.parquet").exists()

@@ -183,6 +183,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     started again only with ``force``.
     """
     cfg.check()
+    if cfg.pairs is not None and not cfg.pairs.startswith("hf://"):
+        from ..export.manifest import load_manifest
+
+        load_manifest(Path(cfg.pairs), option="--pairs")  # before the run folder is made: a wrong one leaves none
     out = Path(cfg.out)
     with BuildLock(out, option="--out"):
         ckpt_path = out / CHECKPOINT
