@@ -461,9 +461,32 @@ def audit(
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
+#: The address space a command needs before it holds any data: torch, faiss and pyarrow map about 5.8 GiB of
+#: libraries and thread stacks in a small build (VmPeak). Below it, a library fails to load or pyarrow's thread
+#: pool never starts and the mine stage waits forever: a limit under this is refused in one line at the start.
+MIN_ADDRESS_SPACE = 6 * 2**30
+
+
+def check_address_space() -> None:
+    """A one-line error when ``ulimit -v`` leaves less than :data:`MIN_ADDRESS_SPACE`."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY and soft < MIN_ADDRESS_SPACE:
+        raise UserError(f"the address space is limited to {soft / 2**30:.1f} GiB (ulimit -v {soft // 1024}); the "
+                        f"libraries alone map about 5.8 GiB (torch, faiss, pyarrow and their threads), so a stage "
+                        f"would fail to load one or wait on a thread pool that never starts: allow at least "
+                        f"{MIN_ADDRESS_SPACE // 2**30} GiB (ulimit -v {MIN_ADDRESS_SPACE // 1024}) or none "
+                        "(ulimit -v unlimited); to cap memory, cap resident memory instead (a cgroup, systemd-run "
+                        "-p MemoryMax=)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: errors a user can fix print one line, never a traceback."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
+        if args and not set(args) & {"--help", "--version"}:
+            check_address_space()
         rv = app(args=argv, standalone_mode=False, prog_name="spp-curate")
     except UserError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)

@@ -87,3 +87,22 @@ def test_a_class_names_file_that_is_not_utf8_is_one_line_before_any_stage(tmp_pa
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and lines == [lines[-1]] and "--class-names" in lines[-1] and "UTF-8" in lines[-1]
     assert not (out / "index.parquet").exists()
+
+
+def test_an_address_space_too_small_for_the_libraries_is_one_line_not_a_hang(tmp_path):
+    """Under ``ulimit -v`` 4 GB a library failed to load or the mine stage waited forever on pyarrow's thread
+    pool: the command now says so at once and writes nothing."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4_000_000 * 1024, resource.RLIM_INFINITY))
+
+    out = tmp_path / "b"
+    proc = subprocess.run([sys.executable, "-m", "spp_curate.cli", "build", "--source", "fashion-mnist", "--root",
+                           str(FMNIST), "--out", str(out), "--encoder", "pixels:8", "--limit", "40"],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "ulimit -v" in lines[0], lines
+    assert not out.exists()
