@@ -374,6 +374,15 @@ class Recipe(BaseModel):
                                             stage="export")
     max_side: int | None = knob(None, help="shrink release images larger than this", stage="export", cli_min=8,
                                 ge=8)
+    layout: Literal["images", "pairs"] = knob(
+        "images", help="images (each picture stored once, pairs as rows of keys: the release is the size of its "
+        "pictures) | pairs (both pictures in every pair row and in WebDataset pair samples: for small releases, "
+        "where a Hub viewer of side-by-side pairs is worth about six times the bytes)", stage="export")
+    webdataset: bool = knob(False, help="with --layout images, also write the pictures as WebDataset tars (for "
+                            "streaming; a second copy of every picture)", stage="export", option="flag")
+    redistribute: bool = knob(True, help="whether the source's pictures may be published; a recipe of a source "
+                              "that may not (ImageNet) sets false, and push then refuses a release with pixels "
+                              "unless --i-hold-the-rights", stage="export", option="flag")
 
     #: What the source held when this build looked (``Source.state()``); part of every fingerprint.
     _source_state: str | None = PrivateAttr(default=None)

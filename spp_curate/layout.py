@@ -114,10 +114,29 @@ def tar_shard(i: int) -> str:
     return f"wds/pairs-{i:06d}.tar"
 
 
-#: What a manifest may list, by kind: nothing else is ever read, hashed or uploaded.
+def pair_table_shard(i: int, n: int) -> str:
+    """A shard of the ``images`` layout's pair table (rows of keys, no pixels)."""
+    return f"data/pairs-{i:05d}-of-{n:05d}.parquet"
+
+
+def image_shard(name: str) -> str:
+    """An ``images``-layout picture shard, named by its content (``export/pictures.py``)."""
+    return f"data/images-{name}.parquet"
+
+
+def image_tar_shard(name: str) -> str:
+    return f"wds/images-{name}.tar"
+
+
+#: What a manifest may list, by kind: nothing else is ever read, hashed or uploaded. ``parquet`` and
+#: ``webdataset`` are the ``pairs`` layout's pair shards; ``pairs``, ``images`` and ``image-tars`` the ``images``
+#: layout's pair table and picture shards.
 RELEASE_ENTRY_PATTERNS: dict[str, re.Pattern[str]] = {
     "parquet": re.compile(r"data/train-\d{5}-of-\d{5}\.parquet"),
     "webdataset": re.compile(r"wds/pairs-\d{6}\.tar"),
+    "pairs": re.compile(r"data/pairs-\d{5}-of-\d{5}\.parquet"),
+    "images": re.compile(r"data/images-[0-9a-f]{16}\.parquet"),
+    "image-tars": re.compile(r"wds/images-[0-9a-f]{16}\.tar"),
     "card": re.compile(re.escape(CARD)),
     "asset": re.compile(r"assets/[A-Za-z0-9_-]+\.png"),
 }

@@ -31,7 +31,10 @@ def size_category(n: int) -> str:
     return "100M<n<1B"
 
 
-def card_header(recipe: Recipe, features: datasets.Features, pairs: int, parquet_bytes: int) -> dict[str, Any]:
+def card_header(recipe: Recipe, features: datasets.Features, pairs: int, parquet_bytes: int,
+                counts: dict[str, int] | None = None) -> dict[str, Any]:
+    if recipe.layout == "images":
+        return images_card_header(recipe, features, pairs, parquet_bytes, counts or {})
     return {
         "license": recipe.license,
         "pretty_name": recipe.name,
@@ -46,6 +49,44 @@ def card_header(recipe: Recipe, features: datasets.Features, pairs: int, parquet
             "dataset_size": parquet_bytes,
         },
     }
+
+
+def images_card_header(recipe: Recipe, features: datasets.Features, pairs: int, parquet_bytes: int,
+                       counts: dict[str, int]) -> dict[str, Any]:
+    """The ``images`` layout's header: two configs the Hub and ``load_dataset`` read, ``pairs`` (the default: rows
+    of keys) and ``images`` (each picture once); ``spp_curate.load_pairs`` joins them."""
+    from .pictures import image_features
+
+    pictures = int(counts.get("pictures", 0))
+    configs = [{"config_name": "pairs", "default": True,
+                "data_files": [{"split": "train", "path": "data/pairs-*.parquet"}]}]
+    info = [{"config_name": "pairs", "features": features._to_yaml_list(),
+             "splits": [{"name": "train", "num_examples": pairs}]}]
+    if recipe.images != "none":
+        configs.append({"config_name": "images", "data_files": [{"split": "train", "path": "data/images-*.parquet"}]})
+        names = [n for n in (features["label"].names if isinstance(features["label"], datasets.ClassLabel) else [])]
+        info.append({"config_name": "images", "features": image_features(names)._to_yaml_list(),
+                     "splits": [{"name": "train", "num_examples": pictures}]})
+    return {
+        "license": recipe.license,
+        "pretty_name": recipe.name,
+        "task_categories": ["image-feature-extraction"],
+        "tags": ["semantic-positive-pairs", "self-supervised-learning", "contrastive-learning", "spp-curate"],
+        "size_categories": [size_category(pairs)],
+        "configs": configs,
+        "dataset_info": info,
+    }
+
+
+def licence_lines(recipe: Recipe) -> list[str]:
+    if recipe.redistribute:
+        return []
+    return ["## Licence of the pictures", "",
+            f"The pictures of `{recipe.source}` may not be redistributed. "
+            + ("This release carries none: rebuild them from your own copy with `spp-curate materialize`."
+               if recipe.images == "none" else
+               "This release carries them; whoever publishes it states that they hold the rights to (pushed with "
+               "`--i-hold-the-rights`)."), ""]
 
 
 def leakage_lines(leakage: dict[str, Any] | None) -> list[str]:
@@ -154,7 +195,7 @@ def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, i
                 metrics: dict[str, Any] | None, figure: str | None, image_ext: str,
                 review: dict[str, Any] | None = None, versions: dict[str, Any] | None = None,
                 pair_trust: dict[str, Any] | None = None) -> str:
-    header = yaml.safe_dump(card_header(recipe, features, counts["pairs"], parquet_bytes), sort_keys=False,
+    header = yaml.safe_dump(card_header(recipe, features, counts["pairs"], parquet_bytes, counts), sort_keys=False,
                             allow_unicode=True)
     lines = [f"# {recipe.name}", ""]
     if recipe.description:
@@ -190,6 +231,7 @@ def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, i
     lines += version_lines(versions)
     lines += review_lines(review)
     lines += leakage_lines(metrics.get("leakage") if metrics else None)
+    lines += licence_lines(recipe)
     if figure:
         lines += [f"![pair grid: anchor | positive]({figure})", ""]
     if recipe.images == "none":
@@ -201,6 +243,25 @@ def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, i
             f"spp-curate materialize RELEASE_DIR --source {recipe.source} --root /path/to/your/copy "
             "--out materialized/",
             "```", "",
+            "## Citation", "", "```bibtex", CITATIONS, "```", "",
+        ]
+        return f"---\n{header}---\n\n" + "\n".join(lines)
+    if recipe.layout == "images":
+        lines += [
+            "## Use", "",
+            f"Each picture is stored once ({counts.get('pictures', 0):,} pictures in `data/images-*.parquet`); the "
+            f"pairs are rows of keys (`data/pairs-*.parquet`). Pair rows with both pictures:", "",
+            "```python",
+            "import spp_curate",
+            'pairs = spp_curate.load_pairs("path/or/org-name")   # a datasets.Dataset: anchor, positive (PIL), keys, ...',
+            "```", "",
+            "or the two configs with `datasets` alone:", "",
+            "```python",
+            "from datasets import load_dataset",
+            'keys = load_dataset("path/or/org-name", "pairs", split="train")      # pair_id, anchor_key, positive_key, ...',
+            'pictures = load_dataset("path/or/org-name", "images", split="train")  # key, image, digest, label',
+            "```", "",
+            "`manifest.json` lists every file with its sha256, bytes and rows; `spp-curate verify .` checks them.", "",
             "## Citation", "", "```bibtex", CITATIONS, "```", "",
         ]
         return f"---\n{header}---\n\n" + "\n".join(lines)

@@ -28,6 +28,7 @@ from .. import layout
 from ..images import BadImage, image_from_bytes
 from ..errors import UserError
 from ..files import UnsafePath, read_capped, safe_join, sha256_file
+from ..progress import stage_progress
 
 SCHEMA_VERSION = 1
 #: Stated limits on what is read into memory from a release.
@@ -42,7 +43,7 @@ class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    kind: Literal["parquet", "webdataset", "card", "asset"]
+    kind: Literal["parquet", "webdataset", "pairs", "images", "image-tars", "card", "asset"]
     rows: int | None = Field(default=None, ge=0)
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -65,6 +66,9 @@ class Manifest(BaseModel):
     recipe: dict[str, Any]
     counts: Counts
     image_ext: Literal["jpg", "png"]
+    #: ``pairs``: both pictures in every pair row (and tar sample); ``images``: each picture once, pairs as rows
+    #: of keys (``export/pictures.py``). Manifests written before the field are of the pairs layout.
+    layout: Literal["pairs", "images"] = "pairs"
     class_names: list[str] = []
     files: list[FileEntry]
 
@@ -135,16 +139,73 @@ def check_tar(path: Path, image_ext: str) -> int:
     return len(members) // 3
 
 
+def check_image_tar(path: Path, image_ext: str) -> int:
+    """Count an image tar's pictures (``images`` layout: ``<id>.EXT`` and ``<id>.json`` adjacent), checking its
+    members as :func:`check_tar` does; raises ``ValueError`` naming the first bad one."""
+    members = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isreg():
+                raise ValueError(f"member {member.name!r} is not a plain file")
+            if member.name.startswith("/") or "/" in member.name or member.name in (".", ".."):
+                raise ValueError(f"member {member.name!r} has a path; image tar members have flat names")
+            if member.size > MAX_MEMBER_BYTES:
+                raise ValueError(f"member {member.name!r} is {member.size:,} bytes, over the "
+                                 f"{MAX_MEMBER_BYTES:,}-byte limit")
+            members.append(member.name)
+    if len(members) % 2:
+        raise ValueError(f"{len(members)} members is not a whole number of pictures")
+    for i in range(0, len(members), 2):
+        split = [base_plus_ext(n) for n in members[i:i + 2]]
+        if len({key for key, _ in split}) != 1 or sorted(ext for _, ext in split) != sorted((image_ext, "json")):
+            raise ValueError(f"members {members[i:i + 2]} are not one picture's adjacent members")
+    return len(members) // 2
+
+
 def _rows(path: Path, entry: FileEntry, image_ext: str) -> int | None:
-    if entry.kind == "parquet":
+    if entry.kind in ("parquet", "pairs", "images"):
         return pq.read_metadata(path).num_rows
     if entry.kind == "webdataset":
         return check_tar(path, image_ext)
+    if entry.kind == "image-tars":
+        return check_image_tar(path, image_ext)
+    return None
+
+
+def image_schema_problem(schema) -> str | None:
+    """What is wrong with an ``images``-layout picture shard's schema for the readers, or None."""
+    import pyarrow as pa
+
+    for name in ("key", "digest"):
+        if name not in schema.names or not (pa.types.is_string(schema.field(name).type)
+                                            or pa.types.is_large_string(schema.field(name).type)):
+            return f"no string column {name}"
+    kind = schema.field("image").type if "image" in schema.names else None
+    if kind is None or not (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+                            and (pa.types.is_binary(kind.field("bytes").type)
+                                 or pa.types.is_large_binary(kind.field("bytes").type))):
+        return "no image column of an image struct with binary bytes"
     return None
 
 
 def _first_images(path: Path, kind: str) -> list[bytes]:
     """The encoded images of a shard's first pair (none for ID-only shards), each read under a size cap."""
+    if kind == "images":
+        parquet = pq.ParquetFile(path)
+        if parquet.metadata.num_row_groups == 0:
+            return []
+        group_bytes = parquet.metadata.row_group(0).total_byte_size
+        if group_bytes > MAX_ROW_GROUP_BYTES:
+            raise ValueError(f"its first row group is {group_bytes:,} bytes, over the "
+                             f"{MAX_ROW_GROUP_BYTES:,}-byte limit")
+        first = parquet.read_row_group(0, columns=["image"]).slice(0, 1).to_pylist()
+        return [first[0]["image"]["bytes"]] if first else []
+    if kind == "image-tars":
+        with tarfile.open(path) as tar:
+            for member in tar:  # check_image_tar has already checked every member
+                if not member.name.endswith(".json"):
+                    return [tar.extractfile(member).read(MAX_MEMBER_BYTES)]
+        return []
     if kind == "parquet":
         parquet = pq.ParquetFile(path)
         if "anchor" not in parquet.schema_arrow.names or parquet.metadata.num_row_groups == 0:
@@ -221,14 +282,16 @@ def _check_entry(release: Path, entry: FileEntry, image_ext: str,
     problems = []
     if rows != entry.rows:
         problems.append(f"{entry.path}: {rows} rows, manifest says {entry.rows}")
-    if entry.kind == "parquet":
+    if entry.kind in ("parquet", "pairs", "images"):
         try:
-            wrong = pair_schema_problem(pq.read_schema(path), images=images)
+            schema = pq.read_schema(path)
+            wrong = (image_schema_problem(schema) if entry.kind == "images" else
+                     pair_schema_problem(schema, images=images and entry.kind == "parquet"))
         except Exception as exc:  # noqa: BLE001
             wrong = f"unreadable ({exc})"
         if wrong:
             return problems + [f"{entry.path}: {wrong}"], rows
-    if entry.kind in ("parquet", "webdataset") and rows:
+    if entry.kind in ("parquet", "webdataset", "images", "image-tars") and rows:
         try:
             for data in _first_images(path, entry.kind):
                 image_from_bytes(data)
@@ -254,15 +317,23 @@ def verify_release(release: str | Path) -> list[str]:
             raise
         return [f"manifest.json: {exc}"]
     problems = [f"{rel}: a symlink; a release's files must be its own" for rel in _symlinks(release)]
-    totals: dict[str, int] = {"parquet": 0, "webdataset": 0}
-    for entry in manifest.files:
-        found, rows = _check_entry(release, entry, manifest.image_ext, manifest.images == "embed")
-        problems += found
-        if entry.kind in totals and rows is not None:
-            totals[entry.kind] += rows
-    for kind, total in totals.items():
-        if manifest.entries(kind) and total != manifest.counts.pairs:
-            problems.append(f"{kind} shards hold {total} pairs, manifest counts {manifest.counts.pairs}")
+    allowed = {"pairs": {"parquet", "webdataset"}, "images": {"pairs", "images", "image-tars"}}[manifest.layout]
+    totals: dict[str, int] = {"parquet": 0, "webdataset": 0, "pairs": 0, "images": 0, "image-tars": 0}
+    with stage_progress("verify", sum(e.bytes for e in manifest.files), unit="B") as (bar, task):
+        for entry in manifest.files:
+            if entry.kind in totals and entry.kind not in allowed:
+                problems.append(f"{entry.path}: a {entry.kind} file in a release of the {manifest.layout} layout")
+                continue
+            found, rows = _check_entry(release, entry, manifest.image_ext, manifest.images == "embed")
+            problems += found
+            if entry.kind in totals and rows is not None:
+                totals[entry.kind] += rows
+            bar.update(task, advance=entry.bytes)
+    for kind in ("parquet", "webdataset", "pairs"):
+        if manifest.entries(kind) and totals[kind] != manifest.counts.pairs:
+            problems.append(f"{kind} shards hold {totals[kind]} pairs, manifest counts {manifest.counts.pairs}")
+    if manifest.layout == "images" and not problems:
+        problems += _join_problems(release, manifest, totals)
     listed = {e.path for e in manifest.files}
     for folder in layout.SHARD_FOLDERS:
         base = release / folder
@@ -271,6 +342,36 @@ def verify_release(release: str | Path) -> list[str]:
                 rel = path.relative_to(release).as_posix()
                 if path.is_file() and not path.is_symlink() and rel not in listed:
                     problems.append(f"{rel}: not in the manifest")
+    return problems
+
+
+def _join_problems(release: Path, manifest: Manifest, totals: dict[str, int]) -> list[str]:
+    """An ``images``-layout release ships every picture its pairs name, once, under the digest the pair names,
+    and the same pictures in its tars as in its Parquet shards (keys and digest columns, read alone)."""
+    problems = []
+    pictures = getattr(manifest.counts, "pictures", None)
+    for kind in ("images", "image-tars"):
+        if manifest.entries(kind) and isinstance(pictures, int) and totals[kind] != pictures:
+            problems.append(f"{kind} shards hold {totals[kind]} pictures, manifest counts {pictures}")
+    if manifest.images != "embed":
+        return problems
+    shipped: dict[str, str] = {}
+    for entry in manifest.entries("images"):
+        table = pq.read_table(release_file(release, entry), columns=["key", "digest"])
+        for key, digest in zip(table.column("key").to_pylist(), table.column("digest").to_pylist()):
+            if key in shipped:
+                problems.append(f"{entry.path}: picture {key!r} is stored twice")
+            shipped[key] = digest
+    for entry in manifest.entries("pairs"):
+        table = pq.read_table(release_file(release, entry), columns=["anchor_key", "positive_key", "anchor_digest",
+                                                                     "positive_digest"]).to_pydict()
+        for side in ("anchor", "positive"):
+            for key, digest in zip(table[f"{side}_key"], table[f"{side}_digest"]):
+                if shipped.get(key) != digest:
+                    why = "no picture" if key not in shipped else "a picture of another digest"
+                    problems.append(f"{entry.path}: a pair's {side} {key!r} has {why} in the image shards")
+                    if len(problems) > 20:
+                        return problems
     return problems
 
 

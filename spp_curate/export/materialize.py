@@ -28,7 +28,9 @@ from ..files import safe_join, sha256_bytes
 from ..progress import stage_progress
 from ..review.estimate import checked_band_trust
 from .manifest import load_manifest, release_file, verify_release
-from .release import PAIR_COLUMNS, ReleaseInput, write_release
+from .parquet import PAIR_COLUMNS
+from .pictures import pair_rows
+from .release import ReleaseInput, write_release
 
 
 def _check_out(release: Path, root: Path | None, out: Path) -> None:
@@ -57,9 +59,8 @@ def materialize(release: Path, source_spec: str, root: Path | None, out: Path,
                         option="RELEASE")
     # The release's recipe gives the card's and shards' settings; where the pixels come from is the user's word.
     recipe = validate_recipe({**manifest.recipe, "source": source_spec, "root": str(root) if root else None,
-                              "images": "embed", "engine": "local"})
-    shards = [release_file(release, e) for e in manifest.entries("parquet")]
-    pairs = pd.concat([pq.read_table(p, columns=PAIR_COLUMNS).to_pandas() for p in shards], ignore_index=True)
+                              "images": "embed", "engine": "local", "layout": manifest.layout})
+    pairs = pair_rows(release, manifest, PAIR_COLUMNS)
     pairs["label"] = pairs["label"].astype(np.int64)
     digests = dict(zip(pairs.anchor_key, pairs.anchor_digest)) | dict(zip(pairs.positive_key, pairs.positive_digest))
     source = open_source(recipe)

@@ -13,6 +13,10 @@ from ..files import temp_path
 from .samples import PairSample
 
 
+PAIR_COLUMNS = ["pair_id", "anchor_key", "positive_key", "anchor_digest", "positive_digest", "label",
+                "label_name", "similarity"]
+
+
 def id_features(class_names: list[str]) -> datasets.Features:
     """The schema of an ID-only release: keys and digests, no pixels."""
     label = datasets.ClassLabel(names=class_names) if class_names else datasets.Value("int32")

@@ -41,20 +41,19 @@ from ..files import atomic_path, read_json, recover_swap, refuse_foreign, remove
 from ..review.store import apply_reviews, read_reviews
 from ..progress import stage_progress
 from .card import render_card
+from .encoding import EXT_OF_FORMAT, encoded_image, release_format  # noqa: F401 - their home before
 from .manifest import SCHEMA_VERSION, file_entry
 from .versions import index_digest, version_block
-from .parquet import PairParquetWriter, id_features, pair_features
+from .parquet import PAIR_COLUMNS, PairParquetWriter, id_features, pair_features
+from .pictures import write_images_layout
 from .samples import PairSample
 from .webdataset import PairTarWriter
 
-EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png"}
 # A pair in a tar costs three 512-byte headers, padding of the two images to
 # 512 bytes (256 on average each) and a small JSON padded to 512: for small
 # images (Fashion-MNIST's are ~300 bytes) this dominates the shard size.
 TAR_BYTES_PER_PAIR = 3 * 512 + 2 * 256 + 512
 ID_ONLY_BYTES_PER_PAIR = 256
-PAIR_COLUMNS = ["pair_id", "anchor_key", "positive_key", "anchor_digest", "positive_digest", "label",
-                "label_name", "similarity"]
 
 
 @dataclass
@@ -76,37 +75,6 @@ class ReleaseInput:
     #: The precision of each similarity band of the released pairs (reviewed sample, else labels), which
     #: ``train --partner-trust similarity`` weights each pair by; None when neither knows it.
     pair_trust: dict[str, Any] | None = None
-
-
-def release_format(formats: list[str]) -> str:
-    """The one container format a release stores: JPEG when most images are JPEG, else PNG."""
-    common = Counter(formats).most_common(1)
-    return "JPEG" if common and common[0][0] == "JPEG" else "PNG"
-
-
-def encoded_image(source: Source, key: str, digest: str, fmt: str, target: str,
-                  max_side: int | None = None) -> bytes:
-    """The image's original bytes (checked against the digest indexed), or a re-encode when its container
-    differs or it must shrink. Bytes passed through are not decoded again: the index stage decoded them."""
-    stale = UserError(f"{key} changed since it was indexed (its bytes, though not its size and modification "
-                      "time); run `spp-curate build --rehash` to read every file again and take the change in",
-                      option="--source")
-    if fmt == target and not max_side:
-        data = read_bytes(source, key)
-        if sha256_bytes(data) != digest:
-            raise stale
-        return data
-    loaded = read_image(source, key)
-    data, img = loaded.data, loaded.image
-    if sha256_bytes(data) != digest:
-        raise stale  # a re-encode too is of the picture that was embedded, or of none
-    if max_side and max(img.size) > max_side:
-        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    elif fmt == target:
-        return data
-    buf = io.BytesIO()
-    img.save(buf, format=target, **({"quality": 95} if target == "JPEG" else {}))
-    return buf.getvalue()
 
 
 #: At most this many pairs in a shard, whatever their bytes: shards are written one process each, so a
@@ -198,7 +166,7 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
     metrics_path = build_dir / layout.METRICS
     grid = build_dir / layout.REPORT / layout.STRONGEST_GRID
     return ReleaseInput(
-        recipe=recipe, pairs=table, images=index.set_index("key")[["format", "nbytes"]],
+        recipe=recipe, pairs=table, images=index.set_index("key")[["format", "nbytes", "label", "label_name"]],
         class_names=read_class_names(build_dir / layout.INDEX),
         counts={"images": len(index), "quarantined": pq.read_metadata(build_dir / layout.QUARANTINE).num_rows},
         metrics=read_json(metrics_path) if metrics_path.exists() else None,
@@ -339,15 +307,18 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
     target = release_format(formats.loc[used].tolist())
     ext = EXT_OF_FORMAT[target]
     nbytes = inp.images["nbytes"]
-    if id_only:
+    if recipe.layout == "images":
+        pair_bytes = np.zeros(0)
+    elif id_only:
         pair_bytes = np.full(len(pairs), ID_ONLY_BYTES_PER_PAIR)
     else:
         pair_bytes = (nbytes.loc[pairs.anchor_key].to_numpy() + nbytes.loc[pairs.positive_key].to_numpy()
                       + TAR_BYTES_PER_PAIR)
-    shards = plan_shards(pair_bytes, recipe.shard_size)
+    shards = plan_shards(pair_bytes, recipe.shard_size) if recipe.layout == "pairs" else []
     n = len(shards)
 
-    plan = {"fingerprint": recipe.fingerprint("export"), "shards": n, "image_ext": ext, "pairs": len(pairs),
+    plan = {"fingerprint": recipe.fingerprint("export"), "layout": recipe.layout, "shards": n, "image_ext": ext,
+            "pairs": len(pairs),
             "pair_ids_sha256": sha256_bytes(pairs.pair_id.to_numpy(dtype=np.int64).tobytes()),
             # everything else the card and the manifest state: a new review decision is a new release
             "statement_sha256": statement_digest(inp)}
@@ -357,6 +328,12 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
             write_table(inp.snapshot, pa.Table.from_pandas(inp.index_keys, preserve_index=False))
         return done
     release = _staging(final, plan, option)
+    if recipe.layout == "images":
+        entries, extra, reused = write_images_layout(inp, source, final, release, engine, target, ext)
+        features = id_features(inp.class_names)
+        counts = {**inp.counts, "pairs": len(pairs), **extra,
+                  "images_reencoded": 0 if id_only else int(sum(formats.loc[used] != target))}
+        return _finish(inp, final, release, entries, counts, features, ext, option, reused)
     if not id_only:
         (release / layout.TAR_FOLDER).mkdir(parents=True, exist_ok=True)
 
@@ -390,6 +367,16 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
 
     counts = {**inp.counts, "pairs": len(pairs), "shards": n,
               "images_reencoded": 0 if id_only else int(sum(formats.loc[used] != target))}
+    entries = [file_entry(release, p, "parquet", len(rows)) for (p, _), rows in zip(paths, shards)]
+    if not id_only:
+        entries += [file_entry(release, t, "webdataset", len(rows)) for (_, t), rows in zip(paths, shards)]
+    return _finish(inp, final, release, entries, counts, features, ext, option, None)
+
+
+def _finish(inp: ReleaseInput, final: Path, release: Path, entries: list[dict[str, Any]], counts: dict[str, int],
+            features, ext: str, option: str, reused: dict[str, Any] | None) -> dict[str, int]:
+    """The card, the figure and the manifest (always last) of the staged release; then swapped in as ``final``."""
+    recipe, pairs = inp.recipe, inp.pairs
     figure = None
     if inp.figure is not None:
         (release / layout.ASSET_FOLDER).mkdir(exist_ok=True)
@@ -397,13 +384,10 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
             shutil.copyfile(inp.figure, tmp)
         figure = f"assets/{inp.figure.name}"
 
-    entries = [file_entry(release, p, "parquet", len(rows)) for (p, _), rows in zip(paths, shards)]
-    if not id_only:
-        entries += [file_entry(release, t, "webdataset", len(rows)) for (_, t), rows in zip(paths, shards)]
     snapshot = (pq.read_table(inp.snapshot, columns=["key", "digest"]).to_pandas()
                 if inp.snapshot is not None and inp.snapshot.is_file() else None)
     versions = version_block(final, pairs, inp.index_keys, snapshot)
-    parquet_bytes = sum(e["bytes"] for e in entries if e["kind"] == "parquet")
+    parquet_bytes = sum(e["bytes"] for e in entries if e["kind"] in ("parquet", "pairs", "images"))
     with atomic_path(release / layout.CARD) as tmp:
         tmp.write_text(render_card(recipe, features, counts, parquet_bytes, inp.metrics, figure, ext, inp.review,
                                    versions, inp.pair_trust))
@@ -419,6 +403,8 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
         "versions": library_versions(),
         "counts": counts,
         "image_ext": ext,
+        "layout": recipe.layout,
+        "redistribute": recipe.redistribute,
         "class_names": inp.class_names,
         "metrics": ({k: metrics.get(k) for k in ("precision", "coverage", "filter_removed", "thresholds")}
                     if metrics else None),
@@ -430,6 +416,8 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
         "pair_trust": inp.pair_trust,
         # This release's version, its parent's manifest digest, and what changed since (versions.py).
         **versions,
+        # images layout: the settings its picture shards' names depend on, and the shards kept from the parent
+        **({"shard_settings": reused.pop("settings"), "reused": reused} if reused is not None else {}),
         "files": entries,
     }
     write_json(release / layout.MANIFEST, manifest)

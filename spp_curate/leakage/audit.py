@@ -76,6 +76,9 @@ def _release_images(release: Path, manifest: Manifest, pixels: bool) -> dict[str
                 picture = None
         seen[side][(key, ident)] = (digest, picture)
 
+    if manifest.layout == "images":
+        _images_layout(release, manifest, pixels, add)
+        return seen
     shards = [release_file(release, e) for e in manifest.entries("parquet")]
     columns = [f"{s}_{c}" for s in SIDES for c in ("key", "digest")] + (list(SIDES) if pixels else [])
     with stage_progress("audit: read release", int(manifest.counts.pairs)) as (bar, task):
@@ -99,6 +102,36 @@ def _release_images(release: Path, manifest: Manifest, pixels: bool) -> dict[str
                                 str(meta.get(f"{side}_digest", "")), sample[side])
                     bar.update(task, advance=1)
     return seen
+
+
+def _images_layout(release: Path, manifest: Manifest, pixels: bool, add) -> None:
+    """Each picture of an ``images``-layout release, once per side it plays in a pair, from every format it
+    ships (the Parquet image shards and, where written, the image tars)."""
+    from ..export.pictures import iter_pictures, pair_rows
+
+    pairs = pair_rows(release, manifest, [f"{s}_{c}" for s in SIDES for c in ("key", "digest")])
+    roles = {side: dict(zip(pairs[f"{side}_key"], pairs[f"{side}_digest"])) for side in SIDES}
+    if not pixels:
+        for side in SIDES:
+            for key, digest in roles[side].items():
+                add(side, key, digest, None)
+        return
+    with stage_progress("audit: read release", int(getattr(manifest.counts, "pictures", 0) or 0)) as (bar, task):
+        for keys, digests, blobs in iter_pictures(release, manifest, READ_BATCH):
+            for key, digest, data in zip(keys, digests, blobs):
+                for side in SIDES:
+                    if key in roles[side]:
+                        add(side, key, digest, data)
+            bar.update(task, advance=len(keys))
+        for entry in manifest.entries("image-tars"):
+            for sample in _tar_samples(release_file(release, entry)):
+                meta = sample.get("json") or {}
+                key = meta.get("key") if isinstance(meta.get("key"), str) else f"{entry.path}/{sample['__key__']}"
+                data = next((v for k, v in sample.items() if k not in ("__key__", "__url__", "json")
+                             and isinstance(v, bytes)), None)
+                for side in SIDES:
+                    if key in roles[side] or key not in roles["anchor"] and key not in roles["positive"]:
+                        add(side, key, str(meta.get("digest", "")), data)
 
 
 def _tar_samples(path: Path):

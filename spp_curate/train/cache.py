@@ -272,6 +272,82 @@ class ReleaseReader:
         return rows, [cells[c][r].as_py() for r, c in zip(in_group, column)]
 
 
+class PictureReleaseReader:
+    """A local release of the ``images`` layout: its pair table's keys, each picture read from its image shard
+    (row groups of 100 pictures). Files are the ones its manifest lists, reached through no symlink, each the size
+    the manifest says, of the schema the readers expect; a row group over ``MAX_ROW_GROUP_BYTES`` is refused
+    before it is read."""
+
+    def __init__(self, release: Path, manifest, limit: int | None = None) -> None:
+        from ..export.manifest import MAX_ROW_GROUP_BYTES, image_schema_problem, pair_schema_problem, release_file
+        from ..files import UnsafePath
+
+        self.count = manifest.counts.pairs
+
+        def checked(entry, wrong_schema) -> pq.ParquetFile:
+            try:
+                path = release_file(release, entry)
+                if path.stat().st_size != entry.bytes:
+                    raise ValueError(f"it is {path.stat().st_size:,} bytes, its manifest says {entry.bytes:,}; "
+                                     "`spp-curate verify` checks the whole release")
+                parquet = pq.ParquetFile(path)
+                wrong = wrong_schema(parquet.schema_arrow)
+                if wrong:
+                    raise ValueError(wrong)
+                if entry.rows is not None and parquet.metadata.num_rows != entry.rows:
+                    raise ValueError(f"it holds {parquet.metadata.num_rows:,} rows, its manifest says {entry.rows:,}")
+                for g in range(parquet.metadata.num_row_groups):
+                    if parquet.metadata.row_group(g).total_byte_size > MAX_ROW_GROUP_BYTES:
+                        raise ValueError(f"row group {g} is over the limit of {MAX_ROW_GROUP_BYTES:,} bytes")
+                return parquet
+            except (UnsafePath, OSError, ValueError, KeyError) as exc:
+                raise UserError(f"{release}: {entry.path} cannot be read ({exc})", option="--pairs") from None
+
+        tables = []
+        for entry in manifest.entries("pairs"):
+            parquet = checked(entry, lambda schema: pair_schema_problem(schema, images=False))
+            tables.append(parquet.read(columns=["anchor_key", "positive_key"]
+                                       + (["similarity"] if "similarity" in parquet.schema_arrow.names else [])))
+        columns = {c: [v for t in tables for v in t.column(c).to_pylist()][:limit]
+                   for c in ("anchor_key", "positive_key")}
+        for name, keys in columns.items():
+            if any(k is None or k == "" for k in keys):
+                raise UserError(f"{release}: a pair has no {name} (an empty or null key)", option="--pairs")
+        table = pair_table(columns["anchor_key"], columns["positive_key"])
+        self.keys, self.pairs = table.keys, table.pairs
+        self.similarity = pair_similarities(tables, limit)
+        row_of = {k: i for i, k in enumerate(self.keys)}
+        self.files: list[Path] = []
+        found: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (file, group) -> [(row in group, cache row)]
+        for entry in manifest.entries("images"):
+            parquet = checked(entry, image_schema_problem)
+            keys = parquet.read(columns=["key"]).column("key").to_pylist()
+            start = 0
+            for g in range(parquet.metadata.num_row_groups):
+                n = parquet.metadata.row_group(g).num_rows
+                for j, key in enumerate(keys[start: start + n]):
+                    row = row_of.pop(key, None)
+                    if row is not None:
+                        found.setdefault((len(self.files), g), []).append((j, row))
+                start += n
+            self.files.append(release_file(release, entry))
+        if row_of:
+            missing = next(iter(row_of))
+            raise UserError(f"{release}: {len(row_of):,} picture(s) named by its pairs are not in its image shards "
+                            f"(first: {missing!r}); `spp-curate verify` checks the whole release", option="--pairs")
+        self._units = [(f, g, np.asarray([j for j, _ in rows]), np.asarray([r for _, r in rows]))
+                       for (f, g), rows in sorted(found.items())]
+
+    def units(self) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+        return self._units
+
+    def read_unit(self, unit: tuple[int, int, np.ndarray, np.ndarray]) -> tuple[np.ndarray, list]:
+        f, g, in_group, rows = unit
+        cells = pq.ParquetFile(self.files[f]).read_row_group(g, columns=["image"]).column("image")
+        data = cells.combine_chunks().field("bytes")
+        return rows, [data[int(j)].as_py() for j in in_group]
+
+
 class StreamReader:
     """A streamed release (``hf://org/name``): the pairs are read once, in order, and the pictures kept as
     bytes in units of :data:`UNIT_IMAGES` until decoded (for releases that fit in memory as encoded bytes)."""
@@ -322,4 +398,11 @@ def release_reader(release: str, limit: int | None = None) -> ReleaseReader | St
     if not (path / "manifest.json").is_file():
         raise UserError(f"{release} is not a release (no manifest.json); pass a release directory or "
                         "hf://org/name", option="--pairs")
+    from ..export.manifest import load_manifest
+
+    manifest = load_manifest(path, option="--pairs")
+    if manifest.layout == "images":
+        if manifest.images == "none":
+            raise UserError(f"{release} is ID-only; run `spp-curate materialize` first", option="--pairs")
+        return PictureReleaseReader(path, manifest, limit)
     return ReleaseReader(path, limit)
