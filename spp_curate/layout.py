@@ -28,6 +28,9 @@ EMBEDDINGS_RUN = "embeddings/run.json"
 EMBEDDINGS_ENCODER = "embeddings/encoder.json"
 PAIRS = "pairs.parquet"
 MINE_STATS = "mine_stats.json"
+#: Copy scores of the pairs the mine stage compared by picture, keyed by their digests (``pairing/duplicates.py``):
+#: an update compares only pairs of pictures it has not seen.
+COPY_SCORES = "copy-scores.parquet"
 #: The similarity scale the mine stage fitted (``pairing/whiten.py``): mean and projection.
 WHITENING = "whitening.npz"
 REPORT = "report"

@@ -68,9 +68,15 @@ def cli(capsys):
     return call
 
 
+#: The pair-row layout (both pictures in every row and tar sample): what the shared builds' release tests read
+#: in depth. The default layout, each picture once, is tested on its own (test_images_layout.py).
+PAIR_LAYOUT = ["--layout", "pairs"]
+
+
 def build_fmnist(out: Path, *extra: str) -> Path:
+    layout = [] if "--layout" in extra else PAIR_LAYOUT
     rc = run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, *TEST_ENCODER,
-                 "--workers", "0", "--shard-size", "1MB", *extra)
+                 "--workers", "0", "--shard-size", "1MB", *layout, *extra)
     assert rc == 0
     return out
 
@@ -102,6 +108,12 @@ def shared_build(tmp_path_factory, name: str, *extra: str) -> Path:
 def label_build(tmp_path_factory) -> Path:
     """A build of the committed subset with --category label, shared by the read-only tests."""
     return shared_build(tmp_path_factory, "label", "--category", "label")
+
+
+@pytest.fixture(scope="session")
+def images_build(tmp_path_factory) -> Path:
+    """A build of the committed subset in the default layout (each picture once), with WebDataset image tars."""
+    return shared_build(tmp_path_factory, "images", "--category", "label", "--layout", "images", "--webdataset")
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ def id_only(tmp_path_factory):
     write_imagefolder(root, per_class=20, odd=False, broken=False)
     out = base / "b"
     assert run_cli("build", "--source", "imagefolder", "--root", root, "--out", out, *TEST_ENCODER,
-                   "--workers", "0", "--min-similarity", "0", "--images", "none") == 0
+                   "--workers", "0", "--min-similarity", "0", "--images", "none", "--layout", "pairs") == 0
     return out / "release", root
 
 

@@ -28,7 +28,7 @@ from spp_curate.pipeline import STAGES
 
 PER_CLASS, CLASSES, EXTRA = 100, 4, 5  # 400 pictures; 20 more kept aside as the new ones
 OPTIONS = ["--encoder", "openclip:ViT-S-32", "--image-size", "32", "--workers", "0", "--shard-size", "1MB",
-           "--chunk-size", "8"]
+           "--chunk-size", "8", "--layout", "pairs"]
 
 
 def write_folder(root: Path) -> list[tuple[int, object]]:

@@ -22,8 +22,9 @@ def _folder_build(tmp_path, *extra):
     root = tmp_path / "images"
     write_imagefolder(root, per_class=30, odd=False, broken=False)
     out = tmp_path / "b"
+    layout = [] if "--layout" in extra else ["--layout", "pairs"]  # the pair-row layout, unless told
     assert run_cli("build", "--source", "imagefolder", "--root", root, "--out", out, *TEST_ENCODER,
-                   "--workers", "0", "--min-similarity", "0", *extra) == 0
+                   "--workers", "0", "--min-similarity", "0", *layout, *extra) == 0
     return root, out
 
 

@@ -50,6 +50,10 @@ PAIRS_PER_SHARD = 2_000_000
 MAX_PICTURES_PER_SHARD = 20_000
 #: A picture in a tar: its member's header and padding (512 + 256 on average) and a JSON member (1,024).
 TAR_BYTES_PER_PICTURE = 512 + 256 + 1024
+#: A shard of the release replaced is kept whole while at least this share of its pictures is still in a pair
+#: (a few pictures leave the pairs at every update: rewriting their shards would rewrite the release); the
+#: others stay in it, unreferenced, and are counted (``counts.pictures_unpaired``).
+KEEP_SHARE = 0.9
 #: The version of how a shard's bytes are made from its rows; part of every shard name.
 SHARD_FORMAT = "images-1"
 
@@ -132,9 +136,12 @@ def plan_pictures(wanted: pd.DataFrame, parents: list[ParentShard], shard_size: 
     reused: list[ParentShard] = []
     taken: set[str] = set()
     for shard in parents:
-        if with_tars and shard.tar is None:
+        if with_tars and shard.tar is None or not shard.keys:
             continue
-        if shard.keys and all(want.get(k) == d and k not in taken for k, d in zip(shard.keys, shard.digests)):
+        # A picture whose key now names other bytes, or that another kept shard holds: never kept twice or stale.
+        clash = any(k in want and want[k] != d or k in taken for k, d in zip(shard.keys, shard.digests))
+        still = sum(k in want for k in shard.keys)
+        if not clash and still >= KEEP_SHARE * len(shard.keys):
             reused.append(shard)
             taken.update(shard.keys)
     rest = wanted[~wanted.key.isin(taken)].sort_values("key", kind="stable").reset_index(drop=True)
@@ -363,7 +370,9 @@ def write_images_layout(inp, source: Source | None, final: Path, release: Path, 
         entries.append(file_entry(release, p, "images", len(rows)))
         if t is not None:
             entries.append(file_entry(release, t, "image-tars", len(rows)))
-    counts = {"pictures": int(len(wanted)), "shards": len(reused) + len(new),
-              "picture_bytes": int(wanted.nbytes.sum())}
+    kept_keys = {k for shard in reused for k in shard.keys}
+    unpaired = len(kept_keys - set(wanted.key.tolist()))
+    counts = {"pictures": int(len(wanted)) + unpaired, "pictures_unpaired": unpaired,
+              "shards": len(reused) + len(new), "picture_bytes": int(wanted.nbytes.sum())}
     return entries, counts, {"shards": sorted(layout.image_shard(s.name) for s in reused), "bytes": reused_bytes,
                              "settings": settings}

@@ -71,3 +71,89 @@ def pair_copy_scores(source: Any, keys: np.ndarray, a: np.ndarray, b: np.ndarray
         if on_batch:
             on_batch(len(rows))
     return scores
+
+
+#: The version of the copy score's rendering and correlation: a store of another version is not reused.
+COPY_SCORE_VERSION = "1"
+#: A large odd multiplier: two 64-bit digest prefixes folded into one sort key (rows are matched on both).
+_FOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def digest_prefixes(digests: np.ndarray) -> np.ndarray:
+    """The first 64 bits of each picture's sha256 (hex), as uint64: with its partner's, a pair's identity."""
+    return np.fromiter((int(str(d)[:16], 16) for d in digests), dtype=np.uint64, count=len(digests))
+
+
+class CopyScoreStore:
+    """Copy scores kept with the build, keyed by the pictures' contents (two digest prefixes, smaller first), so
+    an update compares only pairs it has not seen: a picture that moved, or whose key changed, keeps its scores.
+
+    Held as three columns (16 bytes a pair) sorted by a folded key; read and written as ``copy-scores.parquet``
+    with the score's version in its metadata (another version is not reused)."""
+
+    def __init__(self, a: np.ndarray | None = None, b: np.ndarray | None = None,
+                 score: np.ndarray | None = None) -> None:
+        a = np.empty(0, np.uint64) if a is None else np.asarray(a, np.uint64)
+        b = np.empty(0, np.uint64) if b is None else np.asarray(b, np.uint64)
+        score = np.empty(0, np.float32) if score is None else np.asarray(score, np.float32)
+        order = np.argsort(self._fold(a, b), kind="stable")
+        self.a, self.b, self.score = a[order], b[order], score[order]
+        self.reused = self.added = 0
+
+    @staticmethod
+    def _fold(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return a * _FOLD + b
+
+    @staticmethod
+    def ordered(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.minimum(x, y), np.maximum(x, y)
+
+    def lookup(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The stored score of each pair of digest prefixes, NaN where none is stored."""
+        a, b = self.ordered(x, y)
+        out = np.full(len(a), np.nan, np.float32)
+        if not len(self.a) or not len(a):
+            return out
+        folded = self._fold(self.a, self.b)
+        want = self._fold(a, b)
+        lo = np.searchsorted(folded, want, side="left")
+        hi = np.searchsorted(folded, want, side="right")
+        for i in np.flatnonzero(hi > lo):  # a folded key shared by other pairs is told apart by both prefixes
+            for j in range(lo[i], hi[i]):
+                if self.a[j] == a[i] and self.b[j] == b[i]:
+                    out[i] = self.score[j]
+                    break
+        return out
+
+    def add(self, x: np.ndarray, y: np.ndarray, score: np.ndarray) -> None:
+        a, b = self.ordered(x, y)
+        merged = CopyScoreStore(np.concatenate([self.a, a]), np.concatenate([self.b, b]),
+                                np.concatenate([self.score, np.asarray(score, np.float32)]))
+        self.a, self.b, self.score = merged.a, merged.b, merged.score
+        self.added += len(a)
+
+    def save(self, path) -> None:
+        import pyarrow as pa
+
+        from ..files import write_table
+
+        table = pa.table({"a": self.a, "b": self.b, "score": self.score})
+        write_table(path, table.replace_schema_metadata({b"spp_curate.copy_score": COPY_SCORE_VERSION.encode()}))
+
+    @classmethod
+    def load(cls, path) -> "CopyScoreStore":
+        """The build's store, or an empty one where there is none, it is of another version, or damaged."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            if not path.is_file() or path.is_symlink():
+                return cls()
+            table = pq.read_table(path)
+            meta = table.schema.metadata or {}
+            if meta.get(b"spp_curate.copy_score") != COPY_SCORE_VERSION.encode():
+                return cls()
+            return cls(table.column("a").to_numpy(), table.column("b").to_numpy(), table.column("score").to_numpy())
+        except (OSError, KeyError, ValueError, pa.ArrowException):
+            return cls()

@@ -28,6 +28,7 @@ from . import filters as F
 from .categories import Categories, assign_categories, read_class_names_file
 from .knn import SearchPlan, ivf_recall, knn_search, plan_search
 from .thresholds import resolve_thresholds, threshold_curve
+from .duplicates import CopyScoreStore, digest_prefixes
 from .whiten import check_fits, embedding_identity, fit_whitening, stored_whitening
 
 PAIRS_SCHEMA = pa.schema([
@@ -163,6 +164,10 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
 
     source = open_source(recipe)
     known = {} if known is None else known
+    store = known.get("store")
+    prefixes = known.get("prefixes")
+    if prefixes is None:
+        prefixes = known["prefixes"] = digest_prefixes(digests)
     checked = known.get("checked", np.empty(0, np.int64))
     copies = known.get("copies", np.empty(0, np.int64))
     if len(copies):
@@ -175,9 +180,20 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
         if not len(new):
             break
         rounds += 1
-        with stage_progress(f"mine: compare pictures ({rounds})", len(new), unit="pair") as (bar, task):
-            scores = pair_copy_scores(source, keys, new // n, new % n,
-                                      on_batch=lambda k: bar.update(task, advance=k))
+        a, b = new // n, new % n
+        scores = np.full(len(new), np.nan, np.float32) if store is None else store.lookup(prefixes[a], prefixes[b])
+        todo = np.flatnonzero(np.isnan(scores))
+        if store is not None:
+            store.reused += int(len(new) - len(todo))
+        # Round 1 compares the pairs the rules keep; each later round, the next candidates of anchors whose
+        # pair was struck as a copy. Pairs compared in an earlier build are read from the store, not compared.
+        what = "kept pairs" if rounds == 1 else "next candidates of struck pairs"
+        with stage_progress(f"mine: compare pictures, round {rounds} ({what})", len(todo),
+                            unit="pair") as (bar, task):
+            scores[todo] = pair_copy_scores(source, keys, a[todo], b[todo],
+                                            on_batch=lambda k: bar.update(task, advance=k))
+        if store is not None and len(todo):
+            store.add(prefixes[a[todo]], prefixes[b[todo]], scores[todo])
         scores_seen.append(scores)
         checked = np.union1d(checked, new)
         found = new[scores >= recipe.copy_threshold]
@@ -189,6 +205,7 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
     scores = np.concatenate(scores_seen) if scores_seen else np.empty(0, np.float32)
     return mined, {"rule": "copy score", "copy_threshold": recipe.copy_threshold, "rounds": rounds,
                    "pairs_compared": int(len(checked)), "copies": int(len(copies)),
+                   "scores_reused": int(store.reused) if store is not None else 0,
                    "score_quantiles": {q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")}
                    if len(scores) else {}}
 
@@ -258,11 +275,15 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     cand = raw_candidates(vecs, groups, recipe.k, engine, plans, recipe.seed, recall)
     keys = np.asarray(index.column("key").to_pylist(), dtype=object)
     target = recipe.precision_target
-    known: dict[str, np.ndarray] = {}  # pictures compared once, whichever run of the rules asks
+    # pictures compared once, whichever run of the rules asks; scores of earlier builds read from the store
+    store = CopyScoreStore.load(build_dir / layout.COPY_SCORES) if recipe.copy_threshold is not None else None
+    known: dict[str, Any] = {"store": store}
     if target is not None:
         recipe, resolved = resolve_precision_target(recipe, build_dir, cand, n, digests, cats.ids, keys, target,
                                                     known)
     mined, duplicates = mine_without_copies(recipe, cand, n, digests, cats.ids, keys, known)
+    if store is not None and store.added:
+        store.save(build_dir / layout.COPY_SCORES)
     if target is not None:
         mined.thresholds["min_similarity"].update(resolved)
     kept, funnel, mutual = mined.kept, mined.funnel, mined.mutual
