@@ -351,13 +351,22 @@ def push(
     private: bool = typer.Option(False, "--private", help="create the repo private"),
     revision: Optional[str] = typer.Option(None, help="branch to push to [default: main]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would be uploaded; touch no network"),
+    rights: bool = typer.Option(False, "--i-hold-the-rights",
+                                help="publish the pictures of a source whose recipe says they may not be "
+                                "redistributed (redistribute: false), stating that you hold the rights to"),
 ) -> None:
     """Verify a release, then upload the files it verified to the Hugging Face Hub; --dry-run lists them."""
     from .export.hub import check_repo_id, push_release
-    from .export.manifest import verified_files
+    from .export.manifest import load_manifest, verified_files
 
     check_repo_id(repo_id)
     files = verified_files(release)
+    manifest = load_manifest(release)
+    if manifest.images == "embed" and (manifest.model_extra or {}).get("redistribute") is False and not rights:
+        raise UserError(f"{release} holds the pictures of {manifest.recipe.get('source')!r}, whose recipe says they "
+                        "may not be redistributed; publish an ID-only release (--images none, and `spp-curate "
+                        "materialize` for its users), or pass --i-hold-the-rights if you do",
+                        option="--i-hold-the-rights")
     if dry_run:
         for path, size in files:
             out.print(f"{size:>14,}  {path}", markup=False, highlight=False)

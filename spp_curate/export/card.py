@@ -60,11 +60,14 @@ def images_card_header(recipe: Recipe, features: datasets.Features, pairs: int, 
     pictures = int(counts.get("pictures", 0))
     configs = [{"config_name": "pairs", "default": True,
                 "data_files": [{"split": "train", "path": "data/pairs-*.parquet"}]}]
-    info = [{"config_name": "pairs", "features": features._to_yaml_list(),
+    from .pictures import pair_table_features
+
+    names = features["label"].names if isinstance(features["label"], datasets.ClassLabel) else []
+    table = pair_table_features(names, digests=recipe.images == "none")
+    info = [{"config_name": "pairs", "features": table._to_yaml_list(),
              "splits": [{"name": "train", "num_examples": pairs}]}]
     if recipe.images != "none":
         configs.append({"config_name": "images", "data_files": [{"split": "train", "path": "data/images-*.parquet"}]})
-        names = [n for n in (features["label"].names if isinstance(features["label"], datasets.ClassLabel) else [])]
         info.append({"config_name": "images", "features": image_features(names)._to_yaml_list(),
                      "splits": [{"name": "train", "num_examples": pictures}]})
     return {

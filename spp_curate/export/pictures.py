@@ -258,17 +258,24 @@ def write_image_shard(recipe, source: Source, rows: pd.DataFrame, target: str, e
     return len(rows)
 
 
+def pair_table_features(class_names: list[str], digests: bool) -> datasets.Features:
+    """The pair table's schema: keys, labels, similarity; the pictures' digests only where the release ships no
+    pictures (an ID-only release), since each image shard row carries its picture's digest once."""
+    from .parquet import id_features
+
+    features = id_features(class_names)
+    return features if digests else datasets.Features({k: v for k, v in features.items() if not k.endswith("_digest")})
+
+
 def write_pair_table(pairs: pd.DataFrame, features: datasets.Features, release: Path) -> list[tuple[Path, int]]:
     """The pairs as rows of keys (no pixels) in ``data/pairs-*.parquet``; returns ``(path, rows)`` per shard."""
-    from .parquet import PAIR_COLUMNS
-
     n = max(1, -(-len(pairs) // PAIRS_PER_SHARD))
     out = []
     for i in range(n):
         part = pairs.iloc[i * PAIRS_PER_SHARD: (i + 1) * PAIRS_PER_SHARD]
         path = release / layout.pair_table_shard(i, n)
         tmp = temp_path(path)
-        columns = {c: part[c].tolist() for c in PAIR_COLUMNS}
+        columns = {c: part[c].tolist() for c in features}
         columns["label"] = part.label.astype(np.int64).tolist()
         columns["label_name"] = part.label_name.astype(str).tolist()
         table = pa.table(columns, schema=features.arrow_schema)
@@ -285,9 +292,20 @@ def pair_rows(release: Path, manifest, columns: list[str]) -> pd.DataFrame:
     pair shards (``pairs`` layout)."""
     from .manifest import release_file
 
-    kind = "pairs" if getattr(manifest, "layout", "pairs") == "images" else "parquet"
-    parts = [pq.read_table(release_file(release, e), columns=columns).to_pandas() for e in manifest.entries(kind)]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    images = getattr(manifest, "layout", "pairs") == "images"
+    kind = "pairs" if images else "parquet"
+    joined = [c for c in columns if c.endswith("_digest")] if images and manifest.images == "embed" else []
+    own = [c for c in columns if c not in joined]
+    parts = [pq.read_table(release_file(release, e), columns=own).to_pandas() for e in manifest.entries(kind)]
+    rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=own)
+    if joined:  # each picture's digest is stored once, beside it in its image shard
+        digest: dict[str, str] = {}
+        for entry in manifest.entries("images"):
+            table = pq.read_table(release_file(release, entry), columns=["key", "digest"])
+            digest.update(zip(table.column("key").to_pylist(), table.column("digest").to_pylist()))
+        for column in joined:
+            rows[column] = rows[column.replace("_digest", "_key")].map(digest)
+    return rows[columns]
 
 
 def iter_pictures(release: Path, manifest, batch_size: int = IMAGE_ROW_GROUP
@@ -310,13 +328,11 @@ def write_images_layout(inp, source: Source | None, final: Path, release: Path, 
     unchanged shards linked in; returns the manifest entries, the counts to add, and what was reused."""
     from ..progress import stage_progress
     from .manifest import file_entry
-    from .parquet import id_features
-
     recipe, pairs = inp.recipe, inp.pairs
-    entries = [file_entry(release, path, "pairs", rows)
-               for path, rows in write_pair_table(pairs, id_features(inp.class_names), release)]
+    features = pair_table_features(inp.class_names, digests=recipe.images == "none")
+    entries = [file_entry(release, path, "pairs", rows) for path, rows in write_pair_table(pairs, features, release)]
     if recipe.images == "none":
-        return entries, {"pictures": 0, "shards": 0}, {"shards": [], "bytes": 0}
+        return entries, {"pictures": 0, "shards": 0}, {"shards": [], "bytes": 0, "settings": None}
     used = pd.unique(np.concatenate([pairs.anchor_key.to_numpy(), pairs.positive_key.to_numpy()]))
     digest = dict(zip(pairs.anchor_key, pairs.anchor_digest)) | dict(zip(pairs.positive_key, pairs.positive_digest))
     facts = inp.images.loc[used]

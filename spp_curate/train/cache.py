@@ -305,7 +305,7 @@ class PictureReleaseReader:
 
         tables = []
         for entry in manifest.entries("pairs"):
-            parquet = checked(entry, lambda schema: pair_schema_problem(schema, images=False))
+            parquet = checked(entry, lambda schema: pair_schema_problem(schema, images=False, digests=False))
             tables.append(parquet.read(columns=["anchor_key", "positive_key"]
                                        + (["similarity"] if "similarity" in parquet.schema_arrow.names else [])))
         columns = {c: [v for t in tables for v in t.column(c).to_pylist()][:limit]
