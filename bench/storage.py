@@ -1,7 +1,7 @@
 """Benchmark release bytes against the bytes of the pictures a release ships, per layout and format.
 
-    python bench/storage.py --quick     # 2,000 Fashion-MNIST pictures (~500 B PNG) and 300 ImageNet-like JPEGs
-                                        # (400 x 350, ~110 KB each), minutes on a CPU
+    python bench/storage.py --quick     # 2,000 Fashion-MNIST pictures (~500 B PNG), 2,000 small JPEGs (~2 KB)
+                                        # and 300 ImageNet-like JPEGs (400 x 350), minutes on a CPU
 
 Each source is built once (``--encoder pixels:16 --category label``) and exported in three layouts: the default
 (``images``: each picture once in Parquet, pairs as a table of keys), ``images --webdataset`` (the same pictures
@@ -41,17 +41,18 @@ def small_pictures(root: Path, n: int, fmnist: Path) -> None:
         Image.fromarray(source.images[i], "L").save(folder / f"{i:05d}.png")
 
 
-def imagenet_like(root: Path, n: int, classes: int = 10, seed: int = 0) -> None:
+def imagenet_like(root: Path, n: int, classes: int = 10, seed: int = 0, size: tuple[int, int] = (400, 350),
+                  noise: float = 22.0) -> None:
     """Photos' statistics, roughly: a class's smooth colour field, per-picture texture and noise, saved as
-    JPEG at quality 90 (about 110 KB at 400 x 350, ImageNet's mean file size)."""
+    JPEG at quality 90 (at 400 x 350, about ImageNet's mean file size; at 64 x 56 about 2 KB)."""
     rng = np.random.default_rng(seed)
     bases = rng.uniform(40, 215, size=(classes, 3))
-    yy, xx = np.mgrid[0:350, 0:400] / 50.0
+    yy, xx = np.mgrid[0:size[1], 0:size[0]] * (350 / size[1]) / 50.0
     for i in range(n):
         label = i % classes
         phase = rng.uniform(0, 6.3, 3)
         field = bases[label][None, None, :] + 40 * np.sin(xx[..., None] + phase) * np.cos(yy[..., None] - phase)
-        picture = np.clip(field + rng.normal(0, 22, field.shape), 0, 255).astype(np.uint8)
+        picture = np.clip(field + rng.normal(0, noise, field.shape), 0, 255).astype(np.uint8)
         folder = root / f"class{label:02d}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(picture).save(folder / f"{i:05d}.jpg", quality=90)
@@ -127,16 +128,18 @@ def measure(root: Path, out: Path, name: str) -> dict:
 
 def main_(argv: list[str] | None = None) -> dict:
     parser = mode_parser(__doc__)
-    parser.add_argument("--small", type=int, default=2000, help="Fashion-MNIST pictures [2,000]")
-    parser.add_argument("--large", type=int, default=300, help="ImageNet-like pictures [300]")
+    parser.add_argument("--tiny", type=int, default=2000, help="Fashion-MNIST pictures (~500 B PNG) [2,000]")
+    parser.add_argument("--small", type=int, default=2000, help="small JPEGs (64 x 56, ~2 KB) [2,000]")
+    parser.add_argument("--large", type=int, default=300, help="ImageNet-like JPEGs (400 x 350) [300]")
     args = parser.parse_args(argv)
     fmnist = args.root or (DEBIAN if DEBIAN.is_dir() else SUBSET)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        small_pictures(tmp / "small", args.small, fmnist)
+        small_pictures(tmp / "tiny", args.tiny, fmnist)
+        imagenet_like(tmp / "small", args.small, size=(64, 56), noise=30.0)
         imagenet_like(tmp / "large", args.large)
-        result = {"small": measure(tmp / "small", tmp, "small"), "imagenet-like": measure(tmp / "large", tmp,
-                                                                                          "imagenet-like")}
+        result = {"tiny": measure(tmp / "tiny", tmp, "fashion-mnist"), "small": measure(tmp / "small", tmp, "small"),
+                  "imagenet-like": measure(tmp / "large", tmp, "imagenet-like")}
     print(json.dumps(result))
     return result
 

@@ -276,7 +276,10 @@ def train(
     limit: Optional[int] = typer.Option(None, min=1, help="use the first N pairs or images"),
     seed: int = typer.Option(0),
     workers: Optional[int] = typer.Option(None, min=0, help="decode processes [default: spare cores]"),
-    cache: str = typer.Option("auto", help="decoded pictures: auto | memory | disk (RUN/cache/, memory-mapped)"),
+    cache: str = typer.Option("auto", help="decoded pictures: auto (raw pixels where they fit half the memory, "
+                              "else jpeg) | disk (raw pixels, memory-mapped) | jpeg (JPEG at the training size, "
+                              "decoded per batch) | memory (this run only); a local release's cache is kept beside "
+                              "it (.NAME.cache/) and reused by later runs"),
     partner_weight: str = typer.Option(
         "auto", help="weight of the partner positives: auto (the release's pair precision above chance: "
         "reviewed estimate, else labels) or a number from 0 to 1"),

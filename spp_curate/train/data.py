@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from .augment import DeviceAugment
-from .cache import (CACHE_DIR, PictureCache, ReleaseReader, SourceReader, StreamReader, decode_into,
-                    release_reader)
+from .cache import (CACHE_DIR, JpegPictures, PictureCache, ReleaseReader, SourceReader, StreamReader, decode_into,
+                    release_cache, release_reader)
 from .methods import Views
 
 POSITIVE_MODES = ("augment", "semantic", "both")
@@ -91,8 +91,12 @@ def pair_data(release: str, side: int, workers: int | None, cache_mode: str = "a
               limit: int | None = None) -> TrainData:
     """A release's pairs (local: read by row ranges; ``hf://``: streamed once), pictures decoded once."""
     reader: ReleaseReader | StreamReader = release_reader(release, limit)
-    cache = decode_into(reader, side, workers, cache_mode, run_dir / CACHE_DIR if run_dir else None,
-                        label="decode pairs")
+    spill = run_dir / CACHE_DIR if run_dir else None
+    if cache_mode != "memory" and not release.startswith("hf://"):
+        # kept beside the release and reused by later runs on it (same size and settings)
+        cache = release_cache(reader, Path(release), side, workers, cache_mode, spill, label="decode pairs")
+    else:
+        cache = decode_into(reader, side, workers, cache_mode, spill, label="decode pairs")
     return _usable(cache, reader.pairs, "pair", reader.similarity)
 
 
@@ -119,16 +123,20 @@ class ViewMaker:
         # each row's own weight (``--partner-trust similarity``), else one weight for every row
         self.pair_weights = None if pair_weights is None else torch.from_numpy(
             np.asarray(pair_weights, dtype=np.float32)).to(device)
-        pixels = torch.from_numpy(np.asarray(data.cache.pixels))
-        if device.type == "cuda" and pixels.numel() <= GPU_CACHE_SHARE * torch.cuda.mem_get_info(device)[0]:
-            pixels = pixels.to(device)
-        self.pixels = pixels
+        self.jpeg = data.cache.pixels if isinstance(data.cache.pixels, JpegPictures) else None
+        if self.jpeg is None:
+            pixels = torch.from_numpy(np.asarray(data.cache.pixels))
+            if device.type == "cuda" and pixels.numel() <= GPU_CACHE_SHARE * torch.cuda.mem_get_info(device)[0]:
+                pixels = pixels.to(device)
+            self.pixels = pixels
         ids = np.asarray([image_id(k) for k in data.cache.keys], dtype=np.int64)
         self.ids = torch.from_numpy(np.append(ids, -1)).to(device)  # row -1: "no partner"
         self.rows = torch.from_numpy(data.rows)
         self.augment = DeviceAugment(image_size).to(device)
 
     def _pictures(self, rows: torch.Tensor, on_device: torch.Tensor) -> torch.Tensor:
+        if self.jpeg is not None:  # decoded per batch, on the training device
+            return self.jpeg.batch(rows.numpy(), self.device)
         if self.pixels.device == self.device:
             return self.pixels[on_device]
         return self.pixels[rows].to(self.device, non_blocking=True)
