@@ -220,3 +220,33 @@ def test_diff_and_audit_read_both_layouts(tmp_path, cli, layout):
     assert proc.returncode == 0
     leaked = [line for line in proc.stdout.splitlines() if line.startswith("anchor:")][0]
     assert "0 near-copies" not in leaked  # every picture is its own reference: all are found
+
+
+def test_the_trainer_cache_is_kept_beside_the_release_and_reused_raw_or_jpeg(images_build, tmp_path, cli):
+    """The first run decodes and keeps its cache beside the release; a second run on the same release and size
+    decodes nothing (it finds the cache); ``--cache jpeg`` keeps JPEG at the training size and trains from it."""
+    release = tmp_path / "release"
+    shutil.copytree(images_build / "release", release)
+    common = ["--pairs", release, "--epochs", "1", "--limit", "48", "--batch-size", "16", "--workers", "0",
+              "--image-size", "24"]
+    for kind in ("disk", "jpeg"):
+        first = cli("train", *common, "--out", tmp_path / f"{kind}1", "--cache", kind)
+        assert first.returncode == 0 and "decode pairs" in first.stderr
+        caches = sorted((tmp_path / ".release.cache").glob(f"{'raw' if kind == 'disk' else 'jpeg'}-24px-*"))
+        assert len(caches) == 1 and (caches[0] / "done.json").is_file()
+        stamp = (caches[0] / "done.json").stat().st_mtime_ns
+        again = cli("train", *common, "--out", tmp_path / f"{kind}2", "--cache", kind)
+        assert again.returncode == 0 and "decode pairs" not in again.stderr
+        assert (caches[0] / "done.json").stat().st_mtime_ns == stamp
+        losses = [(tmp_path / f"{kind}{i}" / "metrics.jsonl").read_text().splitlines()[-1] for i in (1, 2)]
+        losses = [json.loads(line)["loss"] for line in losses]
+        assert losses[0] == losses[1]  # the same pictures, the same run
+    from spp_curate.train.cache import JpegPictures, release_reader, release_cache
+
+    reader = release_reader(str(release), 48)
+    cache = release_cache(reader, release, 24, 0, "jpeg", None)
+    assert isinstance(cache.pixels, JpegPictures)
+    raw = release_cache(reader, release, 24, 0, "disk", None)
+    decoded = cache.pixels.batch(np.arange(len(reader.keys)), "cpu").numpy().astype(np.int16)
+    assert np.abs(decoded - np.asarray(raw.pixels).astype(np.int16)).mean() < 4  # JPEG q95 of the same pictures
+    assert cache.pixels.nbytes < np.asarray(raw.pixels).nbytes  # at 24 px JPEG headers weigh; 128 px: bench
