@@ -41,9 +41,10 @@ def planted_folder(tmp_path_factory, fmnist_root) -> tuple[Path, dict[str, str]]
 
 
 def _build(root: Path, out: Path, *extra: str) -> int:
+    # the pair-row layout: the audit and diff tests plant pictures in its pair rows and tars
     return run_cli("build", "--source", "imagefolder", "--root", root, "--out", out, *TEST_ENCODER,
                    "--workers", "0", "--min-similarity", "0", "--dup-threshold", "0.99999", "--shard-size", "1MB",
-                   *extra)
+                   "--layout", "pairs", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from spp_curate.layout import load_embeddings
 
-from conftest import FMNIST, TEST_ENCODER, run_cli
+from conftest import FMNIST, PAIR_LAYOUT, TEST_ENCODER, run_cli
 
 
 def _mtimes(build, names):
@@ -24,7 +24,7 @@ def _mtimes(build, names):
 
 def _build(out, *extra):
     return run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, *TEST_ENCODER,
-                   "--workers", "0", "--shard-size", "1MB", *extra)
+                   "--workers", "0", "--shard-size", "1MB", *PAIR_LAYOUT, *extra)
 
 
 def test_rebuild_skips_complete_stages_and_reruns_what_an_option_touches(label_build, tmp_path):

@@ -326,9 +326,11 @@ def iter_pictures(release: Path, manifest, batch_size: int = IMAGE_ROW_GROUP
 # ------------------------------------------------------------------ writing a release's shards in this layout
 
 def write_images_layout(inp, source: Source | None, final: Path, release: Path, engine, target: str, ext: str,
-                        ) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, Any]]:
+                        again: bool = False) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, Any]]:
     """The pair table and the picture shards of ``inp`` in the staging folder ``release``, the parent's
-    unchanged shards linked in; returns the manifest entries, the counts to add, and what was reused."""
+    unchanged shards linked in (``again``: none; every picture read from the source and checked against its
+    digest again, as ``export --force`` asks); returns the manifest entries, the counts to add, and what was
+    reused."""
     from ..progress import stage_progress
     from .manifest import file_entry
     recipe, pairs = inp.recipe, inp.pairs
@@ -346,7 +348,8 @@ def write_images_layout(inp, source: Source | None, final: Path, release: Path, 
                                           else np.full(len(used), "", dtype=object))})
     settings = shard_settings(target, recipe.max_side)
     with_tars = bool(recipe.webdataset)
-    reused, chunks = plan_pictures(wanted, parent_shards(final, settings), recipe.shard_size, with_tars)
+    reused, chunks = plan_pictures(wanted, [] if again else parent_shards(final, settings), recipe.shard_size,
+                                   with_tars)
     (release / layout.PARQUET_FOLDER).mkdir(parents=True, exist_ok=True)
     if with_tars:
         (release / layout.TAR_FOLDER).mkdir(parents=True, exist_ok=True)

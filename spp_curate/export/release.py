@@ -329,7 +329,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
         return done
     release = _staging(final, plan, option)
     if recipe.layout == "images":
-        entries, extra, reused = write_images_layout(inp, source, final, release, engine, target, ext)
+        entries, extra, reused = write_images_layout(inp, source, final, release, engine, target, ext, again)
         features = id_features(inp.class_names)
         counts = {**inp.counts, "pairs": len(pairs), **extra,
                   "images_reencoded": 0 if id_only else int(sum(formats.loc[used] != target))}
