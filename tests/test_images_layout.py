@@ -250,3 +250,17 @@ def test_the_trainer_cache_is_kept_beside_the_release_and_reused_raw_or_jpeg(ima
     decoded = cache.pixels.batch(np.arange(len(reader.keys)), "cpu").numpy().astype(np.int16)
     assert np.abs(decoded - np.asarray(raw.pixels).astype(np.int16)).mean() < 4  # JPEG q95 of the same pictures
     assert cache.pixels.nbytes < np.asarray(raw.pixels).nbytes  # at 24 px JPEG headers weigh; 128 px: bench
+
+
+def test_an_imagenet_release_with_pixels_says_it_may_not_be_redistributed_whatever_the_recipe(tmp_path, cli):
+    """The source kind decides too: a recipe that asks for pixels and ``--redistribute`` still gets a release
+    whose manifest and card say the pictures may not be redistributed, and push refuses it without the flag."""
+    from test_sources import _imagenet_tree
+
+    _imagenet_tree(tmp_path / "in", val_sorted=True)
+    out = tmp_path / "b"
+    assert cli("build", "--source", "imagenet", "--root", tmp_path / "in", "--out", out, "--encoder", "pixels:8",
+               "--workers", "0", "--images", "embed", "--redistribute", "--min-similarity", "0").returncode == 0
+    assert _manifest(out / "release")["redistribute"] is False
+    proc = cli("push", out / "release", "--repo-id", "someorg/in1k-pairs", "--dry-run")
+    assert proc.returncode == 2 and "--i-hold-the-rights" in proc.stderr

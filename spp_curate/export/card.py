@@ -81,8 +81,15 @@ def images_card_header(recipe: Recipe, features: datasets.Features, pairs: int, 
     }
 
 
+def may_redistribute(recipe: Recipe) -> bool:
+    """Whether this release's pictures may be published: its recipe says so and its source kind allows it."""
+    from ..curate.sources.base import source_class
+
+    return bool(recipe.redistribute) and source_class(recipe.source_spec.kind).redistributable
+
+
 def licence_lines(recipe: Recipe) -> list[str]:
-    if recipe.redistribute:
+    if may_redistribute(recipe):
         return []
     return ["## Licence of the pictures", "",
             f"The pictures of `{recipe.source}` may not be redistributed. "

@@ -40,7 +40,7 @@ from ..files import atomic_path, read_json, recover_swap, refuse_foreign, remove
     sha256_bytes, swap_in, write_json, write_table
 from ..review.store import apply_reviews, read_reviews
 from ..progress import stage_progress
-from .card import render_card
+from .card import may_redistribute, render_card
 from .encoding import EXT_OF_FORMAT, encoded_image, release_format  # noqa: F401 - their home before
 from .manifest import SCHEMA_VERSION, file_entry
 from .versions import index_digest, version_block
@@ -404,7 +404,7 @@ def _finish(inp: ReleaseInput, final: Path, release: Path, entries: list[dict[st
         "counts": counts,
         "image_ext": ext,
         "layout": recipe.layout,
-        "redistribute": recipe.redistribute,
+        "redistribute": may_redistribute(recipe),
         "class_names": inp.class_names,
         "metrics": ({k: metrics.get(k) for k in ("precision", "coverage", "filter_removed", "thresholds")}
                     if metrics else None),

@@ -67,6 +67,9 @@ class Source(ABC):
     #: Labels run from 0 to MAX_LABEL - 1 (ImageNet-21k has 21,841 classes); -1 or none: unlabelled. A row
     #: whose label is outside that range is quarantined, so a tiny input cannot ask for 10^40 class names.
     MAX_LABEL: ClassVar[int] = 100_000
+    #: Whether the source's pictures may be published. A kind whose pictures may not (ImageNet's terms of
+    #: access) says False: its releases say so, and ``push`` refuses their pixels without --i-hold-the-rights.
+    redistributable: ClassVar[bool] = True
     #: Class names, indexed by label; empty when the source has no labels.
     class_names: list[str]
     listing_problems: list[tuple[str, str]]

@@ -129,6 +129,8 @@ class ImageFolderSource(Source):
 class ImageNetSource(ImageFolderSource):
     """ImageNet-1k as distributed: ``train/<wnid>/*.JPEG`` and ``val/``.
 
+    ImageNet's terms of access allow research use, not redistribution (``redistributable`` False).
+
     Class indices are the sorted wnids of ``train/`` (torchvision's order);
     names come from ``LOC_synset_mapping.txt`` when present (its first name
     per synset). ``val/`` may be sorted into ``<wnid>/`` folders already, or
@@ -138,6 +140,7 @@ class ImageNetSource(ImageFolderSource):
 
     kind = "imagenet"
     form = "imagenet"
+    redistributable = False
     reference_example = "imagenet:/data/imagenet:val"
     reference_split = "val"
 
