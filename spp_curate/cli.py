@@ -267,7 +267,9 @@ def train(
     source: Optional[str] = typer.Option(None, help="train on single images of a source instead"),
     root: Optional[Path] = typer.Option(None, help="the source's root (with --source)"),
     method: str = typer.Option("simclr", help="moco | simclr | simsiam | byol"),
-    positives: str = typer.Option("augment", help="augment | semantic | both"),
+    positives: str = typer.Option("auto", help="both (each anchor's two augmentations and its partner, SePP-ID) | "
+                                  "semantic (the partner replaces the second augmentation) | augment (the matched "
+                                  "baseline: the partners unused) | auto: both with --pairs, augment with --source"),
     backbone: str = typer.Option("small-cnn", help="small-cnn | resnet18 | resnet50"),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(256, min=2),
@@ -299,6 +301,8 @@ def train(
     from .train.loop import TrainConfig, parse_support, train as run_train
     from .train.trust import parse_partner_weight
 
+    if positives == "auto":  # the point of a pair release is its partners; single images have none
+        positives = "augment" if source is not None and pairs is None else "both"
     cfg = TrainConfig(out=str(out_dir), method=method, positives=positives, backbone=backbone, pairs=pairs,
                       source=source, root=str(root) if root else None, limit=limit, epochs=epochs,
                       batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, workers=workers,

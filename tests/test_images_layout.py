@@ -264,3 +264,14 @@ def test_an_imagenet_release_with_pixels_says_it_may_not_be_redistributed_whatev
     assert _manifest(out / "release")["redistribute"] is False
     proc = cli("push", out / "release", "--repo-id", "someorg/in1k-pairs", "--dry-run")
     assert proc.returncode == 2 and "--i-hold-the-rights" in proc.stderr
+
+
+def test_train_on_pairs_uses_the_partners_by_default_and_says_which_positives(images_build, tmp_path, cli):
+    common = ["--pairs", images_build / "release", "--epochs", "1", "--limit", "32", "--batch-size", "16",
+              "--workers", "0", "--image-size", "16", "--cache", "memory"]
+    proc = cli("train", *common, "--out", tmp_path / "default")
+    assert proc.returncode == 0 and "positives: both (" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "default" / "metrics.jsonl").read_text().splitlines()[-1])
+    proc = cli("train", *common, "--out", tmp_path / "baseline", "--positives", "augment")
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "positives: augment (" in said and "partners are not used" in said

@@ -199,7 +199,20 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         return _train(cfg, resume, stop_after)
 
 
+POSITIVES_SAID = {
+    "both": "each anchor's two augmentations and its partner are positives of each other (SePP-ID); the matched "
+            "baseline is --positives augment",
+    "semantic": "the partner replaces the second augmentation (the pairs alone); the matched baseline is "
+                "--positives augment",
+    "augment": "each anchor's two augmentations, the matched baseline: the release's partners are not used "
+               "(--positives both uses them)",
+}
+
+
 def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, Any]:
+    console.print(f"positives: {cfg.positives} ("
+                  + ("single images: no partner" if cfg.pairs is None else POSITIVES_SAID[cfg.positives]) + ")",
+                  markup=False, highlight=False)
     trust = None
     if cfg.pairs is not None and cfg.positives != "augment":
         trust = release_trust(cfg.pairs, cfg.partner_weight, cfg.partner_trust)
