@@ -275,3 +275,55 @@ def test_train_on_pairs_uses_the_partners_by_default_and_says_which_positives(im
     proc = cli("train", *common, "--out", tmp_path / "baseline", "--positives", "augment")
     said = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "positives: augment (" in said and "partners are not used" in said
+
+
+def _hub_cache(cache, repo_id: str, release, commit: str = "1" * 40):
+    """``release`` in a Hugging Face cache as huggingface_hub lays out a dataset repo: blobs, and a snapshot of
+    symlinks to them under the commit, with ``refs/main`` naming it."""
+    repo = cache / f"datasets--{repo_id.replace('/', '--')}"
+    for path in sorted(p for p in release.rglob("*") if p.is_file()):
+        rel = path.relative_to(release)
+        if rel.parts[0].startswith("."):
+            continue
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, blob)
+        link = repo / "snapshots" / commit / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo
+
+
+def test_train_from_the_hub_pins_a_revision_and_reads_its_manifest_as_on_disk(images_build, tmp_path, cli,
+                                                                               monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hub"
+    repo = _hub_cache(cache, "someorg/pairs", images_build / "release")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SPP_CURATE_CACHE", str(tmp_path / "ours"))
+    common = ["--epochs", "1", "--limit", "32", "--batch-size", "16", "--workers", "0", "--image-size", "16",
+              "--cache", "memory"]
+    said = {}
+    for name, pairs in (("disk", images_build / "release"), ("hub", f"hf://someorg/pairs@{'1' * 40}"),
+                        ("head", "hf://someorg/pairs")):
+        proc = cli("train", "--pairs", pairs, "--out", tmp_path / name, *common)
+        assert proc.returncode == 0, proc.stderr
+        said[name] = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("pairs: ")]
+    assert said["disk"] and said["disk"] == said["hub"] == said["head"]  # the same trust and partner weight
+    fetched = tmp_path / "ours" / "releases" / f"someorg--pairs@{'1' * 40}"
+    assert not any(p.is_symlink() for p in fetched.rglob("*"))
+    # a blob altered in the cache: the fetched release does not verify, and nothing trains
+    shutil.rmtree(tmp_path / "ours")
+    shard = next((repo / "snapshots" / ("1" * 40) / "data").glob("images-*.parquet")).resolve()
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = cli("train", "--pairs", "hf://someorg/pairs", "--out", tmp_path / "tampered", *common)
+    assert proc.returncode == 2 and "does not verify" in proc.stderr and "sha256" in proc.stderr
+    proc = cli("train", "--pairs", "hf://someorg/pairs@nope", "--out", tmp_path / "norev", *common)
+    assert proc.returncode == 2 and "--pairs" in proc.stderr and "Traceback" not in proc.stderr

@@ -591,8 +591,10 @@ def stream_rows(name: str) -> Iterator[dict[str, Any]]:
 def release_reader(release: str, limit: int | None = None) -> ReleaseReader | StreamReader:
     """The reader for ``--pairs`` (its first ``limit`` pairs): row ranges of a local release, or one stream
     of ``hf://org/name``."""
-    if release.startswith("hf://"):
-        return StreamReader(itertools.islice(stream_rows(release[len("hf://"):]), limit))
+    if release.startswith("hf://"):  # fetched at its revision and verified, then read as a local release
+        from ..export.hub import fetch_release
+
+        release = str(fetch_release(release))
     path = Path(release)
     if not (path / "manifest.json").is_file():
         raise UserError(f"{release} is not a release (no manifest.json); pass a release directory or "

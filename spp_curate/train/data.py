@@ -89,10 +89,14 @@ def _usable(cache: PictureCache, rows: np.ndarray, unit: str, similarity: np.nda
 
 def pair_data(release: str, side: int, workers: int | None, cache_mode: str = "auto", run_dir: Path | None = None,
               limit: int | None = None) -> TrainData:
-    """A release's pairs (local: read by row ranges; ``hf://``: streamed once), pictures decoded once."""
+    """A release's pairs (local, or ``hf://ORG/NAME[@REV]`` fetched and verified), pictures decoded once."""
+    if release.startswith("hf://"):  # fetched at its revision into the Hub cache and verified there
+        from ..export.hub import fetch_release
+
+        release = str(fetch_release(release))
     reader: ReleaseReader | StreamReader = release_reader(release, limit)
     spill = run_dir / CACHE_DIR if run_dir else None
-    if cache_mode != "memory" and not release.startswith("hf://"):
+    if cache_mode != "memory":
         # kept beside the release and reused by later runs on it (same size and settings)
         cache = release_cache(reader, Path(release), side, workers, cache_mode, spill, label="decode pairs")
     else:

@@ -149,33 +149,36 @@ def check_partner_trust(value: Any) -> str:
 
 
 def release_trust(release: str, given: float | None, mode: str = "release") -> Trust:
-    """The trust in ``release``'s pairs (a local release's manifest; ``hf://`` releases: unknown); with ``mode``
+    """The trust in ``release``'s pairs (its manifest, local or at the ``hf://`` revision); with ``mode``
     ``similarity`` also its precision by similarity band, where the manifest has it."""
     if given is not None:
         return Trust(None, "given", 0.0, float(given))
     precision, source, chance, bands = None, "unknown", 0.0, None
-    if not release.startswith("hf://"):
-        from ..export.manifest import load_manifest
+    if release.startswith("hf://"):  # the manifest at the revision the run trains on: the same trust as on disk
+        from ..export.hub import fetch_release
 
-        manifest = load_manifest(Path(release), option="--pairs")
-        extra = manifest.model_extra or {}
-        review = extra.get("review") if isinstance(extra.get("review"), dict) else {}
-        metrics = extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {}
-        estimate = review.get("precision_estimate") if isinstance(review.get("precision_estimate"), dict) else {}
-        shipped = review.get("precision_shipped") if isinstance(review.get("precision_shipped"), dict) else {}
-        # the shipped pairs' precision first (a release of the accepted pairs is not the mined pairs' sample)
-        for value, name in ((shipped.get("value"), "reviews of the shipped pairs"),
-                            (estimate.get("value"), "reviewed sample"), (review.get("precision_released"), "labels"),
-                            (metrics.get("precision"), "labels")):
-            if _fraction(value) is not None:
-                precision, source = _fraction(value), name
-                break
-        classes = len(manifest.class_names)
-        chance = 1.0 / classes if classes > 1 else 0.0
-        if mode == "similarity":
-            from ..review.estimate import checked_band_trust
+        release = str(fetch_release(release))
+    from ..export.manifest import load_manifest
 
-            bands = checked_band_trust(extra.get("pair_trust"))
+    manifest = load_manifest(Path(release), option="--pairs")
+    extra = manifest.model_extra or {}
+    review = extra.get("review") if isinstance(extra.get("review"), dict) else {}
+    metrics = extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {}
+    estimate = review.get("precision_estimate") if isinstance(review.get("precision_estimate"), dict) else {}
+    shipped = review.get("precision_shipped") if isinstance(review.get("precision_shipped"), dict) else {}
+    # the shipped pairs' precision first (a release of the accepted pairs is not the mined pairs' sample)
+    for value, name in ((shipped.get("value"), "reviews of the shipped pairs"),
+                        (estimate.get("value"), "reviewed sample"), (review.get("precision_released"), "labels"),
+                        (metrics.get("precision"), "labels")):
+        if _fraction(value) is not None:
+            precision, source = _fraction(value), name
+            break
+    classes = len(manifest.class_names)
+    chance = 1.0 / classes if classes > 1 else 0.0
+    if mode == "similarity":
+        from ..review.estimate import checked_band_trust
+
+        bands = checked_band_trust(extra.get("pair_trust"))
     if precision is None:
         return Trust(None, "unknown", chance, 1.0)
     return Trust(precision, source, chance, weight_for(precision, chance), bands)
