@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
@@ -125,3 +125,21 @@ def stage_progress(description: str, total: int | None, unit: str = "img",
     with progress:
         task = progress.add_task(description, total=total, **fields)
         yield progress, task
+
+
+def shard_counter(bar: Any, task: Any) -> tuple[Callable[[], None], Callable[[int, int], None]]:
+    """Two callbacks for shards written one process each: ``on_item`` advances the bar item by item where a
+    shard is written in this process, ``on_shard(_, written)`` by what a shard wrote beyond what was counted."""
+    shown = 0
+
+    def on_item() -> None:
+        nonlocal shown
+        shown += 1
+        bar.update(task, advance=1)
+
+    def on_shard(_: int, written: int) -> None:
+        nonlocal shown
+        bar.update(task, advance=written - shown)
+        shown = 0
+
+    return on_item, on_shard

@@ -267,7 +267,7 @@ def _hub_file(repo: str, names: tuple[str, ...], spec: str, hint: str = "") -> s
             found = None
         if isinstance(found, str):
             return found
-    hint = hint or f"or copy the model into a folder and give openclip:local-dir:PATH"
+    hint = hint or "or copy the model into a folder and give openclip:local-dir:PATH"
     if _hub_offline():
         raise UserError(f"{spec}: the Hub is offline (HF_HUB_OFFLINE) and {repo} ({' or '.join(names)}) is not in the "
                         f"Hugging Face cache; fetch it once where the Hub is reachable, {hint}", option="--encoder")

@@ -33,43 +33,14 @@ def size_category(n: int) -> str:
 
 def card_header(recipe: Recipe, features: datasets.Features, pairs: int, parquet_bytes: int,
                 counts: dict[str, int] | None = None) -> dict[str, Any]:
+    """The YAML header the Hub and ``load_dataset`` read: the configs and their declared features."""
     if recipe.layout == "images":
-        return images_card_header(recipe, features, pairs, parquet_bytes, counts or {})
-    return {
-        "license": recipe.license,
-        "pretty_name": recipe.name,
-        "task_categories": ["image-feature-extraction"],
-        "tags": ["semantic-positive-pairs", "self-supervised-learning", "contrastive-learning", "spp-curate"],
-        "size_categories": [size_category(pairs)],
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
-        "dataset_info": {
-            "features": features._to_yaml_list(),
-            "splits": [{"name": "train", "num_bytes": parquet_bytes, "num_examples": pairs}],
-            "download_size": parquet_bytes,
-            "dataset_size": parquet_bytes,
-        },
-    }
-
-
-def images_card_header(recipe: Recipe, features: datasets.Features, pairs: int, parquet_bytes: int,
-                       counts: dict[str, int]) -> dict[str, Any]:
-    """The ``images`` layout's header: two configs the Hub and ``load_dataset`` read, ``pairs`` (the default: rows
-    of keys) and ``images`` (each picture once); ``spp_curate.load_pairs`` joins them."""
-    from .pictures import image_features
-
-    pictures = int(counts.get("pictures", 0))
-    configs = [{"config_name": "pairs", "default": True,
-                "data_files": [{"split": "train", "path": "data/pairs-*.parquet"}]}]
-    from .pictures import pair_table_features
-
-    names = features["label"].names if isinstance(features["label"], datasets.ClassLabel) else []
-    table = pair_table_features(names, digests=recipe.images == "none")
-    info = [{"config_name": "pairs", "features": table._to_yaml_list(),
-             "splits": [{"name": "train", "num_examples": pairs}]}]
-    if recipe.images != "none":
-        configs.append({"config_name": "images", "data_files": [{"split": "train", "path": "data/images-*.parquet"}]})
-        info.append({"config_name": "images", "features": image_features(names)._to_yaml_list(),
-                     "splits": [{"name": "train", "num_examples": pictures}]})
+        configs, info = images_configs(recipe, features, pairs, counts or {})
+    else:
+        configs = [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}]
+        info = {"features": features._to_yaml_list(),
+                "splits": [{"name": "train", "num_bytes": parquet_bytes, "num_examples": pairs}],
+                "download_size": parquet_bytes, "dataset_size": parquet_bytes}
     return {
         "license": recipe.license,
         "pretty_name": recipe.name,
@@ -79,6 +50,24 @@ def images_card_header(recipe: Recipe, features: datasets.Features, pairs: int, 
         "configs": configs,
         "dataset_info": info,
     }
+
+
+def images_configs(recipe: Recipe, features: datasets.Features, pairs: int, counts: dict[str, int]
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ``images`` layout's two configs, ``pairs`` (the default: rows of keys) and ``images`` (each picture
+    once), with their features; ``spp_curate.load_pairs`` joins them."""
+    from .pictures import image_features, pair_table_features
+
+    names = features["label"].names if isinstance(features["label"], datasets.ClassLabel) else []
+    configs = [{"config_name": "pairs", "default": True,
+                "data_files": [{"split": "train", "path": "data/pairs-*.parquet"}]}]
+    info = [{"config_name": "pairs", "features": pair_table_features(names, recipe.images == "none")._to_yaml_list(),
+             "splits": [{"name": "train", "num_examples": pairs}]}]
+    if recipe.images != "none":
+        configs.append({"config_name": "images", "data_files": [{"split": "train", "path": "data/images-*.parquet"}]})
+        info.append({"config_name": "images", "features": image_features(names)._to_yaml_list(),
+                     "splits": [{"name": "train", "num_examples": int(counts.get("pictures", 0))}]})
+    return configs, info
 
 
 def may_redistribute(recipe: Recipe) -> bool:

@@ -110,56 +110,41 @@ def release_file(release: Path, entry: FileEntry) -> Path:
     return safe_join(release, entry.path)
 
 
-def check_tar(path: Path, image_ext: str) -> int:
-    """Count a pair shard's samples, checking its members; raises ``ValueError`` naming the first bad one.
-
-    Every member must be a plain file with a flat relative name under the size cap, and each
-    sample's three members (``anchor.EXT``, ``json``, ``positive.EXT``) adjacent.
-    """
-    expected = (f"anchor.{image_ext}", "json", f"positive.{image_ext}")
+def _samples(path: Path, extensions: tuple[str, ...], what: str) -> int:
+    """Count a tar's samples of ``len(extensions)`` adjacent members each, checking every member first: a plain
+    file with a flat relative name under the size cap; raises ``ValueError`` naming the first bad one."""
     members = []
     with tarfile.open(path) as tar:
         for member in tar:
             if not member.isreg():
                 kind = ("symlink" if member.issym() else "hard link" if member.islnk()
                         else "directory" if member.isdir() else "special file")
-                raise ValueError(f"member {member.name!r} is a {kind}; a pair shard holds plain files only")
+                raise ValueError(f"member {member.name!r} is a {kind}; a {what} shard holds plain files only")
             if member.name.startswith("/") or "/" in member.name or member.name in (".", ".."):
-                raise ValueError(f"member {member.name!r} has a path; pair shard members have flat names")
+                raise ValueError(f"member {member.name!r} has a path; {what} shard members have flat names")
             if member.size > MAX_MEMBER_BYTES:
                 raise ValueError(f"member {member.name!r} is {member.size:,} bytes, over the "
                                  f"{MAX_MEMBER_BYTES:,}-byte limit")
             members.append(member.name)
-    if len(members) % 3:
-        raise ValueError(f"{len(members)} members is not a whole number of pairs")
-    for i in range(0, len(members), 3):
-        split = [base_plus_ext(n) for n in members[i:i + 3]]
-        if len({key for key, _ in split}) != 1 or tuple(sorted(ext for _, ext in split)) != expected:
-            raise ValueError(f"members {members[i:i + 3]} are not one pair's adjacent members")
-    return len(members) // 3
+    step = len(extensions)
+    if len(members) % step:
+        raise ValueError(f"{len(members)} members is not a whole number of {what}s")
+    for i in range(0, len(members), step):
+        split = [base_plus_ext(n) for n in members[i:i + step]]
+        if len({key for key, _ in split}) != 1 or sorted(ext for _, ext in split) != sorted(extensions):
+            raise ValueError(f"members {members[i:i + step]} are not one {what}'s adjacent members")
+    return len(members) // step
+
+
+def check_tar(path: Path, image_ext: str) -> int:
+    """Count a pair shard's samples (``anchor.EXT``, ``json``, ``positive.EXT``, adjacent), checking its members."""
+    return _samples(path, (f"anchor.{image_ext}", "json", f"positive.{image_ext}"), "pair")
 
 
 def check_image_tar(path: Path, image_ext: str) -> int:
     """Count an image tar's pictures (``images`` layout: ``<id>.EXT`` and ``<id>.json`` adjacent), checking its
-    members as :func:`check_tar` does; raises ``ValueError`` naming the first bad one."""
-    members = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isreg():
-                raise ValueError(f"member {member.name!r} is not a plain file")
-            if member.name.startswith("/") or "/" in member.name or member.name in (".", ".."):
-                raise ValueError(f"member {member.name!r} has a path; image tar members have flat names")
-            if member.size > MAX_MEMBER_BYTES:
-                raise ValueError(f"member {member.name!r} is {member.size:,} bytes, over the "
-                                 f"{MAX_MEMBER_BYTES:,}-byte limit")
-            members.append(member.name)
-    if len(members) % 2:
-        raise ValueError(f"{len(members)} members is not a whole number of pictures")
-    for i in range(0, len(members), 2):
-        split = [base_plus_ext(n) for n in members[i:i + 2]]
-        if len({key for key, _ in split}) != 1 or sorted(ext for _, ext in split) != sorted((image_ext, "json")):
-            raise ValueError(f"members {members[i:i + 2]} are not one picture's adjacent members")
-    return len(members) // 2
+    members as :func:`check_tar` does."""
+    return _samples(path, (image_ext, "json"), "picture")
 
 
 def _rows(path: Path, entry: FileEntry, image_ext: str) -> int | None:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from ..config import validate_recipe
 from ..curate.sources import open_source
@@ -27,7 +26,7 @@ from ..errors import UserError
 from ..files import safe_join, sha256_bytes
 from ..progress import stage_progress
 from ..review.estimate import checked_band_trust
-from .manifest import load_manifest, release_file, verify_release
+from .manifest import load_manifest, verify_release
 from .parquet import PAIR_COLUMNS
 from .pictures import pair_rows
 from .release import ReleaseInput, write_release

@@ -331,7 +331,7 @@ def write_images_layout(inp, source: Source | None, final: Path, release: Path, 
     unchanged shards linked in (``again``: none; every picture read from the source and checked against its
     digest again, as ``export --force`` asks); returns the manifest entries, the counts to add, and what was
     reused."""
-    from ..progress import stage_progress
+    from ..progress import shard_counter, stage_progress
     from .manifest import file_entry
     recipe, pairs = inp.recipe, inp.pairs
     features = pair_table_features(inp.class_names, digests=recipe.images == "none")
@@ -372,17 +372,7 @@ def write_images_layout(inp, source: Source | None, final: Path, release: Path, 
     total = sum(len(rows) for rows, _, _ in new)
     with stage_progress("export: pictures", total, unit="img") as (bar, task):
         bar.update(task, advance=total - sum(len(rows) for rows, _, _ in todo))
-        shown = 0
-
-        def on_picture() -> None:
-            nonlocal shown
-            shown += 1
-            bar.update(task, advance=1)
-
-        def on_shard(_: int, written: int) -> None:
-            nonlocal shown
-            bar.update(task, advance=written - shown)
-            shown = 0
+        on_picture, on_shard = shard_counter(bar, task)  # item by item in this process, else by shard
 
         workers = min(len(todo), (os.cpu_count() or 1) if recipe.workers is None else recipe.workers)
         workers = workers if workers > 1 else 0

@@ -16,10 +16,8 @@ from the user's own copy of the source.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,23 +26,21 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from .. import layout
 from ..config import Recipe, library_versions
-from ..images import read_bytes, read_image
 from ..layout import read_class_names
 from ..curate.sources import Source, open_source
 from ..errors import UserError
 from ..files import atomic_path, read_json, recover_swap, refuse_foreign, remove_owned, remove_stale_temps, \
     sha256_bytes, swap_in, write_json, write_table
 from ..review.store import apply_reviews, read_reviews
-from ..progress import stage_progress
+from ..progress import shard_counter, stage_progress
 from .card import may_redistribute, render_card
 from .encoding import EXT_OF_FORMAT, encoded_image, release_format  # noqa: F401 - their home before
 from .manifest import SCHEMA_VERSION, file_entry
 from .versions import index_digest, version_block
-from .parquet import PAIR_COLUMNS, PairParquetWriter, id_features, pair_features
+from .parquet import PairParquetWriter, id_features, pair_features
 from .pictures import write_images_layout
 from .samples import PairSample
 from .webdataset import PairTarWriter
@@ -345,17 +341,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
             if not (pq_path.exists() and (tar_path is None or tar_path.exists()))]
     with stage_progress("export", len(pairs), unit="pair") as (bar, task):
         bar.update(task, advance=len(pairs) - sum(len(shards[i]) for i, _, _ in todo))
-        shown = 0  # pairs counted one by one where shards are written in this process
-
-        def on_pair() -> None:
-            nonlocal shown
-            shown += 1
-            bar.update(task, advance=1)
-
-        def on_shard(_: int, written: int) -> None:
-            nonlocal shown
-            bar.update(task, advance=written - shown)
-            shown = 0
+        on_pair, on_shard = shard_counter(bar, task)  # item by item in this process, else by shard
 
         # One process per shard, up to the cores (or --workers): shards are independent files.
         workers = min(len(todo), (os.cpu_count() or 1) if recipe.workers is None else recipe.workers)

@@ -8,7 +8,6 @@ puts every image in one category: the SePP-ID semantic sampler alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import faiss

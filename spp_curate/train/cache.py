@@ -17,7 +17,6 @@ A picture that does not decode leaves its row zero and ``ok`` False.
 
 from __future__ import annotations
 
-import itertools
 import mmap
 import os
 from dataclasses import dataclass
@@ -203,49 +202,48 @@ def decode_into(reader: Any, side: int, workers: int | None, mode: str = "auto",
 
 def _decode(reader: Any, pixels: np.ndarray, workers: int | None, label: str) -> PictureCache:
     """Every picture of ``reader`` decoded into ``pixels`` (shared with the decode processes)."""
+    ok, first_failure = _gather(reader, DecodeWork(reader, pixels), workers, label)
+    return PictureCache(pixels, ok, reader.keys, first_failure)
+
+
+def _gather(reader: Any, work: Any, workers: int | None, label: str, keep=None) -> tuple[np.ndarray, str | None]:
+    """Run ``work`` over ``reader``'s units with progress; each unit's ok mask gathered (and ``keep(rows,
+    *rest)`` handed what else it returns); returns the ok mask and the first failure's reason."""
     ok = np.zeros(len(reader.keys), dtype=bool)
     first_failure: str | None = None
     with stage_progress(label, len(reader.keys), quarantine=True) as (bar, task):
         bad = 0
 
-        def on_result(_: int, result: tuple[np.ndarray, np.ndarray, str | None]) -> None:
+        def on_result(_: int, result: tuple) -> None:
             nonlocal bad, first_failure
-            rows, good, first = result
+            rows, good, first = result[:3]
+            if keep is not None:
+                keep(rows, *result[3:])
             ok[rows] = good
             bad += int((~good).sum())
             first_failure = first_failure or first
             bar.update(task, advance=len(rows), quarantined=bad)
 
-        LocalEngine().map(DecodeWork(reader, pixels), reader.units(),
-                          workers=auto_workers() if workers is None else workers, on_result=on_result)
-    return PictureCache(pixels, ok, reader.keys, first_failure)
+        LocalEngine().map(work, reader.units(), workers=auto_workers() if workers is None else workers,
+                          on_result=on_result)
+    return ok, first_failure
 
 
 def _encode_into(reader: Any, side: int, workers: int | None, folder: Path, label: str) -> PictureCache:
     """Every picture ``reader`` lists, decoded once and kept as JPEG at ``side`` px in ``folder``."""
     n = len(reader.keys)
     starts, lengths = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    ok = np.zeros(n, dtype=bool)
-    first_failure: str | None = None
     written = 0
-    with open(folder / "pictures.jpg.bin", "wb") as fh, \
-            stage_progress(f"{label} (jpeg cache)", n, quarantine=True) as (bar, task):
-        bad = 0
+    with open(folder / "pictures.jpg.bin", "wb") as fh:
 
-        def on_result(_: int, result: tuple[np.ndarray, np.ndarray, str | None, list[bytes]]) -> None:
-            nonlocal bad, first_failure, written
-            rows, good, first, blobs = result
+        def keep(rows: np.ndarray, blobs: list[bytes]) -> None:  # appended as units arrive, in any order
+            nonlocal written
             for row, blob in zip(rows, blobs):
                 starts[row], lengths[row] = written, len(blob)
                 fh.write(blob)
                 written += len(blob)
-            ok[rows] = good
-            bad += int((~good).sum())
-            first_failure = first_failure or first
-            bar.update(task, advance=len(rows), quarantined=bad)
 
-        LocalEngine().map(EncodeWork(reader, side), reader.units(),
-                          workers=auto_workers() if workers is None else workers, on_result=on_result)
+        ok, first_failure = _gather(reader, EncodeWork(reader, side), workers, f"{label} (jpeg cache)", keep)
     np.save(folder / "starts.npy", starts)
     np.save(folder / "lengths.npy", lengths)
     return PictureCache(_open_jpeg(folder, side), ok, reader.keys, first_failure)
@@ -374,6 +372,47 @@ def pair_table(anchors: Iterable[str], positives: Iterable[str]) -> PairTable:
     return PairTable(list(uniques), codes.reshape(-1, 2).astype(np.int64))
 
 
+def checked_shard(release: Path, entry: Any, wrong_schema) -> pq.ParquetFile:
+    """A listed Parquet shard of a release, opened after the checks a reader makes before any row is read: inside
+    the release through no symlink, the size its manifest says, a schema ``wrong_schema`` finds nothing wrong
+    with, the rows listed, no row group over ``MAX_ROW_GROUP_BYTES``; a one-line error naming ``--pairs``."""
+    from ..export.manifest import MAX_ROW_GROUP_BYTES, release_file
+    from ..files import UnsafePath
+
+    try:
+        path = release_file(release, entry)
+        if path.stat().st_size != entry.bytes:
+            raise ValueError(f"it is {path.stat().st_size:,} bytes, its manifest says {entry.bytes:,}; "
+                             "`spp-curate verify` checks the whole release")
+        parquet = pq.ParquetFile(path)
+        wrong = wrong_schema(parquet.schema_arrow)
+        if wrong:
+            raise ValueError(wrong)
+        if entry.rows is not None and parquet.metadata.num_rows != entry.rows:
+            raise ValueError(f"it holds {parquet.metadata.num_rows:,} rows, its manifest says {entry.rows:,}")
+        for g in range(parquet.metadata.num_row_groups):
+            size = parquet.metadata.row_group(g).total_byte_size
+            if size > MAX_ROW_GROUP_BYTES:
+                raise ValueError(f"row group {g} is {size:,} bytes, over the limit of {MAX_ROW_GROUP_BYTES:,}")
+        return parquet
+    except (UnsafePath, OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{release}: {entry.path} cannot be read as pairs ({exc})", option="--pairs") from None
+
+
+def _pair_columns(parquet: pq.ParquetFile):
+    return parquet.read(columns=["anchor_key", "positive_key"]
+                        + (["similarity"] if "similarity" in parquet.schema_arrow.names else []))
+
+
+def keyed_pairs(release: Path, tables: list, limit: int | None) -> PairTable:
+    """The first ``limit`` pairs of a release's pair tables as cache rows; a null or empty key is one line."""
+    columns = {c: [v for t in tables for v in t.column(c).to_pylist()][:limit] for c in ("anchor_key", "positive_key")}
+    for name, keys in columns.items():
+        if any(k is None or k == "" for k in keys):
+            raise UserError(f"{release}: a pair has no {name} (an empty or null key)", option="--pairs")
+    return pair_table(columns["anchor_key"], columns["positive_key"])
+
+
 def finite_similarities(values: list[Any]) -> np.ndarray | None:
     """The pairs' similarities as float64, or None unless every one is a finite number (a release is input from
     others: the trainer then weighs its pairs without them)."""
@@ -404,8 +443,7 @@ class ReleaseReader:
     """
 
     def __init__(self, release: Path, limit: int | None = None) -> None:
-        from ..export.manifest import MAX_ROW_GROUP_BYTES, load_manifest, pair_schema_problem, release_file
-        from ..files import UnsafePath
+        from ..export.manifest import load_manifest, pair_schema_problem, release_file
 
         manifest = load_manifest(release, option="--pairs")
         if manifest.images == "none":
@@ -415,38 +453,13 @@ class ReleaseReader:
         tables, groups = [], []  # groups: (file, group, first global row)
         start = 0
         for entry in manifest.entries("parquet"):
-            try:
-                path = release_file(release, entry)
-                size = path.stat().st_size
-                if size != entry.bytes:
-                    raise ValueError(f"it is {size:,} bytes, its manifest says {entry.bytes:,}; "
-                                     "`spp-curate verify` checks the whole release")
-                parquet = pq.ParquetFile(path)
-                wrong = pair_schema_problem(parquet.schema_arrow)
-                if wrong:
-                    raise ValueError(wrong)
-                if entry.rows is not None and parquet.metadata.num_rows != entry.rows:
-                    raise ValueError(f"it holds {parquet.metadata.num_rows:,} rows, its manifest says "
-                                     f"{entry.rows:,}")
-                for g in range(parquet.metadata.num_row_groups):
-                    size = parquet.metadata.row_group(g).total_byte_size
-                    if size > MAX_ROW_GROUP_BYTES:
-                        raise ValueError(f"row group {g} is {size:,} bytes, over the limit of "
-                                         f"{MAX_ROW_GROUP_BYTES:,}")
-                    groups.append((len(self.files), g, start))
-                    start += parquet.metadata.row_group(g).num_rows
-                tables.append(parquet.read(columns=["anchor_key", "positive_key"]
-                                           + (["similarity"] if "similarity" in parquet.schema_arrow.names else [])))
-            except (UnsafePath, OSError, ValueError, KeyError) as exc:
-                raise UserError(f"{release}: {entry.path} cannot be read as pairs ({exc})",
-                                option="--pairs") from None
-            self.files.append(path)
-        columns = {c: [v for t in tables for v in t.column(c).to_pylist()][:limit]
-                   for c in ("anchor_key", "positive_key")}
-        for name, keys in columns.items():
-            if any(k is None or k == "" for k in keys):
-                raise UserError(f"{release}: a pair has no {name} (an empty or null key)", option="--pairs")
-        table = pair_table(columns["anchor_key"], columns["positive_key"])
+            parquet = checked_shard(release, entry, pair_schema_problem)
+            for g in range(parquet.metadata.num_row_groups):
+                groups.append((len(self.files), g, start))
+                start += parquet.metadata.row_group(g).num_rows
+            tables.append(_pair_columns(parquet))
+            self.files.append(release_file(release, entry))
+        table = keyed_pairs(release, tables, limit)
         self.keys, self.pairs = table.keys, table.pairs
         self.similarity = pair_similarities(tables, limit)
         # Where each cache row's picture is read: the first (row, column) its key appears at.
@@ -478,48 +491,19 @@ class PictureReleaseReader:
     before it is read."""
 
     def __init__(self, release: Path, manifest, limit: int | None = None) -> None:
-        from ..export.manifest import MAX_ROW_GROUP_BYTES, image_schema_problem, pair_schema_problem, release_file
-        from ..files import UnsafePath
+        from ..export.manifest import image_schema_problem, pair_schema_problem, release_file
 
         self.count = manifest.counts.pairs
-
-        def checked(entry, wrong_schema) -> pq.ParquetFile:
-            try:
-                path = release_file(release, entry)
-                if path.stat().st_size != entry.bytes:
-                    raise ValueError(f"it is {path.stat().st_size:,} bytes, its manifest says {entry.bytes:,}; "
-                                     "`spp-curate verify` checks the whole release")
-                parquet = pq.ParquetFile(path)
-                wrong = wrong_schema(parquet.schema_arrow)
-                if wrong:
-                    raise ValueError(wrong)
-                if entry.rows is not None and parquet.metadata.num_rows != entry.rows:
-                    raise ValueError(f"it holds {parquet.metadata.num_rows:,} rows, its manifest says {entry.rows:,}")
-                for g in range(parquet.metadata.num_row_groups):
-                    if parquet.metadata.row_group(g).total_byte_size > MAX_ROW_GROUP_BYTES:
-                        raise ValueError(f"row group {g} is over the limit of {MAX_ROW_GROUP_BYTES:,} bytes")
-                return parquet
-            except (UnsafePath, OSError, ValueError, KeyError) as exc:
-                raise UserError(f"{release}: {entry.path} cannot be read ({exc})", option="--pairs") from None
-
-        tables = []
-        for entry in manifest.entries("pairs"):
-            parquet = checked(entry, lambda schema: pair_schema_problem(schema, images=False, digests=False))
-            tables.append(parquet.read(columns=["anchor_key", "positive_key"]
-                                       + (["similarity"] if "similarity" in parquet.schema_arrow.names else [])))
-        columns = {c: [v for t in tables for v in t.column(c).to_pylist()][:limit]
-                   for c in ("anchor_key", "positive_key")}
-        for name, keys in columns.items():
-            if any(k is None or k == "" for k in keys):
-                raise UserError(f"{release}: a pair has no {name} (an empty or null key)", option="--pairs")
-        table = pair_table(columns["anchor_key"], columns["positive_key"])
+        tables = [_pair_columns(checked_shard(release, entry, lambda schema: pair_schema_problem(
+            schema, images=False, digests=False))) for entry in manifest.entries("pairs")]
+        table = keyed_pairs(release, tables, limit)
         self.keys, self.pairs = table.keys, table.pairs
         self.similarity = pair_similarities(tables, limit)
         row_of = {k: i for i, k in enumerate(self.keys)}
         self.files: list[Path] = []
         found: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (file, group) -> [(row in group, cache row)]
         for entry in manifest.entries("images"):
-            parquet = checked(entry, image_schema_problem)
+            parquet = checked_shard(release, entry, image_schema_problem)
             keys = parquet.read(columns=["key"]).column("key").to_pylist()
             start = 0
             for g in range(parquet.metadata.num_row_groups):
