@@ -248,11 +248,23 @@ def review(
 
 
 @app.command()
-def verify(release: Path = typer.Argument(..., help="release directory (holds manifest.json)")) -> None:
-    """Check every file of a release against manifest.json: bytes, sha256, rows, tar layout."""
+def verify(release: str = typer.Argument(..., help="release directory (holds manifest.json), or hf://ORG/NAME[@REV] "
+                                         "for a release on the Hub")) -> None:
+    """Check every file of a release against manifest.json: bytes, sha256, rows, tar layout; on the Hub, every
+    listed file at that revision: there, its size, its sha256."""
     from .export.manifest import verify_release
 
-    problems = verify_release(release)
+    if release.startswith("hf://"):
+        from .export.hub import verify_remote
+
+        commit, problems = verify_remote(release)
+        for problem in problems:
+            err.print(f"verify: {problem}", markup=False, highlight=False)
+        if problems:
+            raise typer.Exit(1)
+        out.print(f"{release}: ok at commit {commit}", markup=False, highlight=False)
+        return
+    problems = verify_release(Path(release))
     if problems:
         for problem in problems:
             err.print(f"verify: {problem}", markup=False, highlight=False)
@@ -358,6 +370,7 @@ def push(
     private: bool = typer.Option(False, "--private", help="create the repo private"),
     revision: Optional[str] = typer.Option(None, help="branch to push to [default: main]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would be uploaded; touch no network"),
+    max_files: int = typer.Option(100, min=1, max=1000, help="files in one commit (the Hub recommends under 100)"),
     rights: bool = typer.Option(False, "--i-hold-the-rights",
                                 help="publish the pictures of a source whose recipe says they may not be "
                                 "redistributed (redistribute: false), stating that you hold the rights to"),
@@ -382,8 +395,13 @@ def push(
                   f"{' (private)' if private else ''}{f' @ {revision}' if revision else ''} (dry run: nothing sent)",
                   markup=False, highlight=False)
         return
-    url = push_release(release, files, repo_id, private=private, revision=revision)
-    out.print(f"pushed {len(files)} files to {url}", markup=False, highlight=False)
+    result = push_release(release, files, repo_id, private=private, revision=revision, max_files=max_files,
+                          say=lambda line: err.print(line, markup=False, highlight=False))
+    out.print(f"pushed {len(files)} files to {result['url']}: sent {result['sent_files']} ({result['sent_bytes']:,} "
+              f"bytes) in {result['commits']} commit(s), {len(files) - result['sent_files']} already there; the remote "
+              f"matches the manifest at commit {result['commit']}", markup=False, highlight=False)
+    out.print(f"pin it: spp-curate train --pairs hf://{repo_id}@{result['commit']}  |  "
+              f"load_dataset(\"{repo_id}\", revision=\"{result['commit']}\")", markup=False, highlight=False)
 
 
 @app.command()

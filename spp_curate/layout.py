@@ -105,6 +105,8 @@ REFERENCE_FILES = [re.compile(p) for p in (re.escape(INDEX), re.escape(QUARANTIN
 # ---------------------------------------------------------------- a release
 MANIFEST = "manifest.json"
 CARD = "README.md"
+#: The release in MLCommons Croissant 1.0 (``export/croissant.py``).
+CROISSANT = "croissant.json"
 #: The export's plan: which recipe and shard count the folder's shards belong to. Never uploaded.
 EXPORT_PLAN = ".export.json"
 
@@ -140,6 +142,7 @@ RELEASE_ENTRY_PATTERNS: dict[str, re.Pattern[str]] = {
     "pairs": re.compile(r"data/pairs-\d{5}-of-\d{5}\.parquet"),
     "images": re.compile(r"data/images-[0-9a-f]{16}\.parquet"),
     "image-tars": re.compile(r"wds/images-[0-9a-f]{16}\.tar"),
+    "croissant": re.compile(r"croissant\.json"),
     "card": re.compile(re.escape(CARD)),
     "asset": re.compile(r"assets/[A-Za-z0-9_-]+\.png"),
 }

@@ -43,7 +43,7 @@ class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    kind: Literal["parquet", "webdataset", "pairs", "images", "image-tars", "card", "asset"]
+    kind: Literal["parquet", "webdataset", "pairs", "images", "image-tars", "croissant", "card", "asset"]
     rows: int | None = Field(default=None, ge=0)
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

@@ -16,6 +16,7 @@ from the user's own copy of the source.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from ..files import atomic_path, read_json, recover_swap, refuse_foreign, remove
 from ..review.store import apply_reviews, read_reviews
 from ..progress import shard_counter, stage_progress
 from .card import may_redistribute, render_card
+from .croissant import croissant
 from .encoding import EXT_OF_FORMAT, encoded_image, release_format  # noqa: F401 - their home before
 from .manifest import SCHEMA_VERSION, file_entry
 from .versions import index_digest, version_block
@@ -378,6 +380,10 @@ def _finish(inp: ReleaseInput, final: Path, release: Path, entries: list[dict[st
         tmp.write_text(render_card(recipe, features, counts, parquet_bytes, inp.metrics, figure, ext, inp.review,
                                    versions, inp.pair_trust))
     entries.append(file_entry(release, release / layout.CARD, "card", None))
+    with atomic_path(release / layout.CROISSANT) as tmp:
+        tmp.write_text(json.dumps(croissant(recipe, entries, recipe.layout, recipe.images, versions["version"],
+                                            str(pd.Timestamp.now(tz="UTC").date())), indent=1))
+    entries.append(file_entry(release, release / layout.CROISSANT, "croissant", None))
     if figure:
         entries.append(file_entry(release, release / figure, "asset", None))
     metrics = inp.metrics
