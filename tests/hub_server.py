@@ -40,6 +40,8 @@ class Hub:
     store: Path
     repos: dict[str, Repo] = field(default_factory=dict)
     fail_commits: list[int] = field(default_factory=list)  # status codes the next commits answer
+    #: A path the stand-in loses right after the commit that adds it (data missing behind a successful commit).
+    lose_on_commit: str | None = None
     commits_made: int = 0
     lfs_bytes_received: int = 0
     requests: list[str] = field(default_factory=list)
@@ -190,6 +192,9 @@ def create_app(hub: Hub) -> FastAPI:
                 files = {p: f for p, f in files.items() if p != value["path"] and not p.startswith(value["path"] + "/")}
         sha = hashlib.sha1(f"{repo_id} {hub.commits_made} {time.time()}".encode()).hexdigest()
         hub.commits_made += 1
+        if hub.lose_on_commit in files:
+            files.pop(hub.lose_on_commit)
+            hub.lose_on_commit = None
         repo.commits[sha] = files
         repo.branches[rev] = sha
         return {"commitOid": sha, "commitUrl": f"{base(request)}/datasets/{repo_id}/commit/{sha}",

@@ -104,9 +104,24 @@ def _hostile_encoders(tmp):
     torch.save(state, tmp / "tv_inf.pt")
     cases.append(("torchvision-inf-running-var", f"torchvision:resnet18:{tmp / 'tv_inf.pt'}", "NaN or inf"))
     cases.append(("torchvision-vit-too-small", "torchvision:vit_b_16:random", "--image-size: vit_b_16 cannot take 32 px"))
+    cases.append(("torchvision-huge-header", f"torchvision:resnet18:{tmp / 'huge.safetensors'}", "not a weights file"))
+    cases.append(("torchvision-missing", f"torchvision:resnet18:{tmp / 'absent.pt'}", "no weights file"))
+    state = _torchvision_state()
+    state["layer3.0.conv2.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp / "tv_nan.pt")
+    cases.append(("torchvision-nan", f"torchvision:resnet18:{tmp / 'tv_nan.pt'}", "NaN or inf"))
     # open_clip
     cases.append(("openclip-file-foo", f"openclip:ViT-S-32:{tmp / 'foo.pt'}", "do not fit"))
     cases.append(("openclip-file-pickle", f"openclip:ViT-S-32:{tmp / 'evil.pt'}", "refused, nothing was run"))
+    cases.append(("openclip-file-huge-header", f"openclip:ViT-S-32:{tmp / 'huge.safetensors'}", "not a weights file"))
+    cases.append(("openclip-file-missing", f"openclip:ViT-S-32:{tmp / 'absent.pt'}", "neither a file nor a pretrained tag"))
+    import open_clip
+
+    torch.manual_seed(3)
+    clip_state = open_clip.create_model("ViT-S-32", force_image_size=32).state_dict()
+    clip_state["visual.conv1.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(clip_state, tmp / "clip_inf.pt")
+    cases.append(("openclip-file-inf", f"openclip:ViT-S-32:{tmp / 'clip_inf.pt'}", "NaN or inf"))
     cases.append(("openclip-dir-no-weights", f"openclip:local-dir:{_open_clip_dir(tmp / 'noweights', weights=False)}",
                   "no weights file"))
     cases.append(("openclip-dir-pickle-bin", f"openclip:local-dir:{_open_clip_dir(tmp / 'evilbin', evil=True)}",
@@ -123,7 +138,7 @@ def _hostile_encoders(tmp):
 def test_every_hostile_weights_file_is_one_line_naming_encoder_and_embeds_nothing(tmp_path, tiny_root, cli,
                                                                                     capsys):
     cases = _hostile_encoders(tmp_path)
-    assert len(cases) >= 19
+    assert len(cases) >= 25  # every weights kind: wrong tensors, missing, pickles, huge headers, inf/NaN
     failures = []
     for name, spec, says in cases:
         out = tmp_path / f"b-{name}"

@@ -106,6 +106,19 @@ def test_a_5xx_is_retried_and_a_403_stops_at_once_in_one_line(release, hub, tmp_
     assert sum(r.endswith("/commit/main") for r in hub.hub.requests) == tried + 1  # never retried
 
 
+def test_push_finds_a_file_the_hub_lost_behind_a_successful_commit(release, hub, tmp_path):
+    """A commit that answered 200 but left a file out: the push's own check of the remote names it."""
+    env = _env(hub, tmp_path)
+    manifest = json.loads((release / "manifest.json").read_text())
+    lost = next(e["path"] for e in manifest["files"] if e["kind"] == "images")
+    hub.hub.lose_on_commit = lost
+    proc = _cli(env, "push", release, "--repo-id", "someorg/lossy")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and f"{lost}: missing" in lines[0], proc.stderr
+    again = _cli(env, "push", release, "--repo-id", "someorg/lossy")  # the rerun sends what is missing
+    assert again.returncode == 0 and "sent 1 " in again.stdout, again.stdout + again.stderr
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated", "altered"])
 def test_verify_hf_finds_a_missing_truncated_or_altered_file(release, hub, tmp_path, damage):
     env = _env(hub, tmp_path)
