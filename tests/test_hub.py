@@ -161,3 +161,23 @@ def test_the_croissant_description_validates_and_reads_the_records(release):
     listed = {e["path"]: e["sha256"] for e in manifest["files"]}
     described = json.loads((release / "croissant.json").read_text())["distribution"]
     assert all(d["sha256"] == listed[d["contentUrl"]] for d in described if d["@type"] == "cr:FileObject")
+
+
+def test_a_new_version_replaces_the_old_in_the_manifests_commit(release, hub, tmp_path):
+    """Pushing another release to the same repo: the files of the old version it does not list are removed in the
+    commit that brings the new manifest, so the configs' globs never read the two versions mixed."""
+    env = _env(hub, tmp_path)
+    assert _cli(env, "push", release, "--repo-id", "someorg/versions").returncode == 0
+    other = tmp_path / "other"
+    assert run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", other, "--limit", "120",
+                   "--encoder", "pixels:8", "--workers", "0", "--category", "label", "--shard-size", "20KB") == 0
+    proc = _cli(env, "push", other / "release", "--repo-id", "someorg/versions")
+    assert proc.returncode == 0 and "of the earlier version to remove with the manifest" in proc.stderr, proc.stderr
+    repo = hub.hub.repos["someorg/versions"]
+    head = repo.commits[repo.branches["main"]]
+    listed = {e["path"] for e in json.loads((other / "release" / "manifest.json").read_text())["files"]}
+    assert set(head) == listed | {"manifest.json"}
+    trees = list(repo.commits.values())
+    before_last = set(trees[-2])
+    assert json.loads((release / "manifest.json").read_text())["files"][0]["path"] in before_last  # old until then
+    assert _cli(env, "verify", "hf://someorg/versions").returncode == 0

@@ -248,9 +248,10 @@ def push_release(release: Path, files: list[tuple[str, int]], repo_id: str, priv
     sent and the URL."""
     import time
 
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    from .. import layout
     from ..progress import stage_progress
     from .manifest import load_manifest
 
@@ -273,20 +274,33 @@ def push_release(release: Path, files: list[tuple[str, int]], repo_id: str, priv
     wait = retry_wait() if wait is None else wait
     todo = [(rel, n) for rel, n in files if not already_there(release, rel, n, sha.get(rel), remote.get(rel))]
     commits = plan_commits(todo, max_files, max_bytes)
+    # Files of an earlier version this one does not list (a pair table cut in more shards, dropped picture shards)
+    # leave in the manifest's own commit: the repo switches from one version to the next in one commit, and the
+    # configs' globs never read the two mixed.
+    listed = {rel for rel, _ in files}
+    stale = sorted(p for p in remote if p not in listed
+                   and any(pattern.fullmatch(p) for pattern in layout.RELEASE_ENTRY_PATTERNS.values()))
+    if stale and not any(rel == layout.MANIFEST for chunk in commits for rel, _ in chunk):
+        commits.append([])
     sent, commit, started = 0, None, time.time()
     say(f"push: {len(files) - len(todo)} of {len(files)} files already on the Hub; {len(todo)} to send in "
-        f"{len(commits)} commit(s) of at most {max_files} files")
+        f"{len(commits)} commit(s) of at most {max_files} files"
+        + (f"; {len(stale)} file(s) of the earlier version to remove with the manifest" if stale else ""))
     with stage_progress("push", sum(n for _, n in todo), unit="B") as (bar, task):
         for i, chunk in enumerate(commits, 1):
-            operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(safe_join(release, rel)))
-                          for rel, _ in chunk]
+            operations: list = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(safe_join(release, rel)))
+                                for rel, _ in chunk]
+            if i == len(commits):
+                operations += [CommitOperationDelete(path_in_repo=rel) for rel in stale]
             commit = commit_with_retries(api, repo_id, operations, revision,
                                          f"spp-curate release: part {i} of {len(commits)} ({len(chunk)} files)",
                                          say, wait=wait)
             sent += sum(n for _, n in chunk)
             bar.update(task, advance=sum(n for _, n in chunk))
     head = commit.oid if commit is not None else api.dataset_info(repo_id, revision=revision).sha
-    problems = compare_remote(release, manifest, remote_files(api, repo_id, head), api, repo_id, head)
+    after = remote_files(api, repo_id, head)
+    problems = compare_remote(release, manifest, after, api, repo_id, head)
+    problems += [f"{p}: left from an earlier version" for p in stale if p in after]
     if problems:
         raise UserError(f"the Hub's copy at {head[:12]} differs from the release: " + "; ".join(problems[:5])
                         + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""), option="push")
