@@ -21,7 +21,13 @@ venv: $(STAMP)
 # else from the Hub copy; the build says how to get it when neither works.
 demo: $(STAMP)
 	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null 2>&1 || true; \
+		echo "make demo: installing Fashion-MNIST (Debian package dataset-fashion-mnist; waits up to 2 min for another apt run)"; \
+		if ! (apt-get install -y -qq -o DPkg::Lock::Timeout=120 dataset-fashion-mnist || \
+		      (apt-get update -qq -o DPkg::Lock::Timeout=120 && apt-get install -y -qq -o DPkg::Lock::Timeout=120 dataset-fashion-mnist)) \
+		      > $(VENV)/apt-fashion-mnist.log 2>&1; then \
+			echo "make demo: apt-get could not install it ($(VENV)/apt-fashion-mnist.log ends:)"; tail -n 3 $(VENV)/apt-fashion-mnist.log; \
+			echo "make demo: the build tries the Hub copy next"; \
+		fi; \
 	fi
 	$(BIN)/spp-curate demo --out $(DEMO_OUT)
 
