@@ -157,56 +157,31 @@ def _rows(path: Path, entry: FileEntry, image_ext: str) -> int | None:
     return None
 
 
-def image_schema_problem(schema) -> str | None:
-    """What is wrong with an ``images``-layout picture shard's schema for the readers, or None."""
-    import pyarrow as pa
-
-    for name in ("key", "digest"):
-        if name not in schema.names or not (pa.types.is_string(schema.field(name).type)
-                                            or pa.types.is_large_string(schema.field(name).type)):
-            return f"no string column {name}"
-    kind = schema.field("image").type if "image" in schema.names else None
-    if kind is None or not (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
-                            and (pa.types.is_binary(kind.field("bytes").type)
-                                 or pa.types.is_large_binary(kind.field("bytes").type))):
-        return "no image column of an image struct with binary bytes"
-    return None
+def _first_row(path: Path, columns: list[str]) -> list[bytes]:
+    """The picture bytes in ``columns`` of a Parquet shard's first row, its first row group read under the cap."""
+    parquet = pq.ParquetFile(path)
+    if not set(columns) <= set(parquet.schema_arrow.names) or parquet.metadata.num_row_groups == 0:
+        return []
+    group_bytes = parquet.metadata.row_group(0).total_byte_size
+    if group_bytes > MAX_ROW_GROUP_BYTES:
+        raise ValueError(f"its first row group is {group_bytes:,} bytes, over the {MAX_ROW_GROUP_BYTES:,}-byte limit")
+    first = parquet.read_row_group(0, columns=columns).slice(0, 1).to_pylist()
+    return [first[0][c]["bytes"] for c in columns] if first else []
 
 
 def _first_images(path: Path, kind: str) -> list[bytes]:
-    """The encoded images of a shard's first pair (none for ID-only shards), each read under a size cap."""
-    if kind == "images":
-        parquet = pq.ParquetFile(path)
-        if parquet.metadata.num_row_groups == 0:
-            return []
-        group_bytes = parquet.metadata.row_group(0).total_byte_size
-        if group_bytes > MAX_ROW_GROUP_BYTES:
-            raise ValueError(f"its first row group is {group_bytes:,} bytes, over the "
-                             f"{MAX_ROW_GROUP_BYTES:,}-byte limit")
-        first = parquet.read_row_group(0, columns=["image"]).slice(0, 1).to_pylist()
-        return [first[0]["image"]["bytes"]] if first else []
-    if kind == "image-tars":
-        with tarfile.open(path) as tar:
-            for member in tar:  # check_image_tar has already checked every member
-                if not member.name.endswith(".json"):
-                    return [tar.extractfile(member).read(MAX_MEMBER_BYTES)]
-        return []
-    if kind == "parquet":
-        parquet = pq.ParquetFile(path)
-        if "anchor" not in parquet.schema_arrow.names or parquet.metadata.num_row_groups == 0:
-            return []
-        group_bytes = parquet.metadata.row_group(0).total_byte_size
-        if group_bytes > MAX_ROW_GROUP_BYTES:
-            raise ValueError(f"its first row group is {group_bytes:,} bytes, over the "
-                             f"{MAX_ROW_GROUP_BYTES:,}-byte limit")
-        first = parquet.read_row_group(0, columns=["anchor", "positive"]).slice(0, 1).to_pylist()
-        return [first[0]["anchor"]["bytes"], first[0]["positive"]["bytes"]] if first else []
+    """The encoded images of a shard's first pair or picture (none for ID-only shards), each read under a size
+    cap; tar members have all been checked (type and size) by :func:`_samples` before."""
+    if kind in ("parquet", "images"):
+        return _first_row(path, ["image"] if kind == "images" else ["anchor", "positive"])
+    wanted = 1 if kind == "image-tars" else 2
     out = []
     with tarfile.open(path) as tar:
-        for member in tar:  # check_tar has already checked every member's type and size
-            if base_plus_ext(member.name)[1].startswith(("anchor.", "positive.")):
+        for member in tar:
+            ext = base_plus_ext(member.name)[1]
+            if (ext != "json") if kind == "image-tars" else ext.startswith(("anchor.", "positive.")):
                 out.append(tar.extractfile(member).read(MAX_MEMBER_BYTES))
-            if len(out) == 2:
+            if len(out) == wanted:
                 break
     return out
 
@@ -220,30 +195,41 @@ def _symlinks(release: Path) -> list[str]:
     return sorted(found)
 
 
-def pair_schema_problem(schema, images: bool = True, digests: bool = True) -> str | None:
-    """What is wrong with a pair shard's Parquet schema for the readers (``train``, ``audit``, ``diff``), or None.
-
-    Keys must be string columns; with ``images`` the ``anchor`` and ``positive`` columns must be
-    structs holding a binary ``bytes`` field (the Hugging Face ``Image`` feature).
-    """
+def _columns_problem(schema, strings: tuple[str, ...], pictures: tuple[str, ...]) -> str | None:
+    """Which of ``strings`` is not a string column, or of ``pictures`` not an image struct with binary ``bytes``
+    (the Hugging Face ``Image`` feature); None when all are."""
     import pyarrow as pa
 
-    for name in ("anchor_key", "positive_key") + (("anchor_digest", "positive_digest") if digests else ()):
+    for name in strings:
         if name not in schema.names:
             return f"no {name} column"
         kind = schema.field(name).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             return f"its {name} column holds {kind}, not strings"
-    if images:
-        for name in ("anchor", "positive"):
-            if name not in schema.names:
-                return f"no {name} column (the pictures)"
-            kind = schema.field(name).type
-            if not (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
-                    and (pa.types.is_binary(kind.field("bytes").type)
-                         or pa.types.is_large_binary(kind.field("bytes").type))):
-                return f"its {name} column holds {kind}, not an image struct with binary bytes"
+    for name in pictures:
+        if name not in schema.names:
+            return f"no {name} column (the pictures)"
+        kind = schema.field(name).type
+        if not (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+                and (pa.types.is_binary(kind.field("bytes").type)
+                     or pa.types.is_large_binary(kind.field("bytes").type))):
+            return f"its {name} column holds {kind}, not an image struct with binary bytes"
     return None
+
+
+def pair_schema_problem(schema, images: bool = True, digests: bool = True) -> str | None:
+    """What is wrong with a pair shard's Parquet schema for the readers (``train``, ``audit``, ``diff``), or None.
+
+    Keys (and with ``digests`` the digests) must be string columns; with ``images`` the ``anchor`` and
+    ``positive`` columns must be structs holding a binary ``bytes`` field (the Hugging Face ``Image`` feature).
+    """
+    keys = ("anchor_key", "positive_key") + (("anchor_digest", "positive_digest") if digests else ())
+    return _columns_problem(schema, keys, ("anchor", "positive") if images else ())
+
+
+def image_schema_problem(schema) -> str | None:
+    """What is wrong with an ``images``-layout picture shard's schema for the readers, or None."""
+    return _columns_problem(schema, ("key", "digest"), ("image",))
 
 
 def _check_entry(release: Path, entry: FileEntry, image_ext: str,
@@ -332,8 +318,8 @@ def verify_release(release: str | Path) -> list[str]:
 
 
 def _join_problems(release: Path, manifest: Manifest, totals: dict[str, int]) -> list[str]:
-    """An ``images``-layout release ships every picture its pairs name, once, under the digest the pair names,
-    and the same pictures in its tars as in its Parquet shards (keys and digest columns, read alone)."""
+    """An ``images``-layout release ships every picture its pairs name, once, and as many in its tars as in its
+    Parquet shards (the key columns, read alone)."""
     problems = []
     pictures = getattr(manifest.counts, "pictures", None)
     for kind in ("images", "image-tars"):
@@ -341,13 +327,12 @@ def _join_problems(release: Path, manifest: Manifest, totals: dict[str, int]) ->
             problems.append(f"{kind} shards hold {totals[kind]} pictures, manifest counts {pictures}")
     if manifest.images != "embed":
         return problems
-    shipped: dict[str, str] = {}
+    shipped: set[str] = set()
     for entry in manifest.entries("images"):
-        table = pq.read_table(release_file(release, entry), columns=["key", "digest"])
-        for key, digest in zip(table.column("key").to_pylist(), table.column("digest").to_pylist()):
+        for key in pq.read_table(release_file(release, entry), columns=["key"]).column("key").to_pylist():
             if key in shipped:
                 problems.append(f"{entry.path}: picture {key!r} is stored twice")
-            shipped[key] = digest
+            shipped.add(key)
     for entry in manifest.entries("pairs"):
         table = pq.read_table(release_file(release, entry), columns=["anchor_key", "positive_key"]).to_pydict()
         for side in ("anchor", "positive"):
