@@ -212,14 +212,12 @@ def write_image_shard(recipe, source: Source, rows: pd.DataFrame, target: str, e
     written under a temporary name and renamed into place when whole."""
     import json
 
-    import webdataset as wds
+    from .webdataset import TarShardWriter
 
     schema = features.arrow_schema
     tmp = temp_path(pq_path)
-    tar_tmp = temp_path(tar_path) if tar_path is not None else None
     writer = pq.ParquetWriter(tmp, schema, compression=PARQUET_COMPRESSION)
-    fh = open(tar_tmp, "wb") if tar_tmp is not None else None
-    tar = wds.TarWriter(fh, mtime=0, user="spp", group="spp") if fh is not None else None
+    tar = TarShardWriter(tar_path) if tar_path is not None else None
     try:
         for lo in range(0, len(rows), IMAGE_ROW_GROUP):
             part = rows.iloc[lo: lo + IMAGE_ROW_GROUP]
@@ -238,26 +236,17 @@ def write_image_shard(recipe, source: Source, rows: pd.DataFrame, target: str, e
                                          "label_name": part.label_name.astype(str).tolist()}, schema=schema))
         writer.close()
         if tar is not None:
-            tar.close()
-            fh.close()
+            tar.close()  # renamed into place: the Parquet file follows, so a shard is whole only with both
     except BaseException:
         try:
             writer.close()
         except Exception:  # noqa: BLE001 - already failing; the temporary files go below
             pass
-        if tar is not None:
-            tar.tarstream.closed = True
-            stream = getattr(tar.tarstream, "fileobj", None)
-            if stream is not None and hasattr(stream, "closed"):
-                stream.closed = True
-            fh.close()
         tmp.unlink(missing_ok=True)
-        if tar_tmp is not None:
-            tar_tmp.unlink(missing_ok=True)
+        if tar is not None:
+            tar.abort()
         raise
     os.replace(tmp, pq_path)
-    if tar_path is not None:
-        os.replace(tar_tmp, tar_path)
     return len(rows)
 
 

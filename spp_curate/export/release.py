@@ -257,8 +257,6 @@ def _already_released(final: Path, plan: dict[str, Any], index_keys: pd.DataFram
 
 def statement_digest(inp: ReleaseInput) -> str:
     """A digest of what a release says beside its shards: review, trust, metrics, counts, classes, figure."""
-    import json
-
     figure = sha256_bytes(inp.figure.read_bytes()) if inp.figure is not None and inp.figure.is_file() else None
     said = {"review": inp.review, "pair_trust": inp.pair_trust, "metrics": inp.metrics, "counts": inp.counts,
             "class_names": inp.class_names, "figure": figure}

@@ -1,10 +1,12 @@
-"""WebDataset pair shards: ``<key>.anchor.<ext>``, ``<key>.json``, ``<key>.positive.<ext>``, adjacent."""
+"""WebDataset shards: pair samples (``<key>.anchor.<ext>``, ``<key>.json``, ``<key>.positive.<ext>``, adjacent) and,
+in the ``images`` layout, picture samples (``<id>.<ext>``, ``<id>.json``), each tar written by one writer."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import webdataset as wds
 
@@ -12,27 +14,21 @@ from ..files import temp_path
 from .samples import PairSample
 
 
-class PairTarWriter:
-    """Writes one tar shard to a temporary name, renamed into place on :meth:`close`.
+class TarShardWriter:
+    """Writes one tar shard of WebDataset samples to a temporary name, renamed into place on :meth:`close`.
 
-    Member times are fixed (``mtime=0``) so the same pairs give the same bytes.
+    Member times are fixed (``mtime=0``) so the same samples give the same bytes.
     """
 
-    def __init__(self, path: Path, image_ext: str) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.tmp = temp_path(self.path)
-        self.ext = image_ext
         self.rows = 0
         self._fh = open(self.tmp, "wb")
         self._tar = wds.TarWriter(self._fh, mtime=0, user="spp", group="spp")
 
-    def write(self, sample: PairSample) -> None:
-        self._tar.write({
-            "__key__": sample.key,
-            f"anchor.{self.ext}": sample.anchor,
-            f"positive.{self.ext}": sample.positive,
-            "json": json.dumps(sample.metadata(), sort_keys=True).encode(),
-        })
+    def write(self, sample: dict[str, Any]) -> None:
+        self._tar.write(sample)
         self.rows += 1
 
     def close(self) -> int:
@@ -55,3 +51,19 @@ class PairTarWriter:
         except OSError:
             pass
         self.tmp.unlink(missing_ok=True)
+
+
+class PairTarWriter(TarShardWriter):
+    """A pair shard: each pair's anchor, JSON and positive as one sample."""
+
+    def __init__(self, path: Path, image_ext: str) -> None:
+        super().__init__(path)
+        self.ext = image_ext
+
+    def write(self, sample: PairSample) -> None:  # type: ignore[override]
+        super().write({
+            "__key__": sample.key,
+            f"anchor.{self.ext}": sample.anchor,
+            f"positive.{self.ext}": sample.positive,
+            "json": json.dumps(sample.metadata(), sort_keys=True).encode(),
+        })
