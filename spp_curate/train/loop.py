@@ -118,10 +118,11 @@ def trained_otherwise(saved: dict[str, Any], cfg: TrainConfig) -> str:
                      if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
 
 
-def _dataset(cfg: TrainConfig) -> TrainData:
-    """The run's rows and pictures, decoded once (by row ranges of the release, or of the source's keys)."""
+def _dataset(cfg: TrainConfig, pairs: str | None = None) -> TrainData:
+    """The run's rows and pictures, decoded once (by row ranges of the release, or of the source's keys);
+    ``pairs``: the release as already fetched (a Hub release's local folder), else ``cfg.pairs``."""
     if cfg.pairs is not None:
-        return pair_data(cfg.pairs, cfg.image_size, cfg.workers, cfg.cache, Path(cfg.out), cfg.limit)
+        return pair_data(pairs or cfg.pairs, cfg.image_size, cfg.workers, cfg.cache, Path(cfg.out), cfg.limit)
     from ..curate.sources import open_named
 
     source = open_named(cfg.source, cfg.root)
@@ -212,10 +213,15 @@ POSITIVES_SAID = {
 def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, Any]:
     console.print(f"positives: {cfg.positives} ("
                   + ("single images: no partner" if cfg.pairs is None else POSITIVES_SAID[cfg.positives]) + ")",
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
     trust = None
-    if cfg.pairs is not None and cfg.positives != "augment":
-        trust = release_trust(cfg.pairs, cfg.partner_weight, cfg.partner_trust)
+    pairs = cfg.pairs
+    if pairs is not None and pairs.startswith("hf://"):  # fetched and verified once, for the trust and the data
+        from ..export.hub import fetch_release
+
+        pairs = str(fetch_release(pairs))
+    if pairs is not None and cfg.positives != "augment":
+        trust = release_trust(pairs, cfg.partner_weight, cfg.partner_trust)
         console.print(f"pairs: {trust.describe()}", markup=False, highlight=False)
         if support_size(cfg):
             console.print(f"support set: each view's nearest of the last {support_size(cfg):,} partner projections is "
@@ -254,7 +260,7 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, 
                             "start again with --force", option="--resume") from None
         start, history = ckpt["epoch"], list(ckpt["history"])
 
-    data = _dataset(cfg)
+    data = _dataset(cfg, pairs)
     if data.skipped:
         console.print(f"[yellow]{data.skipped} {data.unit}(s) left out: their images do not decode "
                       f"(first: {data.cache.first_failure})[/yellow]")
