@@ -43,6 +43,13 @@ def _torchvision_state(arch: str = "resnet18") -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def _poisoned(state: dict[str, torch.Tensor], name: str, value: float, path):
+    """``state`` saved at ``path`` with the first number of tensor ``name`` set to ``value`` (NaN or inf)."""
+    state[name].view(-1)[0] = value
+    torch.save(state, path)
+    return path
+
+
 def _huge_safetensors(path):
     """A safetensors file whose header claims a tensor far larger than the file."""
     header = json.dumps({"w": {"dtype": "F32", "shape": [768, 2 ** 24], "data_offsets": [0, 768 * 2 ** 26]}}).encode()
@@ -83,15 +90,11 @@ def _hostile_encoders(tmp):
     _huge_safetensors(tmp / "huge.safetensors")
     cases.append(("timm-huge-header", f"timm:resnet10t:{tmp / 'huge.safetensors'}", "not a weights file"))
     cases.append(("timm-missing", f"timm:resnet10t:{tmp / 'absent.pt'}", "no weights file"))
-    state = _timm_state()
-    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
-    torch.save(state, tmp / "nan.pt")
-    cases.append(("timm-nan", f"timm:resnet10t:{tmp / 'nan.pt'}", "NaN or inf"))
-    state = _timm_state()
-    state["layer1.0.bn1.running_var"][0] = float("inf")
-    torch.save(state, tmp / "inf_var.pt")
-    cases.append(("timm-inf-running-var", f"timm:resnet10t:{tmp / 'inf_var.pt'}", "NaN or inf (first in "
-                                                                                   "layer1.0.bn1.running_var)"))
+    nan = _poisoned(_timm_state(), "layer2.0.conv1.weight", float("nan"), tmp / "nan.pt")
+    cases.append(("timm-nan", f"timm:resnet10t:{nan}", "NaN or inf"))
+    inf_var = _poisoned(_timm_state(), "layer1.0.bn1.running_var", float("inf"), tmp / "inf_var.pt")
+    cases.append(("timm-inf-running-var", f"timm:resnet10t:{inf_var}", "NaN or inf (first in "
+                                                                        "layer1.0.bn1.running_var)"))
     # torchvision
     cases.append(("torchvision-foo", f"torchvision:resnet18:{tmp / 'foo.pt'}", "no key prefix"))
     state = {f"module.encoder_q.{k}": v for k, v in _torchvision_state().items() if not k.startswith("layer4")}
@@ -99,17 +102,13 @@ def _hostile_encoders(tmp):
     cases.append(("torchvision-missing-layer4", f"torchvision:resnet18:{tmp / 'moco_no_layer4.pt'}",
                   "under prefix 'module.encoder_q.' (the best of the known prefixes)"))
     cases.append(("torchvision-pickle", f"torchvision:resnet18:{tmp / 'evil.pt'}", "refused, nothing was run"))
-    state = _torchvision_state()
-    state["bn1.running_var"][:] = float("inf")
-    torch.save(state, tmp / "tv_inf.pt")
-    cases.append(("torchvision-inf-running-var", f"torchvision:resnet18:{tmp / 'tv_inf.pt'}", "NaN or inf"))
+    tv_inf = _poisoned(_torchvision_state(), "bn1.running_var", float("inf"), tmp / "tv_inf.pt")
+    cases.append(("torchvision-inf-running-var", f"torchvision:resnet18:{tv_inf}", "NaN or inf"))
     cases.append(("torchvision-vit-too-small", "torchvision:vit_b_16:random", "--image-size: vit_b_16 cannot take 32 px"))
     cases.append(("torchvision-huge-header", f"torchvision:resnet18:{tmp / 'huge.safetensors'}", "not a weights file"))
     cases.append(("torchvision-missing", f"torchvision:resnet18:{tmp / 'absent.pt'}", "no weights file"))
-    state = _torchvision_state()
-    state["layer3.0.conv2.weight"][0, 0, 0, 0] = float("nan")
-    torch.save(state, tmp / "tv_nan.pt")
-    cases.append(("torchvision-nan", f"torchvision:resnet18:{tmp / 'tv_nan.pt'}", "NaN or inf"))
+    tv_nan = _poisoned(_torchvision_state(), "layer3.0.conv2.weight", float("nan"), tmp / "tv_nan.pt")
+    cases.append(("torchvision-nan", f"torchvision:resnet18:{tv_nan}", "NaN or inf"))
     # open_clip
     cases.append(("openclip-file-foo", f"openclip:ViT-S-32:{tmp / 'foo.pt'}", "do not fit"))
     cases.append(("openclip-file-pickle", f"openclip:ViT-S-32:{tmp / 'evil.pt'}", "refused, nothing was run"))
@@ -118,10 +117,9 @@ def _hostile_encoders(tmp):
     import open_clip
 
     torch.manual_seed(3)
-    clip_state = open_clip.create_model("ViT-S-32", force_image_size=32).state_dict()
-    clip_state["visual.conv1.weight"][0, 0, 0, 0] = float("inf")
-    torch.save(clip_state, tmp / "clip_inf.pt")
-    cases.append(("openclip-file-inf", f"openclip:ViT-S-32:{tmp / 'clip_inf.pt'}", "NaN or inf"))
+    clip_inf = _poisoned(open_clip.create_model("ViT-S-32", force_image_size=32).state_dict(), "visual.conv1.weight",
+                         float("inf"), tmp / "clip_inf.pt")
+    cases.append(("openclip-file-inf", f"openclip:ViT-S-32:{clip_inf}", "NaN or inf"))
     cases.append(("openclip-dir-no-weights", f"openclip:local-dir:{_open_clip_dir(tmp / 'noweights', weights=False)}",
                   "no weights file"))
     cases.append(("openclip-dir-pickle-bin", f"openclip:local-dir:{_open_clip_dir(tmp / 'evilbin', evil=True)}",
