@@ -143,3 +143,18 @@ def shard_counter(bar: Any, task: Any) -> tuple[Callable[[], None], Callable[[in
         shown = 0
 
     return on_item, on_shard
+
+
+@contextlib.contextmanager
+def quiet_log(name: str | None = None) -> Iterator[None]:
+    """Logger ``name`` (the root logger by default) says nothing below CRITICAL while the block runs: a library's
+    warnings and retry lines before an error the caller then reports once, in its own words."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

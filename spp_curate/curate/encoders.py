@@ -31,7 +31,6 @@ when it is one it knows (open_clip's, timm's, torchvision's and the trainer's ev
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 
 from ..config import MAX_PIXELS_SIZE, parse_encoder
 from ..errors import UserError, brief
+from ..progress import quiet_log
 
 RANDOM_INIT_SEED = 0
 
@@ -364,15 +364,12 @@ def _create_openclip(model_name: str, pretrained: str | None, image_size: int | 
                             f"(tags: {tags})", option="--encoder")
         else:
             source = f"tag:{pretrained}"
-    root = logging.getLogger()
-    level = root.level
     try:
         # open_clip logs a warning for random init (what the user asked for) and errors for downloads it then
         # raises; the raised error is what the user reads, once.
-        root.setLevel(logging.CRITICAL)
         # Random init is seeded, so the encoder string alone fixes the weights:
         # a resumed run, a stage rerun, the text tower and a test all see the same model.
-        with torch.random.fork_rng(devices=[]):
+        with quiet_log(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained or None, **kwargs)
@@ -394,8 +391,6 @@ def _create_openclip(model_name: str, pretrained: str | None, image_size: int | 
             f"openclip:{model_name}:/path/to/open_clip_model.safetensors",
             option="--encoder",
         ) from None
-    finally:
-        root.setLevel(level)
     model.eval()
     return model, preprocess, source
 

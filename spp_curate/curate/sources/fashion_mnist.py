@@ -58,15 +58,13 @@ class FashionMNISTSource(Source):
         return None
 
     def _from_hub(self) -> tuple[np.ndarray, np.ndarray]:
-        import logging
+        from ...progress import quiet_log
 
-        hub_log = logging.getLogger("huggingface_hub")
-        level = hub_log.level
         try:
             import datasets
 
-            hub_log.setLevel(logging.CRITICAL)  # each failed retry would print a line before the one error below
-            ds = datasets.load_dataset(self.HUB_ID, split=self.split)
+            with quiet_log("huggingface_hub"):  # each failed retry would print a line before the one error below
+                ds = datasets.load_dataset(self.HUB_ID, split=self.split)
             images = np.stack([np.asarray(img, dtype=np.uint8) for img in ds["image"]])
             return images, np.asarray(ds["label"], dtype=np.int64)
         except Exception:  # noqa: BLE001 - any failure here means "not reachable"
@@ -76,8 +74,6 @@ class FashionMNISTSource(Source):
                 "pass --root DIR holding the IDX files, or go online",
                 option="--root",
             ) from None
-        finally:
-            hub_log.setLevel(level)
 
     def items(self) -> Iterator[tuple[str, int]]:
         for i, label in enumerate(self.labels):
