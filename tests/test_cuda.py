@@ -1,10 +1,10 @@
 """The GPU paths on a CUDA device: the nvJPEG barrier, device decoding, exact search, resume and eval.
 
-Skipped where torch sees no CUDA device. ``SPP_CURATE_CUDA_TESTS=required`` turns the skip into a failure
-(``bench/device_check.py`` sets it on a GPU machine, so a broken CUDA set-up cannot pass as "skipped");
-``SPP_CURATE_CUDA_TESTS=cpu`` runs every test on the CPU at its smallest size, the rehearsal that keeps this
-file working where no GPU is (``bench/device_check.py --cpu``). On the CPU the comparisons are of the CPU with
-itself: they prove the code runs, not that CUDA agrees.
+Where torch sees no CUDA device every test runs in its CPU form (``SPP_CURATE_CUDA_TESTS=cpu``, the
+default), so a CUDA test cannot rot unseen in a suite that has no GPU: on the CPU the comparisons are of the
+CPU with itself, which proves the code runs, not that CUDA agrees. ``SPP_CURATE_CUDA_TESTS=required`` turns
+a missing device into a failure (``bench/device_check.py`` sets it on a GPU machine, so a broken CUDA set-up
+cannot pass), ``skip`` skips them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from spp_curate.images import decode_image, decode_jpegs
 
 from conftest import FMNIST, run_cli
 
-MODE = os.environ.get("SPP_CURATE_CUDA_TESTS", "")
+MODE = os.environ.get("SPP_CURATE_CUDA_TESTS", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +37,7 @@ def device() -> torch.device:
                     f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
     if MODE == "cpu":
         return torch.device("cpu")
-    pytest.skip("no CUDA device (SPP_CURATE_CUDA_TESTS=cpu rehearses these tests on the CPU)")
+    pytest.skip(f"no CUDA device and SPP_CURATE_CUDA_TESTS={MODE} (cpu rehearses these tests on the CPU)")
 
 
 def photo_jpegs(n: int, side: int = 512) -> list[bytes]:
@@ -105,9 +105,9 @@ def test_device_decoding_and_tensor_preprocessing_match_the_pillow_path(device, 
     """The whole device path of the embed stage (batched decode, tensor preprocessing) against the Pillow path,
     on real photos and the odd-file corpus: median cosine >= 0.99, odd files routed to Pillow."""
     from test_decode_once import make_builds
-    from test_decode_once import test_device_decoding_gives_the_embeddings_of_the_pillow_path as same_embeddings
+    from test_decode_once import same_embeddings_on_both_paths
 
-    same_embeddings(make_builds(tmp_path_factory))
+    same_embeddings_on_both_paths(make_builds(tmp_path_factory))
 
 
 def test_exact_search_on_the_device_equals_faiss_flat(device, none_build):
@@ -144,16 +144,17 @@ def test_faiss_on_the_gpu_equals_faiss_on_the_cpu(device, none_build):
 
 
 def test_an_embed_stage_killed_on_the_device_resumes_to_identical_chunks(device, label_build, tmp_path):
-    from test_stages import test_embed_killed_mid_run_resumes_to_the_same_result as killed_and_resumed
+    from test_stages import embed_killed_and_resumed
 
-    killed_and_resumed(label_build, tmp_path)
+    embed_killed_and_resumed(tmp_path)
 
 
 def test_the_trainer_resumed_on_the_device_ends_with_the_weights_of_an_uninterrupted_run(device, label_build,
                                                                                          tmp_path):
-    from test_trainer import test_resume_continues_the_same_run as resumed_equals_straight
+    from test_trainer import resumed_equals_straight
 
-    resumed_equals_straight(label_build, tmp_path)
+    for options in ({}, {"positive_loss": "in", "support": 96}):
+        resumed_equals_straight(label_build, tmp_path / f"options-{len(options)}", options)
 
 
 def test_eval_on_the_device_is_within_half_a_point_of_eval_on_the_cpu(device, label_build, tmp_path):

@@ -136,6 +136,11 @@ def embeddings(build: Path) -> dict[str, np.ndarray]:
 
 
 def test_device_decoding_gives_the_embeddings_of_the_pillow_path(builds):
+    same_embeddings_on_both_paths(builds)
+
+
+def same_embeddings_on_both_paths(builds: tuple[Path, dict[str, Path]]) -> None:
+    """The device path's embeddings against the Pillow path's (``tests/test_cuda.py`` runs it on the device)."""
     _, out = builds
     pil, dev = embeddings(out["pillow"]), embeddings(out["device"])
     assert pil.keys() == dev.keys()

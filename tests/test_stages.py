@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -73,6 +74,12 @@ def test_stage_refuses_to_run_before_its_inputs(tmp_path):
 
 
 def test_embed_killed_mid_run_resumes_to_the_same_result(label_build, tmp_path):
+    embed_killed_and_resumed(tmp_path)
+
+
+def embed_killed_and_resumed(tmp_path: Path) -> None:
+    """An embed stage killed after three chunks, then resumed, ends with the chunks, pairs and release of an
+    uninterrupted build (``tests/test_cuda.py`` runs it on the device)."""
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     opts = ("--limit", "2000", "--chunk-size", "200", "--batch-size", "50")
     assert _build(clean, *opts) == 0

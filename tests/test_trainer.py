@@ -172,6 +172,12 @@ def test_contrastive_methods_with_l_in_and_a_support_set_learn(pair_batches, met
 
 @pytest.mark.parametrize("options", [{}, {"positive_loss": "in", "support": 96}])
 def test_resume_continues_the_same_run(label_build, tmp_path, options):
+    resumed_equals_straight(label_build, tmp_path, options)
+
+
+def resumed_equals_straight(label_build: Path, tmp_path: Path, options: dict) -> None:
+    """A run stopped after one epoch and resumed ends with the weights and losses of a straight run
+    (``tests/test_cuda.py`` runs it on the device)."""
     common = dict(pairs=str(label_build / "release"), method="simclr", positives="both", limit=256,
                   batch_size=64, epochs=2, seed=1, **options)
     train(TrainConfig(out=str(tmp_path / "straight"), **common))
