@@ -74,28 +74,49 @@ def chunk_paths(emb_dir: Path, chunk: int) -> tuple[Path, Path]:
     return emb_dir / f"chunk-{chunk:05d}.npy", emb_dir / f"chunk-{chunk:05d}.ids.npy"
 
 
+def chunk_copy_path(emb_dir: Path, chunk: int) -> Path:
+    """A chunk's copy descriptors (``pairing/duplicates.py``): each picture's small grayscale rendering, made
+    when the embed stage decoded it, so the copy rule never decodes it again."""
+    return emb_dir / f"chunk-{chunk:05d}.copy.npy"
+
+
+def read_embeddings_meta(build_dir: Path) -> dict:
+    return json.loads((build_dir / EMBEDDINGS_META).read_text())
+
+
 def chunk_keys_path(emb_dir: Path, chunk: int) -> Path:
     """The key and digest of each row of a chunk: what lets a changed source reuse the rows of unchanged images."""
     return emb_dir / f"chunk-{chunk:05d}.keys.parquet"
 
 
 def load_embeddings(build_dir: Path, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """All embeddings as ``(N, d)`` rows of ``dtype`` with their ids, in index (id) order (no torch needed)."""
+    """All embeddings as ``(N, d)`` rows of ``dtype`` with their ids, in index (id) order (no torch needed).
+
+    The output is allocated once and each chunk, memory-mapped, copied into its rows: one copy of the
+    embeddings in memory, never the chunk list and the concatenation at once."""
     emb_dir = build_dir / EMBEDDINGS
-    meta = json.loads((build_dir / EMBEDDINGS_META).read_text())
-    vecs, ids = [], []
-    for c in meta.get("chunk_files", range(meta["chunks"])):
-        emb_path, ids_path = chunk_paths(emb_dir, c)
-        vecs.append(np.load(emb_path).astype(dtype, copy=False))
-        ids.append(np.load(ids_path))
-    vecs_all, ids_all = np.concatenate(vecs), np.concatenate(ids)
-    if np.all(ids_all[1:] >= ids_all[:-1]):
-        return vecs_all, ids_all
-    order = np.argsort(ids_all, kind="stable")  # appended chunks of an updated build: back to index order
-    return vecs_all[order], ids_all[order]
+    meta = read_embeddings_meta(build_dir)
+    chunks = list(meta.get("chunk_files", range(meta["chunks"])))
+    ids = [np.load(chunk_paths(emb_dir, c)[1]) for c in chunks]
+    all_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    order = np.argsort(all_ids, kind="stable")  # appended chunks of an updated build: back to index order
+    place = np.empty(len(all_ids), np.int64)
+    place[order] = np.arange(len(all_ids))
+    out = None
+    at = 0
+    for c, chunk_ids in zip(chunks, ids):
+        rows = np.load(chunk_paths(emb_dir, c)[0], mmap_mode="r")
+        if out is None:
+            out = np.empty((len(all_ids), rows.shape[1]), dtype)
+        out[place[at: at + len(chunk_ids)]] = rows
+        at += len(chunk_ids)
+        del rows
+    if out is None:
+        out = np.empty((0, int(meta.get("dim", 0))), dtype)
+    return out, all_ids[order]
 
 
-EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.ids\.npy",
+EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.ids\.npy", r"chunk-\d{5}\.copy\.npy",
                                            r"chunk-\d{5}\.keys\.parquet", r"meta\.json", r"run\.json",
                                            r"encoder\.json")]
 #: Files of one reference set's folder under ``references/``.

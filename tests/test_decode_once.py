@@ -170,12 +170,17 @@ def test_tensor_preprocessing_gives_the_pictures_of_the_pillow_path(builds, enco
     keys = [k for k, _ in source.items() if "/bad_" not in k]
     dataset = _IndexedImages(source, keys, preprocess, size, device_decode=True)
     items = [dataset[i] for i in range(len(keys))]
-    assert sum(j for _, _, j in items) > len(keys) // 2  # most went to the device decoder
-    device, reasons = device_batch(_collate_mixed(items), tensor, preprocess, size, dataset.draft_size,
+    assert sum(j for _, _, j, _ in items) > len(keys) // 2  # most went to the device decoder
+    device, reasons, described = device_batch(_collate_mixed(items), tensor, preprocess, size, dataset.draft_size,
                                    torch.device("cpu"))
     pillow_path = _IndexedImages(source, keys, preprocess, size)
-    pillow = torch.stack([pillow_path[i][0] for i in range(len(keys))])
+    pillow_items = [pillow_path[i] for i in range(len(keys))]
+    pillow = torch.stack([item[0] for item in pillow_items])
     assert not any(reasons)
+    # the copy descriptors made on the device path are those of the Pillow path, up to resampling
+    on_pillow = np.stack([item[3] for item in pillow_items]).astype(np.float32)
+    assert described.shape == on_pillow.shape and described.any(axis=1).all()
+    assert np.abs(described.astype(np.float32) - on_pillow).mean() < 4.0
     corr = torch.corrcoef(torch.cat([device.flatten(1), pillow.flatten(1)]))[: len(keys), len(keys):]
     assert torch.diagonal(corr).min() >= 0.99
     distinct = [i for i, k in enumerate(keys) if "odd_" not in k and "padded" not in k]  # the rest are copies

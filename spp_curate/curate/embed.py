@@ -1,8 +1,9 @@
 """The embed stage: encode every indexed image into float16, L2-normalised chunks.
 
 ``DIR/embeddings/`` holds ``chunk-00000.npy`` (float16, rows L2-normalised),
-``chunk-00000.ids.npy`` (the index ids of those rows) and, once every chunk
-is written, ``meta.json``. Chunk ``c`` always covers index rows
+``chunk-00000.ids.npy`` (the index ids of those rows), ``chunk-00000.copy.npy``
+(each picture's copy descriptor, made from the pixels decoded for the encoder:
+``pairing/duplicates.py``) and, once every chunk is written, ``meta.json``. Chunk ``c`` always covers index rows
 ``[c * chunk_size, (c + 1) * chunk_size)``, and each is written atomically,
 so a killed run resumes at the first missing chunk and produces the same
 files as an uninterrupted one.
@@ -22,7 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import Recipe
 from ..devices import auto_workers, autocast_for, default_device
 from .. import layout
-from ..layout import chunk_keys_path, chunk_paths
+from ..layout import chunk_copy_path, chunk_keys_path, chunk_paths
+from ..leakage.copies import DRAFT
+from ..pairing.duplicates import DESCRIPTOR_VERSION, SIDE, copy_descriptor, tensor_descriptor
 from ..files import atomic_path, read_json, remove_owned, remove_stale_temps, write_json, write_table
 from ..progress import stage_progress
 from .encoders import Encoder, TensorPreprocess, load_encoder, tensor_preprocess
@@ -30,60 +33,73 @@ from ..images import BadImage, decode_jpegs, device_jpeg, image_from_bytes, read
 from .sources import Source, open_source
 
 
-class _IndexedImages(Dataset):
-    """Rows of the index, read and decoded for the encoder: each item is ``(tensor, reason, jpeg)``.
+#: A picture's copy descriptor where it did not decode (its row is never mined).
+NO_DESCRIPTOR = np.zeros(SIDE * SIDE, np.uint8)
 
-    Pillow path: the tensor is the preprocessed picture (zeros, with the reason, when it does not decode).
+
+class _IndexedImages(Dataset):
+    """Rows of the index, read and decoded for the encoder: each item is ``(tensor, reason, jpeg, descriptor)``.
+
+    Pillow path: the tensor is the preprocessed picture (zeros, with the reason, when it does not decode) and
+    the descriptor is made from the same decoded picture.
     Device path (``device_decode``): a JPEG the device decoder takes (:func:`images.device_jpeg`) is left
-    encoded, its bytes as a uint8 tensor (``jpeg`` True); every other file takes the Pillow path here.
+    encoded, its bytes as a uint8 tensor (``jpeg`` True), and its descriptor made on the device after
+    decoding; every other file takes the Pillow path here.
     """
 
     def __init__(self, source: Source, keys: list[str], preprocess, image_size: int, draft: bool = True,
                  device_decode: bool = False) -> None:
         self.source, self.keys, self.preprocess, self.image_size = source, keys, preprocess, image_size
-        # Reduced-size JPEG decoding for pictures at least twice the encoder's input (see bench/embed.py).
-        self.draft_size = image_size if draft else None
+        # Reduced-size JPEG decoding for pictures at least twice the encoder's input (see bench/embed.py),
+        # and never below what the copy descriptor is rendered from.
+        self.draft_size = max(image_size, DRAFT) if draft else None
         self.device_decode = device_decode
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, bool]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, bool, np.ndarray]:
         try:
             data = read_bytes(self.source, self.keys[i])
         except BadImage as exc:
-            return torch.zeros(3, self.image_size, self.image_size), str(exc), False
+            return torch.zeros(3, self.image_size, self.image_size), str(exc), False, NO_DESCRIPTOR
         if self.device_decode and device_jpeg(data):
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), "", True
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), "", True, NO_DESCRIPTOR
         return pillow_pixels(data, self.preprocess, self.image_size, self.draft_size)
 
 
-def pillow_pixels(data: bytes, preprocess, image_size: int, draft_size: int | None) -> tuple[torch.Tensor, str, bool]:
-    """Encoded bytes decoded by the one loader and preprocessed; zeros and the reason if they do not decode
-    (the file changed since it was indexed, or its pixel data is broken behind a sound header)."""
+def pillow_pixels(data: bytes, preprocess, image_size: int,
+                  draft_size: int | None) -> tuple[torch.Tensor, str, bool, np.ndarray]:
+    """Encoded bytes decoded by the one loader, preprocessed, and described for the copy rule; zeros and the
+    reason if they do not decode (the file changed since it was indexed, or its pixel data is broken behind
+    a sound header)."""
     try:
-        return preprocess(image_from_bytes(data, draft_size)), "", False
+        image = image_from_bytes(data, draft_size)
+        return preprocess(image), "", False, copy_descriptor(image)
     except BadImage as exc:
-        return torch.zeros(3, image_size, image_size), str(exc), False
+        return torch.zeros(3, image_size, image_size), str(exc), False, NO_DESCRIPTOR
 
 
-def _collate_mixed(items: list[tuple[torch.Tensor, str, bool]]) -> tuple:
+def _collate_mixed(items: list[tuple[torch.Tensor, str, bool, np.ndarray]]) -> tuple:
     """A device-path batch in few tensors: the JPEGs' bytes end to end with their lengths, the pictures the
-    Pillow path decoded, which item is which, and the reasons."""
-    jpeg = [bool(j) for _, _, j in items]
-    encoded = [t for t, _, j in items if j]
+    Pillow path decoded, which item is which, the reasons, and the descriptors made so far."""
+    jpeg = [bool(j) for _, _, j, _ in items]
+    encoded = [t for t, _, j, _ in items if j]
     blob = torch.cat(encoded) if encoded else torch.empty(0, dtype=torch.uint8)
     lengths = torch.tensor([len(t) for t in encoded], dtype=torch.int64)
-    pixels = [t for t, _, j in items if not j]
+    pixels = [t for t, _, j, _ in items if not j]
     pixels = torch.stack(pixels) if pixels else torch.empty(0)
-    return blob, lengths, pixels, torch.tensor(jpeg, dtype=torch.bool), [r for _, r, _ in items]
+    descriptors = np.stack([d for _, _, _, d in items]) if items else np.empty((0, SIDE * SIDE), np.uint8)
+    return blob, lengths, pixels, torch.tensor(jpeg, dtype=torch.bool), [r for _, r, _, _ in items], descriptors
 
 
 def device_batch(batch: tuple, tensor: TensorPreprocess, preprocess, image_size: int, draft_size: int | None,
-                 device: torch.device) -> tuple[torch.Tensor, list[str]]:
+                 device: torch.device) -> tuple[torch.Tensor, list[str], np.ndarray]:
     """A :func:`_collate_mixed` batch as preprocessed pictures on ``device``: its JPEGs decoded there in one
-    call and resized/cropped/normalised as tensors; a JPEG the decoder refuses goes to the Pillow path."""
-    blob, lengths, pixels, jpeg, reasons = batch
+    call, described for the copy rule and resized/cropped/normalised as tensors; a JPEG the decoder refuses
+    goes to the Pillow path."""
+    blob, lengths, pixels, jpeg, reasons, descriptors = batch
+    descriptors = np.array(descriptors, copy=True)
     images = torch.empty(len(jpeg), 3, image_size, image_size, device=device)
     if len(pixels):
         images[~jpeg.to(device)] = pixels.to(device, non_blocking=True)
@@ -94,12 +110,14 @@ def device_batch(batch: tuple, tensor: TensorPreprocess, preprocess, image_size:
         good = [i for i, pic in enumerate(decoded) if pic is not None]
         if good:
             images[torch.tensor([positions[i] for i in good], device=device)] = tensor([decoded[i] for i in good])
+        for i in good:
+            descriptors[positions[i]] = tensor_descriptor(decoded[i])
         for i, pic in enumerate(decoded):
             if pic is None:
-                picture, reasons[positions[i]], _ = pillow_pixels(encoded[i].numpy().tobytes(), preprocess,
-                                                                  image_size, draft_size)
+                picture, reasons[positions[i]], _, descriptors[positions[i]] = pillow_pixels(
+                    encoded[i].numpy().tobytes(), preprocess, image_size, draft_size)
                 images[positions[i]] = picture.to(device)
-    return images, reasons
+    return images, reasons, descriptors
 
 
 #: Batches smaller than this are padded (with copies of their first image): below it a CPU matrix product
@@ -180,26 +198,27 @@ class EmbedWork:
         return {"encoder": enc.spec, "dim": enc.dim, "image_size": enc.image_size, "decode": decode,
                 "model": enc.meta}
 
-    def __call__(self, keys: list[str]) -> tuple[np.ndarray, list[str | None], dict[str, Any]]:
+    def __call__(self, keys: list[str]) -> tuple[np.ndarray, list[str | None], dict[str, Any], np.ndarray]:
         enc = self.encoder
         dataset = _IndexedImages(self.source, keys, enc.preprocess, enc.image_size, self.draft,
                                  device_decode=self.tensor is not None)
         loader = DataLoader(dataset, batch_size=self.recipe.batch_size, num_workers=self.workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False,
                             collate_fn=_collate_mixed if self.tensor else None)
-        outs, errors = [], []
+        outs, errors, described = [], [], []
         for batch in loader:
             if self.tensor:
-                images, reasons = device_batch(batch, self.tensor, enc.preprocess, enc.image_size,
-                                               dataset.draft_size, self.device)
+                images, reasons, descriptors = device_batch(batch, self.tensor, enc.preprocess, enc.image_size,
+                                                            dataset.draft_size, self.device)
             else:
-                images, reasons, _ = batch
+                images, reasons, _, descriptors = batch
+            described.append(np.asarray(descriptors, np.uint8))
             ok = torch.tensor([not r for r in reasons], dtype=torch.bool)
             outs.append(encode_batch(enc, images, ok, self.device))
             errors += [r or None for r in reasons]
             if self.on_batch:
                 self.on_batch(len(ok), int((~ok).sum()))
-        return np.concatenate(outs), errors, self.describe()
+        return np.concatenate(outs), errors, self.describe(), np.concatenate(described)
 
 
 #: A chunk's rows: the image's key and digest, and why it did not encode (null when it did).
@@ -207,12 +226,12 @@ CHUNK_KEYS_SCHEMA = pa.schema([("key", pa.string()), ("digest", pa.string()), ("
 
 
 def _complete_chunks(emb_dir: Path) -> list[int]:
-    """Chunk numbers whose three files are all there (the keys file is written last, removed first);
+    """Chunk numbers whose four files are all there (the keys file is written last, removed first);
     the files of any other chunk, left by a killed run, are removed."""
     numbers = sorted({int(p.name[6:11]) for p in emb_dir.glob("chunk-?????.*") if p.name[6:11].isdigit()})
     complete = []
     for c in numbers:
-        files = (*chunk_paths(emb_dir, c), chunk_keys_path(emb_dir, c))
+        files = (*chunk_paths(emb_dir, c), chunk_copy_path(emb_dir, c), chunk_keys_path(emb_dir, c))
         if all(f.is_file() for f in files):
             complete.append(c)
         else:
@@ -233,10 +252,12 @@ class Row(NamedTuple):
         return self.key, self.digest
 
 
-def _write_chunk(emb_dir: Path, c: int, vecs: np.ndarray, ids: np.ndarray, rows: list[Row]) -> None:
+def _write_chunk(emb_dir: Path, c: int, vecs: np.ndarray, ids: np.ndarray, rows: list[Row],
+                 descriptors: np.ndarray) -> None:
     emb_path, ids_path = chunk_paths(emb_dir, c)
     _save_npy(emb_path, vecs)
     _save_npy(ids_path, ids.astype(np.int64))
+    _save_npy(chunk_copy_path(emb_dir, c), np.ascontiguousarray(descriptors, np.uint8))
     columns = list(zip(*rows)) if rows else [[], [], []]
     write_table(chunk_keys_path(emb_dir, c), pa.table(dict(zip(CHUNK_KEYS_SCHEMA.names, map(list, columns))),
                                                       schema=CHUNK_KEYS_SCHEMA))
@@ -250,7 +271,7 @@ def _read_rows(emb_dir: Path, c: int) -> list[Row]:
 
 def _remove_chunk(emb_dir: Path, c: int) -> None:
     chunk_keys_path(emb_dir, c).unlink()  # first: the chunk stops counting as complete
-    for f in chunk_paths(emb_dir, c):
+    for f in (*chunk_paths(emb_dir, c), chunk_copy_path(emb_dir, c)):
         f.unlink()
 
 
@@ -271,7 +292,7 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
     encoder_file = build_dir / layout.EMBEDDINGS_ENCODER
     decode = decode_path(recipe.decode, torch.device(device) if device else default_device())
     run = {"fingerprint": recipe.fingerprint("embed", source_state=False), "chunk_size": chunk_size, "rows": "keyed",
-           "decode": decode}
+           "decode": decode, "copy_descriptor": DESCRIPTOR_VERSION}
     if emb_dir.exists() and (not run_file.exists() or read_json(run_file) != run):
         # Made by another encoder or chunking: nothing to reuse (and nothing of the user's removed).
         remove_owned(emb_dir, layout.EMBEDDING_FILES, "--out")
@@ -303,7 +324,7 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
         if live.any():
             sub = [r for r, ok in zip(rows, live) if ok]
             _write_chunk(emb_dir, next_chunk, np.load(chunk_paths(emb_dir, c)[0])[live],
-                         np.array([wanted[r.image] for r in sub]), sub)
+                         np.array([wanted[r.image] for r in sub]), sub, np.load(chunk_copy_path(emb_dir, c))[live])
             rows_of[next_chunk] = sub
             next_chunk += 1
         _remove_chunk(emb_dir, c)
@@ -324,14 +345,14 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
             bad, shown = bad + failed, shown + n
             bar.update(task, advance=n, quarantined=bad)
 
-        def save(position: int, result: tuple[np.ndarray, list[str | None], dict[str, Any]]) -> None:
+        def save(position: int, result: tuple[np.ndarray, list[str | None], dict[str, Any], np.ndarray]) -> None:
             nonlocal shown
-            feats, errors, description = result
+            feats, errors, description, descriptors = result
             rows = spans[position]
             if not encoder_file.exists():
                 write_json(encoder_file, description)
             chunk_rows = [Row(keys[i], digests[i], error) for i, error in zip(rows, errors)]
-            _write_chunk(emb_dir, todo[position], feats, ids[rows], chunk_rows)
+            _write_chunk(emb_dir, todo[position], feats, ids[rows], chunk_rows, descriptors)
             rows_of[todo[position]] = chunk_rows
             bar.update(task, advance=len(rows) - shown)
             shown = 0
@@ -352,7 +373,8 @@ def embed_index(recipe: Recipe, build_dir: Path, engine, device: str | None = No
                                                if r.error or wanted[r.image] in zero])
     described = read_json(encoder_file)
     meta = {**described, "dtype": "float16", "normalized": "l2", "count": int(len(ids)),
-            "chunks": len(chunk_files), "chunk_files": chunk_files, "chunk_size": chunk_size, "failed_ids": failed}
+            "chunks": len(chunk_files), "chunk_files": chunk_files, "chunk_size": chunk_size, "failed_ids": failed,
+            "copy_descriptor": {"version": DESCRIPTOR_VERSION, "side": SIDE, "dtype": "uint8"}}
     write_json(build_dir / layout.EMBEDDINGS_META, meta)
     return {"embedded": int(len(needed)), "reused": int(len(ids) - len(needed)), "dropped": dropped,
             "failed": len(failed)}

@@ -61,8 +61,8 @@ def at_least(c: Candidates, min_similarity: float) -> np.ndarray:
 
 
 def not_near_duplicate(c: Candidates, dup_threshold: float | None, digests: np.ndarray) -> np.ndarray:
-    """Drop pairs whose files are byte-identical, and those at or above the embedding duplicate threshold
-    when one is set."""
+    """Drop pairs whose files are byte-identical (``digests``: each image's sha256, or its first 64 bits as
+    uint64), and those at or above the embedding duplicate threshold when one is set."""
     keep = digests[c.anchor] != digests[c.positive]
     return keep if dup_threshold is None else keep & (c.similarity < dup_threshold)
 
@@ -72,20 +72,29 @@ def unordered_codes(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     return pair_codes(np.minimum(a, b), np.maximum(a, b), n)
 
 
+def in_sorted(codes: np.ndarray, sorted_codes: np.ndarray) -> np.ndarray:
+    """Membership of each of ``codes`` in the already sorted ``sorted_codes``, by binary search (``np.isin``
+    would sort them again on every call)."""
+    if not len(sorted_codes):
+        return np.zeros(len(codes), bool)
+    at = np.searchsorted(sorted_codes, codes)
+    return sorted_codes[np.minimum(at, len(sorted_codes) - 1)] == codes
+
+
 def not_copy(c: Candidates, copy_codes: np.ndarray | None, n: int) -> np.ndarray:
     """Drop pairs whose pictures were found to be copies of each other (``copy_codes``: sorted unordered codes)."""
     if copy_codes is None or not len(copy_codes):
         return np.ones(len(c.anchor), bool)
-    return ~np.isin(unordered_codes(c.anchor, c.positive, n), copy_codes)
+    return ~in_sorted(unordered_codes(c.anchor, c.positive, n), copy_codes)
 
 
 def is_mutual(c: Candidates, neighbour_codes: np.ndarray, n: int) -> np.ndarray:
     """True where the anchor is also among the positive's neighbours.
 
     ``neighbour_codes`` holds :func:`pair_codes` of every (query, neighbour) in
-    the raw kNN lists.
+    the raw kNN lists, sorted.
     """
-    return np.isin(pair_codes(c.positive, c.anchor, n), neighbour_codes)
+    return in_sorted(pair_codes(c.positive, c.anchor, n), neighbour_codes)
 
 
 def top_per_anchor(c: Candidates, cap: int) -> np.ndarray:

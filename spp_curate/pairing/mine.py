@@ -28,7 +28,8 @@ from . import filters as F
 from .categories import Categories, assign_categories, read_class_names_file
 from .knn import SearchPlan, ivf_recall, knn_search, plan_search
 from .thresholds import resolve_thresholds, threshold_curve
-from .duplicates import CopyScoreStore, digest_prefixes
+from .duplicates import CopyScoreStore
+from ..columns import hex_prefixes
 from .whiten import check_fits, embedding_identity, fit_whitening, stored_whitening
 
 PAIRS_SCHEMA = pa.schema([
@@ -84,12 +85,18 @@ class Mined:
 
 
 def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray, categories: np.ndarray,
-                copy_codes: np.ndarray | None = None) -> Mined:
+                copy_codes: np.ndarray | None = None, prepared: dict[str, Any] | None = None) -> Mined:
     """The pair rules in order, thresholds resolved on the candidates' own similarities; ``copy_codes`` are the
-    unordered pairs whose pictures are copies of each other (:func:`mine_without_copies`)."""
-    thresholds = resolve_thresholds(recipe, cand.similarity)
+    unordered pairs whose pictures are copies of each other (:func:`mine_without_copies`). ``prepared`` keeps
+    what does not depend on them (the thresholds, the sorted neighbour codes) between calls on the same
+    candidates and recipe, so a copy round does not sort the N x k candidates again."""
+    prepared = {} if prepared is None else prepared
+    if "thresholds" not in prepared:
+        prepared["thresholds"] = resolve_thresholds(recipe, cand.similarity)
+        prepared["neighbour_codes"] = np.sort(F.pair_codes(cand.anchor, cand.positive, n))
+    thresholds = {k: dict(v) for k, v in prepared["thresholds"].items()}
+    neighbour_codes = prepared["neighbour_codes"]
     min_similarity, dup_threshold = (thresholds[f]["value"] for f in ("min_similarity", "dup_threshold"))
-    neighbour_codes = np.sort(F.pair_codes(cand.anchor, cand.positive, n))
     funnel = F.Funnel(cand)
     funnel.apply("below_min_similarity", F.at_least(funnel.candidates, min_similarity))
     funnel.apply("near_duplicate", F.not_near_duplicate(funnel.candidates, dup_threshold, digests))
@@ -148,30 +155,30 @@ COPY_ROUNDS = 8
 
 
 def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray, categories: np.ndarray,
-                        keys: np.ndarray, known: dict[str, np.ndarray] | None = None) -> tuple[Mined, dict[str, Any]]:
+                        build_dir: Path, engine, known: dict[str, Any] | None = None) -> tuple[Mined, dict[str, Any]]:
     """The pair rules with the copy rule: the pairs the other rules keep are compared by picture
     (``pairing/duplicates.py``), those that are one picture twice are struck, and the rules run again so each
     anchor takes its next candidate, until no kept pair is left uncompared. Every pair that could be mined
     is compared, whatever its similarity (a random-init encoder can put a cropped copy far down the list),
     and no other: the work grows with the pairs kept, not with the candidates. ``known`` carries the pairs
     already compared (``checked``) and found copies (``copies``) from an earlier call on the same candidates;
-    it is updated in place."""
-    mined = apply_rules(recipe, cand, n, digests, categories)
+    it is updated in place. Pictures are compared from the copy descriptors the embed stage kept, in units of
+    work ``engine`` spreads over the recipe's workers."""
+    prepared: dict[str, Any] = {}
+    mined = apply_rules(recipe, cand, n, digests, categories, prepared=prepared)
     if recipe.copy_threshold is None or not len(cand.anchor):
         return mined, {"rule": "off"}
-    from ..curate.sources import open_source
+    from ..devices import auto_workers
     from .duplicates import pair_copy_scores
 
-    source = open_source(recipe)
+    workers = auto_workers() if recipe.workers is None else recipe.workers
     known = {} if known is None else known
     store = known.get("store")
-    prefixes = known.get("prefixes")
-    if prefixes is None:
-        prefixes = known["prefixes"] = digest_prefixes(digests)
+    prefixes = digests  # the first 64 bits of each picture's sha256
     checked = known.get("checked", np.empty(0, np.int64))
     copies = known.get("copies", np.empty(0, np.int64))
     if len(copies):
-        mined = apply_rules(recipe, cand, n, digests, categories, copies)
+        mined = apply_rules(recipe, cand, n, digests, categories, copies, prepared)
     scores_seen: list[np.ndarray] = []
     rounds = 0
     while rounds < COPY_ROUNDS:
@@ -190,7 +197,7 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
         what = "kept pairs" if rounds == 1 else "next candidates of struck pairs"
         with stage_progress(f"mine: compare pictures, round {rounds} ({what})", len(todo),
                             unit="pair") as (bar, task):
-            scores[todo] = pair_copy_scores(source, keys, a[todo], b[todo],
+            scores[todo] = pair_copy_scores(build_dir, a[todo], b[todo], engine, workers,
                                             on_batch=lambda k: bar.update(task, advance=k))
         if store is not None and len(todo):
             store.add(prefixes[a[todo]], prefixes[b[todo]], scores[todo])
@@ -200,7 +207,7 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
         if not len(found):
             break
         copies = np.union1d(copies, found)
-        mined = apply_rules(recipe, cand, n, digests, categories, copies)
+        mined = apply_rules(recipe, cand, n, digests, categories, copies, prepared)
     known.update(checked=checked, copies=copies)
     scores = np.concatenate(scores_seen) if scores_seen else np.empty(0, np.float32)
     return mined, {"rule": "copy score", "copy_threshold": recipe.copy_threshold, "rounds": rounds,
@@ -211,8 +218,8 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
 
 
 def resolve_precision_target(recipe: Recipe, build_dir: Path, cand: F.Candidates, n: int, digests: np.ndarray,
-                             categories: np.ndarray, keys: np.ndarray, target: float,
-                             known: dict[str, np.ndarray] | None = None) -> tuple[Recipe, dict[str, Any]]:
+                             categories: np.ndarray, keys: np.ndarray, target: float, engine,
+                             known: dict[str, Any] | None = None) -> tuple[Recipe, dict[str, Any]]:
     """``--min-similarity precision:P`` as a similarity: the pairs the rules keep at any similarity, scored by
     the sample decisions of ``reviews.parquet`` (``review.estimate.precision_threshold``), give the lowest
     threshold whose pairs keep precision ``P``. The same reviews give the same threshold."""
@@ -222,7 +229,7 @@ def resolve_precision_target(recipe: Recipe, build_dir: Path, cand: F.Candidates
     from ..review import store
 
     loose, _ = mine_without_copies(recipe.model_copy(update={"min_similarity": "q0"}), cand, n, digests,
-                                   categories, keys, known)
+                                   categories, build_dir, engine, known)
     kept = loose.kept
     pairs = pd.DataFrame({"key": store.pair_key(keys[kept.anchor], keys[kept.positive]),
                           "similarity": kept.similarity.astype(np.float64)})
@@ -244,8 +251,7 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     if not np.array_equal(ids, index.column("id").to_numpy()):
         raise RuntimeError("embeddings do not cover the index row for row; rerun the embed stage")
     labels = index.column("label").to_numpy().astype(np.int64)
-    names = np.asarray(index.column("label_name").to_pylist(), dtype=object)
-    digests = np.asarray(index.column("digest").to_pylist(), dtype=object)
+    digests = hex_prefixes(index.column("digest"))  # 8 bytes an image, not a Python string
     valid = vecs.any(axis=1)
     excluded = np.isin(ids, excluded_ids(build_dir))
     valid &= ~excluded  # near-copies of a reference set are never anchors or positives
@@ -273,15 +279,16 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     plans = [plan_search(len(g), d, recipe.memory, recipe.index, recipe.nprobe) for g in groups]
     recall: list = []
     cand = raw_candidates(vecs, groups, recipe.k, engine, plans, recipe.seed, recall)
-    keys = np.asarray(index.column("key").to_pylist(), dtype=object)
     target = recipe.precision_target
     # pictures compared once, whichever run of the rules asks; scores of earlier builds read from the store
     store = CopyScoreStore.load(build_dir / layout.COPY_SCORES) if recipe.copy_threshold is not None else None
     known: dict[str, Any] = {"store": store}
     if target is not None:
+        keys = np.asarray(index.column("key").to_pylist(), dtype=object)
         recipe, resolved = resolve_precision_target(recipe, build_dir, cand, n, digests, cats.ids, keys, target,
-                                                    known)
-    mined, duplicates = mine_without_copies(recipe, cand, n, digests, cats.ids, keys, known)
+                                                    engine, known)
+        del keys
+    mined, duplicates = mine_without_copies(recipe, cand, n, digests, cats.ids, build_dir, engine, known)
     if store is not None and store.added:
         store.save(build_dir / layout.COPY_SCORES)
     if target is not None:
@@ -298,7 +305,7 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
         "rank": pa.array(kept.rank, pa.int32()),
         "mutual": pa.array(mutual, pa.bool_()),
         "label": pa.array(labels[kept.anchor], pa.int32()),
-        "label_name": pa.array(names[kept.anchor].tolist(), pa.string()),
+        "label_name": index.column("label_name").take(pa.array(kept.anchor)),
         "positive_label": pa.array(labels[kept.positive], pa.int32()),
         "category": pa.array(cats.ids[kept.anchor], pa.int32()),
         "category_source": pa.array([cats.mode] * len(kept), pa.string()),
