@@ -386,6 +386,9 @@ class Recipe(BaseModel):
 
     #: What the source held when this build looked (``Source.state()``); part of every fingerprint.
     _source_state: str | None = PrivateAttr(default=None)
+    #: The source's listing taken when the state was (``stages.bind_source_state``): the index stage reads it
+    #: instead of walking and stat'ing the source again. Not part of any fingerprint.
+    _listing: Any = PrivateAttr(default=None)
     #: What the ``exclude_near`` reference sets hold (``leakage.exclude.reference_state``), when there are any.
     _reference_state: str | None = PrivateAttr(default=None)
 
@@ -483,6 +486,13 @@ class Recipe(BaseModel):
     @property
     def source_state(self) -> str | None:
         return self._source_state
+
+    def attach_listing(self, listing: Any) -> None:
+        self._listing = listing
+
+    @property
+    def listing(self) -> Any:
+        return self._listing
 
     def fingerprint(self, stage: str, source_state: bool = True) -> str:
         """Hash of the fields ``stage`` and every stage before it depend on, and of the source's state.

@@ -125,6 +125,9 @@ REFERENCE_FILES = [re.compile(p) for p in (re.escape(INDEX), re.escape(QUARANTIN
 
 # ---------------------------------------------------------------- a release
 MANIFEST = "manifest.json"
+#: The source images added, removed and changed since the parent release (``export/versions.py``): one row
+#: a key, so a large update never makes the manifest outgrow its reader.
+CHANGELOG = "changelog.parquet"
 CARD = "README.md"
 #: The release in MLCommons Croissant 1.0 (``export/croissant.py``).
 CROISSANT = "croissant.json"
@@ -164,6 +167,7 @@ RELEASE_ENTRY_PATTERNS: dict[str, re.Pattern[str]] = {
     "images": re.compile(r"data/images-[0-9a-f]{16}\.parquet"),
     "image-tars": re.compile(r"wds/images-[0-9a-f]{16}\.tar"),
     "croissant": re.compile(r"croissant\.json"),
+    "changelog": re.compile(r"changelog\.parquet"),
     "card": re.compile(re.escape(CARD)),
     "asset": re.compile(r"assets/[A-Za-z0-9_-]+\.png"),
 }

@@ -43,9 +43,18 @@ def bind_source_state(recipe: Recipe) -> Recipe:
     if recipe.source_state is not None:
         return recipe
     from .curate.sources import open_source
+    from .curate.sources.base import Source, listing_state
     from .leakage.exclude import reference_state
 
-    return recipe.with_source_state(open_source(recipe).state(), reference_state(recipe))
+    source = open_source(recipe)
+    if type(source).stat is Source.stat:  # images that are not files: the source's own state
+        return recipe.with_source_state(source.state(), reference_state(recipe))
+    # Images that are files: one walk, one stat a file, kept with the bound recipe for the index stage;
+    # with --limit the walk stops at the limit, and the state covers what the build reads.
+    listing = source.listing(recipe.limit)
+    bound = recipe.with_source_state(listing_state(listing), reference_state(recipe))
+    bound.attach_listing(listing)
+    return bound
 
 
 def _record(build_dir: Path, stage: str) -> Path:

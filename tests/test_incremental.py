@@ -20,6 +20,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from spp_curate.export.versions import read_changelog
+
 from conftest import run_cli_process
 from images import fmnist_pictures
 from spp_curate.files import sha256_file
@@ -125,7 +127,10 @@ def test_the_new_release_is_a_version_with_a_changelog(grown, cli):
     manifest = json.loads((out / "release" / "manifest.json").read_text())
     assert manifest["version"] == 2
     assert manifest["parent"] == {"version": 1, "manifest_sha256": sha256_file(first / "manifest.json")}
-    assert manifest["changelog"]["images"] == grown["changes"]
+    assert read_changelog(out / "release") == grown["changes"]
+    # the keys are in changelog.parquet (listed with its sha256), their counts in the manifest
+    assert manifest["changelog"]["images"] == {k: len(v) for k, v in grown["changes"].items()}
+    assert [f["path"] for f in manifest["files"] if f["kind"] == "changelog"] == ["changelog.parquet"]
 
     def pairs(release: Path) -> set:
         m = json.loads((release / "manifest.json").read_text())
@@ -168,7 +173,7 @@ def test_a_kill_after_the_release_swap_publishes_no_extra_version(grown, tmp_pat
     proc = cli("export", out)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "release" / "manifest.json").read_text())
-    assert manifest["version"] == 2 and manifest["changelog"]["images"] == grown["changes"]
+    assert manifest["version"] == 2 and read_changelog(out / "release") == grown["changes"]
     assert {p.relative_to(out / "release"): sha256_file(p) for p in (out / "release").rglob("*") if p.is_file()} \
         == release
     assert pq.read_table(out / "released-index.parquet").equals(pq.read_table(grown["out"] / "released-index.parquet"))
@@ -207,4 +212,4 @@ def test_sigkill_during_an_update_keeps_the_release_and_a_rerun_finishes(grown, 
     pd.testing.assert_frame_equal(pq.read_table(out / "pairs.parquet").to_pandas(),
                                   pq.read_table(grown["fresh"] / "pairs.parquet").to_pandas())
     manifest = json.loads((out / "release" / "manifest.json").read_text())
-    assert manifest["version"] == 2 and manifest["changelog"]["images"] == grown["changes"]
+    assert manifest["version"] == 2 and read_changelog(out / "release") == grown["changes"]

@@ -14,7 +14,6 @@ decoded, with the reason. A bad image never stops the run.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,15 +111,14 @@ def index_source(recipe: Recipe, out_dir: Path, engine, rehash: bool = False) ->
     that comes out as it was is not rewritten, so the stages after it stay complete.
     """
     source = open_source(recipe)
-    items = source.items()
-    if recipe.limit is not None:
-        items = itertools.islice(items, recipe.limit)
-    items = list(items)
+    # the listing the source's state was taken from (one walk and one stat a file per command), else one now
+    listing = recipe.listing if recipe.listing is not None else source.listing(recipe.limit)
+    items = [(key, label) for key, label, _ in listing.rows]
     index_path = out_dir / layout.INDEX
     old_index = pq.read_table(index_path) if index_path.is_file() else None
     previous = old_index.to_pylist() if old_index is not None else []
     known = {} if rehash else known_probes(recipe, out_dir, previous)
-    stats = {key: source.stat(key) for key, _ in items}  # taken before reading: a later edit reads again
+    stats = {key: stat for key, _, stat in listing.rows}  # taken before reading: a later edit reads again
     reused: dict[str, Probe] = {}
     for key, label in items:
         seen = known.get(key)
@@ -143,7 +141,7 @@ def index_source(recipe: Recipe, out_dir: Path, engine, rehash: bool = False) ->
     probes: list[Probe] = [reused.get(key) or probed[key] for key, _ in items]
 
     # What the listing itself could not use (unreadable folders, symlinks not followed, ...) is quarantined too.
-    probes += [Probe(key, -1, error=reason) for key, reason in source.listing_problems]
+    probes += [Probe(key, -1, error=reason) for key, reason in listing.problems]
     good = [p for p in probes if p.error is None]
     names = source.class_names
 

@@ -185,8 +185,9 @@ def version_lines(versions: dict[str, Any] | None) -> list[str]:
         lines.append(f"- pairs: {log['pairs']['added']:,} added, {log['pairs']['removed']:,} removed, "
                      f"{log['pairs']['kept']:,} kept")
     if log.get("images"):
-        lines.append(f"- source images: {len(log['images']['added']):,} added, {len(log['images']['removed']):,} "
-                     f"removed, {len(log['images']['changed']):,} changed (listed in manifest.json)")
+        n = {k: v if isinstance(v, int) else len(v) for k, v in log["images"].items()}
+        lines.append(f"- source images: {n['added']:,} added, {n['removed']:,} removed, {n['changed']:,} changed "
+                     "(listed in changelog.parquet)")
     return lines + [""]
 
 

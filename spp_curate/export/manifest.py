@@ -43,7 +43,7 @@ class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    kind: Literal["parquet", "webdataset", "pairs", "images", "image-tars", "croissant", "card", "asset"]
+    kind: Literal["parquet", "webdataset", "pairs", "images", "image-tars", "croissant", "changelog", "card", "asset"]
     rows: int | None = Field(default=None, ge=0)
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -148,7 +148,7 @@ def check_image_tar(path: Path, image_ext: str) -> int:
 
 
 def _rows(path: Path, entry: FileEntry, image_ext: str) -> int | None:
-    if entry.kind in ("parquet", "pairs", "images"):
+    if entry.kind in ("parquet", "pairs", "images", "changelog"):
         return pq.read_metadata(path).num_rows
     if entry.kind == "webdataset":
         return check_tar(path, image_ext)
@@ -274,8 +274,40 @@ def _check_entry(release: Path, entry: FileEntry, image_ext: str,
     return problems, rows
 
 
-def verify_release(release: str | Path) -> list[str]:
-    """Check every file against the manifest; return the problems found (empty when good).
+class VerifyWork:
+    """``verify``'s unit of work: the checks of a few of a release's files (``_check_entry``)."""
+
+    gpus = 0
+
+    def __init__(self, release: Path, image_ext: str, embedded: bool) -> None:
+        self.release, self.image_ext, self.embedded = release, image_ext, embedded
+
+    def setup(self) -> None:
+        pass
+
+    def __call__(self, entries: list) -> list[tuple[list[str], int | None]]:
+        return [_check_entry(self.release, e, self.image_ext, self.embedded) for e in entries]
+
+
+#: Bytes of a release's files per unit of ``verify``'s work.
+VERIFY_UNIT_BYTES = 64 << 20
+
+
+def _verify_units(entries: list) -> list[list]:
+    units, unit, size = [], [], 0
+    for entry in entries:
+        unit.append(entry)
+        size += entry.bytes
+        if size >= VERIFY_UNIT_BYTES:
+            units.append(unit)
+            unit, size = [], 0
+    return units + ([unit] if unit else [])
+
+
+def verify_release(release: str | Path, workers: int = 0, engine=None) -> list[str]:
+    """Check every file against the manifest; return the problems found (empty when good). The files are
+    hashed and checked in units of about 64 MB that ``engine`` (the local one by default) spreads over
+    ``workers`` processes.
 
     Reads nothing outside ``release`` and nothing through a symlink (see the module docstring).
     """
@@ -291,16 +323,26 @@ def verify_release(release: str | Path) -> list[str]:
     problems = [f"{rel}: a symlink; a release's files must be its own" for rel in _symlinks(release)]
     allowed = {"pairs": {"parquet", "webdataset"}, "images": {"pairs", "images", "image-tars"}}[manifest.layout]
     totals: dict[str, int] = {"parquet": 0, "webdataset": 0, "pairs": 0, "images": 0, "image-tars": 0}
-    with stage_progress("verify", sum(e.bytes for e in manifest.files), unit="B") as (bar, task):
-        for entry in manifest.files:
-            if entry.kind in totals and entry.kind not in allowed:
-                problems.append(f"{entry.path}: a {entry.kind} file in a release of the {manifest.layout} layout")
-                continue
-            found, rows = _check_entry(release, entry, manifest.image_ext, manifest.images == "embed")
+    checked = []
+    for entry in manifest.files:
+        if entry.kind in totals and entry.kind not in allowed:
+            problems.append(f"{entry.path}: a {entry.kind} file in a release of the {manifest.layout} layout")
+        else:
+            checked.append(entry)
+    if engine is None:
+        from ..engine.local import LocalEngine
+
+        engine = LocalEngine()
+    units = _verify_units(checked)
+    with stage_progress("verify", sum(e.bytes for e in checked), unit="B") as (bar, task):
+        results = engine.map(VerifyWork(release, manifest.image_ext, manifest.images == "embed"), units,
+                             workers=workers if len(units) > 1 else 0,
+                             on_result=lambda i, _: bar.update(task, advance=sum(e.bytes for e in units[i])))
+    for unit, result in zip(units, results):
+        for entry, (found, rows) in zip(unit, result):
             problems += found
             if entry.kind in totals and rows is not None:
                 totals[entry.kind] += rows
-            bar.update(task, advance=entry.bytes)
     for kind in ("parquet", "webdataset", "pairs"):
         if manifest.entries(kind) and totals[kind] != manifest.counts.pairs:
             problems.append(f"{kind} shards hold {totals[kind]} pairs, manifest counts {manifest.counts.pairs}")

@@ -41,7 +41,7 @@ from .card import may_redistribute, render_card
 from .croissant import croissant
 from .encoding import EXT_OF_FORMAT, encoded_image, release_format  # noqa: F401 - their home before
 from .manifest import SCHEMA_VERSION, file_entry
-from .versions import index_digest, version_block
+from .versions import CHANGE_KINDS, index_digest, version_block, write_changelog
 from .parquet import PairParquetWriter, id_features, pair_features
 from .pictures import write_images_layout
 from .samples import PairSample
@@ -373,6 +373,10 @@ def _finish(inp: ReleaseInput, final: Path, release: Path, entries: list[dict[st
     snapshot = (pq.read_table(inp.snapshot, columns=["key", "digest"]).to_pandas()
                 if inp.snapshot is not None and inp.snapshot.is_file() else None)
     versions = version_block(final, pairs, inp.index_keys, snapshot)
+    changed = (versions.get("changelog") or {}).get("images")
+    if changed is not None:  # the keys go to changelog.parquet, their counts stay in the manifest
+        entries.append(write_changelog(release, changed))
+        versions["changelog"]["images"] = {kind: len(changed[kind]) for kind in CHANGE_KINDS}
     parquet_bytes = sum(e["bytes"] for e in entries if e["kind"] in ("parquet", "pairs", "images"))
     with atomic_path(release / layout.CARD) as tmp:
         tmp.write_text(render_card(recipe, features, counts, parquet_bytes, inp.metrics, figure, ext, inp.review,

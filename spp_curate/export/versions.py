@@ -7,7 +7,9 @@ images, each by key and digest, in either order), and the source images
 added, removed and changed (key kept, bytes changed) since the parent. The
 image part compares the build's index with the snapshot the build kept at its
 last export (``DIR/released-index.parquet``); it is only given when that
-snapshot is the parent's (its digest is in the parent's manifest).
+snapshot is the parent's (its digest is in the parent's manifest). The image
+keys are written to the release's ``changelog.parquet`` (listed in the
+manifest with its sha256); the manifest holds their counts.
 """
 
 from __future__ import annotations
@@ -128,6 +130,39 @@ def version_block(final: Path, pairs: pd.DataFrame, images: pd.DataFrame | None,
     return block
 
 
+CHANGE_KINDS = ("added", "removed", "changed")
+
+
+def write_changelog(release: Path, changes: dict[str, list[str]]) -> dict[str, Any]:
+    """``changelog.parquet`` (``key``, ``change``) of the staged release; returns the manifest's entry for it
+    and the counts the manifest keeps in its place."""
+    from ..files import write_table
+    from .manifest import file_entry
+
+    keys = [k for kind in CHANGE_KINDS for k in changes[kind]]
+    kinds = [kind for kind in CHANGE_KINDS for _ in changes[kind]]
+    table = pa.table({"key": pa.array(keys, pa.string()),
+                      "change": pa.array(kinds, pa.dictionary(pa.int8(), pa.string()))})
+    write_table(release / layout.CHANGELOG, table)
+    return file_entry(release, release / layout.CHANGELOG, "changelog", len(keys))
+
+
+def read_changelog(release: Path, manifest: Manifest | None = None) -> dict[str, list[str]] | None:
+    """The source images added, removed and changed that a release's changelog lists (None without one)."""
+    manifest = manifest or load_manifest(release)
+    entries = manifest.entries("changelog")
+    if not entries:
+        images = ((manifest.model_extra or {}).get("changelog") or {}).get("images")
+        return images if isinstance(images, dict) and isinstance(images.get("added"), list) else None
+    table = pq.read_table(release_file(release, entries[0]), columns=["key", "change"])
+    keys, kinds = table.column("key").to_pylist(), table.column("change").cast(pa.string()).to_pylist()
+    out: dict[str, list[str]] = {kind: [] for kind in CHANGE_KINDS}
+    for key, kind in zip(keys, kinds):
+        if kind in out:
+            out[kind].append(key)
+    return out
+
+
 def diff_releases(old: Path, new: Path) -> dict[str, Any]:
     """What changed from release ``old`` to release ``new`` (both verified first): versions, whether ``new``
     descends from ``old``, pairs added/removed/kept, and the images of the pairs added, removed, changed.
@@ -160,7 +195,8 @@ def diff_releases(old: Path, new: Path) -> dict[str, Any]:
         "descends": parent.get("manifest_sha256") == sha256_file(old / "manifest.json"),
         "pairs": pair_changes(old_pairs, new_pairs),
         "images_in_pairs": image_changes(images(old_pairs), images(new_pairs)),
-        "changelog": (manifests[1].model_extra or {}).get("changelog"),
+        "changelog": {**((manifests[1].model_extra or {}).get("changelog") or {}),
+                      "images": read_changelog(new, manifests[1])},
         "by": "bytes" if all(m.images != "none" for m in manifests) else "digest column",
         "conflicting": [conflicting(old_pairs), conflicting(new_pairs)],
     }

@@ -41,6 +41,9 @@ class SearchPlan:
     reason: str = ""
     #: ``faiss``, or ``torch`` for exact search on a CUDA device that faiss does not see (faiss-cpu installed)
     backend: str = "faiss"
+    #: For IVF without a given ``--nprobe``: the recall@k against exact search that the search tunes
+    #: ``nprobe`` to reach on a sample of queries (:func:`tune_nprobe`); 0: ``nprobe`` as given.
+    recall_target: float = 0.0
 
     def describe(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (0, "")}
@@ -53,6 +56,11 @@ def _pq_m(d: int, n: int, memory: int) -> int:
             return m
     return 4 if d % 4 == 0 else 1
 
+
+#: The recall@k an IVF search is tuned to, the ``nprobe`` tuning starts from, and the queries it measures on.
+RECALL_TARGET = 0.95
+START_NPROBE = 8
+TUNE_SAMPLE = 1000
 
 # faiss trains an IVF quantizer on at least one point per list, and a product quantizer of 8-bit
 # codes on at least 256 points; below these an approximate index cannot be built at all.
@@ -105,13 +113,15 @@ def plan_search(n: int, d: int, memory: int, kind: str = "auto", nprobe: int | N
         device = "cpu"  # an approximate index needs faiss, and this faiss has no GPU
     nlist = int(2 ** round(math.log2(max(16.0, 4 * math.sqrt(n)))))
     nlist = max(1, min(nlist, n // 39))  # faiss wants >= 39 training points per list
-    # 1/48 of the lists, at least 24 (whitened vectors spread over the lists more evenly than raw ones, so
-    # fewer lists hold a query's neighbours). The report always measures recall against
-    # exact search; raise --nprobe where it is too low for the data.
-    probe = nprobe or max(1, min(nlist, max(24, nlist // 48)))
+    # Without a given --nprobe, the fewest lists (from START_NPROBE, doubling) whose recall@k against exact
+    # search reaches RECALL_TARGET on a sample of queries: a fixed share of the lists would make every query
+    # scan a fixed share of the base, and the search grow as N^2. The report measures the recall again.
+    probe = nprobe or min(nlist, START_NPROBE)
+    target = 0.0 if nprobe else RECALL_TARGET
     if kind == "ivf-flat":
-        return SearchPlan("ivf-flat", nlist=nlist, nprobe=probe, device=device, reason=reason)
-    return SearchPlan("ivf-pq", nlist=nlist, nprobe=probe, pq_m=_pq_m(d, n, memory), device=device, reason=reason)
+        return SearchPlan("ivf-flat", nlist=nlist, nprobe=probe, device=device, reason=reason, recall_target=target)
+    return SearchPlan("ivf-pq", nlist=nlist, nprobe=probe, pq_m=_pq_m(d, n, memory), device=device, reason=reason,
+                      recall_target=target)
 
 
 def build_faiss_index(vectors: np.ndarray, plan: SearchPlan, seed: int = 0) -> faiss.Index:
@@ -184,10 +194,13 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, engine, batch: int =
 
 
 def knn_search(vectors: np.ndarray, k: int, engine, plan: SearchPlan | None = None, seed: int = 0,
-               on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               on_batch: Callable[[int], None] | None = None,
+               tuning: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` neighbours of every row among all rows (the row itself included).
 
     Returns ``(similarities, positions)``, each ``(N, min(k, N))``; query blocks are mapped by ``engine``.
+    An IVF plan with a recall target has its ``nprobe`` tuned first (:func:`tune_nprobe`; what was tried is
+    appended to ``tuning``).
     """
     k = min(k, len(vectors))
     if len(vectors) == 0:
@@ -196,7 +209,39 @@ def knn_search(vectors: np.ndarray, k: int, engine, plan: SearchPlan | None = No
     if plan.backend == "torch":
         return torch_knn(vectors, k, plan.device, on_batch=on_batch)
     index = build_faiss_index(vectors, plan, seed)
+    if plan.kind != "flat" and plan.recall_target > 0:
+        tuned = tune_nprobe(index, vectors, k, plan, seed)
+        if tuned:
+            tuned.update(tuned_nprobe=index.nprobe if hasattr(index, "nprobe") else plan.nprobe)
+            if tuning is not None:
+                tuning.append(tuned)
     return search(index, vectors, k, engine, on_batch=on_batch)
+
+
+def tune_nprobe(index, vectors: np.ndarray, k: int, plan: SearchPlan, seed: int = 0) -> dict:
+    """Raise the index's ``nprobe`` from the plan's, doubling, until recall@k against exact search on a sample
+    of queries reaches ``plan.recall_target`` (or every list is probed); returns what was tried."""
+    if plan.device == "gpu" or not hasattr(index, "nprobe"):
+        return {}
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(vectors), min(TUNE_SAMPLE, len(vectors)), replace=False))
+    queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    for lo in range(0, len(vectors), DEFAULT_QUERY_BATCH * 4):
+        exact.add(np.ascontiguousarray(vectors[lo: lo + DEFAULT_QUERY_BATCH * 4], dtype=np.float32))
+    _, truth = exact.search(queries, k)
+    del exact
+    tried = []
+    nprobe = max(1, plan.nprobe)
+    while True:
+        index.nprobe = nprobe
+        _, found = index.search(queries, k)
+        recall = float(sum(len(np.intersect1d(t, f[f >= 0])) for t, f in zip(truth, found)) / truth.size)
+        tried.append((nprobe, round(recall, 4)))
+        if recall >= plan.recall_target or nprobe >= plan.nlist:
+            break
+        nprobe = min(plan.nlist, nprobe * 2)
+    return {"recall_target": plan.recall_target, "tried": tried, "sample": int(len(rows))}
 
 
 def torch_knn(vectors: np.ndarray, k: int, device: str = "cuda", query_batch: int | None = None,

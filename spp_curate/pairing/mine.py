@@ -42,7 +42,7 @@ RECALL_SAMPLE = 1000
 
 
 def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int, engine, plans: list[SearchPlan] | None = None,
-                   seed: int = 0, recall: list | None = None) -> F.Candidates:
+                   seed: int = 0, recall: list | None = None, tuning: list | None = None) -> F.Candidates:
     """Each position's ``k`` nearest others within its group, self excluded, with 1-based ranks.
 
     With ``recall`` given, approximate searches append ``(queries, recall@k)`` to it.
@@ -55,7 +55,8 @@ def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int, engine, p
                 bar.update(task, advance=len(g))
                 continue
             plan = plans[i] if plans else None
-            sims, nb = knn_search(vecs[g], k + 1, engine, plan, seed, on_batch=lambda n: bar.update(task, advance=n))
+            sims, nb = knn_search(vecs[g], k + 1, engine, plan, seed, on_batch=lambda n: bar.update(task, advance=n),
+                                  tuning=tuning)
             if recall is not None and plan is not None and plan.kind != "flat":
                 sample = max(50, int(RECALL_SAMPLE * len(g) / total))
                 recall.append((len(g), ivf_recall(vecs[g], nb, sample, seed)))
@@ -278,7 +279,8 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     groups = cats.groups(valid)
     plans = [plan_search(len(g), d, recipe.memory, recipe.index, recipe.nprobe) for g in groups]
     recall: list = []
-    cand = raw_candidates(vecs, groups, recipe.k, engine, plans, recipe.seed, recall)
+    tuning: list = []
+    cand = raw_candidates(vecs, groups, recipe.k, engine, plans, recipe.seed, recall, tuning)
     target = recipe.precision_target
     # pictures compared once, whichever run of the rules asks; scores of earlier builds read from the store
     store = CopyScoreStore.load(build_dir / layout.COPY_SCORES) if recipe.copy_threshold is not None else None
@@ -312,7 +314,7 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     }, schema=PAIRS_SCHEMA)
     stats = {
         "images": int(n), "searchable": int(valid.sum()), "excluded": int(excluded.sum()), "pairs": len(kept),
-        "search": _search_summary(recipe, cats, plans, recall),
+        "search": {**_search_summary(recipe, cats, plans, recall), **({"nprobe_tuning": tuning[:20]} if tuning else {})},
         "categories": {"mode": cats.mode, "count": len(groups), **cats.info},
         "funnel": funnel.steps,
         "thresholds": mined.thresholds,

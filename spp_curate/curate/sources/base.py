@@ -103,6 +103,28 @@ class Source(ABC):
         an image whose identity is unchanged since the last index is not read again. None elsewhere."""
         return None
 
+    def listing(self, limit: int | None = None) -> "Listing":
+        """The source's first ``limit`` images (all without it) in source order, each with its label and
+        :meth:`stat` taken once, and what the listing could not use: the one walk a command makes. The
+        state (:func:`listing_state`) and the index stage both read it, so no file is listed or stat'ed
+        twice, and a ``limit`` stops the walk at its ``limit``-th image."""
+        import itertools
+
+        rows = [(key, label, self.stat(key)) for key, label in itertools.islice(self.items(), limit)]
+        return Listing(rows, list(getattr(self, "listing_problems", [])))
+
+
+class Listing:
+    """A source's listing: ``rows`` of ``(key, label, stat)`` and ``problems`` (``(key, reason)``)."""
+
+    def __init__(self, rows: list[tuple[str, int, str | None]], problems: list[tuple[str, str]]) -> None:
+        self.rows, self.problems = rows, problems
+
+
+def listing_state(listing: Listing) -> str:
+    """The short hash of a listing: every key with its file identity and label."""
+    return state_hash(f"{key}:{stat or 'unreadable'}:{label}" for key, label, stat in listing.rows)
+
 
 
 #: Every kind of source, by name, in the order they were registered.

@@ -8,7 +8,7 @@ from typing import Iterator
 
 from ...errors import KeyRefused, UserError
 from ...files import UnsafePath, file_identity, safe_join
-from .base import IMAGE_EXTENSIONS, Source, register, state_hash
+from .base import IMAGE_EXTENSIONS, Source, listing_state, register
 
 
 def not_utf8(name: str) -> str | None:
@@ -119,7 +119,7 @@ class ImageFolderSource(Source):
         return file_identity(st)
 
     def state(self) -> str:
-        return state_hash(f"{key}:{self.stat(key) or 'unreadable'}:{label}" for key, label in self.items())
+        return listing_state(self.listing())
 
     def describe(self) -> str:
         return f"imagefolder {self.root} ({len(self.class_names)} classes)"
