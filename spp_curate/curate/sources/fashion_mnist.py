@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -37,7 +38,8 @@ class FashionMNISTSource(Source):
     def __init__(self, root: str | None, split: str = "train") -> None:
         if split not in self._PREFIX:
             raise UserError(f"Fashion-MNIST has no split {split!r}; accepted: train, test", option="--split")
-        self.root = Path(root or self.DEFAULT_ROOT)
+        # without --root: SPP_CURATE_FASHION_MNIST, else the Debian package's folder, else the Hub copy
+        self.root = Path(root or os.environ.get("SPP_CURATE_FASHION_MNIST") or self.DEFAULT_ROOT)
         self.split = split
         self.class_names = list(self.CLASS_NAMES)
         images = self._find(f"{self._PREFIX[split]}-images-idx3-ubyte")
