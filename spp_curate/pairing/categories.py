@@ -29,8 +29,11 @@ class Categories:
     info: dict[str, Any] = field(default_factory=dict)
 
     def groups(self, valid: np.ndarray) -> list[np.ndarray]:
-        usable = valid & (self.ids >= 0)
-        return [np.flatnonzero(usable & (self.ids == c)) for c in np.unique(self.ids[usable])]
+        usable = np.flatnonzero(valid & (self.ids >= 0))
+        order = usable[np.argsort(self.ids[usable], kind="stable")]  # positions by category, ascending within
+        cats = self.ids[order]
+        starts = np.flatnonzero(np.r_[True, cats[1:] != cats[:-1]]) if len(cats) else np.empty(0, np.int64)
+        return np.split(order, starts[1:]) if len(cats) else []
 
 
 #: A class-names file is read up to this size (ImageNet-21k's 21,841 names take about 400 KB).

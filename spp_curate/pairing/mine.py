@@ -253,7 +253,8 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
         raise RuntimeError("embeddings do not cover the index row for row; rerun the embed stage")
     labels = index.column("label").to_numpy().astype(np.int64)
     digests = hex_prefixes(index.column("digest"))  # 8 bytes an image, not a Python string
-    valid = vecs.any(axis=1)
+    valid = np.concatenate([vecs[lo: lo + 65_536].any(axis=1) for lo in range(0, len(vecs), 65_536)]) if len(vecs) \
+        else np.zeros(0, bool)  # a block at a time: no N x d temporary
     excluded = np.isin(ids, excluded_ids(build_dir))
     valid &= ~excluded  # near-copies of a reference set are never anchors or positives
     n, d = vecs.shape
@@ -274,7 +275,7 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
         whitening.fitted_on = identity
         whitening.save(build_dir / WHITENING)
     if whitening.kind != "none":
-        vecs = whitening.apply(vecs)
+        vecs = whitening.apply(vecs, dtype=np.float16)  # searched in float32 a block at a time
         d = vecs.shape[1]
     groups = cats.groups(valid)
     plans = [plan_search(len(g), d, recipe.memory, recipe.index, recipe.nprobe) for g in groups]

@@ -37,6 +37,8 @@ DEFAULT_PCA_DIM = 128
 SHRINK = 0.05
 #: Rows used to fit (a uniform sample beyond this): the covariance of 200,000 rows is already stable.
 FIT_ROWS = 200_000
+#: Rows converted to float64 at a time while fitting.
+FIT_BLOCK = 16_384
 
 
 #: What a stored transform is read into memory up to: the largest projection ``pca`` makes is d x 4,096 floats.
@@ -67,12 +69,13 @@ class Whitening:
     def dim(self) -> int | None:
         return None if self.projection is None else int(self.projection.shape[1])
 
-    def apply(self, vecs: np.ndarray, batch: int = 65_536) -> np.ndarray:
-        """Transformed, L2-normalised float32 rows; all-zero rows (images that did not encode) stay zero."""
+    def apply(self, vecs: np.ndarray, batch: int = 65_536, dtype=np.float32) -> np.ndarray:
+        """Transformed, L2-normalised rows of ``dtype``, a block at a time; all-zero rows (images that did not
+        encode) stay zero."""
         if self.kind == "none":
-            return np.asarray(vecs, dtype=np.float32)
+            return np.asarray(vecs, dtype=dtype)
         width = vecs.shape[1] if self.projection is None else self.projection.shape[1]
-        out = np.empty((len(vecs), width), np.float32)
+        out = np.empty((len(vecs), width), dtype)
         for lo in range(0, len(vecs), batch):
             x = np.asarray(vecs[lo: lo + batch], dtype=np.float32)
             zero = ~x.any(axis=1)
@@ -218,15 +221,20 @@ def fit_whitening(vecs: np.ndarray, valid: np.ndarray, spec: str, seed: int = 0)
     rows = np.flatnonzero(valid)
     if len(rows) > FIT_ROWS:
         rows = np.sort(np.random.default_rng(seed).choice(rows, FIT_ROWS, replace=False))
-    x = np.asarray(vecs[rows], dtype=np.float64)
-    mean = x.mean(axis=0) if len(x) else np.zeros(d)
-    if kind == "center" or len(x) < 3:
+    # mean and covariance in float64, from blocks of rows (never the sample whole in float64)
+    total, outer = np.zeros(d), np.zeros((d, d))
+    for lo in range(0, len(rows), FIT_BLOCK):
+        x = np.asarray(vecs[rows[lo: lo + FIT_BLOCK]], dtype=np.float64)
+        total += x.sum(axis=0)
+        outer += x.T @ x
+    count = len(rows)
+    mean = total / count if count else np.zeros(d)
+    if kind == "center" or count < 3:
         return Whitening("center", mean.astype(np.float32), None)
-    x -= mean
-    cov = x.T @ x / max(1, len(x) - 1)
+    cov = (outer - count * np.outer(mean, mean)) / max(1, count - 1)
     values, vectors = np.linalg.eigh(cov)  # ascending
     order = np.argsort(values)[::-1]
-    keep = min(dim or DEFAULT_PCA_DIM, d, len(x) - 1)
+    keep = min(dim or DEFAULT_PCA_DIM, d, count - 1)
     values, vectors = np.clip(values[order[:keep]], 0.0, None), vectors[:, order[:keep]]
     # Shrinkage relative to the mean variance: whitened, but the last, noisy directions are not made equal.
     scale = 1.0 / np.sqrt(values + SHRINK * values.mean() + 1e-12)
