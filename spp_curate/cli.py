@@ -24,11 +24,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help texts are plain: "[default: spare cores]" is words, not a markup tag
 )
+
+
+def _usage_name(argument) -> str:
+    """An argument in the usage line as its metavar (``BUILD_DIR``), ``[NAME]`` when optional; Typer 0.29
+    wraps a required one in braces, which reads as a set."""
+    name = argument.display_name_raw
+    return (name if argument.required else f"[{name}]") + ("..." if argument.nargs != 1 else "")
+
+
+if hasattr(typer.core.TyperArgument, "_usage_display_name"):
+    typer.core.TyperArgument._usage_display_name = _usage_name
 # Soft wrap: a line the program prints stays one line, whatever the terminal's width.
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-DirArg = typer.Argument(..., help="build directory (made by `spp-curate build`)")
+DirArg = typer.Argument(..., metavar="BUILD_DIR", help="build directory (made by `spp-curate build`)")
 ForceOpt = typer.Option(False, "--force", help="run the stage even if its output is complete")
 
 
@@ -102,15 +113,24 @@ def _print_result(build_dir: Path) -> None:
     out.print(f"report:  {build_dir / 'report' / 'index.html'}")
 
 
+def kind_of(field) -> str:
+    return (field.json_schema_extra or {}).get("option", "value")
+
+
 def recipe_option(name: str) -> inspect.Parameter:
     """The command-line option of recipe field ``name``, made from the field's own declaration
     (``config.knob``): its help, how it is taken and its bound. Every command that takes a field takes it so."""
+    from pydantic_core import PydanticUndefined
+
     from .config import Recipe
 
     field = Recipe.model_fields[name]
     extra = field.json_schema_extra or {}
     flag = f"--{name.replace('_', '-')}"
     text = (field.description or "").format(sources=source_forms(), references=reference_forms())
+    if "[" not in text and field.default not in (None, PydanticUndefined, "") and kind_of(field) != "flag":
+        shown = field.default if not isinstance(field.default, float) else f"{field.default:g}"
+        text += f" [default: {shown}, or the recipe's]"
     kind, bound = extra.get("option", "value"), {"min": extra["min"]} if extra.get("min") is not None else {}
     if kind == "flag":
         option, annotation = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=text), Optional[bool]
@@ -248,7 +268,7 @@ def review(
 
 
 @app.command()
-def verify(release: str = typer.Argument(..., help="release directory (holds manifest.json), or hf://ORG/NAME[@REV] "
+def verify(release: str = typer.Argument(..., metavar="RELEASE", help="release directory (holds manifest.json), or hf://ORG/NAME[@REV] "
                                          "for a release on the Hub"),
            workers: Optional[int] = typer.Option(None, min=0, help="processes hashing files [default: spare "
                                                  "cores]")) -> None:
@@ -295,12 +315,13 @@ def train(
                                   "semantic (the partner replaces the second augmentation) | augment (the matched "
                                   "baseline: the partners unused) | auto: both with --pairs, augment with --source"),
     backbone: str = typer.Option("small-cnn", help="small-cnn | resnet18 | resnet50"),
-    epochs: int = typer.Option(10, min=1),
+    epochs: int = typer.Option(10, min=1, help="passes over the pairs (an epoch is the anchors with --pairs, "
+                               "every picture with --source; the run prints its steps)"),
     batch_size: int = typer.Option(256, min=2),
     lr: float = typer.Option(0.06, min=0.0, help="learning rate at batch 256 (scaled linearly)"),
     image_size: int = typer.Option(32, min=8, help="training input size"),
     limit: Optional[int] = typer.Option(None, min=1, help="use the first N pairs or images"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seeds the weights' initialisation, the augmentations and the batch order"),
     workers: Optional[int] = typer.Option(None, min=0, help="decode processes [default: spare cores]"),
     cache: str = typer.Option("auto", help="decoded pictures: auto (raw pixels where they fit half the memory, "
                               "else jpeg) | disk (raw pixels, memory-mapped) | jpeg (JPEG at the training size, "
@@ -339,7 +360,7 @@ def train(
 
 @app.command(name="eval")
 def eval_run(
-    run: Path = typer.Argument(..., help="a run directory from `spp-curate train`"),
+    run: Path = typer.Argument(..., metavar="RUN", help="a run directory from `spp-curate train`"),
     source: str = typer.Option(..., help=f"labelled source for the probe: {source_forms()}"),
     root: Optional[Path] = typer.Option(None, help="the source's root (for image folders: the train split)"),
     test_root: Optional[Path] = typer.Option(None, help="image folders: the test split"),
@@ -377,7 +398,7 @@ def demo(
 
 @app.command()
 def push(
-    release: Path = typer.Argument(..., help="release directory (holds manifest.json)"),
+    release: Path = typer.Argument(..., metavar="RELEASE", help="release directory (holds manifest.json)"),
     repo_id: str = typer.Option(..., help="the dataset repo, ORG/NAME"),
     private: bool = typer.Option(False, "--private", help="create the repo private"),
     revision: Optional[str] = typer.Option(None, help="branch to push to [default: main]"),
@@ -418,7 +439,7 @@ def push(
 
 @app.command()
 def materialize(
-    release: Path = typer.Argument(..., help="an ID-only release (built with --images none)"),
+    release: Path = typer.Argument(..., metavar="RELEASE", help="an ID-only release (built with --images none)"),
     source: str = typer.Option(..., help=f"what your copy is: {source_forms()} (never taken from the release)"),
     root: Optional[Path] = typer.Option(None, help="your own copy of the source"),
     out_dir: Path = typer.Option(..., "--out", help="where to write the full release (new, empty, or an "
@@ -442,8 +463,8 @@ def materialize(
 
 @app.command()
 def diff(
-    old: Path = typer.Argument(..., help="the earlier release directory"),
-    new: Path = typer.Argument(..., help="the later release directory"),
+    old: Path = typer.Argument(..., metavar="OLD", help="the earlier release directory"),
+    new: Path = typer.Argument(..., metavar="NEW", help="the later release directory"),
     show: int = typer.Option(10, min=0, help="keys shown for each kind of change"),
 ) -> None:
     """Print what changed between two releases: pairs added and removed, images added, removed, changed."""
@@ -475,11 +496,14 @@ def diff(
 
 @app.command()
 def audit(
-    release: Path = typer.Argument(..., help="a release directory (verified first; from anywhere)"),
+    release: Path = typer.Argument(..., metavar="RELEASE", help="a release directory (verified first; from anywhere)"),
     against: str = typer.Option(..., help=f"the reference set, {reference_forms()}"),
     threshold: str = typer.Option("0.99", help="copy score at or above which an image is a near-copy, or a "
                                                "quantile of the release's own scores (q0.999)"),
-    max_leaks: int = typer.Option(0, min=0, help="exit 1 when more distinct images than this are near-copies"),
+    max_leaks: str = typer.Option("auto", help="exit 1 when more distinct images than this are near-copies; auto: "
+                                  "more than the reference set's own look-alike rate explains (95 % bound), or "
+                                  "any with the same bytes"),
+    show: int = typer.Option(10, min=0, help="near-copies listed, strongest first"),
     workers: Optional[int] = typer.Option(None, min=0, help="decode processes for the reference set"),
 ) -> None:
     """Count a release's near-copies of a reference (evaluation) set, per pair side; exit 1 above --max-leaks."""
@@ -488,18 +512,37 @@ def audit(
     from .leakage.audit import SIDES, audit_release
 
     parse_threshold(threshold, "--threshold")
+    if max_leaks != "auto" and not (max_leaks.isdigit()):
+        raise UserError(f"{max_leaks!r} is not a count; give a whole number or auto", option="--max-leaks")
     result = audit_release(release, against, threshold, get_engine("local"), workers)
-    for leak in result.leaks:
-        out.print(f"leak: {leak.side} {leak.key} ~ {leak.reference_key} "
-                  f"{'same bytes' if leak.same_digest else f'score {leak.score:.4f}'}", markup=False, highlight=False)
-    for side in SIDES:
-        out.print(f"{side}: {result.images[side]:,} images, {result.leaked(side):,} near-copies of {against}",
-                  markup=False, highlight=False)
+
+    def say(text: str) -> None:
+        out.print(text, markup=False, highlight=False)
+
     how = f"copy score >= {result.threshold:.4f} or same bytes" if result.pixels else \
         "same bytes only: an ID-only release has no pixels (materialize it to check near-copies)"
     total = result.leaked()
-    out.print(f"{total:,} distinct image(s) leak ({how}); allowed: {max_leaks}", markup=False, highlight=False)
-    if total > max_leaks:
+    expected, bound = result.expected_by_chance()
+    if max_leaks == "auto":
+        allowed = bound if result.same_bytes() == 0 else 0
+        rule = (f"auto: {bound:,}, the 95 % bound of what the reference set's own look-alikes explain"
+                if result.same_bytes() == 0 else "0: some share a reference picture's bytes")
+    else:
+        allowed, rule = int(max_leaks), max_leaks
+    say(f"{total:,} distinct image(s) leak ({how}) of {result.checked:,} checked; allowed: {rule}")
+    for side in SIDES:
+        say(f"{side}: {result.images[side]:,} images, {result.leaked(side):,} near-copies of {against}")
+    if result.lookalike_rate is not None:
+        say(f"look-alikes: {result.lookalike_rate:.2%} of {result.lookalike_sample:,} pictures of {against} reach "
+            f"{result.threshold:.4f} against another picture of the same set, so about {expected:,.0f} of "
+            f"{result.checked:,} would by chance (up to {bound:,})")
+    ranked = sorted(result.leaks, key=lambda leak: (not leak.same_digest, -leak.score))
+    for leak in ranked[:show]:
+        say(f"leak: {leak.side} {leak.key} ~ {leak.reference_key} "
+            f"{'same bytes' if leak.same_digest else f'score {leak.score:.4f}'}")
+    if len(ranked) > show:
+        say(f"... {len(ranked) - show:,} more (--show N lists more)")
+    if total > allowed:
         raise typer.Exit(1)
 
 

@@ -487,12 +487,19 @@ class Recipe(BaseModel):
     def source_state(self) -> str | None:
         return self._source_state
 
+    def _listing_identity(self) -> tuple:
+        return (self.source, self.root, self.split, self.limit, self.image_column, self.label_column)
+
     def attach_listing(self, listing: Any) -> None:
-        self._listing = listing
+        self._listing = (self._listing_identity(), listing)
 
     @property
     def listing(self) -> Any:
-        return self._listing
+        """The listing attached with the state, if it is of the source this recipe names (a recipe copied for a
+        reference set names another source, and walks its own)."""
+        if self._listing is None or self._listing[0] != self._listing_identity():
+            return None
+        return self._listing[1]
 
     def fingerprint(self, stage: str, source_state: bool = True) -> str:
         """Hash of the fields ``stage`` and every stage before it depend on, and of the source's state.

@@ -49,13 +49,36 @@ class AuditResult:
     pixels: bool  # False: an ID-only release, checked by digest alone
     images: dict[str, int] = field(default_factory=dict)  # distinct images per side
     leaks: list[Leak] = field(default_factory=list)
+    #: The reference set's own look-alike rate at the threshold: the share of (a sample of) its pictures whose
+    #: best copy score against *another* of its pictures reaches it. A clean release drawn from the same
+    #: distribution has about this share of its pictures above the threshold by chance.
+    lookalike_rate: float | None = None
+    lookalike_sample: int = 0
+
+    def expected_by_chance(self) -> tuple[float, int]:
+        """Images expected above the threshold by look-alikes alone, and the 95 % upper bound of that count
+        (Poisson), over the distinct images checked."""
+        if not self.lookalike_rate:
+            return 0.0, 0
+        mean = self.lookalike_rate * self.checked
+        return mean, poisson_upper(mean)
+
+    @property
+    def checked(self) -> int:
+        return getattr(self, "_checked", sum(self.images.values()))
+
+    def same_bytes(self) -> int:
+        return len({leak.key for leak in self.leaks if leak.same_digest})
 
     def leaked(self, side: str | None = None) -> int:
         return len({leak.key for leak in self.leaks if side in (None, leak.side)})
 
     def as_dict(self) -> dict[str, Any]:
+        expected, bound = self.expected_by_chance()
         return {"against": self.against, "threshold": self.threshold, "pixels": self.pixels, "images": self.images,
                 "leaked": {s: self.leaked(s) for s in SIDES} | {"total": self.leaked()},
+                "lookalike_rate": self.lookalike_rate, "lookalike_sample": self.lookalike_sample,
+                "expected_by_chance": expected, "expected_upper_95": bound,
                 "leaks": [leak.__dict__ for leak in self.leaks]}
 
 
@@ -156,6 +179,43 @@ def _tar_samples(path: Path):
             yield sample
 
 
+def poisson_upper(mean: float, q: float = 0.95) -> int:
+    """The smallest count whose Poisson(``mean``) cumulative probability reaches ``q`` (a normal approximation
+    above a mean of 50)."""
+    import math
+
+    if mean > 50:
+        return math.ceil(mean + 1.645 * math.sqrt(mean))
+    k, p = 0, math.exp(-mean)
+    total = p
+    while total < q:
+        k += 1
+        p *= mean / k
+        total += p
+    return k
+
+
+#: Reference pictures scored against the rest of their set to measure its look-alike rate.
+LOOKALIKE_SAMPLE = 2000
+
+
+def lookalike_rate(references, threshold: float, engine, seed: int = 0) -> tuple[float, int]:
+    """The share of a sample of the reference pictures whose best copy score against another reference picture
+    (itself left out) reaches ``threshold``, and the sample's size."""
+    from .copies import COARSE, FINE, Descriptors, candidates, verify
+
+    n = len(references.ok)
+    if n < 2:
+        return 0.0, 0
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(LOOKALIKE_SAMPLE, n), replace=False))
+    pictures = Descriptors(references.coarse[rows, 0].reshape(len(rows), COARSE * COARSE),
+                           references.fine[rows, : FINE * FINE], references.ok[rows])
+    cand = candidates(pictures, references, engine, 8 * 10**9)
+    cand[cand == rows[:, None]] = -1  # not itself
+    best, _ = verify(pictures, references, cand)
+    return float(np.mean(best[pictures.ok] >= threshold)) if pictures.ok.any() else 0.0, int(len(rows))
+
+
 def audit_release(release: Path, against: str, threshold: str, engine, workers: int | None = None) -> AuditResult:
     """Near-copies of the reference set ``against`` among the release's images, per side."""
     ref = parse_reference(against, option="--against")
@@ -181,6 +241,9 @@ def audit_release(release: Path, against: str, threshold: str, engine, workers: 
     all_scores = np.concatenate([v[2] for v in per_side.values()])
     cut = resolve_threshold(threshold, all_scores[all_scores > -1.0], "--threshold")
     result = AuditResult(against, cut, pixels, {s: len(set(v[0])) for s, v in per_side.items()})
+    result._checked = len({k for v in per_side.values() for k in v[0]})
+    if pixels:
+        result.lookalike_rate, result.lookalike_sample = lookalike_rate(ref_desc, cut, engine)
     for side, (keys, digests, scores, rows) in per_side.items():
         for key, digest, score, row in zip(keys, digests, scores, rows):
             twin = ref_by_digest.get(digest)

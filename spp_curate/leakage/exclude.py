@@ -224,6 +224,8 @@ def exclude_near(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     }
     write_table(build_dir / layout.EXCLUSION, table)
     write_json(build_dir / layout.EXCLUSION_STATS, stats)
+    if not refs:
+        return {"reference sets": "none given (--exclude-near), nothing excluded"}
     return {"excluded": int(excluded.sum())}
 
 

@@ -116,7 +116,9 @@ def similarity_histogram(stats: dict[str, Any], recipe: Recipe, path: Path) -> N
         if x is None or not lo <= x <= hi:
             continue
         ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
-        ax.annotate(name, (x, 1), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top")
+        # inside the axes, right of the line, from just under the top: never cut by the frame
+        ax.annotate(name, (x, 0.97), xycoords=("data", "axes fraction"), xytext=(2, 0), textcoords="offset points",
+                    fontsize=7, rotation=90, va="top", ha="left", annotation_clip=False)
     ax.bar(centres, stats["kept_hist"], width=bins[1] - bins[0], alpha=0.8, label="kept")
     for name, hist in stats["removed_hist"].items():
         if sum(hist):
@@ -155,12 +157,19 @@ def _html(recipe: Recipe, metrics: dict[str, Any], grids: dict[str, str]) -> str
     def fmt(v: Any) -> str:
         return f"{v:,}" if isinstance(v, int) else f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
+    # Pairs mined within label categories share a label by construction: their label precision says nothing
+    # of the encoder, and the card says so under the figure.
+    notes = {"precision": "by construction: pairs mined within label categories" if recipe.category == "label"
+             else "share of pairs whose two labels agree"}
     cards = "".join(f"<div class='headline'><div class='value' id='headline-{k}'>"
-                    f"{'n/a' if metrics.get(k) is None else fmt(metrics.get(k))}</div><div>{k}</div></div>"
-                    for k in HEADLINE)
-    more = ["images", "excluded_near_copies", "images_in_pairs", "mutual_share", "ivf_recall_at_k",
-            "zeroshot_accuracy"]
-    rows = "".join(f"<tr><th>{k}</th><td>{fmt(metrics.get(k))}</td></tr>" for k in more
+                    f"{'n/a' if metrics.get(k) is None else fmt(metrics.get(k))}</div><div>{k}</div>"
+                    + (f"<div class='note' id='headline-{k}-note'>{html.escape(notes[k])}</div>" if k in notes else "")
+                    + "</div>" for k in HEADLINE)
+    more = {"images": "images", "excluded_near_copies": "excluded as near-copies of a reference set",
+            "images_in_pairs": "images in pairs", "mutual_share": "pairs whose two images are each other's neighbours",
+            "ivf_recall_at_k": "approximate search's recall@k against exact search",
+            "zeroshot_accuracy": "zero-shot accuracy of the pseudo-labels"}
+    rows = "".join(f"<tr><th>{html.escape(label)}</th><td>{fmt(metrics.get(k))}</td></tr>" for k, label in more.items()
                    if metrics.get(k) is not None)
     leak = metrics.get("leakage")
     leakage = "" if not leak else (
@@ -171,6 +180,7 @@ def _html(recipe: Recipe, metrics: dict[str, Any], grids: dict[str, str]) -> str
             f"<tr><td>{html.escape(r['name'])}</td><td>{html.escape(r['split'])}</td><td>{r['count']:,}</td>"
             f"<td>{r['excluded']:,}</td><td>{r['same_digest']:,}</td></tr>" for r in leak["references"]) + "</table>")
     search = metrics["search"]
+    kinds = ", ".join(f"{count:,} {kind}" for kind, count in (search.get("index_kinds") or {}).items()) or "none"
     funnel = "".join(f"<tr><td>{html.escape(s['step'])}</td><td>{s['removed']:,}</td><td>{s['remaining']:,}</td></tr>"
                      for s in metrics["funnel"])
     figures = "".join(f"<h2>{html.escape(title)}</h2><img src='{src}' alt='{html.escape(title)}'>"
@@ -182,7 +192,7 @@ def _html(recipe: Recipe, metrics: dict[str, Any], grids: dict[str, str]) -> str
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}} img{{max-width:100%}}
 .headlines{{display:flex;gap:1em;margin:1em 0}} .headline{{border:1px solid #ccc;padding:.5em 1em;text-align:center}}
-.headline .value{{font-size:1.8em;font-weight:bold}}</style></head>
+.headline .value{{font-size:1.8em;font-weight:bold}} .headline .note{{font-size:.75em;color:#666;max-width:16em}}</style></head>
 <body><h1>{html.escape(recipe.name)}: semantic pair report</h1>
 <div class="headlines">{cards}</div>
 <table>{rows}</table>
@@ -190,9 +200,9 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}} img{{max-width:10
 <p>source <code>{html.escape(recipe.source)}</code>, encoder <code>{html.escape(recipe.encoder)}</code>,
 category <code>{recipe.category}</code>, k={recipe.k}, min similarity {threshold_text(metrics["thresholds"], "min_similarity")},
 duplicate threshold {threshold_text(metrics["thresholds"], "dup_threshold")}, at most {recipe.max_per_anchor} per anchor{", mutual only" if recipe.mutual else ""}{f", at most {recipe.pairs_per_class} per class" if recipe.pairs_per_class else ""}.
-Search: {html.escape(search["scope"])}, {search["groups"]} groups, indexes {html.escape(str(search["index_kinds"]))} on {search["device"]}.</p>
-{figures}
+Search: {html.escape(search["scope"])}, {search["groups"]:,} groups ({html.escape(kinds)} {"index" if search["groups"] == 1 else "indexes"}) on {search["device"]}.</p>
 {leakage}
+{figures}
 <h2>Precision per class</h2><table>{per_class}</table>
 <p>Full figures: <a href="metrics.json">metrics.json</a>.</p>
 </body></html>
