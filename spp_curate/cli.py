@@ -365,16 +365,21 @@ def eval_run(
     root: Optional[Path] = typer.Option(None, help="the source's root (for image folders: the train split)"),
     test_root: Optional[Path] = typer.Option(None, help="image folders: the test split"),
     limit: Optional[int] = typer.Option(None, min=1, help="first N images of each split"),
+    k: Optional[list[int]] = typer.Option(None, "--k", min=1, help="neighbours of the weighted kNN; repeat for "
+                                          "several (the first is knn_top1) [default: 200]"),
 ) -> None:
     """Weighted kNN (k=200, T=0.1) and linear-probe top-1 of a run's backbone, beside raw-pixel kNN, 1-NN and
-    linear probe of the same split; writes RUN/eval.json."""
+    linear probe of the same split (computed once per split and kept); writes RUN/eval.json."""
     from .train.evaluate import evaluate
 
-    result = evaluate(run, source, str(root) if root else None, str(test_root) if test_root else None, limit)
+    ks = tuple(dict.fromkeys(k or [200]))
+    result = evaluate(run, source, str(root) if root else None, str(test_root) if test_root else None, limit, ks)
+    at = "  ".join(f"k={key} {result['knn_top1_at'][key]:.4f} (pixels {result['pixel_knn_top1_at'][key]:.4f})"
+                   for key in map(str, ks)) if len(ks) > 1 else ""
     out.print(f"knn_top1 {result['knn_top1']:.4f}  linear_top1 {result['linear_top1']:.4f}  "
               f"(raw pixels: knn_top1 {result['pixel_knn_top1']:.4f}, 1-NN {result['pixel_1nn_top1']:.4f}, "
-              f"linear_top1 {result['pixel_linear_top1']:.4f})  "
-              f"({run / 'eval.json'})")
+              f"linear_top1 {result['pixel_linear_top1']:.4f})  " + (f"{at}  " if at else "") +
+              f"({run / 'eval.json'})", markup=False, highlight=False)
 
 
 @app.command()

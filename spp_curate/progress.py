@@ -158,3 +158,14 @@ def quiet_log(name: str | None = None) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def phase(description: str) -> Iterator[None]:
+    """One line when a step without items of its own starts and one when it ends, with its time, so no step
+    of a command is silent (in a terminal and in a log alike)."""
+    started = time.monotonic()
+    console.print(f"{description}: start", markup=False, highlight=False, soft_wrap=True)
+    yield
+    console.print(f"{description}: done in {_clock(time.monotonic() - started)}", markup=False, highlight=False,
+                  soft_wrap=True)

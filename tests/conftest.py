@@ -39,6 +39,11 @@ def pytest_collection_modifyitems(config, items):
 
 # Nothing in the suite may reach for the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the suite's own cache (fetched releases, pixel references): never the user's
+if "SPP_CURATE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SPP_CURATE_CACHE"] = tempfile.mkdtemp(prefix="spp-curate-test-cache-")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 

@@ -240,6 +240,18 @@ def test_train_eval_and_reuse_as_encoder(label_build, tmp_path):
     # the raw-pixel reference of the same split: Fashion-MNIST pixels alone classify far above chance
     assert 0.5 < result["pixel_1nn_top1"] <= 1 and 0.5 < result["pixel_knn_top1"] <= 1
     assert 0.5 < result["pixel_linear_top1"] <= 1
+    # several k at once; the pixel references are read from where the first eval kept them
+    proc = run_cli_process("eval", run, "--source", "fashion-mnist", "--root", FMNIST, "--limit", "500",
+                           "--k", "20", "--k", "200", env={"SPP_CURATE_PROGRESS": "plain"})
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((run / "eval.json").read_text())
+    assert set(again["knn_top1_at"]) == {"20", "200"} and again["knn_top1"] == again["knn_top1_at"]["20"]
+    assert again["knn_top1_at"]["200"] == result["knn_top1"] and again["linear_top1"] == result["linear_top1"]
+    assert "k=20" in proc.stdout and "eval: kNN (k=20, 200): done in" in proc.stderr + proc.stdout
+    assert "eval: linear probe" in proc.stderr + proc.stdout  # every phase says where it is
+    assert "raw-pixel probe" not in proc.stderr + proc.stdout  # kept from the first eval: not fitted again
+    assert again["pixel_linear_top1"] == result["pixel_linear_top1"]
+    assert again["pixel_knn_top1_at"]["200"] == result["pixel_knn_top1"]
     out = tmp_path / "b"
     assert run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, "--limit", "300",
                    "--encoder", f"ssl:{run / 'last.pt'}", "--category", "none", "--min-similarity", "0",
