@@ -15,6 +15,8 @@ that `both` is level with `augment` on (BENCHMARKS.md, learning gain: which samp
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,15 +42,15 @@ def run_demo(out: Path, root: str | None, limit: int = 10_000, epochs: int = 3, 
     common = dict(backbone="small-cnn", epochs=epochs, batch_size=128, image_size=32, seed=0)
     if sampler == "ssl":
         sampler_run = out / "sampler"
-        say(f"[1/4] pretraining the semantic sampler ({method}, {limit:,} images, {epochs} epochs)")
+        say(f"[1/6] pretraining the semantic sampler ({method}, {limit:,} images, {epochs} epochs)")
         train(TrainConfig(out=str(sampler_run), method=method, positives="augment", source="fashion-mnist",
                           root=root, limit=limit, **common), resume=True)
         encoder = f"ssl:{sampler_run / 'last.pt'}"
     else:
-        say("[1/4] the semantic sampler: raw pixels at 32 px, PCA-whitened (nothing to train)")
+        say("[1/6] the semantic sampler: raw pixels at 32 px, PCA-whitened (nothing to train)")
         encoder = "pixels:32"
 
-    say(f"[2/4] mining pairs with the sampler (--encoder {encoder}, --category none)")
+    say(f"[2/6] mining pairs with the sampler (--encoder {encoder}, --category none)")
     recipe = resolve_recipe("fashion-mnist", {
         "root": root, "limit": limit, "encoder": encoder, "image_size": None,
         "category": "none", "min_similarity": "q0", "max_per_anchor": 1,
@@ -57,13 +59,19 @@ def run_demo(out: Path, root: str | None, limit: int = 10_000, epochs: int = 3, 
     build(pairs, recipe)
 
     results: dict[str, Any] = {}
-    for positives in ("augment", "both"):
+    modes = ("augment", "both")
+    took = None
+    for n, positives in enumerate(modes):
         run = out / f"{method}-{positives}-{sampler}"
-        say(f"[3/4] training {method} with --positives {positives} on the sampler's pairs")
+        started = time.monotonic()
+        left = f", about {math.ceil(took * (len(modes) - n) / 60)} min left" if took else ""
+        say(f"[{3 + 2 * n}/6] run {n + 1} of {len(modes)}{left}: training {method} with --positives {positives} "
+            "on the sampler's pairs")
         train(TrainConfig(out=str(run), method=method, positives=positives, pairs=str(pairs / "release"),
                           **common), resume=True)
-        say(f"[4/4] evaluating {run.name}")
+        say(f"[{4 + 2 * n}/6] run {n + 1} of {len(modes)}: evaluating {run.name}")
         results[positives] = evaluate(run, "fashion-mnist", root, limit=limit)
+        took = time.monotonic() - started
         history = (run / "metrics.jsonl").read_text().splitlines()
         results[positives]["partner_weight"] = json.loads(history[-1]).get("partner_weight") if history else None
     return {"results": results, "precision": read_json(pairs / layout.METRICS)["precision"], "sampler": sampler,

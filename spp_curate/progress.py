@@ -19,7 +19,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
-console = Console(stderr=True)
+# soft wrap: a line stays one line in a log, whatever width rich assumes when it is not a terminal
+console = Console(stderr=True, soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):
