@@ -22,7 +22,7 @@ from ..config import Recipe
 from ..errors import UserError
 from ..layout import WHITENING, load_embeddings, read_class_names
 from ..files import write_json, write_table
-from ..progress import stage_progress
+from ..progress import phase, stage_progress
 from ..leakage.exclude import excluded_ids
 from . import filters as F
 from .categories import Categories, assign_categories, read_class_names_file
@@ -271,11 +271,13 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
         raise UserError(f"keep: the build's {WHITENING} cannot be applied to its embeddings ({why}); give pca to fit "
                         "a new scale", option="--whiten")
     if whitening is None:
-        whitening = fit_whitening(vecs, valid, recipe.whiten, recipe.seed)
+        with phase(f"mine: fit the similarity scale (--whiten {recipe.whiten}, {int(valid.sum()):,} images)"):
+            whitening = fit_whitening(vecs, valid, recipe.whiten, recipe.seed)
         whitening.fitted_on = identity
         whitening.save(build_dir / WHITENING)
     if whitening.kind != "none":
-        vecs = whitening.apply(vecs, dtype=np.float16)  # searched in float32 a block at a time
+        with phase("mine: apply the similarity scale"):
+            vecs = whitening.apply(vecs, dtype=np.float16)  # searched in float32 a block at a time
         d = vecs.shape[1]
     groups = cats.groups(valid)
     plans = [plan_search(len(g), d, recipe.memory, recipe.index, recipe.nprobe) for g in groups]

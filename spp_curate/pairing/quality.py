@@ -230,21 +230,28 @@ def write_report(recipe: Recipe, build_dir: Path, engine=None) -> dict[str, Any]
     wrong = pairs[(pairs.label >= 0) & (pairs.positive_label >= 0) & (pairs.label != pairs.positive_label)]
     if len(wrong):
         picks["Wrong pairs (labels disagree)"] = wrong.nlargest(n, "similarity")
-    for i, (title, chosen) in enumerate(picks.items()):
-        name = [layout.STRONGEST_GRID, layout.THRESHOLD_GRID, layout.WRONG_GRID][i]
-        if len(chosen):
-            pair_grid(source, keys, chosen, out / name, source.class_names)
-            grids[title] = name
-    threshold_curve_plot(stats["curve"], out / layout.THRESHOLD_CURVE)
-    grids = {"Precision and coverage against the minimum similarity": layout.THRESHOLD_CURVE, **grids}
-    similarity_histogram(stats, recipe, out / layout.SIMILARITY_HISTOGRAM)
-    grids["Similarity histogram"] = layout.SIMILARITY_HISTOGRAM
-    if metrics["pairs_per_class"]:
-        pairs_per_class_plot(metrics, out / layout.PAIRS_PER_CLASS)
-        grids["Pairs per class"] = layout.PAIRS_PER_CLASS
     from ..leakage.report import leakage_section
+    from ..progress import stage_progress
 
-    metrics["leakage"], leak_figures = leakage_section(recipe, build_dir, out)
+    figures = len(picks) + 3 + bool(recipe.references)
+    with stage_progress("report: figures", figures, unit="figure") as (bar, task):
+        for i, (title, chosen) in enumerate(picks.items()):
+            name = [layout.STRONGEST_GRID, layout.THRESHOLD_GRID, layout.WRONG_GRID][i]
+            if len(chosen):
+                pair_grid(source, keys, chosen, out / name, source.class_names)
+                grids[title] = name
+            bar.update(task, advance=1)
+        threshold_curve_plot(stats["curve"], out / layout.THRESHOLD_CURVE)
+        grids = {"Precision and coverage against the minimum similarity": layout.THRESHOLD_CURVE, **grids}
+        similarity_histogram(stats, recipe, out / layout.SIMILARITY_HISTOGRAM)
+        grids["Similarity histogram"] = layout.SIMILARITY_HISTOGRAM
+        bar.update(task, advance=2)
+        if metrics["pairs_per_class"]:
+            pairs_per_class_plot(metrics, out / layout.PAIRS_PER_CLASS)
+            grids["Pairs per class"] = layout.PAIRS_PER_CLASS
+        bar.update(task, advance=1)
+        metrics["leakage"], leak_figures = leakage_section(recipe, build_dir, out)
+        bar.update(task, advance=1 if recipe.references else 0)
     metrics["excluded_near_copies"] = metrics["leakage"]["excluded"] if metrics["leakage"] else None
     grids.update(leak_figures)
     metrics["figures"] = list(grids.values())
