@@ -30,7 +30,8 @@ def bars(ax, labels: list[str], values: list[float], unit: str, colors=None) -> 
     ax.set_xlabel(unit)
     top = max(values) if values else 1
     for rect, value in zip(drawn, values):
-        ax.text(rect.get_width() + top * 0.01, rect.get_y() + rect.get_height() / 2, f"{value:,.3g}",
+        ax.text(rect.get_width() + top * 0.01, rect.get_y() + rect.get_height() / 2,
+                f"{value:,.0f}" if value >= 100 else f"{value:.3g}",
                 va="center", fontsize=9)
     ax.set_xlim(0, top * 1.18)
     ax.spines[["top", "right"]].set_visible(False)
@@ -57,8 +58,8 @@ def draw(name: str, figure: dict, out: Path) -> Path:
     else:
         raise ValueError(f"{name}: unknown kind of figure {kind!r}")
     fig.suptitle(figure["title"], fontsize=11)
-    fig.text(0.01, 0.005, figure["command"], fontsize=7, family="monospace", color="#555555")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.text(0.01, 0.02, figure["command"], fontsize=7, family="monospace", color="#555555")
     path = out / f"bench-{name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -116,6 +116,46 @@ def load_embeddings(build_dir: Path, dtype=np.float32) -> tuple[np.ndarray, np.n
     return out, all_ids[order]
 
 
+class ChunkedEmbeddings:
+    """A build's embeddings in index (id) order, read from the memory-mapped chunk files only where asked:
+    ``emb[lo:hi]`` and ``emb[positions]`` gather those rows (each chunk's map dropped after the read), so a
+    stage that streams over them never holds them all; ``np.asarray(emb)`` loads them whole."""
+
+    def __init__(self, build_dir: Path, dtype=np.float16) -> None:
+        self.emb_dir, self.dtype = build_dir / EMBEDDINGS, dtype
+        meta = read_embeddings_meta(build_dir)
+        self.chunks = list(meta.get("chunk_files", range(meta["chunks"])))
+        ids = [np.load(chunk_paths(self.emb_dir, c)[1]) for c in self.chunks]
+        all_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+        order = np.argsort(all_ids, kind="stable")
+        self.ids = all_ids[order]
+        chunk_of = np.concatenate([np.full(len(i), n, np.int32) for n, i in enumerate(ids)]) if ids else \
+            np.empty(0, np.int32)
+        row_of = np.concatenate([np.arange(len(i), dtype=np.int64) for i in ids]) if ids else np.empty(0, np.int64)
+        self.chunk_of, self.row_of = chunk_of[order], row_of[order]
+        dim = int(np.load(chunk_paths(self.emb_dir, self.chunks[0])[0], mmap_mode="r").shape[1]) if ids else \
+            int(meta.get("dim", 0))
+        self.shape = (len(self.ids), dim)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        positions = np.arange(self.shape[0])[index] if isinstance(index, slice) else np.asarray(index)
+        out = np.empty((len(positions), self.shape[1]), self.dtype)
+        chunk = self.chunk_of[positions]
+        for n in np.unique(chunk):
+            where = np.flatnonzero(chunk == n)
+            stored = np.load(chunk_paths(self.emb_dir, self.chunks[n])[0], mmap_mode="r")
+            out[where] = stored[self.row_of[positions[where]]]
+            del stored
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
 EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.ids\.npy", r"chunk-\d{5}\.copy\.npy",
                                            r"chunk-\d{5}\.keys\.parquet", r"meta\.json", r"run\.json",
                                            r"encoder\.json")]

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from .. import layout
 from ..config import Recipe
 from ..errors import UserError
-from ..layout import WHITENING, load_embeddings, read_class_names
+from ..layout import WHITENING, ChunkedEmbeddings, read_class_names
 from ..files import write_json, write_table
 from ..progress import phase, stage_progress
 from ..leakage.exclude import excluded_ids
@@ -47,8 +47,14 @@ def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int, engine, p
 
     With ``recall`` given, approximate searches append ``(queries, recall@k)`` to it.
     """
-    parts = []
     total = int(sum(len(g) for g in groups))
+    # the candidates' columns allocated once (positions as int32 below 2^31 images) and filled group by group:
+    # never a list of parts and their concatenation at once
+    index_type = np.int32 if len(vecs) < 2**31 else np.int64
+    cap = total * k
+    anchor_all, positive_all = np.empty(cap, index_type), np.empty(cap, index_type)
+    sim_all, rank_all = np.empty(cap, np.float32), np.empty(cap, np.int32)
+    at = 0
     with stage_progress("mine: kNN", total, unit="query") as (bar, task):
         for i, g in enumerate(groups):
             if len(g) < 2:
@@ -66,12 +72,12 @@ def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int, engine, p
             is_self = positive == anchor
             rank = np.arange(1, nb.shape[1] + 1)[None, :] - np.cumsum(is_self, axis=1)
             keep = found & ~is_self & (rank <= k)
-            parts.append(F.Candidates(anchor[keep], positive[keep], sims[keep], rank[keep].astype(np.int32)))
-    if not parts:
-        empty = np.empty(0, np.int64)
-        return F.Candidates(empty, empty, np.empty(0, np.float32), np.empty(0, np.int32))
-    return F.Candidates(*(np.concatenate([getattr(p, f) for p in parts])
-                          for f in ("anchor", "positive", "similarity", "rank")))
+            m = int(keep.sum())
+            anchor_all[at: at + m], positive_all[at: at + m] = anchor[keep], positive[keep]
+            sim_all[at: at + m], rank_all[at: at + m] = sims[keep], rank[keep]
+            at += m
+            del sims, nb, anchor, positive, is_self, rank, keep
+    return F.Candidates(anchor_all[:at], positive_all[:at], sim_all[:at], rank_all[:at])  # views: no second copy
 
 
 @dataclass
@@ -248,7 +254,9 @@ def resolve_precision_target(recipe: Recipe, build_dir: Path, cand: F.Candidates
 def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     """Write ``pairs.parquet`` and ``mine_stats.json``; return counts."""
     index = pq.read_table(build_dir / layout.INDEX, columns=["id", "key", "label", "label_name", "digest"])
-    vecs, ids = load_embeddings(build_dir, dtype=np.float16)
+    # read from the chunk files as needed: the embeddings are never whole in memory beside their whitened copy
+    vecs = ChunkedEmbeddings(build_dir, np.float16)
+    ids = vecs.ids
     if not np.array_equal(ids, index.column("id").to_numpy()):
         raise RuntimeError("embeddings do not cover the index row for row; rerun the embed stage")
     labels = index.column("label").to_numpy().astype(np.int64)
@@ -261,8 +269,9 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
 
     class_names = (read_class_names_file(recipe.class_names) if recipe.class_names
                    else read_class_names(build_dir / layout.INDEX))
-    cats = assign_categories(recipe.category, vecs, valid, labels, class_names, recipe.encoder,
-                             recipe.image_size, recipe.clusters, recipe.seed)
+    cats = assign_categories(recipe.category, vecs if recipe.category in ("label", "none") else np.asarray(vecs),
+                             valid, labels, class_names, recipe.encoder, recipe.image_size, recipe.clusters,
+                             recipe.seed)
     # The similarity scale, fitted on this build's embeddings (the chunks stay as the encoder wrote them), or
     # with --whiten keep the one this build stored before.
     identity = embedding_identity(json.loads((build_dir / layout.EMBEDDINGS_META).read_text()))
@@ -278,6 +287,8 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     if whitening.kind != "none":
         with phase("mine: apply the similarity scale"):
             vecs = whitening.apply(vecs, dtype=np.float16)  # searched in float32 a block at a time
+    else:
+        vecs = np.asarray(vecs)
         d = vecs.shape[1]
     groups = cats.groups(valid)
     plans = [plan_search(len(g), d, recipe.memory, recipe.index, recipe.nprobe) for g in groups]
