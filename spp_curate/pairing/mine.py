@@ -253,7 +253,7 @@ def resolve_precision_target(recipe: Recipe, build_dir: Path, cand: F.Candidates
 
 def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     """Write ``pairs.parquet`` and ``mine_stats.json``; return counts."""
-    index = pq.read_table(build_dir / layout.INDEX, columns=["id", "key", "label", "label_name", "digest"])
+    index = pq.read_table(build_dir / layout.INDEX, columns=["id", "label", "label_name", "digest"])
     # read from the chunk files as needed: the embeddings are never whole in memory beside their whitened copy
     vecs = ChunkedEmbeddings(build_dir, np.float16)
     ids = vecs.ids
@@ -261,6 +261,7 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
         raise RuntimeError("embeddings do not cover the index row for row; rerun the embed stage")
     labels = index.column("label").to_numpy().astype(np.int64)
     digests = hex_prefixes(index.column("digest"))  # 8 bytes an image, not a Python string
+    index = index.drop_columns(["digest"])
     valid = np.concatenate([vecs[lo: lo + 65_536].any(axis=1) for lo in range(0, len(vecs), 65_536)]) if len(vecs) \
         else np.zeros(0, bool)  # a block at a time: no N x d temporary
     excluded = np.isin(ids, excluded_ids(build_dir))
@@ -300,7 +301,8 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     store = CopyScoreStore.load(build_dir / layout.COPY_SCORES) if recipe.copy_threshold is not None else None
     known: dict[str, Any] = {"store": store}
     if target is not None:
-        keys = np.asarray(index.column("key").to_pylist(), dtype=object)
+        keys = np.asarray(pq.read_table(build_dir / layout.INDEX, columns=["key"]).column("key").to_pylist(),
+                          dtype=object)
         recipe, resolved = resolve_precision_target(recipe, build_dir, cand, n, digests, cats.ids, keys, target,
                                                     engine, known)
         del keys
