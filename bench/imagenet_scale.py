@@ -127,7 +127,7 @@ def tree_mode(args, work: Path) -> dict:
     recipe = ["build", "--source", "imagenet", "--root", root, "--encoder", "pixels:16", "--category", "label",
               "--workers", args.workers]
     stages: dict = {"index": measured(cli(*recipe, "--out", build, "--until", "index"))}
-    for stage in ("embed", "mine", "report", "export"):
+    for stage in ("embed", "exclude", "mine", "report", "export"):
         stages[stage] = measured(cli(stage, build))
         print(f"{stage}: {stages[stage]['cpu_s']} CPU-s, peak RSS {stages[stage]['peak_rss_mb']} MB", flush=True)
     stats = json.loads((build / "mine_stats.json").read_text())
@@ -141,7 +141,7 @@ def tree_mode(args, work: Path) -> dict:
     result["mine_over_embed_cpu"] = round(stages["mine"]["cpu_s"] / stages["embed"]["cpu_s"], 3)
     result["pairs_compared"] = compared
     result["verify"] = verify_rates(build / "release")
-    result["unchanged_index_stats"] = stat_count(root, work / "build", recipe[1:])
+    result["unchanged_index_stats"] = stat_count(root, work / "build", recipe)
     return result
 
 
