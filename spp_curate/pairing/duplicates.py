@@ -196,16 +196,20 @@ class CopyWork:
         return {"build_dir": self.build_dir, "reader": None}
 
     def setup(self) -> None:
-        import torch
-
-        torch.set_num_threads(1)  # one unit a core: the engine's workers are the parallelism
         self.reader = DescriptorReader(self.build_dir)
 
     def __call__(self, unit: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        import torch
+
         a, b = unit
         images, where = np.unique(np.concatenate([a, b]), return_inverse=True)
         assert self.reader is not None
-        return score_pairs(self.reader.rows(images), where[: len(a)], where[len(a):])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one unit a core: the engine's workers are the parallelism
+        try:
+            return score_pairs(self.reader.rows(images), where[: len(a)], where[len(a):])
+        finally:
+            torch.set_num_threads(threads)
 
 
 def pair_copy_scores(build_dir: Path, a: np.ndarray, b: np.ndarray, engine, workers: int = 0,
