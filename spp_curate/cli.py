@@ -291,7 +291,9 @@ def verify(release: str = typer.Argument(..., metavar="RELEASE", help="release d
     from .devices import auto_workers
 
     started = time.perf_counter()
-    problems = verify_release(Path(release), auto_workers() if workers is None else workers)
+    from .engine import get_engine
+
+    problems = verify_release(Path(release), auto_workers() if workers is None else workers, get_engine("local"))
     if problems:
         for problem in problems:
             err.print(f"verify: {problem}", markup=False, highlight=False)

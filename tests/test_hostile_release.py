@@ -361,3 +361,23 @@ def test_a_second_build_into_a_locked_folder_says_who_holds_it(cli, label_build,
         proc = _no_traceback(cli("report", out, "--force"))
     assert proc.returncode != 0 and f"process {os.getpid()}" in proc.stderr
     assert run_cli("verify", out / "release") == 0
+
+
+def test_verify_spread_over_workers_finds_what_one_process_finds(tmp_path):
+    """``verify --workers 2`` hashes the files in units over two processes: the same problems, in the same
+    order, as one process, on a release with a changed and a missing file."""
+    from spp_curate.engine.local import LocalEngine
+    from spp_curate.export.manifest import verify_release
+
+    out = tmp_path / "b"
+    assert run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, "--limit", "400",
+                   "--encoder", "pixels:8", "--workers", "0", "--shard-size", "20KB") == 0
+    release = tmp_path / "release"
+    shutil.copytree(out / "release", release)
+    shards = sorted((release / "data").glob("*.parquet"))
+    assert len(shards) >= 3
+    shards[0].write_bytes(shards[0].read_bytes()[:-10] + b"0123456789")
+    shards[1].unlink()
+    alone = verify_release(release)
+    spread = verify_release(release, workers=2, engine=LocalEngine(), unit_bytes=1)  # a unit a file
+    assert alone == spread and len(alone) >= 2, alone

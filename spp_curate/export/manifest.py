@@ -293,21 +293,22 @@ class VerifyWork:
 VERIFY_UNIT_BYTES = 64 << 20
 
 
-def _verify_units(entries: list) -> list[list]:
+def _verify_units(entries: list, unit_bytes: int = VERIFY_UNIT_BYTES) -> list[list]:
     units, unit, size = [], [], 0
     for entry in entries:
         unit.append(entry)
         size += entry.bytes
-        if size >= VERIFY_UNIT_BYTES:
+        if size >= unit_bytes:
             units.append(unit)
             unit, size = [], 0
     return units + ([unit] if unit else [])
 
 
-def verify_release(release: str | Path, workers: int = 0, engine=None) -> list[str]:
+def verify_release(release: str | Path, workers: int = 0, engine=None,
+                   unit_bytes: int = VERIFY_UNIT_BYTES) -> list[str]:
     """Check every file against the manifest; return the problems found (empty when good). The files are
-    hashed and checked in units of about 64 MB that ``engine`` (the local one by default) spreads over
-    ``workers`` processes.
+    hashed and checked in units of about 64 MB, which ``engine`` (given by the command) spreads over
+    ``workers`` processes; without one, in this process.
 
     Reads nothing outside ``release`` and nothing through a symlink (see the module docstring).
     """
@@ -329,15 +330,18 @@ def verify_release(release: str | Path, workers: int = 0, engine=None) -> list[s
             problems.append(f"{entry.path}: a {entry.kind} file in a release of the {manifest.layout} layout")
         else:
             checked.append(entry)
-    if engine is None:
-        from ..engine.local import LocalEngine
-
-        engine = LocalEngine()
-    units = _verify_units(checked)
+    units = _verify_units(checked, unit_bytes)
+    work = VerifyWork(release, manifest.image_ext, manifest.images == "embed")
     with stage_progress("verify", sum(e.bytes for e in checked), unit="B") as (bar, task):
-        results = engine.map(VerifyWork(release, manifest.image_ext, manifest.images == "embed"), units,
-                             workers=workers if len(units) > 1 else 0,
-                             on_result=lambda i, _: bar.update(task, advance=sum(e.bytes for e in units[i])))
+        if engine is None:  # in this process (the command passes an engine to spread the units)
+            work.setup()
+            results = []
+            for unit in units:
+                results.append(work(unit))
+                bar.update(task, advance=sum(e.bytes for e in unit))
+        else:
+            results = engine.map(work, units, workers=workers if len(units) > 1 else 0,
+                                 on_result=lambda i, _: bar.update(task, advance=sum(e.bytes for e in units[i])))
     for unit, result in zip(units, results):
         for entry, (found, rows) in zip(unit, result):
             problems += found
