@@ -157,6 +157,14 @@ def _search_summary(recipe: Recipe, cats: Categories, plans: list[SearchPlan], r
     return summary
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished children (the engine's workers)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 #: Rounds of "mine, compare the new pairs by picture, mine again" before the copy rule stops looking.
 COPY_ROUNDS = 8
 
@@ -187,7 +195,8 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
     if len(copies):
         mined = apply_rules(recipe, cand, n, digests, categories, copies, prepared)
     scores_seen: list[np.ndarray] = []
-    rounds = 0
+    rounds = compared = 0
+    compare_cpu = 0.0
     while rounds < COPY_ROUNDS:
         codes = np.unique(F.unordered_codes(mined.kept.anchor, mined.kept.positive, n))
         new = np.setdiff1d(codes, checked, assume_unique=True)
@@ -202,10 +211,13 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
         # Round 1 compares the pairs the rules keep; each later round, the next candidates of anchors whose
         # pair was struck as a copy. Pairs compared in an earlier build are read from the store, not compared.
         what = "kept pairs" if rounds == 1 else "next candidates of struck pairs"
+        started = cpu_seconds()
         with stage_progress(f"mine: compare pictures, round {rounds} ({what})", len(todo),
                             unit="pair") as (bar, task):
             scores[todo] = pair_copy_scores(build_dir, a[todo], b[todo], engine, workers,
                                             on_batch=lambda k: bar.update(task, advance=k))
+        compare_cpu += cpu_seconds() - started
+        compared += len(todo)
         if store is not None and len(todo):
             store.add(prefixes[a[todo]], prefixes[b[todo]], scores[todo])
         scores_seen.append(scores)
@@ -220,6 +232,8 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
     return mined, {"rule": "copy score", "copy_threshold": recipe.copy_threshold, "rounds": rounds,
                    "pairs_compared": int(len(checked)), "copies": int(len(copies)),
                    "scores_reused": int(store.reused) if store is not None else 0,
+                   "compared_now": int(compared), "compare_cpu_s": round(compare_cpu, 2),
+                   "pairs_per_cpu_s": round(compared / compare_cpu, 1) if compare_cpu > 0 else None,
                    "score_quantiles": {q: float(np.quantile(scores, float(q))) for q in ("0.5", "0.9", "0.99")}
                    if len(scores) else {}}
 
