@@ -118,7 +118,7 @@ def test_release_trust_reads_the_reviewed_estimate_then_the_labels_and_ignores_o
         m["review"] = {"precision_estimate": {"value": 0.3, "low": 0.2, "high": 0.4}}
     est = release_trust(str(_with_manifest(label_build / "release", tmp_path / "a", reviewed)), None)
     assert (est.precision, est.source) == (0.3, "reviewed sample")
-    assert est.weight == pytest.approx((0.3 - 0.1) / 0.9) and "many of these pairs are wrong" in est.warning()
+    assert est.weight == pytest.approx((0.3 - 0.1) / 0.9) and "many of these pairs are of two classes" in est.warning() and "times the" in est.warning()
 
     for odd in ("1.0", 5.0, float("nan"), True, None, [1]):
         def hostile(m, odd=odd):
@@ -140,7 +140,7 @@ def test_train_says_when_pairs_are_close_to_random_and_weights_them(label_build,
                "--batch-size", "32")
     assert proc.returncode == 0, proc.stderr
     said = " ".join(proc.stderr.split())
-    assert "pair precision 0.120 (labels" in said and "close to random pairs" in said
+    assert "pair precision 0.120 (labels" in said and "most of these pairs are of two classes" in said
     weight = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["partner_weight"]
     assert weight == pytest.approx((0.12 - 0.1) / 0.9)
 

@@ -274,6 +274,13 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, 
                       "its pairs no similarity; every pair counts by the one weight above[/yellow]")
     partner_weight = (float(pair_weights.mean()) if pair_weights is not None and len(pair_weights)
                       else trust.weight if trust else None)
+    per_step = cfg.batch_size
+    steps = data.per_epoch // per_step + (data.per_epoch % per_step >= 2)  # a last batch of one is left out
+    what = "anchors (one pair each)" if data.unit == "pair" else f"{data.unit}s"
+    console.print(f"budget: an epoch is {data.per_epoch:,} {what} = {steps:,} steps of {per_step}; {cfg.epochs} "
+                  f"epochs = {steps * cfg.epochs:,} steps, {data.per_epoch * cfg.epochs:,} {data.unit}s seen "
+                  "(runs compared at equal epochs are matched in steps only if their epochs are)",
+                  markup=False, highlight=False)
     make_views = ViewMaker(data, cfg.positives, cfg.image_size, device,
                            partner_weight=trust.weight if trust else 1.0, pair_weights=pair_weights)
     for epoch in range(start, min(cfg.epochs, stop_after or cfg.epochs)):

@@ -90,14 +90,16 @@ class Trust:
             return ("semantic positives lower accuracy when pairs are inaccurate, and this release's precision "
                     "is unknown: estimate it on a reviewed sample (`spp-curate review BUILD --estimate 300`) "
                     "and export again, or set --partner-weight")
+        times = f"{self.precision / self.chance:,.1f} times" if self.chance > 0 else "above"
         if self.weight < NEAR_RANDOM:
-            return (f"these pairs are close to random pairs ({self.precision:.3f} against {self.chance:.3f}): "
-                    f"semantic positives are likely to add nothing or to hurt, so they count {self.weight:.2f} "
-                    "of an augmented positive and `both` trains about as `augment` does")
+            return (f"most of these pairs are of two classes: precision {self.precision:.3f}, {times} the "
+                    f"{self.chance:.3f} of random pairs, so semantic positives count {self.weight:.2f} of an "
+                    "augmented positive and `both` trains about as `augment` does")
         if self.weight < LOW_TRUST:
-            return (f"many of these pairs are wrong ({self.precision:.3f} against {self.chance:.3f} for random "
-                    f"pairs): semantic positives gain less on them than on accurate pairs, so they count "
-                    f"{self.weight:.2f} of an augmented positive (a better sampler's pairs would count more)")
+            return (f"many of these pairs are of two classes: precision {self.precision:.3f}, {times} the "
+                    f"{self.chance:.3f} of random pairs; semantic positives gain less on them than on accurate "
+                    f"pairs, so they count {self.weight:.2f} of an augmented positive (a better sampler's pairs "
+                    "would count more)")
         return None
 
 
