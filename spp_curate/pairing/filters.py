@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 HIST_BINS = np.linspace(-1.0, 1.0, 201)
+#: Candidates a filter gathers at a time.
+BLOCK = 1 << 22
 
 
 @dataclass
@@ -44,7 +46,8 @@ class Funnel:
     def apply(self, name: str, keep: np.ndarray) -> None:
         removed = self.candidates.similarity[~keep]
         self.removed_hist[name] = np.histogram(removed, HIST_BINS)[0].tolist()
-        self.candidates = self.candidates.select(keep)
+        if not keep.all():  # a rule that removes nothing copies nothing
+            self.candidates = self.candidates.select(keep)
         self.steps.append({"step": name, "removed": int((~keep).sum()), "remaining": len(self.candidates)})
 
     def removed(self) -> dict[str, int]:
@@ -52,8 +55,11 @@ class Funnel:
 
 
 def pair_codes(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
-    """One int64 per ordered pair (a, b) of positions below ``n``."""
-    return a.astype(np.int64) * np.int64(n) + b.astype(np.int64)
+    """One int64 per ordered pair (a, b) of positions below ``n`` (one array allocated)."""
+    codes = a.astype(np.int64)
+    codes *= np.int64(n)
+    codes += b
+    return codes
 
 
 def at_least(c: Candidates, min_similarity: float) -> np.ndarray:
@@ -63,7 +69,10 @@ def at_least(c: Candidates, min_similarity: float) -> np.ndarray:
 def not_near_duplicate(c: Candidates, dup_threshold: float | None, digests: np.ndarray) -> np.ndarray:
     """Drop pairs whose files are byte-identical (``digests``: each image's sha256, or its first 64 bits as
     uint64), and those at or above the embedding duplicate threshold when one is set."""
-    keep = digests[c.anchor] != digests[c.positive]
+    keep = np.empty(len(c.anchor), bool)
+    for lo in range(0, len(keep), BLOCK):  # a block at a time: no two N x k gathers at once
+        hi = lo + BLOCK
+        keep[lo:hi] = digests[c.anchor[lo:hi]] != digests[c.positive[lo:hi]]
     return keep if dup_threshold is None else keep & (c.similarity < dup_threshold)
 
 

@@ -88,7 +88,14 @@ class Mined:
     funnel: F.Funnel
     mutual: np.ndarray  # per kept pair: the anchor is also among the positive's neighbours
     thresholds: dict[str, dict[str, Any]]  # min_similarity and dup_threshold: given, value
-    unthresholded: F.Candidates  # candidates passing every rule but the minimum similarity and the caps
+    #: which candidates pass every rule but the minimum similarity and the caps (a mask: the candidates are
+    #: not copied again), and the candidates it is of
+    loose: np.ndarray
+    candidates: F.Candidates
+
+    @property
+    def unthresholded(self) -> F.Candidates:
+        return self.candidates.select(self.loose)
 
 
 def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray, categories: np.ndarray,
@@ -100,7 +107,9 @@ def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray,
     prepared = {} if prepared is None else prepared
     if "thresholds" not in prepared:
         prepared["thresholds"] = resolve_thresholds(recipe, cand.similarity)
-        prepared["neighbour_codes"] = np.sort(F.pair_codes(cand.anchor, cand.positive, n))
+        codes = F.pair_codes(cand.anchor, cand.positive, n)
+        codes.sort()  # in place: no second N x k copy
+        prepared["neighbour_codes"] = codes
     thresholds = {k: dict(v) for k, v in prepared["thresholds"].items()}
     neighbour_codes = prepared["neighbour_codes"]
     min_similarity, dup_threshold = (thresholds[f]["value"] for f in ("min_similarity", "dup_threshold"))
@@ -120,7 +129,7 @@ def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray,
     loose = F.not_near_duplicate(cand, dup_threshold, digests) & F.not_copy(cand, copy_codes, n)
     if recipe.mutual:
         loose &= F.is_mutual(cand, neighbour_codes, n)
-    return Mined(kept, funnel, F.is_mutual(kept, neighbour_codes, n), thresholds, cand.select(loose))
+    return Mined(kept, funnel, F.is_mutual(kept, neighbour_codes, n), thresholds, loose, cand)
 
 
 # The option that loosens each rule, for the message when a rule leaves no pair.
