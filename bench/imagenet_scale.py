@@ -5,7 +5,7 @@
     python bench/imagenet_scale.py --synthetic-embeddings 1281167   # mine, report, export, verify at 1.28M
 
 **Tree mode** generates an ImageNet-shaped tree (``train/<wnid>/<wnid>_<n>.JPEG`` in up to 1,000 wnid
-folders, ``LOC_synset_mapping.txt``; small JPEGs, each a shifted, noisy view of its class's pattern) and runs
+folders, ``LOC_synset_mapping.txt``; small JPEGs, each a pattern of its own over its class's colours) and runs
 ``spp-curate build --source imagenet --encoder pixels:16`` stage by stage, each stage its own process, then
 ``verify`` with 1 and 2 workers, then the index stage again on the unchanged tree in this process with every
 ``os.stat`` of a picture counted.
@@ -52,8 +52,12 @@ def _class_pictures(args: tuple[str, int, list[int]]) -> None:
     folder = Path(root) / "train" / wnid(c)
     folder.mkdir(parents=True, exist_ok=True)
     for n in numbers:
+        # a picture of its own (its own coarse pattern) in its class's colours: distinct pictures, as a class's
+        # photographs are, not copies of one another
+        own = np.asarray(Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(
+            (80, 60), Image.Resampling.BICUBIC), np.int16)
         dx, dy = rng.integers(0, 16), rng.integers(0, 12)
-        view = pattern[dy: dy + 48, dx: dx + 64] + rng.normal(0, 18, (48, 64, 3))
+        view = (0.4 * pattern + 0.6 * own)[dy: dy + 48, dx: dx + 64] + rng.normal(0, 12, (48, 64, 3))
         Image.fromarray(np.clip(view, 0, 255).astype(np.uint8)).save(folder / f"{wnid(c)}_{n}.JPEG",
                                                                      quality=int(rng.integers(70, 95)))
 
