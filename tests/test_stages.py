@@ -110,6 +110,39 @@ def embed_killed_and_resumed(tmp_path: Path) -> None:
     assert shards(clean_manifest) == shards(killed_manifest)
 
 
+def test_mine_killed_while_comparing_pictures_resumes_to_the_same_pairs_and_copy_scores(tmp_path):
+    """A mine stage killed with SIGKILL in its copy rule (the pairs being compared by picture, over two
+    workers), then run again, writes the pairs, the copy-score store and the release of an uninterrupted
+    build, byte for byte."""
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    opts = ("--limit", "3000", "--encoder", "pixels:16", "--category", "none", "--k", "8")
+    common = ["build", "--source", "fashion-mnist", "--root", FMNIST, "--workers", "2", "--shard-size", "1MB",
+              *opts]
+    assert run_cli(*common, "--out", clean) == 0
+    assert run_cli(*common, "--out", killed, "--until", "exclude") == 0
+    proc = subprocess.Popen([sys.executable, "-m", "spp_curate.cli", "mine", str(killed)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "SPP_CURATE_PROGRESS": "plain"},
+                            start_new_session=True)
+    for line in proc.stderr:  # killed once it is comparing pictures
+        if "compare pictures" in line:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "pairs.parquet").exists() and not (killed / "copy-scores.parquet").exists()
+    assert run_cli(*common, "--out", killed) == 0
+    for name in ("pairs.parquet", "copy-scores.parquet", "mine_stats.json"):
+        a, b = (clean / name).read_bytes(), (killed / name).read_bytes()
+        if name.endswith(".json"):  # the stage's CPU seconds differ from run to run
+            a, b = (json.loads(x) for x in (a, b))
+            for stats in (a, b):
+                for key in ("compare_cpu_s", "pairs_per_cpu_s"):
+                    stats["duplicates"].pop(key, None)
+        assert a == b, name
+    shards = lambda m: {e["path"]: e["sha256"] for e in m["files"]}  # noqa: E731
+    assert shards(json.loads((clean / "release" / "manifest.json").read_text())) == \
+        shards(json.loads((killed / "release" / "manifest.json").read_text()))
+
+
 def test_retraining_an_ssl_encoder_in_place_reembeds(tmp_path):
     from spp_curate.config import resolve_recipe
 
