@@ -48,9 +48,18 @@ def draw(name: str, figure: dict, out: Path) -> Path:
         fig, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.4))
         for ax, (measure, unit) in zip(axes if len(measures) > 1 else [axes], measures.items()):
             for series in figure["series"]:
-                ax.plot(series["sizes"], series[measure], marker="o", label=series["label"])
+                points = [(x, y) for x, y in zip(series["sizes"], series[measure]) if y is not None]
+                if not points:
+                    continue
+                ax.plot(*zip(*points), marker="o", label=series["label"])
+                for x, y in points:
+                    ax.annotate(f"{y:,.0f}" if y >= 100 else f"{y:.3g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_formatter(plain)
+                axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("pictures")
             ax.set_ylabel(unit)
             ax.spines[["top", "right"]].set_visible(False)
