@@ -345,6 +345,7 @@ def train(
     force: bool = typer.Option(False, "--force", help="start again in a folder that holds a run"),
 ) -> None:
     """Pretrain MoCo-v2, SimCLR, SimSiam or BYOL on pair shards (or single images); checkpoints every epoch."""
+    err.print("train: loading torch and the methods", markup=False, highlight=False)  # seconds on a small CPU
     from .train.loop import TrainConfig, parse_support, train as run_train
     from .train.trust import parse_partner_weight
 
@@ -372,6 +373,7 @@ def eval_run(
 ) -> None:
     """Weighted kNN (k=200, T=0.1) and linear-probe top-1 of a run's backbone, beside raw-pixel kNN, 1-NN and
     linear probe of the same split (computed once per split and kept); writes RUN/eval.json."""
+    err.print("eval: loading torch and the run's backbone", markup=False, highlight=False)
     from .train.evaluate import evaluate
 
     ks = tuple(dict.fromkeys(k or [200]))

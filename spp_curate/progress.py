@@ -42,6 +42,8 @@ class QuarantineColumn(ProgressColumn):
 
 #: Seconds between two plain progress lines.
 LOG_EVERY_S = 10.0
+#: ... and every this many seconds during a stage's first minute, so a short command is never silent for long.
+FIRST_EVERY_S = 2.0
 
 
 def _clock(seconds: float) -> str:
@@ -72,7 +74,8 @@ class PlainProgress:
         if quarantined is not None:
             self.quarantined = quarantined
         now = time.monotonic()
-        if now - self.last >= LOG_EVERY_S:
+        every = FIRST_EVERY_S if now - self.started < 60 else LOG_EVERY_S
+        if now - self.last >= every:
             self.last = now
             self._line()
 

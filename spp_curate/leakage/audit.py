@@ -243,7 +243,10 @@ def audit_release(release: Path, against: str, threshold: str, engine, workers: 
     result = AuditResult(against, cut, pixels, {s: len(set(v[0])) for s, v in per_side.items()})
     result._checked = len({k for v in per_side.values() for k in v[0]})
     if pixels:
-        result.lookalike_rate, result.lookalike_sample = lookalike_rate(ref_desc, cut, engine)
+        from ..progress import phase
+
+        with phase(f"audit: {against}'s own look-alikes (up to {LOOKALIKE_SAMPLE:,} of its pictures)"):
+            result.lookalike_rate, result.lookalike_sample = lookalike_rate(ref_desc, cut, engine)
     for side, (keys, digests, scores, rows) in per_side.items():
         for key, digest, score, row in zip(keys, digests, scores, rows):
             twin = ref_by_digest.get(digest)

@@ -232,10 +232,13 @@ def fit_whitening(vecs: np.ndarray, valid: np.ndarray, spec: str, seed: int = 0)
     if kind == "center" or count < 3:
         return Whitening("center", mean.astype(np.float32), None)
     cov = (outer - count * np.outer(mean, mean)) / max(1, count - 1)
-    values, vectors = np.linalg.eigh(cov)  # ascending
-    order = np.argsort(values)[::-1]
     keep = min(dim or DEFAULT_PCA_DIM, d, count - 1)
-    values, vectors = np.clip(values[order[:keep]], 0.0, None), vectors[:, order[:keep]]
+    from scipy.linalg import eigh
+
+    # only the leading ``keep`` eigenpairs (a 3,072-dim pixel space: 0.5 s, not 4 s for all of them)
+    values, vectors = eigh(cov, subset_by_index=[d - keep, d - 1])  # ascending
+    order = np.argsort(values)[::-1]
+    values, vectors = np.clip(values[order], 0.0, None), vectors[:, order]
     # Shrinkage relative to the mean variance: whitened, but the last, noisy directions are not made equal.
     scale = 1.0 / np.sqrt(values + SHRINK * values.mean() + 1e-12)
     projection = (vectors * scale[None, :]).astype(np.float32)
