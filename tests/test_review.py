@@ -380,3 +380,19 @@ def test_the_page_in_a_browser_records_keys_and_resumes_after_reload(build_copy,
         assert text("decision") == "accept"
         svg = browser.find_element(By.ID, "curve").get_attribute("innerHTML")
         assert svg.count("<polyline") >= 3
+
+
+def test_the_report_reads_in_words_in_a_browser(none_build, label_build, browser):
+    """The report as a reader sees it in Chromium: index kinds in words (no Python dict), metrics by their
+    meaning (no internal names), and label precision flagged as true by construction where labels chose
+    the pairs."""
+    from selenium.webdriver.common.by import By
+
+    for build, note in ((none_build, "share of pairs whose two labels agree"),
+                        (label_build, "by construction: pairs mined within label categories")):
+        browser.get((build / "report" / "index.html").as_uri())
+        text = wait_for(lambda: browser.find_element(By.TAG_NAME, "body").text)
+        assert "{'" not in text and "mutual_share" not in text and "indexes {" not in text
+        assert "pairs whose two images are each other's neighbours" in text
+        assert browser.find_element(By.ID, "headline-precision-note").text == note
+        assert browser.find_element(By.ID, "headline-precision-note").is_displayed()
