@@ -356,6 +356,9 @@ def test_the_page_in_a_browser_records_keys_and_resumes_after_reload(build_copy,
         natural = browser.execute_script(
             "const i = document.getElementById('anchor-img'); return i.complete ? i.naturalWidth : 0")
         assert natural > 0  # the picture loaded
+        # the curve's pair count says what it counts, beside the build's own count
+        legend = wait_for(lambda: text("legend"))
+        assert "before the caps" in legend and f"the build has {text('count-pairs')}" in legend, legend
         body = browser.find_element(By.TAG_NAME, "body")
         body.send_keys("a")
         wait_for(lambda: text("count-accepted") == "1")
