@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from test_review import browser, wait_for  # noqa: F401 - the review tests' headless Chromium
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,13 +30,25 @@ def test_the_benchmark_plots_are_drawn_from_the_current_figures_and_shown(tmp_pa
         assert figure["command"].startswith(("python bench/", "make ", "spp-curate ")), figure["command"]
 
 
-def test_the_site_builds_strict_and_renders_with_its_plots(tmp_path, browser):  # noqa: F811
-    from selenium.webdriver.common.by import By
-
-    site = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)], cwd=REPO,
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site built with ``mkdocs build --strict`` (a broken link or a missing page fails it)."""
+    out = tmp_path_factory.mktemp("site") / "site"
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_the_site_builds_strict(site):
+    """Runs wherever the suite runs, browser or not: CI builds the site with --strict."""
+    for page in ("index.html", "speed/index.html", "building/index.html", "releases/index.html"):
+        assert (site / page).is_file(), page
+
+
+def test_the_site_renders_with_its_plots(site, tmp_path, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
     for page, heading, plots in (("index.html", "spp-curate", 0), ("speed/index.html", "Speed", 3)):
         browser.get((site / page).as_uri())
         title = wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "article h1").text)
