@@ -113,10 +113,6 @@ def _print_result(build_dir: Path) -> None:
     out.print(f"report:  {build_dir / 'report' / 'index.html'}")
 
 
-def kind_of(field) -> str:
-    return (field.json_schema_extra or {}).get("option", "value")
-
-
 def recipe_option(name: str) -> inspect.Parameter:
     """The command-line option of recipe field ``name``, made from the field's own declaration
     (``config.knob``): its help, how it is taken and its bound. Every command that takes a field takes it so."""
@@ -128,10 +124,10 @@ def recipe_option(name: str) -> inspect.Parameter:
     extra = field.json_schema_extra or {}
     flag = f"--{name.replace('_', '-')}"
     text = (field.description or "").format(sources=source_forms(), references=reference_forms())
-    if "[" not in text and field.default not in (None, PydanticUndefined, "") and kind_of(field) != "flag":
+    kind, bound = extra.get("option", "value"), {"min": extra["min"]} if extra.get("min") is not None else {}
+    if "[" not in text and field.default not in (None, PydanticUndefined, "") and kind != "flag":
         shown = field.default if not isinstance(field.default, float) else f"{field.default:g}"
         text += f" [default: {shown}, or the recipe's]"
-    kind, bound = extra.get("option", "value"), {"min": extra["min"]} if extra.get("min") is not None else {}
     if kind == "flag":
         option, annotation = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=text), Optional[bool]
     elif kind == "list":
@@ -289,18 +285,16 @@ def verify(release: str = typer.Argument(..., metavar="RELEASE", help="release d
     import time
 
     from .devices import auto_workers
+    from .engine import get_engine
+    from .export.manifest import load_manifest
 
     started = time.perf_counter()
-    from .engine import get_engine
-
     problems = verify_release(Path(release), auto_workers() if workers is None else workers, get_engine("local"))
     if problems:
         for problem in problems:
             err.print(f"verify: {problem}", markup=False, highlight=False)
         raise typer.Exit(1)
-    from .export.manifest import load_manifest
-
-    size = sum(e.bytes for e in load_manifest(Path(release)).files)
+    size = sum(e.bytes for e in load_manifest(Path(release)).files)  # verified: the manifest is sound
     seconds = max(time.perf_counter() - started, 1e-6)
     out.print(f"{release}: ok ({size / 1e6:,.1f} MB checked in {seconds:.1f} s, {size / 1e6 / seconds:,.0f} MB/s)",
               markup=False, highlight=False)

@@ -27,11 +27,9 @@ def hex_prefixes(digests) -> np.ndarray:
         raise ValueError("a digest shorter than 16 hex digits")
     offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset: arr.offset + len(arr) + 1]
     data = np.frombuffer(arr.buffers()[2], np.uint8)
-    if np.all(np.diff(offsets) == 16):
-        chars = data[offsets[0]: offsets[-1]].reshape(-1, 16)
-    else:  # pragma: no cover - slices of one buffer are regular; kept for any other layout
-        chars = np.stack([data[o: o + 16] for o in offsets[:-1]])
-    nibbles = _HEX[chars]
+    if not np.all(np.diff(offsets) == 16):  # 16 characters that are not 16 bytes: not ASCII, so not hex
+        raise ValueError("a digest that is not hex")
+    nibbles = _HEX[data[offsets[0]: offsets[-1]].reshape(-1, 16)]
     if (nibbles == 255).any():
         raise ValueError("a digest that is not hex")
     out = np.zeros(len(arr), np.uint64)

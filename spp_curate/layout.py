@@ -90,52 +90,37 @@ def chunk_keys_path(emb_dir: Path, chunk: int) -> Path:
 
 
 def load_embeddings(build_dir: Path, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """All embeddings as ``(N, d)`` rows of ``dtype`` with their ids, in index (id) order (no torch needed).
-
-    The output is allocated once and each chunk, memory-mapped, copied into its rows: one copy of the
-    embeddings in memory, never the chunk list and the concatenation at once."""
-    emb_dir = build_dir / EMBEDDINGS
-    meta = read_embeddings_meta(build_dir)
-    chunks = list(meta.get("chunk_files", range(meta["chunks"])))
-    ids = [np.load(chunk_paths(emb_dir, c)[1]) for c in chunks]
-    all_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
-    order = np.argsort(all_ids, kind="stable")  # appended chunks of an updated build: back to index order
-    place = np.empty(len(all_ids), np.int64)
-    place[order] = np.arange(len(all_ids))
-    out = None
-    at = 0
-    for c, chunk_ids in zip(chunks, ids):
-        rows = np.load(chunk_paths(emb_dir, c)[0], mmap_mode="r")
-        if out is None:
-            out = np.empty((len(all_ids), rows.shape[1]), dtype)
-        out[place[at: at + len(chunk_ids)]] = rows
-        at += len(chunk_ids)
-        del rows
-    if out is None:
-        out = np.empty((0, int(meta.get("dim", 0))), dtype)
-    return out, all_ids[order]
+    """All embeddings as ``(N, d)`` rows of ``dtype`` with their ids, in index (id) order (no torch needed):
+    one array, filled chunk by chunk from the memory-mapped files (:class:`ChunkedEmbeddings`)."""
+    emb = ChunkedEmbeddings(build_dir, dtype)
+    return np.asarray(emb), emb.ids
 
 
 class ChunkedEmbeddings:
-    """A build's embeddings in index (id) order, read from the memory-mapped chunk files only where asked:
-    ``emb[lo:hi]`` and ``emb[positions]`` gather those rows (each chunk's map dropped after the read), so a
-    stage that streams over them never holds them all; ``np.asarray(emb)`` loads them whole."""
+    """A build's per-picture chunk rows in index (id) order, the embeddings (``part="vectors"``) or the copy
+    descriptors (``part="copy"``), read from the memory-mapped chunk files only where asked: ``emb[lo:hi]``
+    and ``emb[positions]`` gather those rows (each chunk's map dropped after the read), so a stage that
+    streams over them never holds them all; ``np.asarray(emb)`` loads them whole."""
 
-    def __init__(self, build_dir: Path, dtype=np.float16) -> None:
-        self.emb_dir, self.dtype = build_dir / EMBEDDINGS, dtype
+    def __init__(self, build_dir: Path, dtype=np.float16, part: str = "vectors") -> None:
+        if part not in ("vectors", "copy"):
+            raise ValueError(f"no chunk part {part!r}; accepted: vectors, copy")
+        self.emb_dir, self.dtype, self.part = build_dir / EMBEDDINGS, dtype, part
         meta = read_embeddings_meta(build_dir)
         self.chunks = list(meta.get("chunk_files", range(meta["chunks"])))
         ids = [np.load(chunk_paths(self.emb_dir, c)[1]) for c in self.chunks]
         all_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
-        order = np.argsort(all_ids, kind="stable")
+        order = np.argsort(all_ids, kind="stable")  # appended chunks of an updated build: back to index order
         self.ids = all_ids[order]
         chunk_of = np.concatenate([np.full(len(i), n, np.int32) for n, i in enumerate(ids)]) if ids else \
             np.empty(0, np.int32)
         row_of = np.concatenate([np.arange(len(i), dtype=np.int64) for i in ids]) if ids else np.empty(0, np.int64)
         self.chunk_of, self.row_of = chunk_of[order], row_of[order]
-        dim = int(np.load(chunk_paths(self.emb_dir, self.chunks[0])[0], mmap_mode="r").shape[1]) if ids else \
-            int(meta.get("dim", 0))
+        dim = int(np.load(self._file(self.chunks[0]), mmap_mode="r").shape[1]) if ids else int(meta.get("dim", 0))
         self.shape = (len(self.ids), dim)
+
+    def _file(self, chunk: int) -> Path:
+        return chunk_paths(self.emb_dir, chunk)[0] if self.part == "vectors" else chunk_copy_path(self.emb_dir, chunk)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -146,7 +131,7 @@ class ChunkedEmbeddings:
         chunk = self.chunk_of[positions]
         for n in np.unique(chunk):
             where = np.flatnonzero(chunk == n)
-            stored = np.load(chunk_paths(self.emb_dir, self.chunks[n])[0], mmap_mode="r")
+            stored = np.load(self._file(self.chunks[n]), mmap_mode="r")
             out[where] = stored[self.row_of[positions[where]]]
             del stored
         return out

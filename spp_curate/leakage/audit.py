@@ -48,6 +48,7 @@ class AuditResult:
     threshold: float
     pixels: bool  # False: an ID-only release, checked by digest alone
     images: dict[str, int] = field(default_factory=dict)  # distinct images per side
+    checked: int = 0  # distinct keys over both sides
     leaks: list[Leak] = field(default_factory=list)
     #: The reference set's own look-alike rate at the threshold: the share of (a sample of) its pictures whose
     #: best copy score against *another* of its pictures reaches it. A clean release drawn from the same
@@ -62,10 +63,6 @@ class AuditResult:
             return 0.0, 0
         mean = self.lookalike_rate * self.checked
         return mean, poisson_upper(mean)
-
-    @property
-    def checked(self) -> int:
-        return getattr(self, "_checked", sum(self.images.values()))
 
     def same_bytes(self) -> int:
         return len({leak.key for leak in self.leaks if leak.same_digest})
@@ -240,8 +237,8 @@ def audit_release(release: Path, against: str, threshold: str, engine, workers: 
         per_side[side] = (keys, digests, scores, rows)
     all_scores = np.concatenate([v[2] for v in per_side.values()])
     cut = resolve_threshold(threshold, all_scores[all_scores > -1.0], "--threshold")
-    result = AuditResult(against, cut, pixels, {s: len(set(v[0])) for s, v in per_side.items()})
-    result._checked = len({k for v in per_side.values() for k in v[0]})
+    result = AuditResult(against, cut, pixels, {s: len(set(v[0])) for s, v in per_side.items()},
+                         len({k for v in per_side.values() for k in v[0]}))
     if pixels:
         from ..progress import phase
 

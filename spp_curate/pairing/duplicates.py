@@ -151,36 +151,6 @@ def score_pairs(desc: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return torch.maximum(best[0], best[1]).numpy().astype(np.float32)
 
 
-class DescriptorReader:
-    """Rows of a build's copy descriptors by index position, read from the chunk files a unit at a time (a
-    memory map opened and dropped per read, so nothing stays resident between units)."""
-
-    def __init__(self, build_dir: Path) -> None:
-        from .. import layout
-
-        meta = layout.read_embeddings_meta(build_dir)
-        self.emb_dir = build_dir / layout.EMBEDDINGS
-        self.chunks = list(meta.get("chunk_files", range(meta["chunks"])))
-        ids = [np.load(layout.chunk_paths(self.emb_dir, c)[1]) for c in self.chunks]
-        chunk_of = np.concatenate([np.full(len(i), n, np.int32) for n, i in enumerate(ids)]) if ids else \
-            np.empty(0, np.int32)
-        row_of = np.concatenate([np.arange(len(i), dtype=np.int64) for i in ids]) if ids else np.empty(0, np.int64)
-        order = np.argsort(np.concatenate(ids) if ids else np.empty(0, np.int64), kind="stable")
-        self.chunk_of, self.row_of = chunk_of[order], row_of[order]  # by position in id order
-
-    def rows(self, positions: np.ndarray) -> np.ndarray:
-        from .. import layout
-
-        out = np.empty((len(positions), SIDE * SIDE), np.uint8)
-        chunk = self.chunk_of[positions]
-        for n in np.unique(chunk):
-            where = np.flatnonzero(chunk == n)
-            stored = np.load(layout.chunk_copy_path(self.emb_dir, self.chunks[n]), mmap_mode="r")
-            out[where] = stored[self.row_of[positions[where]]]
-            del stored
-        return out
-
-
 class CopyWork:
     """The copy rule's unit of work: the copy scores of one block of pairs (two columns of index positions).
     Each worker reads the descriptors of its block's pictures from the build's chunk files (as the embed
@@ -190,13 +160,15 @@ class CopyWork:
 
     def __init__(self, build_dir: Path) -> None:
         self.build_dir = Path(build_dir)
-        self.reader: DescriptorReader | None = None
+        self.reader = None
 
     def __getstate__(self) -> dict:
         return {"build_dir": self.build_dir, "reader": None}
 
     def setup(self) -> None:
-        self.reader = DescriptorReader(self.build_dir)
+        from ..layout import ChunkedEmbeddings
+
+        self.reader = ChunkedEmbeddings(self.build_dir, np.uint8, part="copy")
 
     def __call__(self, unit: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         import torch
@@ -207,7 +179,7 @@ class CopyWork:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one unit a core: the engine's workers are the parallelism
         try:
-            return score_pairs(self.reader.rows(images), where[: len(a)], where[len(a):])
+            return score_pairs(self.reader[images], where[: len(a)], where[len(a):])
         finally:
             torch.set_num_threads(threads)
 

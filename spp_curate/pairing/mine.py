@@ -198,7 +198,6 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
     workers = auto_workers() if recipe.workers is None else recipe.workers
     known = {} if known is None else known
     store = known.get("store")
-    prefixes = digests  # the first 64 bits of each picture's sha256
     checked = known.get("checked", np.empty(0, np.int64))
     copies = known.get("copies", np.empty(0, np.int64))
     if len(copies):
@@ -213,7 +212,7 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
             break
         rounds += 1
         a, b = new // n, new % n
-        scores = np.full(len(new), np.nan, np.float32) if store is None else store.lookup(prefixes[a], prefixes[b])
+        scores = np.full(len(new), np.nan, np.float32) if store is None else store.lookup(digests[a], digests[b])
         todo = np.flatnonzero(np.isnan(scores))
         if store is not None:
             store.reused += int(len(new) - len(todo))
@@ -228,7 +227,7 @@ def mine_without_copies(recipe: Recipe, cand: F.Candidates, n: int, digests: np.
         compare_cpu += cpu_seconds() - started
         compared += len(todo)
         if store is not None and len(todo):
-            store.add(prefixes[a[todo]], prefixes[b[todo]], scores[todo])
+            store.add(digests[a[todo]], digests[b[todo]], scores[todo])
         scores_seen.append(scores)
         checked = np.union1d(checked, new)
         found = new[scores >= recipe.copy_threshold]
