@@ -335,6 +335,8 @@ def train(
     support: str = typer.Option(
         "auto", help="a support set of this many partner projections; each view's nearest one is one more positive "
         "(after NNCLR); 0: none; auto: the default for the method"),
+    self_pairs: float = typer.Option(0.0, help="the share of pairs whose partner is replaced by the anchor itself "
+                                     "(seeded): the self-pair rate, an ablation"),
     resume: bool = typer.Option(False, "--resume", help="continue from RUN/last.pt"),
     force: bool = typer.Option(False, "--force", help="start again in a folder that holds a run"),
 ) -> None:
@@ -349,7 +351,8 @@ def train(
                       source=source, root=str(root) if root else None, limit=limit, epochs=epochs,
                       batch_size=batch_size, lr=lr, image_size=image_size, seed=seed, workers=workers,
                       cache=cache, partner_weight=parse_partner_weight(partner_weight),
-                      partner_trust=partner_trust, positive_loss=positive_loss, support=parse_support(support))
+                      partner_trust=partner_trust, positive_loss=positive_loss, support=parse_support(support),
+                      self_pairs=self_pairs)
     metrics = run_train(cfg, resume=resume, force=force)
     out.print(f"run: {out_dir} (epoch {metrics.get('epoch')}, loss {metrics.get('loss', float('nan')):.4f}); "
               f"use it as --encoder ssl:{out_dir / 'last.pt'}")
@@ -378,6 +381,69 @@ def eval_run(
               f"(raw pixels: knn_top1 {result['pixel_knn_top1']:.4f}, 1-NN {result['pixel_1nn_top1']:.4f}, "
               f"linear_top1 {result['pixel_linear_top1']:.4f})  " + (f"{at}  " if at else "") +
               f"({run / 'eval.json'})", markup=False, highlight=False)
+
+
+@app.command()
+def study(
+    source: str = typer.Option(..., help=f"a labelled source: {source_forms()}"),
+    out_dir: Path = typer.Option(Path("builds/study"), "--out", help="where the releases, runs and report go; a "
+                                 "study run again into it reuses every run of the same settings"),
+    root: Optional[Path] = typer.Option(None, help="the source's root (for image folders: the train split)"),
+    test_root: Optional[Path] = typer.Option(None, help="image folders: the test split"),
+    sampler: str = typer.Option("pixels:32", help="the encoder that mines the semantic pairs (any --encoder), or "
+                                "ssl: the SePP-ID loop, the first method's single-image run as the sampler"),
+    methods: str = typer.Option("simclr,moco,simsiam,byol", help="comma-separated: simclr, moco, simsiam, byol"),
+    modes: str = typer.Option("augment,semantic,both", help="comma-separated positives modes: augment (the matched "
+                              "control), semantic, both"),
+    seeds: int = typer.Option(3, help="seeds 0..N-1 for every run"),
+    epochs: Optional[int] = typer.Option(None, help="epochs of every run [default: 10; 3 with --quick]"),
+    batch_size: int = typer.Option(128, help="batch of every run"),
+    backbone: str = typer.Option("small-cnn", help="small-cnn | resnet18 | resnet50"),
+    image_size: int = typer.Option(32, help="training input size"),
+    limit: Optional[int] = typer.Option(None, min=1, help="the first N training pictures [default: all; 3,000 with "
+                                        "--quick]"),
+    eval_limit: Optional[int] = typer.Option(None, min=1, help="the first N pictures of each evaluation split "
+                                             "[default: all; 3,000 with --quick]"),
+    k: Optional[list[int]] = typer.Option(None, "--k", min=1, help="kNN neighbours, repeat for several "
+                                          "[default: 200 and 20]"),
+    transfer: Optional[list[str]] = typer.Option(None, help="also evaluate on fashion-mnist[:ROOT] or imagefolder:ROOT "
+                                                 "(ROOT/train and ROOT/test) (repeatable)"),
+    ablate: Optional[list[str]] = typer.Option(None, help="partner:random | partner:farthest | partners:N | "
+                                               "self-pairs:SHARE, each trained as both with the first method "
+                                               "(repeatable)"),
+    label_pairs: Optional[bool] = typer.Option(None, "--label-pairs/--no-label-pairs", help="also the label pairs, "
+                                               "the ceiling, when the source has labels [default: yes; no with "
+                                               "--quick]"),
+    references: bool = typer.Option(True, "--references/--no-references", help="also the single-image run of each "
+                                    "method and the supervised run"),
+    quick: bool = typer.Option(False, "--quick", help="sizes that fit a 2-core CPU in under 45 minutes: 3,000 "
+                               "pictures, 3 epochs, no label pairs unless --label-pairs"),
+    workers: Optional[int] = typer.Option(None, min=0, help="decode processes [default: spare cores]"),
+) -> None:
+    """The papers' study on one labelled source: matched releases (semantic pairs, label pairs, the augment
+    control), every method and positives mode over seeds, kNN and linear, transfer, ablations; one HTML and JSON
+    report with paired differences."""
+    err.print("study: loading torch and the methods", markup=False, highlight=False)
+    from .study.execute import run_study
+    from .study.plan import StudyConfig, with_quick
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+
+    cfg = StudyConfig(out=str(out_dir), source=source, root=str(root) if root else None,
+                      test_root=str(test_root) if test_root else None, sampler=sampler, methods=names(methods),
+                      modes=names(modes), seeds=seeds, epochs=epochs or 10, batch_size=batch_size, backbone=backbone,
+                      image_size=image_size, limit=limit, eval_limit=eval_limit,
+                      ks=tuple(dict.fromkeys(k)) if k else (200, 20), label_pairs=label_pairs is not False,
+                      references=references, transfer=tuple(transfer or ()), ablations=tuple(ablate or ()),
+                      workers=workers)
+    if quick:
+        given = {name for name, v in (("limit", limit), ("eval_limit", eval_limit), ("epochs", epochs),
+                                      ("label_pairs", label_pairs)) if v is not None}
+        cfg = with_quick(cfg, given)
+    result = run_study(cfg, say=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+    out.print(f"report: {result['report']}", markup=False, highlight=False)
+    out.print(f"table:  {Path(result['report']).parent / 'study.json'}", markup=False, highlight=False)
 
 
 @app.command()

@@ -279,6 +279,11 @@ def knob(default: Any = ..., *, help: str, stage: str | None, option: str = "val
     return Field(default, description=help, json_schema_extra=extra, **field)
 
 
+#: How a build's partner choice reads after "at most N per anchor" (nothing for the default, the nearest).
+PARTNER_WORDS = {"nearest": "", "random": " (drawn at random among those that pass)",
+                 "farthest": " (the least similar that pass)"}
+
+
 class Recipe(BaseModel):
     """Everything that determines a build's output: each field is also the option of that name."""
 
@@ -342,6 +347,11 @@ class Recipe(BaseModel):
                        "pca:DIM | keep (the scale this build stored before, so thresholds keep their meaning "
                        "as the source grows) [pca]", stage="mine")
     max_per_anchor: int = knob(2, help="pairs kept per anchor", stage="mine", cli_min=1, ge=1)
+    #: Which of an anchor's candidates that pass the rules become its partners: the most similar, a seeded
+    #: random draw among them, or the least similar (with --category label: the farthest same-label of the k).
+    partner: Literal["nearest", "random", "farthest"] = knob(
+        "nearest", help="which of an anchor's candidates become its --max-per-anchor partners: nearest | random "
+        "(seeded, among the k) | farthest (the least similar that passes the rules)", stage="mine")
     mutual: bool = knob(False, help="keep mutual neighbours only", stage="mine", option="flag")
     pairs_per_class: int | None = knob(None, help="cap and balance pairs per category", stage="mine", cli_min=1,
                                        ge=1)
@@ -514,6 +524,8 @@ class Recipe(BaseModel):
         fields = {f: getattr(self, f) for s in upto for f in STAGE_FIELDS[s]}
         if fields.get("encoder_prefix", "") is None:  # unset: the prints of builds made before the option stand
             del fields["encoder_prefix"]
+        if fields.get("partner") == "nearest":  # the choice before the option existed: those prints stand too
+            del fields["partner"]
         if "encoder" in fields:
             weights = self.encoder_spec.weights_file
             stat = weights.stat() if weights else None

@@ -28,6 +28,16 @@ def test_top_per_anchor_keeps_best_ranks():
     assert F.top_per_anchor(c, 1).tolist() == [True, False, False, True, False, True]
 
 
+def test_partner_choice_takes_the_nearest_a_seeded_draw_or_the_farthest():
+    c = _cand([(0, 1, .9, 1), (0, 2, .8, 2), (0, 3, .7, 3), (0, 4, .6, 4), (1, 0, .9, 1), (1, 2, .5, 2)])
+    assert F.top_per_anchor(c, 1, "farthest").tolist() == [False, False, False, True, False, True]
+    assert F.top_per_anchor(c, 2, "farthest").tolist() == [False, False, True, True, True, True]
+    draws = [F.top_per_anchor(c, 1, "random", seed) for seed in range(20)]
+    assert all(d.sum() == 2 and d[:4].sum() == 1 for d in draws)
+    assert len({tuple(d) for d in draws}) > 1  # the seed moves the draw
+    assert (F.top_per_anchor(c, 1, "random", 3) == draws[3]).all()  # and fixes it
+
+
 def test_unordered_pairs_appear_once_keeping_the_better_ranked_direction():
     c = _cand([(0, 1, .9, 2), (1, 0, .9, 1), (2, 3, .5, 1), (3, 2, .5, 1), (0, 2, .4, 3)])
     keep = F.first_of_unordered(c)
@@ -144,3 +154,16 @@ def test_exact_search_through_torch_finds_what_faiss_finds(none_build):
     plan = plan_search(1_000_000, 512, 8 * 10**9, cuda=True)
     assert (plan.kind, plan.backend, plan.device) == ("flat", "torch", "cuda")
     assert plan_search(1_000_000, 512, 8 * 10**9, cuda=False).kind == "ivf-flat"
+
+
+def test_farthest_partners_are_less_similar_and_keep_the_nearest_prints(tmp_path, label_build):
+    out = tmp_path / "farthest"
+    shutil.copytree(label_build, out)
+    before = (out / "embeddings").stat().st_mtime_ns
+    assert run_cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, *TEST_ENCODER,
+                   "--workers", "0", "--shard-size", "1MB", "--category", "label", "--partner", "farthest") == 0
+    assert (out / "embeddings").stat().st_mtime_ns == before  # only the mine stage and after ran again
+    near, far = (pq.read_table(b / "pairs.parquet").to_pandas() for b in (label_build, out))
+    assert far.similarity.mean() < near.similarity.mean() and far["rank"].mean() > near["rank"].mean()
+    _check_rules(out)
+    assert "the least similar that pass" in (out / "report" / "index.html").read_text()

@@ -7,7 +7,7 @@ from typing import Any
 import datasets
 import yaml
 
-from ..config import Recipe
+from ..config import PARTNER_WORDS, Recipe
 
 CITATIONS = """@misc{sepp_id_2306_16122,
   title         = {Semantic Positive Pairs for Enhancing Visual Representation Learning of Instance Discrimination Methods},
@@ -215,7 +215,8 @@ def render_card(recipe: Recipe, features: datasets.Features, counts: dict[str, i
         f"{_threshold(thresholds, 'min_similarity')}, below the embedding duplicate threshold "
         f"{_threshold(thresholds, 'dup_threshold')}, not byte-identical and not copies of each other by picture "
         f"(copy score below {recipe.copy_threshold if recipe.copy_threshold is not None else 'off'}), "
-        f"at most {recipe.max_per_anchor} per anchor{', mutual neighbours only' if recipe.mutual else ''}, "
+        f"at most {recipe.max_per_anchor} per anchor{PARTNER_WORDS[recipe.partner]}"
+        f"{', mutual neighbours only' if recipe.mutual else ''}, "
         "each unordered pair once",
         "",
     ]

@@ -106,9 +106,16 @@ def is_mutual(c: Candidates, neighbour_codes: np.ndarray, n: int) -> np.ndarray:
     return in_sorted(pair_codes(c.positive, c.anchor, n), neighbour_codes)
 
 
-def top_per_anchor(c: Candidates, cap: int) -> np.ndarray:
-    """Keep each anchor's ``cap`` best-ranked candidates."""
-    order = np.lexsort((c.rank, c.anchor))
+def top_per_anchor(c: Candidates, cap: int, partner: str = "nearest", seed: int = 0) -> np.ndarray:
+    """Keep ``cap`` candidates of each anchor: its best-ranked (``nearest``), a seeded random draw (``random``)
+    or its worst-ranked (``farthest``)."""
+    if partner == "random":
+        key = np.random.default_rng(seed).random(len(c))
+    elif partner == "farthest":
+        key = -c.rank.astype(np.int64)
+    else:
+        key = c.rank
+    order = np.lexsort((key, c.anchor))
     anchors = c.anchor[order]
     starts = np.r_[0, np.flatnonzero(anchors[1:] != anchors[:-1]) + 1]
     run_start = np.repeat(starts, np.diff(np.r_[starts, len(anchors)]))

@@ -119,7 +119,8 @@ def apply_rules(recipe: Recipe, cand: F.Candidates, n: int, digests: np.ndarray,
     funnel.apply("same_picture", F.not_copy(funnel.candidates, copy_codes, n))
     if recipe.mutual:
         funnel.apply("not_mutual", F.is_mutual(funnel.candidates, neighbour_codes, n))
-    funnel.apply("anchor_cap", F.top_per_anchor(funnel.candidates, recipe.max_per_anchor))
+    funnel.apply("anchor_cap", F.top_per_anchor(funnel.candidates, recipe.max_per_anchor,
+                                                         recipe.partner, recipe.seed))
     funnel.apply("unordered_duplicate", F.first_of_unordered(funnel.candidates))
     if recipe.pairs_per_class:
         funnel.apply("class_cap", F.balance_per_category(funnel.candidates, categories, recipe.pairs_per_class,

@@ -20,10 +20,11 @@ import pandas as pd  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from .. import layout  # noqa: E402
-from ..config import Recipe  # noqa: E402
+from ..config import PARTNER_WORDS, Recipe  # noqa: E402
 from ..curate.sources import Source, open_source  # noqa: E402
 from ..files import atomic_path, read_json, write_json  # noqa: E402
 from ..figures import grid, save_figure, thumb  # noqa: E402
+
 
 
 def compute_metrics(index: pd.DataFrame, pairs: pd.DataFrame, stats: dict[str, Any],
@@ -199,7 +200,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}} img{{max-width:10
 <h2>Filter funnel</h2><table><tr><th>step</th><th>removed</th><th>remaining</th></tr>{funnel}</table>
 <p>source <code>{html.escape(recipe.source)}</code>, encoder <code>{html.escape(recipe.encoder)}</code>,
 category <code>{recipe.category}</code>, k={recipe.k}, min similarity {threshold_text(metrics["thresholds"], "min_similarity")},
-duplicate threshold {threshold_text(metrics["thresholds"], "dup_threshold")}, at most {recipe.max_per_anchor} per anchor{", mutual only" if recipe.mutual else ""}{f", at most {recipe.pairs_per_class} per class" if recipe.pairs_per_class else ""}.
+duplicate threshold {threshold_text(metrics["thresholds"], "dup_threshold")}, at most {recipe.max_per_anchor} per anchor{PARTNER_WORDS[recipe.partner]}{", mutual only" if recipe.mutual else ""}{f", at most {recipe.pairs_per_class} per class" if recipe.pairs_per_class else ""}.
 Search: {html.escape(search["scope"])}, {search["groups"]:,} groups ({html.escape(kinds)} {"index" if search["groups"] == 1 else "indexes"}) on {search["device"]}.</p>
 {leakage}
 {figures}

@@ -65,6 +65,14 @@ class TrainData:
         """Rows trained on in one epoch: one per anchor (the rows do not change once made)."""
         return len(np.unique(self.rows[:, 0]))
 
+    def replace_partners(self, share: float, seed: int) -> int:
+        """Make a seeded ``share`` of the pairs self pairs (the anchor its own partner, so a second augmentation of
+        it where the partner was): the self-pair rate of a study's ablation. Returns how many were replaced."""
+        chosen = np.random.default_rng(seed).random(len(self.rows)) < share
+        self.rows = self.rows.copy()
+        self.rows[chosen, 1] = self.rows[chosen, 0]
+        return int(chosen.sum())
+
     def batches(self, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
         """This epoch's batches of row numbers: a seeded permutation of one row per anchor (every row when
         each anchor has one; otherwise one of each anchor's rows, drawn with the same seed)."""

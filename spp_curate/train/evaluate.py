@@ -166,9 +166,9 @@ def pixel_references(train_px: np.ndarray, train_y: np.ndarray, test_px: np.ndar
 
 
 def evaluate(run: Path, source: str, root: str | None, test_root: str | None = None,
-             limit: int | None = None, ks: tuple[int, ...] = (200,)) -> dict[str, Any]:
+             limit: int | None = None, ks: tuple[int, ...] = (200,), name: str = "eval.json") -> dict[str, Any]:
     """kNN (at each of ``ks``; ``knn_top1`` at the first) and linear top-1 on the source's train/test split;
-    writes ``RUN/eval.json``."""
+    writes ``RUN/eval.json`` (or ``RUN/<name>``)."""
     from ..progress import phase
 
     backbone, _, image_size = load_backbone(run)
@@ -190,5 +190,5 @@ def evaluate(run: Path, source: str, root: str | None, test_root: str | None = N
               **pixel_references(train_px, train_y, test_px, test_y, ks),
               "train_images": len(train_y), "test_images": len(test_y), "knn_k": ks[0], "knn_ks": list(ks),
               "knn_t": 0.1, "linear_probe": "standardised features, L-BFGS"}
-    write_json(run / "eval.json", result)
+    write_json(Path(run) / name, result)
     return result

@@ -58,6 +58,7 @@ class TrainConfig:
     partner_trust: str = "release"  # one weight for all pairs, or each by its similarity band (trust.py)
     positive_loss: str = "out"  # how several positives enter a contrastive loss (losses.POSITIVE_LOSSES)
     support: int | None = None  # a support set of this many partner projections, 0: none; None: auto (support.py)
+    self_pairs: float = 0.0  # the share of pairs whose partner is replaced by the anchor itself (a study's ablation)
 
     def check(self) -> None:
         for name, value, accepted in (("--method", self.method, tuple(METHODS)),
@@ -93,6 +94,12 @@ class TrainConfig:
         if self.support is not None and (isinstance(self.support, bool) or not isinstance(self.support, int)
                                          or not 0 <= self.support <= MAX_SUPPORT):
             raise support_error(str(self.support))
+        if isinstance(self.self_pairs, bool) or not (isinstance(self.self_pairs, (int, float))
+                                                     and 0.0 <= self.self_pairs <= 1.0):
+            raise UserError(f"got {str(self.self_pairs)[:40]}; accepted: a share from 0 to 1", option="--self-pairs")
+        if self.self_pairs and self.pairs is None:
+            raise UserError("single images have no partner to replace: --self-pairs needs --pairs",
+                            option="--self-pairs")
         if not METHODS[self.method].contrastive:
             for name, value, default in (("--positive-loss", self.positive_loss, "out"),
                                          ("--support", self.support or 0, 0)):
@@ -261,6 +268,10 @@ def _train(cfg: TrainConfig, resume: bool, stop_after: int | None) -> dict[str, 
         start, history = ckpt["epoch"], list(ckpt["history"])
 
     data = _dataset(cfg, pairs)
+    if cfg.self_pairs:
+        replaced = data.replace_partners(cfg.self_pairs, cfg.seed)
+        console.print(f"self pairs: {replaced:,} of {len(data):,} pairs have the anchor itself as partner "
+                      f"(--self-pairs {cfg.self_pairs:g})", markup=False, highlight=False)
     if data.skipped:
         console.print(f"[yellow]{data.skipped} {data.unit}(s) left out: their images do not decode "
                       f"(first: {data.cache.first_failure})[/yellow]")
