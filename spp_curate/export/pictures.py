@@ -267,10 +267,10 @@ def write_pair_table(pairs: pd.DataFrame, features: datasets.Features, release: 
         part = pairs.iloc[i * PAIRS_PER_SHARD: (i + 1) * PAIRS_PER_SHARD]
         path = release / layout.pair_table_shard(i, n)
         tmp = temp_path(path)
-        columns = {c: part[c].tolist() for c in features}
-        columns["label"] = part.label.astype(np.int64).tolist()
-        columns["label_name"] = part.label_name.astype(str).tolist()
-        table = pa.table(columns, schema=features.arrow_schema)
+        schema = features.arrow_schema
+        # column by column in Arrow (the keys stay Arrow strings): no Python object per value
+        table = pa.Table.from_arrays([pa.array(part[f.name].astype(str) if f.name == "label_name" else part[f.name],
+                                               from_pandas=True).cast(f.type) for f in schema], schema=schema)
         pq.write_table(table, tmp, row_group_size=100_000, compression=PARQUET_COMPRESSION)
         os.replace(tmp, path)
         out.append((path, len(part)))

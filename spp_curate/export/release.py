@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import layout
@@ -150,16 +151,37 @@ class ShardWork:
         return written
 
 
+#: The columns of the build's index and pairs tables that a release is made from.
+INDEX_COLUMNS = ("id", "key", "digest", "format", "nbytes", "label", "label_name")
+PAIR_COLUMNS = ("pair_id", "anchor_id", "positive_id", "label", "label_name", "similarity", "positive_label")
+
+
 def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
-    """Gather a build directory's pairs, image facts, metrics and figure."""
-    index = pq.read_table(build_dir / layout.INDEX).to_pandas().set_index("id")
-    pairs = pq.read_table(build_dir / layout.PAIRS).to_pandas()
-    a, p = index.loc[pairs.anchor_id], index.loc[pairs.positive_id]
-    table = pd.DataFrame({
-        "pair_id": pairs.pair_id.to_numpy(), "anchor_key": a.key.to_numpy(), "positive_key": p.key.to_numpy(),
-        "anchor_digest": a.digest.to_numpy(), "positive_digest": p.digest.to_numpy(),
-        "label": pairs.label.to_numpy(), "label_name": pairs.label_name.to_numpy(),
-        "similarity": pairs.similarity.to_numpy()})
+    """Gather a build directory's pairs, image facts, metrics and figure.
+
+    Columnar: only the columns a release states are read, and each pair's keys and digests are taken from the
+    index by position in Arrow (no per-row Python strings, no copy of the index's other columns per pair)."""
+    index_t = pq.read_table(build_dir / layout.INDEX, columns=list(INDEX_COLUMNS))
+    pairs_t = pq.read_table(build_dir / layout.PAIRS, columns=list(PAIR_COLUMNS))
+    ids = index_t.column("id").to_numpy()
+    order = np.argsort(ids, kind="stable")
+
+    def positions(column: str) -> pa.Array:
+        wanted = pairs_t.column(column).to_numpy()
+        at = order[np.clip(np.searchsorted(ids, wanted, sorter=order), 0, max(len(ids) - 1, 0))]
+        if len(wanted) and not (ids[at] == wanted).all():
+            raise UserError(f"{build_dir / layout.PAIRS} names images the index does not hold; build again with "
+                            "--force", option="--out")
+        return pa.array(at)
+
+    a, p = positions("anchor_id"), positions("positive_id")
+    table = pa.table({
+        "pair_id": pairs_t.column("pair_id"), "anchor_key": index_t.column("key").take(a),
+        "positive_key": index_t.column("key").take(p), "anchor_digest": index_t.column("digest").take(a),
+        "positive_digest": index_t.column("digest").take(p), "label": pairs_t.column("label"),
+        "label_name": pairs_t.column("label_name"), "similarity": pairs_t.column("similarity")}).to_pandas()
+    pairs = pairs_t.select(["pair_id", "label", "positive_label"]).to_pandas()
+    index = index_t.to_pandas()
     table, review, expected = reviewed_pairs(recipe, build_dir, table, pairs)
     metrics_path = build_dir / layout.METRICS
     grid = build_dir / layout.REPORT / layout.STRONGEST_GRID
@@ -290,6 +312,14 @@ def _staging(release: Path, plan: dict[str, Any], option: str) -> Path:
     return staging
 
 
+def named_images(images: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
+    """Which rows of ``images`` (indexed by key) a pair names, by a hash lookup in Arrow: no Python string per
+    pair."""
+    named = [pa.array(pairs[c], from_pandas=True).cast(pa.large_string()) for c in ("anchor_key", "positive_key")]
+    keys = pa.array(images.index, from_pandas=True).cast(pa.large_string())
+    return pc.is_in(keys, value_set=pc.unique(pa.concat_arrays(named))).to_numpy(zero_copy_only=False)
+
+
 def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
                   option: str = "--out", again: bool = False) -> dict[str, int]:
     """Write the shards, card and manifest of ``inp``, then put them in place as ``final``; return counts.
@@ -298,9 +328,9 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
     notes are finished, unless ``again``."""
     recipe, pairs = inp.recipe, inp.pairs
     id_only = recipe.images == "none"
-    used = pd.unique(np.concatenate([pairs.anchor_key.to_numpy(), pairs.positive_key.to_numpy()]))
     formats = inp.images["format"]
-    target = release_format(formats.loc[used].tolist())
+    used_formats = formats[named_images(inp.images, pairs)]
+    target = release_format(used_formats.tolist())
     ext = EXT_OF_FORMAT[target]
     nbytes = inp.images["nbytes"]
     if recipe.layout == "images":
@@ -328,7 +358,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
         entries, extra, reused = write_images_layout(inp, source, final, release, engine, target, ext, again)
         features = id_features(inp.class_names)
         counts = {**inp.counts, "pairs": len(pairs), **extra,
-                  "images_reencoded": 0 if id_only else int(sum(formats.loc[used] != target))}
+                  "images_reencoded": 0 if id_only else int((used_formats != target).sum())}
         return _finish(inp, final, release, entries, counts, features, ext, option, reused)
     if not id_only:
         (release / layout.TAR_FOLDER).mkdir(parents=True, exist_ok=True)
@@ -352,7 +382,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
                    workers=workers, on_result=on_shard)
 
     counts = {**inp.counts, "pairs": len(pairs), "shards": n,
-              "images_reencoded": 0 if id_only else int(sum(formats.loc[used] != target))}
+              "images_reencoded": 0 if id_only else int((used_formats != target).sum())}
     entries = [file_entry(release, p, "parquet", len(rows)) for (p, _), rows in zip(paths, shards)]
     if not id_only:
         entries += [file_entry(release, t, "webdataset", len(rows)) for (_, t), rows in zip(paths, shards)]
