@@ -400,10 +400,11 @@ def study(
     batch_size: int = typer.Option(128, help="batch of every run"),
     backbone: str = typer.Option("small-cnn", help="small-cnn | resnet18 | resnet50"),
     image_size: int = typer.Option(32, help="training input size"),
-    limit: Optional[int] = typer.Option(None, min=1, help="the first N training pictures [default: all; 3,000 with "
-                                        "--quick]"),
-    eval_limit: Optional[int] = typer.Option(None, min=1, help="the first N pictures of each evaluation split "
-                                             "[default: all; 3,000 with --quick]"),
+    limit: Optional[int] = typer.Option(None, min=1, help="the first N training pictures in source order (an "
+                                        "image folder lists class by class: give them all) [default: all; 3,000 "
+                                        "with --quick]"),
+    eval_limit: Optional[int] = typer.Option(None, min=1, help="the first N pictures of each evaluation split, in "
+                                             "source order [default: all; 3,000 with --quick]"),
     k: Optional[list[int]] = typer.Option(None, "--k", min=1, help="kNN neighbours, repeat for several "
                                           "[default: 200 and 20]"),
     transfer: Optional[list[str]] = typer.Option(None, help="also evaluate on fashion-mnist[:ROOT] or imagefolder:ROOT "

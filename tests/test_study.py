@@ -165,3 +165,21 @@ def test_the_study_report_renders_with_its_plots(study, browser, tmp_path):  # n
     for words in ("false-neighbour rate", "both - augment", "supervised, same backbone and budget", "raw pixels",
                   "partner:random", "Budget: matched in steps"):
         assert words in text, words
+
+
+def test_an_image_folder_study_warns_when_its_limit_cuts_classes(tmp_path, capsys):
+    from spp_curate.cli import main
+
+    write_imagefolder(tmp_path / "train", per_class=30, odd=False, broken=True)
+    write_imagefolder(tmp_path / "test", per_class=10, odd=False, broken=False)
+    args = ["study", "--source", "imagefolder", "--root", tmp_path / "train", "--test-root", tmp_path / "test",
+            "--out", tmp_path / "s", "--methods", "simsiam", "--modes", "augment", "--seeds", "1", "--epochs", "1",
+            "--no-references", "--no-label-pairs", "--workers", "0", "--k", "5"]
+    assert main([str(a) for a in args + ["--limit", "40"]]) == 0
+    said = capsys.readouterr().err
+    assert "warning: --limit 40 takes the first pictures in source order" in said
+    assert "of the source's 3 classes" in said
+    result = json.loads((tmp_path / "s" / "report" / "study.json").read_text())
+    assert [r["mode"] for r in result["runs"]] == ["augment"]
+    assert main([str(a) for a in args]) == 0  # every picture: no warning
+    assert "warning: --limit" not in capsys.readouterr().err

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -56,6 +57,8 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict[str,
                 continue
             say(f"[release {n + 1} of {len(sets)}] {pair_set.name}: {pair_set.what}")
             built[pair_set.name] = runner.build(pair_set)
+            if pair_set.name == "sampler":
+                _warn_cut_classes(Path(built["sampler"]["build"]), cfg, say)
         runs = cfg.runs([s for s in sets if s.name in built])
         if built["sampler"]["precision"] is None:
             runs = [r for r in runs if r.kind != "supervised"]
@@ -152,6 +155,16 @@ class _Runner:
                   "partner_weight": history[-1].get("partner_weight") if history else None,
                   "evals": {name: {k: v for k, v in e.items() if k != "settings"} for name, e in evals.items()}}
         return fresh, record
+
+
+def _warn_cut_classes(build_dir: Path, cfg: StudyConfig, say: Callable[[str], None]) -> None:
+    """--limit takes the first pictures in source order: in an image folder, the first classes only."""
+    labels = pq.read_table(build_dir / layout.INDEX, columns=["label"]).column(0).to_numpy()
+    classes = len(layout.read_class_names(build_dir / layout.INDEX))
+    present = len(np.unique(labels[labels >= 0]))
+    if cfg.limit is not None and classes and present < classes:
+        say(f"warning: --limit {cfg.limit:,} takes the first pictures in source order, which hold {present} of the "
+            f"source's {classes} classes; give a larger --limit (or none) to study them all")
 
 
 def _finished(folder: Path, epochs: int) -> bool:
