@@ -149,8 +149,9 @@ class StudyConfig:
         for value in self.ablations:
             axis, arg = parse_ablation(value)
             if axis == "partner":
+                drawn = "at random among the k" if arg == "random" else "farthest of the k"
                 sets.append(PairSet(f"{base.name}-partner-{arg}", {**base.options, "partner": arg},
-                                    f"{base.name} pairs with the partner drawn {'at random among the k' if arg == 'random' else 'farthest of the k'}"))
+                                    f"{base.name} pairs with the partner drawn {drawn}"))
             elif axis == "partners":
                 sets.append(PairSet(f"{base.name}-partners-{arg}", {**base.options, "max_per_anchor": int(arg)},
                                     f"{base.name} pairs, {arg} partners per anchor (one drawn per epoch)"))

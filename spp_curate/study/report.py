@@ -170,8 +170,8 @@ def _plots(folder: Path, cfg: StudyConfig, study: dict[str, Any], eval_sets: lis
             for i, method in enumerate(cfg.methods):
                 single = refs.get("single", {}).get(method)
                 if single:
-                    ax.plot([i - 0.4, i + 0.4], [single[metric]["mean"]] * 2, color="tab:red", linewidth=1.5,
-                            label="single images" if i == 0 else None)
+                    ax.plot([i - 0.4, i + 0.4], [single[metric]["mean"]] * 2, color="black", linestyle="-.",
+                            linewidth=1.5, label="single images" if i == 0 else None)
             lows = [r[metric]["mean"] for r in rows] + list(refs.get("raw_pixels", {}).values())
             if lows:
                 ax.set_ylim(max(0.0, min(lows) - 0.1), min(1.0, max(lows) + 0.05))
