@@ -174,9 +174,14 @@ def test_an_image_folder_study_warns_when_its_limit_cuts_classes(tmp_path, capsy
     write_imagefolder(tmp_path / "test", per_class=10, odd=False, broken=False)
     args = ["study", "--source", "imagefolder", "--root", tmp_path / "train", "--test-root", tmp_path / "test",
             "--out", tmp_path / "s", "--methods", "simsiam", "--modes", "augment", "--seeds", "1", "--epochs", "1",
-            "--no-references", "--no-label-pairs", "--workers", "0", "--k", "5"]
+            "--no-references", "--no-label-pairs", "--workers", "0", "--k", "5", "--sampler", "ssl"]
     assert main([str(a) for a in args + ["--limit", "40"]]) == 0
     said = capsys.readouterr().err
+    # the SePP-ID loop: the method's single-image run is trained first and mines the pairs
+    assert "the sampler: simsiam on single images, seed 0" in said
+    sampler = json.loads((tmp_path / "s" / "report" / "study.json").read_text())["releases"][0]
+    assert sampler["options"]["encoder"].startswith("ssl:") and sampler["options"]["encoder"].endswith("last.pt")
+    assert (Path(sampler["options"]["encoder"][4:])).is_file()
     assert "warning: --limit 40 takes the first pictures in source order" in said
     assert "of the source's 3 classes" in said
     result = json.loads((tmp_path / "s" / "report" / "study.json").read_text())
