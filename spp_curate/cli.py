@@ -433,9 +433,9 @@ def study(
 
     cfg = StudyConfig(out=str(out_dir), source=source, root=str(root) if root else None,
                       test_root=str(test_root) if test_root else None, sampler=sampler, methods=names(methods),
-                      modes=names(modes), seeds=seeds, epochs=epochs or 10, batch_size=batch_size, backbone=backbone,
-                      image_size=image_size, limit=limit, eval_limit=eval_limit,
-                      ks=tuple(dict.fromkeys(k)) if k else (200, 20), label_pairs=label_pairs is not False,
+                      modes=names(modes), seeds=seeds, epochs=epochs or StudyConfig.epochs, batch_size=batch_size,
+                      backbone=backbone, image_size=image_size, limit=limit, eval_limit=eval_limit,
+                      ks=tuple(dict.fromkeys(k)) if k else StudyConfig.ks, label_pairs=label_pairs is not False,
                       references=references, transfer=tuple(transfer or ()), ablations=tuple(ablate or ()),
                       workers=workers)
     if quick:

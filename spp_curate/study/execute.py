@@ -47,19 +47,19 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict[str,
         if sampler == "ssl":  # the SePP-ID loop: the first method's single-image run, seed 0, is the sampler
             first = Run("single", cfg.methods[0], "augment", 0)
             say(f"the sampler: {first.label} (the SePP-ID loop's self-supervised sampler)")
-            sampler = f"ssl:{runner.train(first) / CHECKPOINT}"
+            sampler = f"ssl:{runner.train(first)[0] / CHECKPOINT}"
         sets = cfg.pair_sets(sampler, labelled=True)
-        built: dict[str, dict[str, Any]] = {}
-        for n, pair_set in enumerate(sets):
-            if pair_set.name != "sampler" and built["sampler"]["precision"] is None:
-                if pair_set.name == "label":
-                    say("label pairs: left out, the source's pictures have no labels")
-                continue
-            say(f"[release {n + 1} of {len(sets)}] {pair_set.name}: {pair_set.what}")
+        say(f"[release 1 of {len(sets)}] {sets[0].name}: {sets[0].what}")
+        built = {"sampler": runner.build(sets[0])}
+        _warn_cut_classes(Path(built["sampler"]["build"]), cfg, say)
+        if built["sampler"]["precision"] is None:  # no labels: no label pairs, ablations on the sampler's pairs
+            if cfg.label_pairs:
+                say("label pairs: left out, the source's pictures have no labels")
+            sets = cfg.pair_sets(sampler, labelled=False)
+        for n, pair_set in enumerate(sets[1:], 2):
+            say(f"[release {n} of {len(sets)}] {pair_set.name}: {pair_set.what}")
             built[pair_set.name] = runner.build(pair_set)
-            if pair_set.name == "sampler":
-                _warn_cut_classes(Path(built["sampler"]["build"]), cfg, say)
-        runs = cfg.runs([s for s in sets if s.name in built])
+        runs = cfg.runs(sets)
         if built["sampler"]["precision"] is None:
             runs = [r for r in runs if r.kind != "supervised"]
         runner.releases = built
@@ -92,7 +92,7 @@ class _Runner:
         build_dir = self.out / "releases" / f"{pair_set.name}-{pair_set.digest}"
         build(build_dir, recipe)
         metrics = read_json(build_dir / layout.METRICS)
-        anchors = pq.read_table(build_dir / "pairs.parquet", columns=["anchor_id"]).column(0)
+        anchors = pq.read_table(build_dir / layout.PAIRS, columns=["anchor_id"]).column(0)
         return {"name": pair_set.name, "what": pair_set.what, "build": str(build_dir),
                 "release": str(build_dir / "release"), "digest": pair_set.digest, "options": pair_set.options,
                 "pairs": metrics.get("pairs"), "precision": metrics.get("precision"),
@@ -106,19 +106,20 @@ class _Runner:
         extra = f"-self{run.self_pairs:g}" if run.self_pairs else ""
         return self.out / "runs" / group / f"{run.method}-{run.mode}{extra}-s{run.seed}-{run_digest(settings)}", settings
 
-    def train(self, run: Run) -> Path:
+    def train(self, run: Run) -> tuple[Path, bool]:
+        """Train ``run`` unless its folder holds it finished; returns the folder and whether it trained now."""
         folder, settings = self.folder(run)
+        cfg = self.cfg
+        if _finished(folder, cfg.epochs):
+            return folder, False
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / "settings.json", settings)
-        cfg = self.cfg
         if run.kind == "supervised":
             train_supervised(SupervisedConfig(out=str(folder), source=cfg.source, root=cfg.root, limit=cfg.limit,
                                               epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                               backbone=cfg.backbone, image_size=cfg.image_size, seed=run.seed,
                                               workers=cfg.workers))
-            return folder
-        if _finished(folder, cfg.epochs):
-            return folder
+            return folder, True
         common = dict(out=str(folder), method=run.method, positives=run.mode, backbone=cfg.backbone,
                       epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, image_size=cfg.image_size,
                       seed=run.seed, workers=cfg.workers)
@@ -127,13 +128,11 @@ class _Runner:
                   resume=True)
         else:
             train(TrainConfig(source=cfg.source, root=cfg.root, limit=cfg.limit, **common), resume=True)
-        return folder
+        return folder, True
 
     def run(self, run: Run) -> tuple[bool, dict[str, Any]]:
         """Train and evaluate ``run`` where not done; returns whether anything was computed, and its record."""
-        folder, settings = self.folder(run)
-        fresh = not _finished(folder, self.cfg.epochs)
-        self.train(run)
+        folder, fresh = self.train(run)
         evals = {}
         for eval_set in self.eval_sets:
             wanted = {"source": eval_set.source, "root": eval_set.root, "test_root": eval_set.test_root,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,6 @@ class StudyConfig:
     transfer: tuple[str, ...] = ()
     ablations: tuple[str, ...] = ()
     workers: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         for option, values, accepted in (("--methods", self.methods, tuple(METHODS)),
@@ -159,7 +158,8 @@ class StudyConfig:
 
     def runs(self, pair_sets: list[PairSet]) -> list[Run]:
         """Every run, seeds outermost: after a seed's round every comparison has one more sample."""
-        ablation_base = pair_sets[1].name if len(pair_sets) > 1 and pair_sets[1].name == "label" else "sampler"
+        # the base pair_sets() built the ablations on: the label pairs when there are some
+        ablation_base = "label" if any(s.name == "label" for s in pair_sets) else "sampler"
         main = [s for s in pair_sets if s.name in ("sampler", "label")]
         runs: list[Run] = []
         for seed in range(self.seeds):
@@ -182,7 +182,7 @@ class StudyConfig:
         return list(dict.fromkeys(runs))
 
     def settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("out", "workers", "extra")}
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "workers")}
 
 
 def with_quick(cfg: StudyConfig, given: set[str]) -> StudyConfig:

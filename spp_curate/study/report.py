@@ -99,13 +99,12 @@ def summarise(cfg: StudyConfig, releases: dict[str, dict[str, Any]], runs: list[
             r0 = chosen[0]
             both_key = ("pairs", r0["pair_set"], r0["method"], "both", r0["self_pairs"])
             own_control = ("pairs", r0["pair_set"], r0["method"], "augment", 0.0)
-            base = next(k for k in by if k[0] == "pairs" and k[2] == r0["method"] and k[3] == "augment"
-                        and k[1] in ("label", "sampler") and k[1] == base_of(r0["pair_set"]))
-            control = own_control if own_control in by else base
+            base = base_of(r0["pair_set"])
+            control = own_control if own_control in by else ("pairs", base, r0["method"], "augment", 0.0)
             ablations.append({"eval": name, "ablation": ablation, "pair_set": r0["pair_set"], "method": r0["method"],
                               **{metric: {"gain": difference(both_key, control, name, metric),
                                           "against_plain_both": difference(both_key,
-                                                                           ("pairs", base[1], r0["method"], "both",
+                                                                           ("pairs", base, r0["method"], "both",
                                                                             0.0), name, metric)}
                                  for metric in metrics}})
     return {"metrics": metrics, "table": table, "paired": paired, "references": references, "ablations": ablations}
