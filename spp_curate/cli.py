@@ -152,6 +152,7 @@ def build(**options) -> None:
 
     out_dir, recipe_file, until = options.pop("out_dir"), options.pop("recipe_file"), options.pop("until")
     force, rehash, source = options.pop("force"), options.pop("rehash"), options.pop("source")
+    trust_listing = options.pop("trust_listing")
     # What is left is the recipe's fields, each an option of its own name (made by recipe_option).
     overrides = {name: str(value) if isinstance(value, Path) else value for name, value in options.items()}
     overrides["exclude_near"] = options.get("exclude_near") or None
@@ -160,7 +161,8 @@ def build(**options) -> None:
     recipe = resolve_recipe(source, overrides, str(recipe_file) if recipe_file else None)
     build_dir = out_dir or Path("builds") / recipe.source_spec.kind
     preflight(recipe, build_dir, until)
-    run_build(build_dir, recipe, force=force, on_stage=_print_stage, until=until, rehash=rehash)
+    run_build(build_dir, recipe, force=force, on_stage=_print_stage, until=until, rehash=rehash,
+              trust_listing=trust_listing)
     if until in (None, STAGES[-1]):
         _print_result(build_dir)
 
@@ -183,6 +185,10 @@ def _build_signature() -> inspect.Signature:
                                              "only those whose size or modification time changed (a content check, "
                                              "as rsync's --checksum); later stages rerun only where the index "
                                              "changed")),
+        _option("trust_listing", bool, typer.Option(False, "--trust-listing", help="take the last build's listing "
+                                                    "of the source instead of walking it, when no folder changed since "
+                                                    "(a file edited in place is then not seen; for large trees on "
+                                                    "slow file systems)")),
     ])
 
 

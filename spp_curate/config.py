@@ -497,17 +497,18 @@ class Recipe(BaseModel):
     def source_state(self) -> str | None:
         return self._source_state
 
-    def _listing_identity(self) -> tuple:
+    def listing_identity(self) -> tuple:
+        """What a listing of this recipe's source depends on."""
         return (self.source, self.root, self.split, self.limit, self.image_column, self.label_column)
 
     def attach_listing(self, listing: Any) -> None:
-        self._listing = (self._listing_identity(), listing)
+        self._listing = (self.listing_identity(), listing)
 
     @property
     def listing(self) -> Any:
         """The listing attached with the state, if it is of the source this recipe names (a recipe copied for a
         reference set names another source, and walks its own)."""
-        if self._listing is None or self._listing[0] != self._listing_identity():
+        if self._listing is None or self._listing[0] != self.listing_identity():
             return None
         return self._listing[1]
 

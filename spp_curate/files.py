@@ -96,9 +96,15 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(Path(path).read_text())
 
 
+#: Rows a Parquet row group holds: the writer buffers a whole row group's encoded pages, so a table of
+#: millions of rows is written a bounded slice at a time.
+ROW_GROUP = 65_536
+
+
 def write_table(path: str | os.PathLike[str], table: pa.Table) -> None:
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP)
+    pa.default_memory_pool().release_unused()  # the writer's buffers go back to the system, not kept
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -20,6 +20,9 @@ LOCK = ".lock"
 INDEX = "index.parquet"
 #: Each indexed image's file identity (size, modification time), so the next index reads only what changed.
 INDEX_STATS = "index-stats.parquet"
+#: The source's listing the last index read (keys, labels, file identities, the folders' identities), which
+#: ``build --trust-listing`` takes instead of walking the source when no folder changed since.
+LISTING = "listing.parquet"
 QUARANTINE = "quarantine.parquet"
 EMBEDDINGS = "embeddings"
 EMBEDDINGS_META = "embeddings/meta.json"
@@ -145,7 +148,7 @@ EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.i
                                            r"chunk-\d{5}\.keys\.parquet", r"meta\.json", r"run\.json",
                                            r"encoder\.json")]
 #: Files of one reference set's folder under ``references/``.
-REFERENCE_FILES = [re.compile(p) for p in (re.escape(INDEX), re.escape(QUARANTINE), re.escape(INDEX_STATS),
+REFERENCE_FILES = [re.compile(p) for p in (re.escape(INDEX), re.escape(QUARANTINE), re.escape(INDEX_STATS), re.escape(LISTING),
                                            r"descriptors\.npz", r"record\.json")]
 
 # ---------------------------------------------------------------- a release

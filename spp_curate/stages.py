@@ -37,9 +37,13 @@ def check_build_dir(build_dir: Path) -> None:
                         "choose a new or empty folder", option="--out")
 
 
-def bind_source_state(recipe: Recipe) -> Recipe:
+def bind_source_state(recipe: Recipe, build_dir: Path | None = None, trust_listing: bool = False) -> Recipe:
     """The recipe bound to what its source and its reference sets hold now (listing, sizes, modification
-    times): an edited reference set runs the exclude stage again, as an edited source runs every stage."""
+    times): an edited reference set runs the exclude stage again, as an edited source runs every stage.
+
+    With ``trust_listing`` the listing the last index of ``build_dir`` kept is taken instead of walking the
+    source, when none of the folders it walked changed since (``curate.index.trusted_listing``): no file is
+    listed or stat'ed; a file edited in place, which changes no folder, is not seen."""
     if recipe.source_state is not None:
         return recipe
     from .curate.sources import open_source
@@ -51,7 +55,17 @@ def bind_source_state(recipe: Recipe) -> Recipe:
         return recipe.with_source_state(source.state(), reference_state(recipe))
     # Images that are files: one walk, one stat a file, kept with the bound recipe for the index stage;
     # with --limit the walk stops at the limit, and the state covers what the build reads.
-    listing = source.listing(recipe.limit)
+    listing = None
+    if trust_listing and build_dir is not None:
+        from .curate.index import trusted_listing
+        from .progress import console
+
+        listing, why = trusted_listing(Path(build_dir), recipe, source)
+        said = (f"listing: the last build's ({len(listing):,} images, {len(listing.folders):,} folders unchanged; "
+                "--trust-listing)" if listing is not None else f"listing: walking the source ({why})")
+        console.print(said, markup=False, highlight=False, soft_wrap=True)
+    if listing is None:
+        listing = source.listing(recipe.limit)
     bound = recipe.with_source_state(listing_state(listing), reference_state(recipe))
     bound.attach_listing(listing)
     return bound
@@ -177,11 +191,12 @@ def run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False) 
 
 def build(build_dir: Path, recipe: Recipe, force: bool = False,
           on_stage: Callable[[str, dict[str, Any] | None], None] | None = None, until: str | None = None,
-          rehash: bool = False) -> None:
+          rehash: bool = False, trust_listing: bool = False) -> None:
     """Run the stages in order, up to ``until``; complete stages are skipped (unless ``force``). ``rehash``
-    reads every source file again in the index stage; what follows runs again only where the index changed."""
+    reads every source file again in the index stage; what follows runs again only where the index changed.
+    ``trust_listing`` takes the last index's listing where no folder changed (:func:`bind_source_state`)."""
     check_build_dir(build_dir)
-    bound = bind_source_state(recipe)  # opens and lists the source: a wrong one fails before the folder exists
+    bound = bind_source_state(recipe, build_dir, trust_listing and not rehash and not force)  # opens and lists the source: a wrong one fails before the folder exists
     with locked(build_dir):
         save_recipe(build_dir, recipe)
         recipe = bound

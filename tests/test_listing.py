@@ -79,3 +79,62 @@ def test_limit_stops_the_walk_at_its_limit_and_the_state_covers_what_is_read(tmp
     assert run_cli("build", "--source", "imagefolder", "--root", root, "--out", tmp_path / "b", "--until", "index",
                    "--workers", "0", "--limit", "5") == 0
     assert pq.read_table(tmp_path / "b" / "index.parquet").num_rows == 5
+
+
+def test_trust_listing_takes_the_kept_listing_until_a_folder_changes(tmp_path, monkeypatch, cli):
+    """``build --trust-listing`` stats no file of an unchanged tree and runs nothing again; a picture added
+    to a folder (which changes the folder) is listed and indexed; a file edited in place changes no folder
+    and is not seen under the trust, and is without it."""
+    root = tmp_path / "images"
+    keys = picture_folder(root)
+    build = ("build", "--source", "imagefolder", "--root", root, "--out", tmp_path / "b", "--until", "index",
+             "--workers", "0")
+    assert run_cli(*build) == 0
+    assert (tmp_path / "b" / "listing.parquet").is_file()
+    index = tmp_path / "b" / "index.parquet"
+    before = index.stat().st_mtime_ns
+    counts = counted_stats(monkeypatch, root)
+    done = cli(*build, "--trust-listing")
+    assert done.returncode == 0
+    assert not counts, counts.most_common(3)  # no picture listed, stat'ed or read
+    assert f"listing: the last build's ({len(keys)} images, 4 folders unchanged" in done.stderr, done.stderr
+    assert index.stat().st_mtime_ns == before  # the same state: the index stage is complete
+    # a new picture changes its folder: walked again, and indexed
+    Image.fromarray(np.full((20, 20, 3), 7, np.uint8)).save(root / "c1" / "new.png")
+    done = cli(*build, "--trust-listing")
+    assert done.returncode == 0
+    assert "listing: walking the source (c1 changed since the last listing)" in done.stderr, done.stderr
+    assert "c1/new.png" in pq.read_table(index).column("key").to_pylist()
+    # an edit in place changes no folder: trusted, it is not seen; without the trust it is
+    digest = dict(zip(*pq.read_table(index, columns=["key", "digest"]).to_pydict().values()))
+    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(root / keys[0])
+    assert run_cli(*build, "--trust-listing") == 0
+    assert dict(zip(*pq.read_table(index, columns=["key", "digest"]).to_pydict().values())) == digest
+    assert run_cli(*build) == 0
+    assert dict(zip(*pq.read_table(index, columns=["key", "digest"]).to_pydict().values()))[keys[0]] != digest[keys[0]]
+
+
+def test_a_kept_listing_that_names_folders_outside_the_source_is_not_trusted(tmp_path):
+    """``listing.parquet`` is the build's own file, but read as untrusted: a folder named outside the source
+    (or a damaged file) makes the build walk the source instead."""
+    import json
+
+    root = tmp_path / "images"
+    picture_folder(root)
+    build = ("build", "--source", "imagefolder", "--root", root, "--out", tmp_path / "b", "--until", "index",
+             "--workers", "0", "--trust-listing")
+    assert run_cli(*build) == 0
+    path = tmp_path / "b" / "listing.parquet"
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"spp_curate.listing"])
+    meta["folders"].append(["../../etc", "0:0"])
+    pq.write_table(table.replace_schema_metadata({b"spp_curate.listing": json.dumps(meta)}), path)
+    from spp_curate.config import load_recipe
+    from spp_curate.curate.index import trusted_listing
+    from spp_curate.curate.sources import open_source
+
+    recipe = load_recipe(tmp_path / "b")
+    listing, why = trusted_listing(tmp_path / "b", recipe, open_source(recipe))
+    assert listing is None and "outside" in why
+    path.write_bytes(b"not parquet")
+    assert trusted_listing(tmp_path / "b", recipe, open_source(recipe)) == (None, "the kept listing is damaged")

@@ -110,15 +110,61 @@ class Source(ABC):
         twice, and a ``limit`` stops the walk at its ``limit``-th image."""
         import itertools
 
-        rows = [(key, label, self.stat(key)) for key, label in itertools.islice(self.items(), limit)]
-        return Listing(rows, list(getattr(self, "listing_problems", [])))
+        rows = ((key, label, self.stat(key)) for key, label in itertools.islice(self.items(), limit))
+        listing = Listing.from_rows(rows)  # the walk runs here; its problems are known after it
+        listing.problems = list(getattr(self, "listing_problems", []))
+        listing.folders = list(getattr(self, "walked_folders", []))
+        return listing
+
+
+#: Rows turned into columns at a time while listing: the listing never holds a Python object per image.
+LISTING_CHUNK = 8_192
 
 
 class Listing:
-    """A source's listing: ``rows`` of ``(key, label, stat)`` and ``problems`` (``(key, reason)``)."""
+    """A source's listing as columns: ``keys`` and ``stats`` (Arrow strings; a stat is null where the file
+    could not be stat'ed) and ``labels`` (int32), row for row in source order; ``problems`` (``(key, reason)``)
+    and ``folders`` (``(folder, identity)`` of every folder walked, taken before it was read: what
+    ``build --trust-listing`` compares to know the listing still holds)."""
 
-    def __init__(self, rows: list[tuple[str, int, str | None]], problems: list[tuple[str, str]]) -> None:
-        self.rows, self.problems = rows, problems
+    def __init__(self, keys, labels, stats, problems: list[tuple[str, str]] | None = None,
+                 folders: list[tuple[str, str]] | None = None) -> None:
+        import numpy as np
+        import pyarrow as pa
+
+        self.keys = keys if isinstance(keys, pa.Array) else pa.array(keys, pa.string())
+        self.labels = np.asarray(labels, np.int32)
+        self.stats = stats if isinstance(stats, pa.Array) else pa.array(stats, pa.string())
+        self.problems = list(problems or [])
+        self.folders = list(folders or [])
+
+    @classmethod
+    def from_rows(cls, rows) -> "Listing":
+        """A listing of ``(key, label, stat)`` rows, consumed :data:`LISTING_CHUNK` at a time."""
+        import itertools
+
+        import numpy as np
+        import pyarrow as pa
+
+        keys, labels, stats = [], [], []
+        rows = iter(rows)
+        while chunk := list(itertools.islice(rows, LISTING_CHUNK)):
+            keys.append(pa.array([r[0] for r in chunk], pa.string()))
+            labels.append(np.fromiter((r[1] for r in chunk), np.int32, len(chunk)))
+            stats.append(pa.array([r[2] for r in chunk], pa.string()))
+        if not keys:
+            return cls(pa.array([], pa.string()), np.empty(0, np.int32), pa.array([], pa.string()))
+        return cls(pa.concat_arrays(keys), np.concatenate(labels), pa.concat_arrays(stats))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def rows(self):
+        """Every ``(key, label, stat)``, a chunk of Python objects at a time."""
+        for lo in range(0, len(self), LISTING_CHUNK):
+            hi = lo + LISTING_CHUNK
+            yield from zip(self.keys[lo:hi].to_pylist(), self.labels[lo:hi].tolist(), self.stats[lo:hi].to_pylist())
 
 
 def listing_state(listing: Listing) -> str:

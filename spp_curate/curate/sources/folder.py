@@ -21,6 +21,15 @@ def not_utf8(name: str) -> str | None:
         return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+def identity_of(path: Path) -> str | None:
+    """A folder's or file's identity (size and modification time, not following a link); None if it is gone.
+    A folder's changes when an entry is added, removed or renamed in it."""
+    try:
+        return file_identity(os.lstat(path))
+    except OSError:
+        return None
+
+
 def class_folders(root: Path) -> list[str]:
     """Sub-folders of ``root``, sorted; symlinked folders are not classes (never followed), nor are folders
     whose names are not UTF-8 (the source reports them)."""
@@ -57,6 +66,8 @@ class ImageFolderSource(Source):
         if not self.root.is_dir():
             raise UserError(f"{root} is not a directory", option="--root")
         self.split = split
+        self.listing_base = self.root
+        self.fixed_folders = [(".", identity_of(self.root))]  # taken before the class folders are read
         self.folders = class_folders(self.root)
         self.class_names = list(self.folders)
         self.listing_problems = []
@@ -72,6 +83,7 @@ class ImageFolderSource(Source):
             where = Path(exc.filename).relative_to(self.root).as_posix() if exc.filename else str(top)
             self.listing_problems.append((where, f"unreadable folder: {exc.strerror or exc}"))
 
+        self.walked_folders.append((top.relative_to(self.listing_base).as_posix(), identity_of(top)))
         for dirpath, dirnames, filenames in os.walk(top, onerror=unreadable):
             for d in sorted(dirnames):
                 if Path(dirpath, d).is_symlink():
@@ -81,6 +93,9 @@ class ImageFolderSource(Source):
                 if (shown := not_utf8(str(Path(dirpath, d).relative_to(self.root)))) is not None:
                     self.listing_problems.append((shown, "a folder name that is not UTF-8; not read"))
             dirnames[:] = sorted(d for d in dirnames if not Path(dirpath, d).is_symlink() and not_utf8(d) is None)
+            # each folder's identity before os.walk reads it: an entry added after this is seen next time
+            self.walked_folders += [(Path(dirpath, d).relative_to(self.listing_base).as_posix(),
+                                     identity_of(Path(dirpath, d))) for d in dirnames]
             for fname in sorted(filenames):
                 if fname.lower().endswith(IMAGE_EXTENSIONS):
                     key = Path(dirpath, fname).relative_to(self.root).as_posix()
@@ -94,6 +109,7 @@ class ImageFolderSource(Source):
                 if e.is_dir(follow_symlinks=False) and (shown := not_utf8(e.name)) is not None]
 
     def items(self) -> Iterator[tuple[str, int]]:
+        self.walked_folders = list(self.fixed_folders)
         self.listing_problems = [(name, "folder symlink, not followed") for name in linked_folders(self.root)]
         self.listing_problems += self._odd_class_folders()
         for name in self.folders:
@@ -153,6 +169,10 @@ class ImageNetSource(ImageFolderSource):
         train = self.base / "train"
         if not train.is_dir():
             raise UserError(f"{root} has no train/ folder (expected ROOT/train/<wnid>/*.JPEG)", option="--root")
+        # what the labels and the listing depend on, taken before they are read (build --trust-listing)
+        self.listing_base = self.base
+        self.fixed_folders = [(name, identity_of(self.base / name)) for name in
+                              dict.fromkeys(["train", split, "LOC_synset_mapping.txt", "LOC_val_solution.csv"])]
         self.wnids = class_folders(train)
         self.label_of = {w: i for i, w in enumerate(self.wnids)}
         self.class_names = self._names()
@@ -203,6 +223,7 @@ class ImageNetSource(ImageFolderSource):
             yield from super().items()
             return
         self.listing_problems = []
+        self.walked_folders = list(self.fixed_folders)
         for key in self._walk(self.root):
             yield key, self._flat_labels.get(Path(key).stem, -1)
 
