@@ -248,7 +248,6 @@ def trusted_listing(out_dir: Path, recipe: Recipe, source: Source):
     """The last index's listing when no folder it walked changed since (each folder's identity, taken before
     it was read, is the same now): ``(listing, None)``, else ``(None, why)``. What changes no folder (a file
     edited in place) is not seen: that is the trust. Nothing is stat'ed per file."""
-    import numpy as np
     import pyarrow.compute as pc
 
     from .sources.base import Listing
