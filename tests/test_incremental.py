@@ -213,3 +213,27 @@ def test_sigkill_during_an_update_keeps_the_release_and_a_rerun_finishes(grown, 
                                   pq.read_table(grown["fresh"] / "pairs.parquet").to_pandas())
     manifest = json.loads((out / "release" / "manifest.json").read_text())
     assert manifest["version"] == 2 and read_changelog(out / "release") == grown["changes"]
+
+
+def test_the_index_digest_is_the_sha256_of_the_sorted_key_digest_lines():
+    """``versions.index_digest`` (Arrow: joined, sorted as UTF-8 bytes, hashed a slice at a time) states the
+    same digest as its definition in Python, whatever the keys hold (prefixes, tabs, control and non-ASCII
+    characters) and on both sides of a slice boundary; parents written before keep their ``index_sha256``."""
+    import hashlib
+    import random
+
+    import pandas as pd
+    import pyarrow as pa
+
+    from spp_curate.export.versions import index_digest
+
+    def definition(images) -> str:
+        lines = sorted(f"{k}\t{d}" for k, d in zip(images.key, images.digest))
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    rng = random.Random(0)
+    for n in (0, 1, 7, 65_537):
+        keys = ["".join(rng.choice("ab\x01\t é漢/") for _ in range(rng.randint(0, 6))) for _ in range(n)]
+        images = pd.DataFrame({"key": keys, "digest": [rng.choice(["x", "y", ""]) for _ in range(n)]})
+        assert index_digest(images) == definition(images)
+        assert index_digest(images.astype(pd.ArrowDtype(pa.string()))) == definition(images)

@@ -156,6 +156,11 @@ INDEX_COLUMNS = ("id", "key", "digest", "format", "nbytes", "label", "label_name
 PAIR_COLUMNS = ("pair_id", "anchor_id", "positive_id", "label", "label_name", "similarity", "positive_label")
 
 
+def ARROW_STRINGS(kind: pa.DataType):
+    """pandas columns of strings kept in Arrow (``to_pandas(types_mapper=...)``), not a Python object a value."""
+    return pd.ArrowDtype(kind) if pa.types.is_string(kind) or pa.types.is_large_string(kind) else None
+
+
 def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
     """Gather a build directory's pairs, image facts, metrics and figure.
 
@@ -179,9 +184,10 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         "pair_id": pairs_t.column("pair_id"), "anchor_key": index_t.column("key").take(a),
         "positive_key": index_t.column("key").take(p), "anchor_digest": index_t.column("digest").take(a),
         "positive_digest": index_t.column("digest").take(p), "label": pairs_t.column("label"),
-        "label_name": pairs_t.column("label_name"), "similarity": pairs_t.column("similarity")}).to_pandas()
+        "label_name": pairs_t.column("label_name"), "similarity": pairs_t.column("similarity")}).to_pandas(
+        types_mapper=ARROW_STRINGS)
     pairs = pairs_t.select(["pair_id", "label", "positive_label"]).to_pandas()
-    index = index_t.to_pandas()
+    index = index_t.to_pandas(types_mapper=ARROW_STRINGS)
     table, review, expected = reviewed_pairs(recipe, build_dir, table, pairs)
     metrics_path = build_dir / layout.METRICS
     grid = build_dir / layout.REPORT / layout.STRONGEST_GRID

@@ -40,9 +40,21 @@ def pair_identity(pairs: pd.DataFrame) -> np.ndarray:
 
 
 def index_digest(images: pd.DataFrame) -> str:
-    """sha256 of an index's sorted ``key digest`` lines: what the source held when the release was made."""
-    lines = sorted(f"{k}\t{d}" for k, d in zip(images.key, images.digest))
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    """sha256 of an index's sorted ``key digest`` lines: what the source held when the release was made.
+
+    In Arrow: the lines are joined and sorted as UTF-8 bytes (the order of their code points, as Python sorts
+    them) and hashed a slice at a time, so no Python string per image is held."""
+    import pyarrow.compute as pc
+
+    def column(name: str) -> pa.Array:
+        return pa.array(images[name], from_pandas=True).cast(pa.large_string())
+
+    lines = pc.binary_join_element_wise(column("key"), column("digest"), pa.scalar("\t", pa.large_string()))
+    lines = lines.take(pc.sort_indices(lines))
+    digest = hashlib.sha256()
+    for lo in range(0, len(lines), 65_536):
+        digest.update((("\n" if lo else "") + "\n".join(lines[lo: lo + 65_536].to_pylist())).encode())
+    return digest.hexdigest()
 
 
 def image_changes(old: pd.DataFrame, new: pd.DataFrame) -> dict[str, list[str]]:
