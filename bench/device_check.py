@@ -418,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             step = run_step("knn", [py, "bench/mine.py", *opts], caps["knn"], env, log)
             report["knn"] = step
             report["knn_exact_s"] = step.get("result", {}).get("search_s")
+            # the same blocked products alone, timed in the same run: how near the search is to its roofline
+            report["knn_roofline"] = step.get("result", {}).get("roofline")
             save()
 
         if "trainer" in only:
@@ -446,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     save()
     log(f"wrote {report_path} in {report['wall_s']} s; failed steps: {', '.join(report['failed_steps']) or 'none'}")
     summary = {k: report.get(k) for k in ("device", "embed_img_s", "model_only_img_s", "embed_over_model",
-                                          "knn_exact_s", "trainer_pairs_s", "eval_img_s", "failed_steps")}
+                                          "knn_exact_s", "knn_roofline", "trainer_pairs_s", "eval_img_s", "failed_steps")}
     print(json.dumps(summary))
     return 1 if report["failed_steps"] else 0
 

@@ -113,6 +113,14 @@ def main() -> None:
     print(f"{n:,} x {d} vectors, k={k}, faiss GPUs: {faiss_gpus()}, plan: {plan.describe()}")
 
     kept, nb, t_search, t_total = mine(vecs, k, plan, recipe)
+    roofline = None
+    if plan.backend == "torch":  # the same blocked products alone, in the same run: the search's roofline
+        _, t_matmul = timed(lambda: torch_knn(vecs, k + 1, plan.device, matmul_only=True))
+        flops = 2.0 * n * n * d
+        roofline = {"matmul_s": round(t_matmul, 3), "search_over_matmul": round(t_search / t_matmul, 2),
+                    "matmul_tflops": round(flops / t_matmul / 1e12, 1)}
+        print(f"roofline: the blocked products alone take {t_matmul:.2f} s ({roofline['matmul_tflops']} TFLOP/s); "
+              f"the search {t_search:.2f} s is {roofline['search_over_matmul']}x that")
     recall = ivf_recall(vecs, nb[:, :k + 1], 1000) if plan.kind != "flat" else 1.0
     precision = float((labels[kept.anchor] == labels[kept.positive]).mean())
     ours = n / t_total
@@ -132,7 +140,7 @@ def main() -> None:
                       "ratio": round(ours / base, 2), "filter_overhead": round((t_total - t_search) / t_search, 4),
                       "recall": round(recall, 4), "n": n, "k": k, "index": plan.kind,
                       "backend": f"{plan.backend} on {plan.device}", "search_s": round(t_search, 3),
-                      "mine_s": round(t_total, 3)}))
+                      "mine_s": round(t_total, 3), **({"roofline": roofline} if roofline else {})}))
 
 
 if __name__ == "__main__":

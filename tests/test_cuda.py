@@ -126,6 +126,29 @@ def test_exact_search_on_the_device_equals_faiss_flat(device, none_build):
     assert np.mean(flat.positive == on_device.positive) > 0.99
 
 
+def test_the_bfloat16_search_and_its_roofline_pass_on_the_device(device, none_build):
+    """The exact search in bfloat16 (blocks sized to the device's free memory) finds what faiss finds, scored
+    again in float32; the matmul-only pass the benchmark times it against runs the same blocks and returns
+    nothing."""
+    import faiss
+
+    from spp_curate.layout import load_embeddings
+    from spp_curate.pairing.knn import knn_blocks, torch_knn
+
+    vecs, _ = load_embeddings(none_build, dtype=np.float32)
+    query_batch, column_block = knn_blocks(len(vecs), device.type)
+    assert query_batch >= 2048 and column_block >= 4096
+    sims, pos = torch_knn(vecs, 9, device.type, dtype="bfloat16")
+    index = faiss.IndexFlatIP(vecs.shape[1])
+    index.add(np.ascontiguousarray(vecs))
+    truth_s, truth = index.search(np.ascontiguousarray(vecs), 9)
+    assert np.abs(sims[:, 0] - truth_s[:, 0]).max() < 1e-3  # scored again in float32
+    assert np.abs(sims - truth_s).mean() < 1e-3  # the k found are the k best, up to bfloat16's near-ties
+    assert np.mean(pos == truth) > 0.95
+    empty_s, empty_p = torch_knn(vecs, 9, device.type, dtype="bfloat16", matmul_only=True)
+    assert empty_s.shape == (0, 9) and empty_p.shape == (0, 9)
+
+
 def test_faiss_on_the_gpu_equals_faiss_on_the_cpu(device, none_build):
     import faiss
 

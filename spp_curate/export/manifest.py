@@ -20,6 +20,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from webdataset.tariterators import base_plus_ext
@@ -289,8 +290,11 @@ class VerifyWork:
         return [_check_entry(self.release, e, self.image_ext, self.embedded) for e in entries]
 
 
-#: Bytes of a release's files per unit of ``verify``'s work.
+#: Bytes of a release's files per unit of ``verify``'s work, at most; a release is cut into at least
+#: ``VERIFY_UNITS_PER_WORKER`` units a worker (down to ``VERIFY_MIN_UNIT`` bytes), so no worker waits on another.
 VERIFY_UNIT_BYTES = 64 << 20
+VERIFY_UNITS_PER_WORKER = 4
+VERIFY_MIN_UNIT = 1 << 20
 
 
 def _verify_units(entries: list, unit_bytes: int = VERIFY_UNIT_BYTES) -> list[list]:
@@ -330,9 +334,11 @@ def verify_release(release: str | Path, workers: int = 0, engine=None,
             problems.append(f"{entry.path}: a {entry.kind} file in a release of the {manifest.layout} layout")
         else:
             checked.append(entry)
-    units = _verify_units(checked, unit_bytes)
+    total = sum(e.bytes for e in checked)
+    units = _verify_units(checked, int(np.clip(total // (VERIFY_UNITS_PER_WORKER * max(1, workers)),
+                                               min(VERIFY_MIN_UNIT, unit_bytes), unit_bytes)))
     work = VerifyWork(release, manifest.image_ext, manifest.images == "embed")
-    with stage_progress("verify", sum(e.bytes for e in checked), unit="B") as (bar, task):
+    with stage_progress("verify", total, unit="B") as (bar, task):
         if engine is None:  # in this process (the command passes an engine to spread the units)
             work.setup()
             results = []

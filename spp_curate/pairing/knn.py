@@ -244,34 +244,56 @@ def tune_nprobe(index, vectors: np.ndarray, k: int, plan: SearchPlan, seed: int 
     return {"recall_target": plan.recall_target, "tried": tried, "sample": int(len(rows))}
 
 
+def knn_blocks(n: int, device: str, dtype_bytes: int = 2) -> tuple[int, int]:
+    """The query batch and column block of :func:`torch_knn` on ``device``: on CUDA, the largest whose score
+    block (queries x columns, ``dtype_bytes`` each, and as much again for top-k's work) fits in a quarter of
+    the memory free now; 2,048 x 65,536 on a CPU."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return 2048, 65_536
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    query_batch = 8192
+    column_block = int(free // 4 // (2 * dtype_bytes * query_batch))
+    column_block = max(4096, min(1 << 20, column_block - column_block % 4096, -(-n // 4096) * 4096))
+    return query_batch, column_block
+
+
 def torch_knn(vectors: np.ndarray, k: int, device: str = "cuda", query_batch: int | None = None,
-              column_block: int | None = None,
-              on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+              column_block: int | None = None, on_batch: Callable[[int], None] | None = None,
+              dtype: str = "float16", matmul_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` inner products of every row among all rows, with torch on ``device``.
 
-    The base sits on the device once (fp16 on CUDA); each block of queries is multiplied with a block
-    of columns at a time, ``torch.topk`` selects each block's best ``k`` (a partial selection, not a
-    sort of every column), and blocks are merged. The ``k`` found are scored again in float32 and
-    ordered by that score, so similarities match a float32 search of the same vectors.
+    The base sits on the device once (``dtype``, float16 or bfloat16, on CUDA; float32 on a CPU); each block
+    of queries is multiplied with a block of columns at a time (blocks sized to the device's free memory,
+    :func:`knn_blocks`), ``torch.topk`` selects each block's best ``k`` (a partial selection, not a sort of
+    every column), and blocks are merged. The ``k`` found are scored again in float32 and ordered by that
+    score, so similarities match a float32 search of the same vectors. float16 keeps 11 bits of each unit
+    vector's coordinates against bfloat16's 8, at the same tensor-core rate: the default.
+
+    ``matmul_only`` runs the same blocked products and nothing else (no top-k, no merge, no copy back): the
+    roofline the search is timed against in the same run (``bench/mine.py``); it returns empty arrays.
     """
     import torch
 
     dev = torch.device(device)
-    half = dev.type == "cuda"
+    low = dev.type == "cuda"
     base32 = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(dev)
-    base = base32.half() if half else base32
+    base = base32.to(getattr(torch, dtype)) if low else base32
     n = len(base)
     k = min(k, n)
-    query_batch = query_batch or (8192 if half else 2048)
-    column_block = column_block or (262_144 if half else 65_536)
-    sims = np.empty((n, k), np.float32)
-    positions = np.empty((n, k), np.int64)
+    auto_q, auto_c = knn_blocks(n, device, base.element_size())
+    query_batch, column_block = query_batch or auto_q, column_block or auto_c
+    sims = np.empty((0 if matmul_only else n, k), np.float32)
+    positions = np.empty((0 if matmul_only else n, k), np.int64)
     with torch.inference_mode():
         for q0 in range(0, n, query_batch):
             q = base[q0: q0 + query_batch]
             best_s = best_i = None
             for c0 in range(0, n, column_block):
                 block = q @ base[c0: c0 + column_block].T
+                if matmul_only:
+                    continue
                 s, i = torch.topk(block, min(k, block.shape[1]), dim=1)
                 i = i + c0
                 if best_s is None:
@@ -280,12 +302,16 @@ def torch_knn(vectors: np.ndarray, k: int, device: str = "cuda", query_batch: in
                     s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
                     best_s, pick = torch.topk(s, k, dim=1)
                     best_i = torch.gather(i, 1, pick)
+            if matmul_only:
+                continue
             exact = (base32[q0: q0 + query_batch, None, :] * base32[best_i]).sum(-1)
             exact, order = torch.sort(exact, dim=1, descending=True, stable=True)
             sims[q0: q0 + len(q)] = exact.cpu().numpy()
             positions[q0: q0 + len(q)] = torch.gather(best_i, 1, order).cpu().numpy()
             if on_batch:
                 on_batch(len(q))
+        if low:
+            torch.cuda.synchronize(dev)
     return sims, positions
 
 
