@@ -347,9 +347,11 @@ def train(
     force: bool = typer.Option(False, "--force", help="start again in a folder that holds a run"),
 ) -> None:
     """Pretrain MoCo-v2, SimCLR, SimSiam or BYOL on pair shards (or single images); checkpoints every epoch."""
-    err.print("train: loading torch and the methods", markup=False, highlight=False)  # seconds on a small CPU
-    from .train.loop import TrainConfig, parse_support, train as run_train
-    from .train.trust import parse_partner_weight
+    from .progress import loading
+
+    with loading("train: loading torch and the methods"):  # seconds on a small CPU
+        from .train.loop import TrainConfig, parse_support, train as run_train
+        from .train.trust import parse_partner_weight
 
     if positives == "auto":  # the point of a pair release is its partners; single images have none
         positives = "augment" if source is not None and pairs is None else "both"
@@ -376,8 +378,10 @@ def eval_run(
 ) -> None:
     """Weighted kNN (k=200, T=0.1) and linear-probe top-1 of a run's backbone, beside raw-pixel kNN, 1-NN and
     linear probe of the same split (computed once per split and kept); writes RUN/eval.json."""
-    err.print("eval: loading torch and the run's backbone", markup=False, highlight=False)
-    from .train.evaluate import evaluate
+    from .progress import loading
+
+    with loading("eval: loading torch and the run's backbone"):
+        from .train.evaluate import evaluate
 
     ks = tuple(dict.fromkeys(k or [200]))
     result = evaluate(run, source, str(root) if root else None, str(test_root) if test_root else None, limit, ks)
@@ -430,9 +434,11 @@ def study(
     """The papers' study on one labelled source: matched releases (semantic pairs, label pairs, the augment
     control), every method and positives mode over seeds, kNN and linear, transfer, ablations; one HTML and JSON
     report with paired differences."""
-    err.print("study: loading torch and the methods", markup=False, highlight=False)
-    from .study.execute import run_study
-    from .study.plan import StudyConfig, with_quick
+    from .progress import loading
+
+    with loading("study: loading torch and the methods"):
+        from .study.execute import run_study
+        from .study.plan import StudyConfig, with_quick
 
     def names(text: str) -> tuple[str, ...]:
         return tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))

@@ -46,6 +46,17 @@ LOG_EVERY_S = 10.0
 FIRST_EVERY_S = 2.0
 
 
+#: When the last progress line was written, and how many bars are on screen: a heartbeat stays quiet while
+#: either says enough.
+_last_line = [0.0]
+_bars = [0]
+
+
+def _said(text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    _last_line[0] = time.monotonic()
+
+
 def _clock(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -95,7 +106,7 @@ class PlainProgress:
                 parts.append(f", done in {_clock(elapsed)}")
             elif self.total and rate:
                 parts.append(f", eta {_clock((self.total - self.done) / rate)}")
-        console.print("".join(parts), markup=False, highlight=False, soft_wrap=True)
+        _said("".join(parts))
 
     def finish(self) -> None:
         self._line("end")
@@ -126,9 +137,13 @@ def stage_progress(description: str, total: int | None, unit: str = "img",
     fields = {"unit": unit}
     if quarantine:
         fields["quarantined"] = 0
-    with progress:
-        task = progress.add_task(description, total=total, **fields)
-        yield progress, task
+    _bars[0] += 1
+    try:
+        with progress:
+            task = progress.add_task(description, total=total, **fields)
+            yield progress, task
+    finally:
+        _bars[0] -= 1
 
 
 def shard_counter(bar: Any, task: Any) -> tuple[Callable[[], None], Callable[[int, int], None]]:
@@ -164,12 +179,48 @@ def quiet_log(name: str | None = None) -> Iterator[None]:
         logger.setLevel(level)
 
 
+#: Seconds without a line after which a step without items of its own says it is still at work.
+HEARTBEAT_S = 1.5
+
+
+@contextlib.contextmanager
+def heartbeat(description: str, every: float = HEARTBEAT_S) -> Iterator[None]:
+    """While the block runs (one library call, an import), a line ``DESCRIPTION: 0:00:03 so far`` whenever
+    ``every`` seconds passed with no progress line and no bar on screen: a log never goes silent for longer.
+    The lines come from a thread, which runs between the call's bytecodes (torch's import included)."""
+    import threading
+
+    started = time.monotonic()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(min(every, 0.25)):
+            now = time.monotonic()
+            if not _bars[0] and now - max(_last_line[0], started) >= every:
+                _said(f"{description}: {_clock(now - started)} so far")
+
+    thread = threading.Thread(target=beat, name="spp-curate-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 @contextlib.contextmanager
 def phase(description: str) -> Iterator[None]:
     """One line when a step without items of its own starts and one when it ends, with its time, so no step
-    of a command is silent (in a terminal and in a log alike)."""
+    of a command is silent (in a terminal and in a log alike); a heartbeat line between them when it is long."""
     started = time.monotonic()
-    console.print(f"{description}: start", markup=False, highlight=False, soft_wrap=True)
-    yield
-    console.print(f"{description}: done in {_clock(time.monotonic() - started)}", markup=False, highlight=False,
-                  soft_wrap=True)
+    _said(f"{description}: start")
+    with heartbeat(description):
+        yield
+    _said(f"{description}: done in {_clock(time.monotonic() - started)}")
+
+
+def loading(description: str) -> contextlib.AbstractContextManager:
+    """A line naming what a command loads (torch and the methods: seconds on a small CPU), and a heartbeat while
+    it does."""
+    _said(description)
+    return heartbeat(description)

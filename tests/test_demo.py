@@ -41,3 +41,29 @@ def test_log_lines_are_never_wrapped(tmp_path, label_build):
     assert len(positives) == 1 and positives[0].endswith(")"), proc.stderr[:600]
     pairs = [line for line in proc.stderr.splitlines() if line.startswith("pairs: ")]
     assert pairs and len(pairs[0]) > 40  # longer than the width: kept whole
+
+
+def test_a_long_step_without_items_says_it_is_at_work(capsys):
+    """``progress.heartbeat`` (every ``phase`` and the commands' imports of torch): while a single call runs,
+    a line with its time whenever no other line came for a while; none while a bar is on screen. The block
+    waits for the line rather than for a time, so a loaded machine only makes it wait longer."""
+    import time
+
+    from spp_curate import progress
+
+    capsys.readouterr()
+    started = time.monotonic()
+    with progress.heartbeat("test: one long call", every=0.1):
+        while progress._last_line[0] < started:  # until the heartbeat's line
+            assert time.monotonic() < started + 120, "no heartbeat in two minutes"
+            time.sleep(0.05)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("test: one long call: 0:00:") and line.endswith(" so far")
+                         for line in lines), lines
+    progress._bars[0] += 1  # a bar on screen says enough
+    try:
+        with progress.heartbeat("test: under a bar", every=0.05):
+            time.sleep(0.5)
+        assert capsys.readouterr().err == ""
+    finally:
+        progress._bars[0] -= 1
