@@ -286,6 +286,36 @@ def synthetic_mode(args, work: Path) -> dict:
     return result
 
 
+def _noise_pictures(args: tuple[str, int, int]) -> None:
+    from PIL import Image
+
+    folder, first, count = args
+    rng = np.random.default_rng(first)
+    for i in range(first, first + count):
+        pixels = rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(Path(folder) / f"{i:06d}.jpg", quality=92)
+
+
+def verify_mode(args, work: Path) -> dict:
+    """A release of large pictures (noise JPEGs of about 1.6 MB, in 10 class folders, ``--verify-gb`` GB in
+    all), built with the pictures embedded, then ``verify`` with one worker and with two on it."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    root, build = work / "pictures", work / "build"
+    count = max(20, int(args.verify_gb * 1e9 / 1.6e6))
+    jobs = []
+    for c in range(10):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        lo, hi = c * count // 10, (c + 1) * count // 10
+        jobs += [(str(folder), s, min(50, hi - s)) for s in range(lo, hi, 50)]
+    with ProcessPoolExecutor(args.workers) as pool:
+        list(pool.map(_noise_pictures, jobs))
+    measured(cli("build", "--source", "imagefolder", "--root", root, "--out", build, "--encoder", "pixels:8",
+                 "--category", "label", "--workers", args.workers))
+    return {"mode": "verify", "pictures": count, "verify": verify_rates(build / "release")}
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 20,000-picture tree")
@@ -293,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--synthetic-embeddings", type=int, help="N synthetic 512-d embeddings instead of a tree")
     parser.add_argument("--category", default="label", choices=["label", "none"], help="synthetic mode's mining")
     parser.add_argument("--stages", default="mine,report,export", help="synthetic mode's stages")
+    parser.add_argument("--verify-gb", type=float, help="verify alone, on a release of this many GB of pictures")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 2))
     parser.add_argument("--keep", type=Path, help="work here and keep it (default: a temporary folder)")
     parser.add_argument("--run-stage", help=argparse.SUPPRESS)
@@ -304,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     args.images = args.images or 20_000
     work = args.keep or Path(tempfile.mkdtemp(prefix="spp-imagenet-scale-"))
     try:
-        result = synthetic_mode(args, work) if args.synthetic_embeddings else tree_mode(args, work)
+        result = (verify_mode(args, work) if args.verify_gb else
+                  synthetic_mode(args, work) if args.synthetic_embeddings else tree_mode(args, work))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
