@@ -259,22 +259,38 @@ def pair_table_features(class_names: list[str], digests: bool) -> datasets.Featu
     return features if digests else datasets.Features({k: v for k, v in features.items() if not k.endswith("_digest")})
 
 
+#: Pair rows turned into Arrow and written at a time: the pair table is never held whole as strings.
+PAIR_TABLE_SLICE = 100_000
+
+
 def write_pair_table(pairs: pd.DataFrame, features: datasets.Features, release: Path) -> list[tuple[Path, int]]:
-    """The pairs as rows of keys (no pixels) in ``data/pairs-*.parquet``; returns ``(path, rows)`` per shard."""
+    """The pairs as rows of keys (no pixels) in ``data/pairs-*.parquet``; returns ``(path, rows)`` per shard.
+    Written a row group (``PAIR_TABLE_SLICE`` rows) at a time, column by column in Arrow: no Python object per
+    value, and no more than a slice of the keys as strings at once (a pair's key may be a position into the
+    index's keys)."""
     n = max(1, -(-len(pairs) // PAIRS_PER_SHARD))
+    schema = features.arrow_schema
     out = []
     for i in range(n):
         part = pairs.iloc[i * PAIRS_PER_SHARD: (i + 1) * PAIRS_PER_SHARD]
         path = release / layout.pair_table_shard(i, n)
         tmp = temp_path(path)
-        schema = features.arrow_schema
-        # column by column in Arrow (the keys stay Arrow strings): no Python object per value
-        table = pa.Table.from_arrays([pa.array(part[f.name].astype(str) if f.name == "label_name" else part[f.name],
-                                               from_pandas=True).cast(f.type) for f in schema], schema=schema)
-        pq.write_table(table, tmp, row_group_size=100_000, compression=PARQUET_COMPRESSION)
+        with pq.ParquetWriter(tmp, schema, compression=PARQUET_COMPRESSION) as writer:
+            for lo in range(0, max(len(part), 1), PAIR_TABLE_SLICE):
+                rows = part.iloc[lo: lo + PAIR_TABLE_SLICE]
+                writer.write_table(pa.Table.from_arrays([_arrow_column(rows[f.name], f.type) for f in schema],
+                                                        schema=schema), row_group_size=PAIR_TABLE_SLICE)
         os.replace(tmp, path)
         out.append((path, len(part)))
+        pa.default_memory_pool().release_unused()
     return out
+
+
+def _arrow_column(values: pd.Series, kind: pa.DataType) -> pa.Array:
+    column = pa.array(values, from_pandas=True)
+    if pa.types.is_dictionary(column.type) or column.type != kind:
+        column = column.cast(kind) if not pa.types.is_null(column.type) else pa.nulls(len(column), kind)
+    return column
 
 
 # ------------------------------------------------------------------ reading any layout

@@ -157,15 +157,19 @@ PAIR_COLUMNS = ("pair_id", "anchor_id", "positive_id", "label", "label_name", "s
 
 
 def ARROW_STRINGS(kind: pa.DataType):
-    """pandas columns of strings kept in Arrow (``to_pandas(types_mapper=...)``), not a Python object a value."""
-    return pd.ArrowDtype(kind) if pa.types.is_string(kind) or pa.types.is_large_string(kind) else None
+    """pandas columns of strings kept in Arrow (``to_pandas(types_mapper=...)``), not a Python object a value;
+    dictionary columns too (a pair's key is a position into the index's keys)."""
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind):
+        return pd.ArrowDtype(kind)
+    return None
 
 
 def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
     """Gather a build directory's pairs, image facts, metrics and figure.
 
-    Columnar: only the columns a release states are read, and each pair's keys and digests are taken from the
-    index by position in Arrow (no per-row Python strings, no copy of the index's other columns per pair)."""
+    Columnar: only the columns a release states are read, and each pair's keys and digests are positions into
+    the index's own key and digest columns (Arrow dictionary columns: 4 bytes a value, no string copied per
+    pair, no Python string per row)."""
     index_t = pq.read_table(build_dir / layout.INDEX, columns=list(INDEX_COLUMNS))
     pairs_t = pq.read_table(build_dir / layout.PAIRS, columns=list(PAIR_COLUMNS))
     ids = index_t.column("id").to_numpy()
@@ -177,17 +181,24 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         if len(wanted) and not (ids[at] == wanted).all():
             raise UserError(f"{build_dir / layout.PAIRS} names images the index does not hold; build again with "
                             "--force", option="--out")
-        return pa.array(at)
+        return pa.array(at.astype(np.int32))
 
     a, p = positions("anchor_id"), positions("positive_id")
+    keys, digests = index_t.column("key").combine_chunks(), index_t.column("digest").combine_chunks()
+
+    def by_position(at: pa.Array, values: pa.Array) -> pa.DictionaryArray:
+        return pa.DictionaryArray.from_arrays(at, values)
+
     table = pa.table({
-        "pair_id": pairs_t.column("pair_id"), "anchor_key": index_t.column("key").take(a),
-        "positive_key": index_t.column("key").take(p), "anchor_digest": index_t.column("digest").take(a),
-        "positive_digest": index_t.column("digest").take(p), "label": pairs_t.column("label"),
+        "pair_id": pairs_t.column("pair_id"), "anchor_key": by_position(a, keys),
+        "positive_key": by_position(p, keys), "anchor_digest": by_position(a, digests),
+        "positive_digest": by_position(p, digests), "label": pairs_t.column("label"),
         "label_name": pairs_t.column("label_name"), "similarity": pairs_t.column("similarity")}).to_pandas(
         types_mapper=ARROW_STRINGS)
     pairs = pairs_t.select(["pair_id", "label", "positive_label"]).to_pandas()
     index = index_t.to_pandas(types_mapper=ARROW_STRINGS)
+    del index_t, pairs_t
+    pa.default_memory_pool().release_unused()  # what reading and decoding the tables left behind
     table, review, expected = reviewed_pairs(recipe, build_dir, table, pairs)
     metrics_path = build_dir / layout.METRICS
     grid = build_dir / layout.REPORT / layout.STRONGEST_GRID
@@ -319,9 +330,15 @@ def _staging(release: Path, plan: dict[str, Any], option: str) -> Path:
 
 
 def named_images(images: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
-    """Which rows of ``images`` (indexed by key) a pair names, by a hash lookup in Arrow: no Python string per
-    pair."""
-    named = [pa.array(pairs[c], from_pandas=True).cast(pa.large_string()) for c in ("anchor_key", "positive_key")]
+    """Which rows of ``images`` (indexed by key) a pair names: from the pairs' positions into the index where
+    their keys are those (:func:`from_build`), else by a hash lookup in Arrow; no Python string per pair."""
+    named = [pa.array(pairs[c], from_pandas=True) for c in ("anchor_key", "positive_key")]
+    if all(pa.types.is_dictionary(c.type) and len(c.dictionary) == len(images) for c in named):
+        mask = np.zeros(len(images), bool)
+        for c in named:
+            mask[c.indices.to_numpy(zero_copy_only=False)] = True
+        return mask
+    named = [c.cast(pa.large_string()) for c in named]
     keys = pa.array(images.index, from_pandas=True).cast(pa.large_string())
     return pc.is_in(keys, value_set=pc.unique(pa.concat_arrays(named))).to_numpy(zero_copy_only=False)
 
@@ -406,7 +423,7 @@ def _finish(inp: ReleaseInput, final: Path, release: Path, entries: list[dict[st
             shutil.copyfile(inp.figure, tmp)
         figure = f"assets/{inp.figure.name}"
 
-    snapshot = (pq.read_table(inp.snapshot, columns=["key", "digest"]).to_pandas()
+    snapshot = (pq.read_table(inp.snapshot, columns=["key", "digest"]).to_pandas(types_mapper=ARROW_STRINGS)
                 if inp.snapshot is not None and inp.snapshot.is_file() else None)
     versions = version_block(final, pairs, inp.index_keys, snapshot)
     changed = (versions.get("changelog") or {}).get("images")

@@ -50,10 +50,13 @@ def index_digest(images: pd.DataFrame) -> str:
         return pa.array(images[name], from_pandas=True).cast(pa.large_string())
 
     lines = pc.binary_join_element_wise(column("key"), column("digest"), pa.scalar("\t", pa.large_string()))
-    lines = lines.take(pc.sort_indices(lines))
+    order = pc.sort_indices(lines)
     digest = hashlib.sha256()
     for lo in range(0, len(lines), 65_536):
-        digest.update((("\n" if lo else "") + "\n".join(lines[lo: lo + 65_536].to_pylist())).encode())
+        part = lines.take(order[lo: lo + 65_536]).to_pylist()
+        digest.update((("\n" if lo else "") + "\n".join(part)).encode())
+    del lines, order
+    pa.default_memory_pool().release_unused()
     return digest.hexdigest()
 
 
