@@ -175,15 +175,15 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
     ids = index_t.column("id").to_numpy()
     order = np.argsort(ids, kind="stable")
 
-    def positions(column: str) -> pa.Array:
-        wanted = pairs_t.column(column).to_numpy()
+    def positions(column: pa.ChunkedArray) -> pa.Array:
+        wanted = column.to_numpy()
         at = order[np.clip(np.searchsorted(ids, wanted, sorter=order), 0, max(len(ids) - 1, 0))]
         if len(wanted) and not (ids[at] == wanted).all():
             raise UserError(f"{build_dir / layout.PAIRS} names images the index does not hold; build again with "
                             "--force", option="--out")
         return pa.array(at.astype(np.int32))
 
-    a, p = positions("anchor_id"), positions("positive_id")
+    a, p = positions(pairs_t.column("anchor_id")), positions(pairs_t.column("positive_id"))
     keys, digests = index_t.column("key").combine_chunks(), index_t.column("digest").combine_chunks()
 
     def by_position(at: pa.Array, values: pa.Array) -> pa.DictionaryArray:
