@@ -28,6 +28,41 @@ def test_top_per_anchor_keeps_best_ranks():
     assert F.top_per_anchor(c, 1).tolist() == [True, False, False, True, False, True]
 
 
+def test_top_per_anchor_by_rank_levels_equals_the_sort_within_a_mask():
+    """The rank-at-a-time keep (a count per anchor, no sort of the N x k candidates) keeps what sorting every
+    anchor's candidates by rank keeps, nearest and farthest, within a mask or not; an anchor holding one rank
+    twice is left to the sort."""
+    def by_sort(c, cap, farthest, within):
+        keep = np.zeros(len(c), bool)
+        rows = np.flatnonzero(within)
+        key = -c.rank[rows].astype(np.int64) if farthest else c.rank[rows]
+        order = rows[np.lexsort((key, c.anchor[rows]))]
+        seen: dict = {}
+        for i in order:
+            if seen.get(c.anchor[i], 0) < cap:
+                keep[i] = True
+                seen[c.anchor[i]] = seen.get(c.anchor[i], 0) + 1
+        return keep
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n, k = 50, 6
+        anchor = np.repeat(np.arange(n), k)
+        rank = np.tile(np.arange(1, k + 1), n)
+        drop = rng.random(len(anchor)) < 0.3  # candidates other rules removed
+        shuffle = rng.permutation(int((~drop).sum()))
+        c = F.Candidates(anchor[~drop][shuffle], rng.integers(0, n, int((~drop).sum())),
+                         rng.random(int((~drop).sum())).astype(np.float32), rank[~drop][shuffle].astype(np.int32))
+        within = rng.random(len(c)) < 0.8
+        for cap in (1, 2, 3):
+            for farthest in (False, True):
+                partner = "farthest" if farthest else "nearest"
+                assert (F.top_per_anchor(c, cap, partner, within=within) == by_sort(c, cap, farthest, within)).all()
+                assert (F.top_per_anchor(c, cap, partner) == by_sort(c, cap, farthest, np.ones(len(c), bool))).all()
+    twice = _cand([(0, 1, .9, 1), (0, 2, .8, 1), (0, 3, .7, 2)])
+    assert F.top_per_anchor(twice, 1).tolist() == [True, False, False]
+
+
 def test_partner_choice_takes_the_nearest_a_seeded_draw_or_the_farthest():
     c = _cand([(0, 1, .9, 1), (0, 2, .8, 2), (0, 3, .7, 3), (0, 4, .6, 4), (1, 0, .9, 1), (1, 2, .5, 2)])
     assert F.top_per_anchor(c, 1, "farthest").tolist() == [False, False, False, True, False, True]

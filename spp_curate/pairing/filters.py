@@ -106,9 +106,19 @@ def is_mutual(c: Candidates, neighbour_codes: np.ndarray, n: int) -> np.ndarray:
     return in_sorted(pair_codes(c.positive, c.anchor, n), neighbour_codes)
 
 
-def top_per_anchor(c: Candidates, cap: int, partner: str = "nearest", seed: int = 0) -> np.ndarray:
+def top_per_anchor(c: Candidates, cap: int, partner: str = "nearest", seed: int = 0,
+                   within: np.ndarray | None = None) -> np.ndarray:
     """Keep ``cap`` candidates of each anchor: its best-ranked (``nearest``), a seeded random draw (``random``)
-    or its worst-ranked (``farthest``)."""
+    or its worst-ranked (``farthest``); with ``within`` (a mask), only among those candidates (the others are
+    never kept), without copying the candidates out."""
+    if partner != "random" and cap < 256 and len(c):
+        kept = _top_by_rank(c, cap, partner == "farthest", within)
+        if kept is not None:
+            return kept
+    if within is not None:
+        keep = np.zeros(len(c), dtype=bool)
+        keep[np.flatnonzero(within)[top_per_anchor(c.select(within), cap, partner, seed)]] = True
+        return keep
     if partner == "random":
         key = np.random.default_rng(seed).random(len(c))
     elif partner == "farthest":
@@ -121,6 +131,27 @@ def top_per_anchor(c: Candidates, cap: int, partner: str = "nearest", seed: int 
     run_start = np.repeat(starts, np.diff(np.r_[starts, len(anchors)]))
     keep = np.zeros(len(c), dtype=bool)
     keep[order[(np.arange(len(anchors)) - run_start) < cap]] = True
+    return keep
+
+
+def _top_by_rank(c: Candidates, cap: int, farthest: bool, within: np.ndarray | None) -> np.ndarray | None:
+    """:func:`top_per_anchor` by ranks, one rank at a time with a count per anchor: a few bytes a picture and
+    a mask, where sorting all N x k candidates takes several times their size. None where an anchor holds one
+    rank twice (the sort then decides between them)."""
+    lo, hi = int(c.rank.min()), int(c.rank.max())
+    if hi - lo > 4096:
+        return None
+    levels = np.arange(lo, hi + 1)  # a rank no candidate holds keeps nothing
+    count = np.zeros(int(c.anchor.max()) + 1 if len(c) else 0, np.uint8)
+    keep = np.zeros(len(c), dtype=bool)
+    for r in (levels[::-1] if farthest else levels):
+        at = np.flatnonzero((c.rank == r) if within is None else (c.rank == r) & within)
+        anchors = c.anchor[at]
+        if len(np.unique(anchors)) != len(anchors):
+            return None
+        ok = count[anchors] < cap
+        keep[at[ok]] = True
+        count[anchors[ok]] += 1
     return keep
 
 

@@ -30,16 +30,18 @@ def resolve_thresholds(recipe: Recipe, similarities: np.ndarray) -> dict[str, di
     return resolved
 
 
-def eligible_pairs(c: F.Candidates, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def eligible_pairs(c: F.Candidates, cap: int, within: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The unordered pairs the rules would keep at *some* minimum similarity, each with the similarity at
     which it enters: ``(a, b, similarity)``.
 
-    ``c`` holds the candidates that passed every rule but the minimum similarity and the caps. Within an
+    ``c`` holds the candidates that passed every rule but the minimum similarity and the caps (or those of
+    them ``within`` marks). Within an
     anchor, similarity falls as rank grows, so the candidates at or above a threshold are a prefix of the
     anchor's list and the anchor cap keeps its first ``cap``: a candidate past position ``cap`` never
     survives, whatever the threshold. An unordered pair enters with the larger similarity of its two rows.
     """
-    chosen = np.flatnonzero(F.top_per_anchor(c, cap))
+    chosen = np.flatnonzero(F.top_per_anchor(c, cap, within=within))
     lo = np.minimum(c.anchor[chosen], c.positive[chosen])
     hi = np.maximum(c.anchor[chosen], c.positive[chosen])
     sims = c.similarity[chosen].astype(np.float64)
@@ -50,14 +52,14 @@ def eligible_pairs(c: F.Candidates, cap: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 def threshold_curve(c: F.Candidates, cap: int, labels: np.ndarray, n_images: int, current: float,
-                    points: int = CURVE_POINTS) -> dict[str, Any]:
+                    points: int = CURVE_POINTS, within: np.ndarray | None = None) -> dict[str, Any]:
     """Pairs, precision (labels agree, where both are known) and coverage against the minimum similarity.
 
     Thresholds are quantiles of the eligible pairs' similarities (the band they crowd into gets the
     points) and the current threshold; each point is exactly what the rules would keep there, before any
     per-class cap.
     """
-    a, b, sims = eligible_pairs(c, cap)
+    a, b, sims = eligible_pairs(c, cap, within)
     order = np.argsort(-sims, kind="stable")
     a, b, sims = a[order], b[order], sims[order]
     grid = np.unique(np.r_[np.quantile(sims, np.linspace(0, 1, points)) if len(sims) else [], current])
