@@ -237,3 +237,8 @@ def test_the_index_digest_is_the_sha256_of_the_sorted_key_digest_lines():
         images = pd.DataFrame({"key": keys, "digest": [rng.choice(["x", "y", ""]) for _ in range(n)]})
         assert index_digest(images) == definition(images)
         assert index_digest(images.astype(pd.ArrowDtype(pa.string()))) == definition(images)
+        # unique keys with nothing at or below the tab (an index's): sorted by key alone, prefixes included
+        unique = sorted({"".join(rng.choice("ab é漢/.") for _ in range(rng.randint(1, 6))) for _ in range(n)})
+        rng.shuffle(unique)
+        images = pd.DataFrame({"key": unique, "digest": [rng.choice(["x", "y", "0"]) for _ in unique]})
+        assert index_digest(images) == definition(images)
