@@ -225,13 +225,16 @@ def audit_release(release: Path, against: str, threshold: str, engine, workers: 
         ref_index, ref_desc, _ = prepare_reference(recipe, ref, Path(tmp), engine)
     ref_keys = np.asarray(ref_index.column("key").to_pylist(), dtype=object)
     ref_by_digest = dict(zip(ref_index.column("digest").to_pylist(), ref_keys))
+    from ..progress import phase
+
     per_side = {}
     for side in SIDES:
         entries = list(seen[side])
         keys = [key for key, _ in entries]
         digests = [seen[side][e][0] for e in entries]
         if pixels:
-            scores, rows = copy_scores(describe([seen[side][e][1] for e in entries], False), ref_desc, engine)
+            with phase(f"audit: the {side} pictures' copy scores against {against} ({len(entries):,})"):
+                scores, rows = copy_scores(describe([seen[side][e][1] for e in entries], False), ref_desc, engine)
         else:
             scores, rows = np.full(len(keys), -1.0, np.float32), np.full(len(keys), -1, np.int64)
         per_side[side] = (keys, digests, scores, rows)
@@ -240,8 +243,6 @@ def audit_release(release: Path, against: str, threshold: str, engine, workers: 
     result = AuditResult(against, cut, pixels, {s: len(set(v[0])) for s, v in per_side.items()},
                          len({k for v in per_side.values() for k in v[0]}))
     if pixels:
-        from ..progress import phase
-
         with phase(f"audit: {against}'s own look-alikes (up to {LOOKALIKE_SAMPLE:,} of its pictures)"):
             result.lookalike_rate, result.lookalike_sample = lookalike_rate(ref_desc, cut, engine)
     for side, (keys, digests, scores, rows) in per_side.items():
