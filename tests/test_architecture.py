@@ -151,7 +151,7 @@ RECIPE_FILE_ONLY = {
     "reviewed": "chosen after a review, with `spp-curate export --reviewed`",
 }
 #: Options of ``build`` that are not recipe fields: where the build goes and how it runs.
-BUILD_ONLY = {"out_dir", "recipe_file", "until", "force", "rehash"}
+BUILD_ONLY = {"out_dir", "recipe_file", "until", "force", "rehash", "trust_listing"}
 
 
 def _options(command_name: str) -> dict:
