@@ -90,6 +90,26 @@ def test_both_masks_the_partner_out_of_in_batch_negatives():
     assert exc[0].tolist() == [True, False, False, False, False, False]
 
 
+def test_the_grid_backbone_keeps_where_a_small_pictures_parts_are():
+    """``small-cnn-grid`` pools the small CNN's channels to 2 x 2 cells: 512 features, and two pictures whose
+    halves are swapped (the same parts elsewhere) get features far apart, where one global pool (``small-cnn``)
+    gives the same features up to the borders' padding."""
+    torch.manual_seed(0)
+    grid, dim = build_backbone("small-cnn-grid", 32)
+    single, single_dim = build_backbone("small-cnn", 32)
+    single.load_state_dict(grid.state_dict())  # the same convolutions: only the pooling differs
+    assert (dim, single_dim) == (512, 128)
+    x = torch.zeros(1, 3, 32, 32)
+    x[..., 4:12, 4:28] = 1.0  # a bar at the top
+    swapped = torch.flip(x, dims=[2])  # the same bar at the bottom
+    grid.eval(), single.eval()
+    with torch.no_grad():
+        g, s = grid(torch.cat([x, swapped])), single(torch.cat([x, swapped]))
+    assert g.shape == (2, 512) and s.shape == (2, 128)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(g[:1], g[1:]).item() < cos(s[:1], s[1:]).item() - 0.05
+
+
 def test_moco_masks_the_partner_out_of_the_queue():
     torch.manual_seed(0)
     backbone, dim = build_backbone("small-cnn", 32)
@@ -257,7 +277,8 @@ def test_train_eval_and_reuse_as_encoder(label_build, tmp_path):
                    "--encoder", f"ssl:{run / 'last.pt'}", "--category", "none", "--min-similarity", "0",
                    "--dup-threshold", "0.9999", "--workers", "0") == 0
     meta = json.loads((out / "embeddings" / "meta.json").read_text())
-    assert meta["model"]["output"] == "backbone (pre-projector)" and meta["dim"] == 128
+    # the default backbone, small-cnn-grid: 128 channels pooled to 2 x 2 cells
+    assert meta["model"]["output"] == "backbone (pre-projector)" and meta["dim"] == 512
     # embedded at the size the checkpoint was trained at, not the manifest's size for its own encoder (64)
     assert meta["model"]["image_size"] == 32
 

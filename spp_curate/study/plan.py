@@ -85,7 +85,7 @@ class StudyConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 0.06
-    backbone: str = "small-cnn"
+    backbone: str = "small-cnn-grid"
     image_size: int = 32
     limit: int | None = None  # training pictures of the source (the first N)
     eval_limit: int | None = None  # pictures of each evaluation split (the first N)

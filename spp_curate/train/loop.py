@@ -41,7 +41,7 @@ class TrainConfig:
     out: str
     method: str = "simclr"
     positives: str = "augment"
-    backbone: str = "small-cnn"
+    backbone: str = "small-cnn-grid"
     pairs: str | None = None
     source: str | None = None
     root: str | None = None
