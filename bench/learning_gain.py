@@ -182,6 +182,8 @@ def main() -> None:
                         help="also the pairs raw pixels mine, --encoder pixels:32 (quick mode)")
     parser.add_argument("--epochs", type=int, default=None, help="[quick 3, full 100]")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--backbone", default=None, help="[quick: the trainer's default, small-cnn-grid; full "
+                        "resnet18]")
     parser.add_argument("--batch-size", type=int, default=None, help="[quick 128, full 512]")
     parser.add_argument("--methods", default=None, help="[simclr,moco; with --noise simclr]")
     parser.add_argument("--positives", default="augment,semantic,both")
@@ -209,7 +211,8 @@ def main() -> None:
         check_partner_trust(t)
     # the runs that use partners: (--partner-weight, --partner-trust); the trust mode matters at auto only
     settings = [(w, t) for w in weights for t in (trusts if w == "auto" else ["release"])]
-    common = dict(backbone="resnet18" if full else "small-cnn", batch_size=batch, epochs=epochs,
+    common = dict(backbone=args.backbone or ("resnet18" if full else TrainConfig.backbone), batch_size=batch,
+                  epochs=epochs,
                   support=parse_support(args.support), positive_loss=args.positive_loss)
     work = Path(tempfile.mkdtemp(prefix="spp-bench-gain-"))
     if args.dataset == "glyphs":
