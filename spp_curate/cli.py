@@ -142,6 +142,11 @@ def recipe_option(name: str) -> inspect.Parameter:
     return _option(name, annotation, option)
 
 
+#: ``--backbone`` of train and study.
+BACKBONE_HELP = ("small-cnn-grid (pooled to 2 x 2 cells: where a small picture's parts are stays in the features) | "
+                 "small-cnn (one global pool) | resnet18 | resnet50")
+
+
 def _option(name: str, annotation, option) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
 
@@ -316,7 +321,7 @@ def train(
     positives: str = typer.Option("auto", help="both (each anchor's two augmentations and its partner, SePP-ID) | "
                                   "semantic (the partner replaces the second augmentation) | augment (the matched "
                                   "baseline: the partners unused) | auto: both with --pairs, augment with --source"),
-    backbone: str = typer.Option("small-cnn-grid", help="small-cnn-grid (pooled to 2 x 2 cells: where a small picture's parts are stays in the features) | small-cnn (one global pool) | resnet18 | resnet50"),
+    backbone: str = typer.Option("small-cnn-grid", help=BACKBONE_HELP),
     epochs: int = typer.Option(10, min=1, help="passes over the pairs (an epoch is the anchors with --pairs, "
                                "every picture with --source; the run prints its steps)"),
     batch_size: int = typer.Option(256, min=2),
@@ -408,7 +413,7 @@ def study(
     seeds: int = typer.Option(3, help="seeds 0..N-1 for every run"),
     epochs: Optional[int] = typer.Option(None, help="epochs of every run [default: 10; 3 with --quick]"),
     batch_size: int = typer.Option(128, help="batch of every run"),
-    backbone: str = typer.Option("small-cnn-grid", help="small-cnn-grid (pooled to 2 x 2 cells: where a small picture's parts are stays in the features) | small-cnn (one global pool) | resnet18 | resnet50"),
+    backbone: str = typer.Option("small-cnn-grid", help=BACKBONE_HELP),
     image_size: int = typer.Option(32, help="training input size"),
     limit: Optional[int] = typer.Option(None, min=1, help="the first N training pictures in source order (an "
                                         "image folder lists class by class: give them all) [default: all; 3,000 "

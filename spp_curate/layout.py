@@ -148,8 +148,8 @@ EMBEDDING_FILES = [re.compile(p) for p in (r"chunk-\d{5}\.npy", r"chunk-\d{5}\.i
                                            r"chunk-\d{5}\.keys\.parquet", r"meta\.json", r"run\.json",
                                            r"encoder\.json")]
 #: Files of one reference set's folder under ``references/``.
-REFERENCE_FILES = [re.compile(p) for p in (re.escape(INDEX), re.escape(QUARANTINE), re.escape(INDEX_STATS), re.escape(LISTING),
-                                           r"descriptors\.npz", r"record\.json")]
+REFERENCE_FILES = [re.compile(p) for p in (re.escape(INDEX), re.escape(QUARANTINE), re.escape(INDEX_STATS),
+                                           re.escape(LISTING), r"descriptors\.npz", r"record\.json")]
 
 # ---------------------------------------------------------------- a release
 MANIFEST = "manifest.json"

@@ -196,7 +196,8 @@ def build(build_dir: Path, recipe: Recipe, force: bool = False,
     reads every source file again in the index stage; what follows runs again only where the index changed.
     ``trust_listing`` takes the last index's listing where no folder changed (:func:`bind_source_state`)."""
     check_build_dir(build_dir)
-    bound = bind_source_state(recipe, build_dir, trust_listing and not rehash and not force)  # opens and lists the source: a wrong one fails before the folder exists
+    # opens and lists the source: a wrong one fails before the folder exists
+    bound = bind_source_state(recipe, build_dir, trust_listing and not rehash and not force)
     with locked(build_dir):
         save_recipe(build_dir, recipe)
         recipe = bound

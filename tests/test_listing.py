@@ -136,5 +136,8 @@ def test_a_kept_listing_that_names_folders_outside_the_source_is_not_trusted(tmp
     recipe = load_recipe(tmp_path / "b")
     listing, why = trusted_listing(tmp_path / "b", recipe, open_source(recipe))
     assert listing is None and "outside" in why
+    meta["folders"][-1] = ["c0"]  # not a (folder, identity) pair
+    pq.write_table(table.replace_schema_metadata({b"spp_curate.listing": json.dumps(meta)}), path)
+    assert trusted_listing(tmp_path / "b", recipe, open_source(recipe)) == (None, "the kept listing is damaged")
     path.write_bytes(b"not parquet")
     assert trusted_listing(tmp_path / "b", recipe, open_source(recipe)) == (None, "the kept listing is damaged")

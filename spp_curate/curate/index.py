@@ -266,21 +266,24 @@ def trusted_listing(out_dir: Path, recipe: Recipe, source: Source):
     folders = meta.get("folders") or []
     if base is None or not folders:
         return None, "this source keeps no listing"
+    from ..files import UnsafePath, check_relative
     from .sources.folder import identity_of
 
-    for rel, identity in folders:
-        parts = Path(str(rel)).parts
-        if Path(str(rel)).is_absolute() or ".." in parts:
-            return None, "the kept listing names a folder outside the source"
-        if identity_of(base / rel) != identity:
-            return None, f"{rel} changed since the last listing"
-    problem = table.column("problem")
-    rows = table.filter(problem.is_null())
-    odd = table.filter(pc.invert(problem.is_null()))
-    return Listing(rows.column("key").combine_chunks(), rows.column("label").to_numpy(),
-                   rows.column("stat").combine_chunks(),
-                   list(zip(odd.column("key").to_pylist(), odd.column("problem").to_pylist())),
-                   [tuple(f) for f in folders]), None
+    try:
+        for rel, identity in folders:
+            if identity_of(base if rel == "." else base / check_relative(rel)) != identity:
+                return None, f"{rel} changed since the last listing"
+        problem = table.column("problem")
+        rows = table.filter(problem.is_null())
+        odd = table.filter(pc.invert(problem.is_null()))
+        return Listing(rows.column("key").combine_chunks(), rows.column("label").to_numpy(),
+                       rows.column("stat").combine_chunks(),
+                       list(zip(odd.column("key").to_pylist(), odd.column("problem").to_pylist())),
+                       [tuple(f) for f in folders]), None
+    except UnsafePath:
+        return None, "the kept listing names a folder outside the source"
+    except (TypeError, ValueError, KeyError, pa.ArrowException):
+        return None, "the kept listing is damaged"
 
 
 def _read_or_none(path: Path) -> pa.Table | None:

@@ -288,7 +288,7 @@ def write_pair_table(pairs: pd.DataFrame, features: datasets.Features, release: 
 
 def _arrow_column(values: pd.Series, kind: pa.DataType) -> pa.Array:
     column = pa.array(values, from_pandas=True)
-    if pa.types.is_dictionary(column.type) or column.type != kind:
+    if column.type != kind:  # a dictionary column (positions into the index's keys) is decoded here
         column = column.cast(kind) if not pa.types.is_null(column.type) else pa.nulls(len(column), kind)
     return column
 

@@ -156,7 +156,7 @@ INDEX_COLUMNS = ("id", "key", "digest", "format", "nbytes", "label", "label_name
 PAIR_COLUMNS = ("pair_id", "anchor_id", "positive_id", "label", "label_name", "similarity", "positive_label")
 
 
-def ARROW_STRINGS(kind: pa.DataType):
+def arrow_strings(kind: pa.DataType):
     """pandas columns of strings kept in Arrow (``to_pandas(types_mapper=...)``), not a Python object a value;
     dictionary columns too (a pair's key is a position into the index's keys)."""
     if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind):
@@ -194,9 +194,9 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         "positive_key": by_position(p, keys), "anchor_digest": by_position(a, digests),
         "positive_digest": by_position(p, digests), "label": pairs_t.column("label"),
         "label_name": pairs_t.column("label_name"), "similarity": pairs_t.column("similarity")}).to_pandas(
-        types_mapper=ARROW_STRINGS)
+        types_mapper=arrow_strings)
     pairs = pairs_t.select(["pair_id", "label", "positive_label"]).to_pandas()
-    index = index_t.to_pandas(types_mapper=ARROW_STRINGS)
+    index = index_t.to_pandas(types_mapper=arrow_strings)
     del index_t, pairs_t
     pa.default_memory_pool().release_unused()  # what reading and decoding the tables left behind
     table, review, expected = reviewed_pairs(recipe, build_dir, table, pairs)
@@ -423,7 +423,7 @@ def _finish(inp: ReleaseInput, final: Path, release: Path, entries: list[dict[st
             shutil.copyfile(inp.figure, tmp)
         figure = f"assets/{inp.figure.name}"
 
-    snapshot = (pq.read_table(inp.snapshot, columns=["key", "digest"]).to_pandas(types_mapper=ARROW_STRINGS)
+    snapshot = (pq.read_table(inp.snapshot, columns=["key", "digest"]).to_pandas(types_mapper=arrow_strings)
                 if inp.snapshot is not None and inp.snapshot.is_file() else None)
     versions = version_block(final, pairs, inp.index_keys, snapshot)
     changed = (versions.get("changelog") or {}).get("images")
