@@ -59,13 +59,15 @@ def preflight(recipe, build_dir: Path | None = None, until: str | None = None) -
     """Checks before any stage runs, so a wrong option fails in seconds, not after indexing: the cheap ones, and
     an encoder that names weights (a file, a folder, the Hub's) is built once, so weights that do not load or
     that hold inf fail here, unless this build's embeddings were already made with it."""
-    from .curate.encoders import check_encoder, load_encoder, names_weights
+    from .curate.encoder_checks import check_encoder, names_weights
 
     if recipe.root is not None and not Path(recipe.root).exists():
         raise UserError(f"{recipe.root} does not exist", option="--root")
     if until != "index":  # with --until index no picture is embedded: the encoder is not asked for yet
         check_encoder(recipe.encoder, recipe.image_size)
         if names_weights(recipe.encoder) and not _embedded_with(build_dir, recipe.encoder):
+            from .curate.encoders import load_encoder
+
             load_encoder(recipe.encoder, recipe.image_size, recipe.encoder_prefix)
     if recipe.class_names:
         from .pairing.categories import read_class_names_file
@@ -684,5 +686,29 @@ def main(argv: list[str] | None = None) -> int:
     return rv if isinstance(rv, int) else 0
 
 
+def run() -> None:
+    """The ``spp-curate`` command: :func:`main`, then an exit without the interpreter's teardown. After torch,
+    faiss and the decoders have run, that teardown (collecting every module's objects, torch unregistering its
+    operators) takes 1-2 s on a small CPU, a silent wait after the last line; every file a command writes is
+    closed (and renamed into place) before :func:`main` returns, so the exit handlers are run, the streams
+    flushed and the process ends there. With a thread of a library still running, the ordinary exit is kept."""
+    import atexit
+    import os
+    import threading
+
+    code = main()
+    finish = getattr(atexit, "_run_exitfuncs", None)
+    if finish is None or any(t.is_alive() and not t.daemon and t is not threading.main_thread()
+                             for t in threading.enumerate()):
+        sys.exit(code)
+    finish()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

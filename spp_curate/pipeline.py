@@ -35,8 +35,11 @@ class Stage:
     def run(self, recipe: Any, build_dir: Any, engine: Any, **options: Any) -> dict[str, Any]:
         """Run the stage on a build directory, its units of work mapped by ``engine`` (``options``: what the
         runner takes besides, e.g. the index stage's ``rehash``)."""
+        from .progress import heartbeat
+
         module, _, function = self.runner.partition(":")
-        fn: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module), function)
+        with heartbeat(f"{self.name}: loading its libraries"):  # torch, faiss, matplotlib: seconds on a small CPU
+            fn: Callable[..., dict[str, Any]] = getattr(importlib.import_module(module), function)
         return fn(recipe, build_dir, engine, **options)
 
 

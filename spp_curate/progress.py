@@ -43,7 +43,7 @@ class QuarantineColumn(ProgressColumn):
 #: Seconds between two plain progress lines.
 LOG_EVERY_S = 10.0
 #: ... and every this many seconds during a stage's first minute, so a short command is never silent for long.
-FIRST_EVERY_S = 2.0
+FIRST_EVERY_S = 1.0
 
 
 #: When the last progress line was written, and how many bars are on screen: a heartbeat stays quiet while

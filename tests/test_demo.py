@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import FMNIST, run_cli
+from conftest import FMNIST, run_cli, run_cli_process
 
 
 def test_the_demo_mines_with_raw_pixels_trains_both_runs_and_prints_them(tmp_path, capsys):
@@ -67,3 +67,39 @@ def test_a_long_step_without_items_says_it_is_at_work(capsys):
         assert capsys.readouterr().err == ""
     finally:
         progress._bars[0] -= 1
+
+
+def test_a_command_says_its_first_line_before_loading_torch(label_build):
+    """The checks before any stage load no torch for an encoder that needs none (seconds on a small CPU,
+    silent); verify loads webdataset (and torch under it) only for a release with tars, saying so first."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from spp_curate.cli import preflight\n"
+            "from spp_curate.config import resolve_recipe\n"
+            f"preflight(resolve_recipe('fashion-mnist', {{'root': {str(FMNIST)!r}, 'encoder': 'pixels:16'}}, None))\n"
+            "print(*sorted(m for m in ('torch', 'webdataset', 'faiss', 'timm') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == [], (proc.stdout, proc.stderr[-2000:])
+    verified = run_cli_process("verify", label_build / "release", "--workers", "0")
+    assert verified.returncode == 0, verified.stderr
+    lines = verified.stderr.splitlines()
+    assert lines[0].startswith("verify: loading webdataset") and lines[1].startswith("verify: start"), lines
+
+
+def test_the_leading_eigenpairs_are_the_same_numbers_in_the_child_process():
+    """Above ``CHILD_EIGH_DIM`` the whitening's eigen-solver runs in a forked child (so the parent can still
+    say it is at work); the numbers are those of the same solver in this process."""
+    import numpy as np
+
+    from spp_curate.pairing import whiten
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, whiten.CHILD_EIGH_DIM + 8))
+    cov = x.T @ x / 299
+    values, vectors = whiten.leading_eigenpairs(cov, 16)
+    here_values, here_vectors = whiten._eigh(cov, 16)
+    assert values.shape == (16,) and vectors.shape == (cov.shape[0], 16)
+    assert np.array_equal(values, here_values) and np.array_equal(vectors, here_vectors)
+    assert np.all(np.diff(values) >= 0) and np.allclose(cov @ vectors, vectors * values, atol=1e-8)

@@ -23,13 +23,12 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from webdataset.tariterators import base_plus_ext
 
 from .. import layout
 from ..images import BadImage, image_from_bytes
 from ..errors import UserError
 from ..files import UnsafePath, read_capped, safe_join, sha256_file
-from ..progress import stage_progress
+from ..progress import loading, stage_progress
 
 SCHEMA_VERSION = 1
 #: Stated limits on what is read into memory from a release.
@@ -109,6 +108,15 @@ def load_manifest(release: str | Path, option: str = "RELEASE") -> Manifest:
 def release_file(release: Path, entry: FileEntry) -> Path:
     """The file an entry names, inside the release and reached through no symlink (:class:`UnsafePath`)."""
     return safe_join(release, entry.path)
+
+
+def base_plus_ext(name: str) -> tuple[str | None, str | None]:
+    """A tar member's sample key and extension, split as webdataset splits them (its own function: a release
+    must read back through webdataset). webdataset, and torch under it, is imported on the first call only, so
+    a command that checks no tar never loads it."""
+    from webdataset.tariterators import base_plus_ext as split
+
+    return split(name)
 
 
 def _samples(path: Path, extensions: tuple[str, ...], what: str) -> int:
@@ -338,6 +346,9 @@ def verify_release(release: str | Path, workers: int = 0, engine=None,
     units = _verify_units(checked, int(np.clip(total // (VERIFY_UNITS_PER_WORKER * max(1, workers)),
                                                min(VERIFY_MIN_UNIT, unit_bytes), unit_bytes)))
     work = VerifyWork(release, manifest.image_ext, manifest.images == "embed")
+    if any(e.kind in ("webdataset", "image-tars") for e in checked):  # loaded once, before workers fork
+        with loading("verify: loading webdataset, whose reader the tars must suit"):
+            base_plus_ext("sample.json")
     with stage_progress("verify", total, unit="B") as (bar, task):
         if engine is None:  # in this process (the command passes an engine to spread the units)
             work.setup()
