@@ -202,3 +202,30 @@ def test_farthest_partners_are_less_similar_and_keep_the_nearest_prints(tmp_path
     assert far.similarity.mean() < near.similarity.mean() and far["rank"].mean() > near["rank"].mean()
     _check_rules(out)
     assert "the least similar that pass" in (out / "report" / "index.html").read_text()
+
+
+def test_the_histogram_threshold_labels_stay_inside_the_picture(none_build):
+    """The report's similarity histogram names each threshold line beside it; wherever the line falls in the
+    window (its left edge, the middle, its right edge), the label is drawn whole inside the plot's frame."""
+    from spp_curate.pairing.quality import similarity_histogram_figure
+
+    stats = json.loads((none_build / "mine_stats.json").read_text())
+    fig = similarity_histogram_figure(stats)
+    lo, hi = fig.axes[0].get_xlim()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    for share in (0.0, 0.5, 0.999):
+        x = lo + share * (hi - lo)
+        stats["thresholds"]["min_similarity"]["value"] = x
+        stats["thresholds"]["dup_threshold"]["value"] = min(x + 0.001 * (hi - lo), hi)
+        fig = similarity_histogram_figure(stats)
+        renderer = fig.canvas.get_renderer()
+        frame = fig.axes[0].get_window_extent(renderer)  # inside the axes: over no title, tick or edge
+        labels = [t for t in fig.axes[0].texts if t.get_text() in ("min similarity", "duplicate threshold")]
+        assert len(labels) == 2, [t.get_text() for t in fig.axes[0].texts]
+        for label in labels:
+            box = label.get_window_extent(renderer)
+            assert (frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0
+                    and box.y1 <= frame.y1), (share, label.get_text(), box, frame)
+        plt.close(fig)

@@ -106,6 +106,11 @@ def threshold_curve_plot(curve: dict[str, Any], path: Path) -> None:
 
 def similarity_histogram(stats: dict[str, Any], recipe: Recipe, path: Path) -> None:
     """Kept vs removed candidates by similarity, with the thresholds drawn in."""
+    save_figure(similarity_histogram_figure(stats), path)
+
+
+def similarity_histogram_figure(stats: dict[str, Any]) -> Any:
+    """The figure of :func:`similarity_histogram`, laid out, not yet saved."""
     bins = np.asarray(stats["hist_bins"])
     centres = (bins[:-1] + bins[1:]) / 2
     occupied = np.flatnonzero(np.sum([stats["kept_hist"], *stats["removed_hist"].values()], axis=0))
@@ -117,9 +122,11 @@ def similarity_histogram(stats: dict[str, Any], recipe: Recipe, path: Path) -> N
         if x is None or not lo <= x <= hi:
             continue
         ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
-        # inside the axes, right of the line, from just under the top: never cut by the frame
-        ax.annotate(name, (x, 0.97), xycoords=("data", "axes fraction"), xytext=(2, 0), textcoords="offset points",
-                    fontsize=7, rotation=90, va="top", ha="left", annotation_clip=False)
+        # inside the axes, from just under the top, on the side of the line with room: never cut by the frame
+        right = x <= lo + 0.8 * (hi - lo)
+        ax.annotate(name, (x, 0.97), xycoords=("data", "axes fraction"), xytext=(2 if right else -2, 0),
+                    textcoords="offset points", fontsize=7, rotation=90, va="top",
+                    ha="left" if right else "right", annotation_clip=False)
     ax.bar(centres, stats["kept_hist"], width=bins[1] - bins[0], alpha=0.8, label="kept")
     for name, hist in stats["removed_hist"].items():
         if sum(hist):
@@ -129,7 +136,8 @@ def similarity_histogram(stats: dict[str, Any], recipe: Recipe, path: Path) -> N
     ax.set_yscale("symlog")
     ax.legend(fontsize=7)
     ax.set_title("similarity of kept and removed candidate pairs")
-    save_figure(fig, path)
+    fig.tight_layout()
+    return fig
 
 
 def pairs_per_class_plot(metrics: dict[str, Any], path: Path) -> None:
