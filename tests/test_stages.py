@@ -161,7 +161,7 @@ def test_progress_in_a_log_is_plain_lines_with_counts_rates_and_the_end(tmp_path
     from conftest import run_cli_process
 
     proc = run_cli_process("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", tmp_path / "b",
-                           "--limit", "300", *TEST_ENCODER, "--workers", "0", "--until", "embed")
+                           "--limit", "300", *TEST_ENCODER, "--workers", "0")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
     assert "…" not in proc.stderr and "━" not in proc.stderr  # no squeezed bar in a log
@@ -169,3 +169,8 @@ def test_progress_in_a_log_is_plain_lines_with_counts_rates_and_the_end(tmp_path
         assert f"{stage}: start, 300 img" in lines, lines
         end = [line for line in lines if line.startswith(f"{stage}: 300/300 (100%)") and "done in" in line]
         assert end and "img/s" in end[0] and "quarantined" in end[0], lines
+    # every later step of the build with work of its own says when it starts and when it is done, with its count
+    for step in ("mine: fit the similarity scale", "mine: kNN", "report: figures", "export: "):
+        started = [i for i, line in enumerate(lines) if line.startswith(step) and ": start" in line]
+        done = [i for i, line in enumerate(lines) if line.startswith(step) and "done in" in line]
+        assert started and done and started[0] < done[-1], (step, lines)
