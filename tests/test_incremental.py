@@ -216,7 +216,7 @@ def test_sigkill_during_an_update_keeps_the_release_and_a_rerun_finishes(grown, 
 
 
 def test_the_index_digest_is_the_sha256_of_the_sorted_key_digest_lines():
-    """``versions.index_digest`` (Arrow: joined, sorted as UTF-8 bytes, hashed a slice at a time) states the
+    """``versions.index_digest`` (Arrow: sorted as UTF-8 bytes, joined and hashed a slice at a time) states the
     same digest as its definition in Python, whatever the keys hold (prefixes, tabs, control and non-ASCII
     characters) and on both sides of a slice boundary; parents written before keep their ``index_sha256``."""
     import hashlib
@@ -241,4 +241,8 @@ def test_the_index_digest_is_the_sha256_of_the_sorted_key_digest_lines():
         unique = sorted({"".join(rng.choice("ab é漢/.") for _ in range(rng.randint(1, 6))) for _ in range(n)})
         rng.shuffle(unique)
         images = pd.DataFrame({"key": unique, "digest": [rng.choice(["x", "y", "0"]) for _ in unique]})
+        assert index_digest(images) == definition(images)
+        # repeated keys with nothing at or below the tab: sorted by key, then digest
+        keys = ["".join(rng.choice("ab é") for _ in range(rng.randint(0, 3))) for _ in range(n)]
+        images = pd.DataFrame({"key": keys, "digest": [rng.choice(["x", "y", "0", ""]) for _ in keys]})
         assert index_digest(images) == definition(images)

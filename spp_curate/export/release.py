@@ -170,8 +170,11 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
     Columnar: only the columns a release states are read, and each pair's keys and digests are positions into
     the index's own key and digest columns (Arrow dictionary columns: 4 bytes a value, no string copied per
     pair, no Python string per row)."""
-    index_t = pq.read_table(build_dir / layout.INDEX, columns=list(INDEX_COLUMNS))
-    pairs_t = pq.read_table(build_dir / layout.PAIRS, columns=list(PAIR_COLUMNS))
+    # one chunk a column: the pairs' dictionaries below and the index frame share these buffers, no copy
+    index_t = pq.read_table(build_dir / layout.INDEX, columns=list(INDEX_COLUMNS)).combine_chunks()
+    pa.default_memory_pool().release_unused()
+    # a class name a pair is a position into the names too (a few dozen names, millions of pairs)
+    pairs_t = pq.read_table(build_dir / layout.PAIRS, columns=list(PAIR_COLUMNS), read_dictionary=["label_name"])
     ids = index_t.column("id").to_numpy()
     order = np.argsort(ids, kind="stable")
 
@@ -184,7 +187,8 @@ def from_build(recipe: Recipe, build_dir: Path) -> ReleaseInput:
         return pa.array(at.astype(np.int32))
 
     a, p = positions(pairs_t.column("anchor_id")), positions(pairs_t.column("positive_id"))
-    keys, digests = index_t.column("key").combine_chunks(), index_t.column("digest").combine_chunks()
+    keys, digests = (c.chunk(0) if c.num_chunks == 1 else c.combine_chunks()
+                     for c in (index_t.column("key"), index_t.column("digest")))
 
     def by_position(at: pa.Array, values: pa.Array) -> pa.DictionaryArray:
         return pa.DictionaryArray.from_arrays(at, values)
@@ -220,7 +224,8 @@ def band_trust(table: pd.DataFrame, pairs: pd.DataFrame, expected: np.ndarray | 
 
     if expected is not None:
         return bands_from_expected(table.similarity.to_numpy(dtype=np.float64), expected)
-    rows = pairs.set_index("pair_id").loc[table.pair_id]
+    same = len(table) == len(pairs) and np.array_equal(table.pair_id.to_numpy(), pairs.pair_id.to_numpy())
+    rows = pairs if same else pairs.set_index("pair_id").loc[table.pair_id]  # every pair kept: no lookup
     labelled = ((rows.label >= 0) & (rows.positive_label >= 0)).to_numpy()
     return bands_from_labels(table.similarity.to_numpy(dtype=np.float64),
                              (rows.label == rows.positive_label).to_numpy(), labelled)
@@ -353,7 +358,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
     id_only = recipe.images == "none"
     formats = inp.images["format"]
     used_formats = formats[named_images(inp.images, pairs)]
-    target = release_format(used_formats.tolist())
+    target = release_format(used_formats)
     ext = EXT_OF_FORMAT[target]
     nbytes = inp.images["nbytes"]
     if recipe.layout == "images":
@@ -423,8 +428,10 @@ def _finish(inp: ReleaseInput, final: Path, release: Path, entries: list[dict[st
             shutil.copyfile(inp.figure, tmp)
         figure = f"assets/{inp.figure.name}"
 
-    snapshot = (pq.read_table(inp.snapshot, columns=["key", "digest"]).to_pandas(types_mapper=arrow_strings)
+    def snapshot() -> pd.DataFrame | None:  # read only when a parent's changes are written
+        return (pq.read_table(inp.snapshot, columns=["key", "digest"]).to_pandas(types_mapper=arrow_strings)
                 if inp.snapshot is not None and inp.snapshot.is_file() else None)
+
     versions = version_block(final, pairs, inp.index_keys, snapshot)
     changed = (versions.get("changelog") or {}).get("images")
     if changed is not None:  # the keys go to changelog.parquet, their counts stay in the manifest

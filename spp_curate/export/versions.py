@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -42,22 +42,33 @@ def pair_identity(pairs: pd.DataFrame) -> np.ndarray:
 def index_digest(images: pd.DataFrame) -> str:
     """sha256 of an index's sorted ``key digest`` lines: what the source held when the release was made.
 
-    In Arrow: the lines are joined and sorted as UTF-8 bytes (the order of their code points, as Python sorts
-    them) and hashed a slice at a time, so no Python string per image is held."""
+    In Arrow: the rows are sorted as their lines would sort as UTF-8 bytes (the order of their code points, as
+    Python sorts them), then joined and hashed a slice at a time, so neither a Python string per image nor the
+    whole column of lines is held. Sorting by ``(key, digest)`` is that order unless a key holds a character
+    at or below the tab that joins them; such an index is sorted by its joined lines instead."""
     import pyarrow.compute as pc
 
-    def column(name: str) -> pa.Array:
-        return pa.array(images[name], from_pandas=True).cast(pa.large_string())
+    def column(name: str, kind: pa.DataType | None = None) -> pa.ChunkedArray:
+        values = pa.array(images[name], from_pandas=True)  # no copy of an Arrow-backed column
+        kind = kind or (values.type if pa.types.is_large_string(values.type) else pa.string())
+        return pa.chunked_array([values if values.type == kind else values.cast(kind)])
 
-    lines = pc.binary_join_element_wise(column("key"), column("digest"), pa.scalar("\t", pa.large_string()))
-    order = pc.sort_indices(lines)
-    digest = hashlib.sha256()
-    for lo in range(0, len(lines), 65_536):
-        part = lines.take(order[lo: lo + 65_536]).to_pylist()
-        digest.update((("\n" if lo else "") + "\n".join(part)).encode())
-    del lines, order
+    key = column("key")
+    digest, tab = column("digest", key.type), pa.scalar("\t", key.type)
+    if len(key) and pc.any(pc.match_substring_regex(key, "[\\x00-\\x09]")).as_py():
+        order = pc.sort_indices(pc.binary_join_element_wise(key.cast(pa.large_string()),
+                                                            digest.cast(pa.large_string()), tab.cast(pa.large_string())))
+    else:
+        order = pc.sort_indices(pa.table({"key": key, "digest": digest}),
+                                sort_keys=[("key", "ascending"), ("digest", "ascending")])
+    hashed = hashlib.sha256()
+    for lo in range(0, len(key), 65_536):
+        at = order[lo: lo + 65_536]
+        part = pc.binary_join_element_wise(key.take(at), digest.take(at), tab).to_pylist()
+        hashed.update((("\n" if lo else "") + "\n".join(part)).encode())
+    del order
     pa.default_memory_pool().release_unused()
-    return digest.hexdigest()
+    return hashed.hexdigest()
 
 
 def image_changes(old: pd.DataFrame, new: pd.DataFrame) -> dict[str, list[str]]:
@@ -116,10 +127,11 @@ def parent_of(final: Path) -> tuple[Manifest, str] | None:
 
 
 def version_block(final: Path, pairs: pd.DataFrame, images: pd.DataFrame | None,
-                  snapshot: pd.DataFrame | None) -> dict[str, Any]:
+                  snapshot: Callable[[], pd.DataFrame | None]) -> dict[str, Any]:
     """The manifest's ``version``, ``parent`` and ``changelog`` for a release about to replace ``final``.
 
-    ``images`` is the build's index (key, digest) now; ``snapshot`` the one kept at the last export.
+    ``images`` is the build's index (key, digest) now; ``snapshot`` reads the one kept at the last export (or
+    None), called only when there is a parent to compare with.
     """
     block: dict[str, Any] = {"version": 1, "parent": None, "changelog": None,
                              "index_sha256": index_digest(images) if images is not None else None}
@@ -138,9 +150,9 @@ def version_block(final: Path, pairs: pd.DataFrame, images: pd.DataFrame | None,
         old_pairs = None  # a damaged parent: its pairs cannot be compared
     changelog: dict[str, Any] = {"pairs": None if old_pairs is None else pair_changes(old_pairs, pairs),
                                  "images": None}
-    if (images is not None and snapshot is not None and isinstance(extra.get("index_sha256"), str)
-            and index_digest(snapshot) == extra["index_sha256"]):
-        changelog["images"] = image_changes(snapshot, images)
+    kept = snapshot() if images is not None and isinstance(extra.get("index_sha256"), str) else None
+    if kept is not None and index_digest(kept) == extra["index_sha256"]:
+        changelog["images"] = image_changes(kept, images)
     block["changelog"] = changelog
     return block
 
