@@ -148,7 +148,8 @@ def _run_stage(build_dir: Path, recipe: Recipe, stage: str, force: bool = False,
              if (k in metrics_keys and v is not None) or (isinstance(v, int) and not isinstance(v, bool))}
     write_json(_record(build_dir, stage), {"fingerprint": fingerprint,
                                            "seconds": round(time.time() - started, 2), "summary": short})
-    return short
+    # what the command prints: the counts, and a stage's words where it has no count (exclude with no set)
+    return {k: v for k, v in (summary or {}).items() if k in short or isinstance(v, str)}
 
 
 def no_space(stage: str, build_dir: Path, exc: OSError) -> str:

@@ -174,3 +174,5 @@ def test_progress_in_a_log_is_plain_lines_with_counts_rates_and_the_end(tmp_path
         started = [i for i, line in enumerate(lines) if line.startswith(step) and ": start" in line]
         done = [i for i, line in enumerate(lines) if line.startswith(step) and "done in" in line]
         assert started and done and started[0] < done[-1], (step, lines)
+    # a stage with nothing to do says why, not an empty line
+    assert "exclude: reference sets none given (--exclude-near), nothing excluded" in lines, lines
