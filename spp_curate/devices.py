@@ -31,3 +31,22 @@ def autocast_for(device: torch.device) -> torch.autocast:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+def release_memory() -> None:
+    """Hand the memory freed objects leave behind back to the system: Arrow's pool, and the C heap (glibc's
+    ``malloc_trim``), where a faiss index's thousands of inverted lists, once freed, stay in the process
+    (800 MB of 2.5 GB after an IVF search of 1.28M vectors) and would count in every later peak. A no-op
+    where the C library has no such call."""
+    import ctypes
+    import ctypes.util
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)

@@ -21,6 +21,7 @@ from .. import layout
 from ..config import Recipe
 from ..errors import UserError
 from ..layout import WHITENING, ChunkedEmbeddings, read_class_names
+from ..devices import release_memory
 from ..files import write_json, write_table
 from ..progress import phase, stage_progress
 from ..leakage.exclude import excluded_ids
@@ -39,6 +40,8 @@ PAIRS_SCHEMA = pa.schema([
     ("category", pa.int32()), ("category_source", pa.string()),
 ])
 RECALL_SAMPLE = 1000
+#: Queries whose neighbour lists are turned into candidate rows at a time.
+CANDIDATE_BLOCK = 65_536
 
 
 def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int, engine, plans: list[SearchPlan] | None = None,
@@ -61,22 +64,31 @@ def raw_candidates(vecs: np.ndarray, groups: list[np.ndarray], k: int, engine, p
                 bar.update(task, advance=len(g))
                 continue
             plan = plans[i] if plans else None
-            sims, nb = knn_search(vecs[g], k + 1, engine, plan, seed, on_batch=lambda n: bar.update(task, advance=n),
+            # a group of every row (--category none) is searched in place: no second copy of the vectors
+            whole = len(g) == len(vecs) and bool(np.all(g == np.arange(len(g))))
+            rows = vecs if whole else vecs[g]
+            sims, nb = knn_search(rows, k + 1, engine, plan, seed, on_batch=lambda n: bar.update(task, advance=n),
                                   tuning=tuning)
             if recall is not None and plan is not None and plan.kind != "flat":
                 sample = max(50, int(RECALL_SAMPLE * len(g) / total))
-                recall.append((len(g), ivf_recall(vecs[g], nb, sample, seed)))
-            found = nb >= 0
-            anchor = np.repeat(g[:, None], nb.shape[1], axis=1)
-            positive = np.where(found, g[np.clip(nb, 0, None)], -1)
-            is_self = positive == anchor
-            rank = np.arange(1, nb.shape[1] + 1)[None, :] - np.cumsum(is_self, axis=1)
-            keep = found & ~is_self & (rank <= k)
-            m = int(keep.sum())
-            anchor_all[at: at + m], positive_all[at: at + m] = anchor[keep], positive[keep]
-            sim_all[at: at + m], rank_all[at: at + m] = sims[keep], rank[keep]
-            at += m
-            del sims, nb, anchor, positive, is_self, rank, keep
+                recall.append((len(g), ivf_recall(rows, nb, sample, seed)))
+            del rows
+            # a block of queries at a time: the (queries x k) temporaries below are int64, a few of them at once
+            for lo in range(0, len(g), CANDIDATE_BLOCK):
+                nbb = nb[lo: lo + CANDIDATE_BLOCK]
+                found = nbb >= 0
+                anchor = np.broadcast_to(g[lo: lo + CANDIDATE_BLOCK, None], nbb.shape)
+                positive = np.where(found, g[np.clip(nbb, 0, None)], -1)
+                is_self = positive == anchor
+                rank = np.arange(1, nbb.shape[1] + 1)[None, :] - np.cumsum(is_self, axis=1)
+                keep = found & ~is_self & (rank <= k)
+                m = int(keep.sum())
+                anchor_all[at: at + m], positive_all[at: at + m] = anchor[keep], positive[keep]
+                sim_all[at: at + m], rank_all[at: at + m] = sims[lo: lo + CANDIDATE_BLOCK][keep], rank[keep]
+                at += m
+            del sims, nb
+            if plan is not None and plan.kind != "flat":
+                release_memory()  # the approximate index's lists, freed with it, go back to the system
     return F.Candidates(anchor_all[:at], positive_all[:at], sim_all[:at], rank_all[:at])  # views: no second copy
 
 
@@ -311,6 +323,7 @@ def mine_pairs(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     if whitening.kind != "none":
         with phase("mine: apply the similarity scale"):
             vecs = whitening.apply(vecs, dtype=np.float16)  # searched in float32 a block at a time
+        release_memory()  # the fit's and the application's blocks, before the search's index is built
     else:
         vecs = np.asarray(vecs)
         d = vecs.shape[1]
