@@ -14,6 +14,10 @@ folders, ``LOC_synset_mapping.txt``; small JPEGs, each a pattern of its own over
 1,000 labels, 512-d float16 embeddings around class centres, copy descriptors) and runs mine (``--category
 label`` or ``none``), report, an ID-only export (``--images none``) and ``verify``, each its own process.
 
+**Kill mode** (``--kill-each-stage``, with ``--images N``) builds the tree once uninterrupted, then once per
+stage kills the build (SIGKILL to its process group, workers included) a moment into that stage and runs the
+same command again; each release is compared file by file (sha256) with the uninterrupted one.
+
 Per stage: CPU seconds (user + sys of the stage's process and its workers, from ``wait4``), peak RSS
 (the largest of the process and its workers) and, where it writes, bytes on disk per image. Ends with one
 JSON line.
@@ -150,6 +154,70 @@ def tree_mode(args, work: Path) -> dict:
     result["pairs_compared"] = compared
     result["verify"] = verify_rates(build / "release")
     result["unchanged_index_stats"] = stat_count(root, work / "build", recipe)
+    return result
+
+
+#: A line printed as each stage begins (for exclude, which prints only its summary when no reference set is
+#: given, and for export, whose first line comes late, the line of the stage before): the kill comes
+#: ``--kill-delay`` seconds after it.
+STAGE_MARKS = {"index": "index: start", "embed": "embed: start", "exclude": "embed: embedded",
+               "mine": "mine: kNN: start", "report": "report: figures: start", "export": "report: images"}
+
+
+def release_digests(release: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(release).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(release.rglob("*")) if p.is_file()}
+
+
+def killed_during(cmd: list[str], mark: str, delay: float) -> dict:
+    """Run ``cmd``; ``delay`` seconds after it prints a line starting with ``mark``, SIGKILL its whole process
+    group. Returns when it was killed (or that it ended first) and the last line it printed."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    started, seen, last = time.perf_counter(), None, ""
+    for raw in proc.stdout:
+        last = raw.decode(errors="replace").strip()
+        if seen is None and last.startswith(mark):
+            seen = time.perf_counter()
+            break
+    if seen is not None:
+        time.sleep(delay)
+        killed = proc.poll() is None
+        if killed:
+            os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        killed = False
+    proc.wait()
+    proc.stdout.close()
+    return {"killed": killed, "at_s": round(time.perf_counter() - started, 1), "after_line": last[:80]}
+
+
+def kill_mode(args, work: Path) -> dict:
+    root = work / "imagenet"
+    make_tree(root, args.images, args.workers)
+    recipe = ["build", "--source", "imagenet", "--root", root, "--encoder", "pixels:16", "--category", "label",
+              "--workers", args.workers]
+    measured(cli(*recipe, "--out", work / "reference"))
+    want = release_digests(work / "reference" / "release")
+    result: dict = {"mode": "kill", "images": args.images, "release_files": len(want), "stages": {}}
+    for stage in args.kill_stages.split(","):
+        out = work / f"killed-{stage}"
+        # the ID-only export of a small tree is over within a second of the report's last line
+        kill = killed_during(cli(*recipe, "--out", out), STAGE_MARKS[stage],
+                             min(args.kill_delay, 0.2) if stage == "export" else args.kill_delay)
+        rerun = measured(cli(*recipe, "--out", out))
+        got = release_digests(out / "release")
+        kill.update(identical=got == want, rerun_cpu_s=rerun["cpu_s"],
+                    differing=sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))[:5])
+        result["stages"][stage] = kill
+        print(f"{stage}: killed {kill['killed']} at {kill['at_s']} s, rerun {rerun['cpu_s']} CPU-s, release "
+              f"{'identical' if kill['identical'] else 'DIFFERENT'}", flush=True)
+        shutil.rmtree(out)
+    result["all_identical"] = all(v["identical"] for v in result["stages"].values())
     return result
 
 
@@ -328,6 +396,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--stages", default="mine,report,export", help="synthetic mode's stages")
     parser.add_argument("--verify-gb", type=float, help="verify alone, on a release of this many GB of pictures")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 2))
+    parser.add_argument("--kill-each-stage", action="store_true",
+                        help="kill -9 a build of the tree in each stage, rerun it, compare with an uninterrupted one")
+    parser.add_argument("--kill-delay", type=float, default=1.0, help="seconds into a stage the kill comes [1]")
+    parser.add_argument("--kill-stages", default=",".join(STAGE_MARKS), help="the stages killed [all]")
     parser.add_argument("--keep", type=Path, help="work here and keep it (default: a temporary folder)")
     parser.add_argument("--run-stage", help=argparse.SUPPRESS)
     parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)
@@ -338,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args.images = args.images or 20_000
     work = args.keep or Path(tempfile.mkdtemp(prefix="spp-imagenet-scale-"))
     try:
-        result = (verify_mode(args, work) if args.verify_gb else
+        result = (verify_mode(args, work) if args.verify_gb else kill_mode(args, work) if args.kill_each_stage else
                   synthetic_mode(args, work) if args.synthetic_embeddings else tree_mode(args, work))
     finally:
         if not args.keep:
