@@ -64,11 +64,16 @@ def preflight(recipe, build_dir: Path | None = None, until: str | None = None) -
     if recipe.root is not None and not Path(recipe.root).exists():
         raise UserError(f"{recipe.root} does not exist", option="--root")
     if until != "index":  # with --until index no picture is embedded: the encoder is not asked for yet
-        check_encoder(recipe.encoder, recipe.image_size)
-        if names_weights(recipe.encoder) and not _embedded_with(build_dir, recipe.encoder):
-            from .curate.encoders import load_encoder
+        from .progress import heartbeat
 
-            load_encoder(recipe.encoder, recipe.image_size, recipe.encoder_prefix)
+        # open_clip's or timm's import, and a model built once to check its weights: seconds, said while they
+        # last (a line after each second without one: the interpreter and the imports before took about one)
+        with heartbeat(f"build: checking --encoder {recipe.encoder}", every=1.0):
+            check_encoder(recipe.encoder, recipe.image_size)
+            if names_weights(recipe.encoder) and not _embedded_with(build_dir, recipe.encoder):
+                from .curate.encoders import load_encoder
+
+                load_encoder(recipe.encoder, recipe.image_size, recipe.encoder_prefix)
     if recipe.class_names:
         from .pairing.categories import read_class_names_file
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def run_cli(*args: str) -> int:
     """Run the CLI in this process, as the console script does."""
     return main([str(a) for a in args])
+
+
+#: A heartbeat line (``progress.heartbeat``): a command saying it is still at work (an import, a model built to
+#: check its weights) when a second or more passed without a line; never part of an error message.
+HEARTBEAT = re.compile(r": \d+:\d{2}:\d{2} so far$")
+
+
+def said_lines(text: str) -> list[str]:
+    """A command's non-empty lines, its heartbeat lines left out (what a one-line error is counted in)."""
+    return [line for line in text.splitlines() if line.strip() and not HEARTBEAT.search(line)]
 
 
 def run_cli_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

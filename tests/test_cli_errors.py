@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FMNIST, run_cli_process
+from conftest import FMNIST, run_cli_process, said_lines
 
 
 def _one_line_error(proc) -> str:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = said_lines(proc.stderr)
     assert len(lines) == 1, proc.stderr
     return lines[0]
 
@@ -84,7 +84,7 @@ def test_a_class_names_file_that_is_not_utf8_is_one_line_before_any_stage(tmp_pa
     out = tmp_path / "b"
     proc = cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", out, "--limit", "40",
                "--encoder", "pixels:8", "--workers", "0", "--category", "zeroshot", "--class-names", names)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = said_lines(proc.stderr)
     assert proc.returncode == 2 and lines == [lines[-1]] and "--class-names" in lines[-1] and "UTF-8" in lines[-1]
     assert not (out / "index.parquet").exists()
 
@@ -103,6 +103,6 @@ def test_an_address_space_too_small_for_the_libraries_is_one_line_not_a_hang(tmp
     proc = subprocess.run([sys.executable, "-m", "spp_curate.cli", "build", "--source", "fashion-mnist", "--root",
                            str(FMNIST), "--out", str(out), "--encoder", "pixels:8", "--limit", "40"],
                           capture_output=True, text=True, preexec_fn=limit, timeout=120)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = said_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1 and "ulimit -v" in lines[0], lines
     assert not out.exists()

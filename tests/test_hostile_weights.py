@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import said_lines
 from images import write_imagefolder
 
 
@@ -142,7 +143,7 @@ def test_every_hostile_weights_file_is_one_line_naming_encoder_and_embeds_nothin
         out = tmp_path / f"b-{name}"
         proc = cli("build", "--source", "imagefolder", "--root", tiny_root, "--out", out, "--encoder", spec,
                    "--image-size", "32", "--workers", "0", "--until", "embed")
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        lines = said_lines(proc.stderr)
         last = lines[-1] if lines else ""
         named = "--encoder" in last or "--image-size: " in last  # a net that cannot take the size names that
         if proc.returncode != 2 or not named or says not in last or (out / "embeddings").exists():
@@ -198,7 +199,7 @@ def test_a_pretrained_encoder_offline_fails_in_the_preflight_in_whole_words(tmp_
     proc = run_cli_process("build", "--source", "imagefolder", "--root", tiny_root, "--out", out,
                            "--encoder", "openclip:ViT-B-32:laion2b_s34b_b79k",
                            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = said_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: --encoder:") and "local file" in lines[0]
     assert "ERROR:root" not in proc.stderr and not out.exists()
@@ -264,10 +265,10 @@ def test_a_stored_scale_that_collapses_or_lies_about_its_size_is_one_line_naming
         _npz(out / WHITENING, **arrays)
         planted = (out / WHITENING).read_bytes()
         proc = cli("mine", out, "--force")
-        last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+        last = said_lines(proc.stderr)[-1]
         assert proc.returncode == 2 and "--whiten" in last and says in last, (name, last)
         assert (out / WHITENING).read_bytes() == planted  # named, not applied, not deleted
     _huge_header_npz(out / WHITENING)
     proc = cli("mine", out, "--force")
-    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    last = said_lines(proc.stderr)[-1]
     assert proc.returncode == 2 and "--whiten" in last and "claims shape (768, 16777216)" in last, last

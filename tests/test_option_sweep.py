@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import pytest
+
+from conftest import said_lines
 import typer.main
 
 from spp_curate.cli import app
@@ -43,7 +45,7 @@ def test_every_build_option_takes_hostile_values_without_a_traceback(cli, tiny_r
                    option, value)
         if proc.returncode == 0:
             continue
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        lines = said_lines(proc.stderr)
         assert proc.returncode == 2, (option, value, proc.returncode, lines[-3:])
         assert option in lines[-1] or option.lstrip("-") in lines[-1], (option, value, lines[-3:])
 
@@ -60,6 +62,6 @@ def test_every_train_option_takes_hostile_values_without_a_traceback(cli, label_
                    "--batch-size", "4", "--workers", "0", option, value)
         if proc.returncode == 0:
             continue
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        lines = said_lines(proc.stderr)
         assert proc.returncode == 2, (option, value, proc.returncode, lines[-3:])
         assert option in lines[-1], (option, value, lines[-3:])

@@ -6,7 +6,7 @@ import pytest
 
 from spp_curate.config import MAX_SIZE, parse_size
 
-from conftest import FMNIST
+from conftest import FMNIST, said_lines
 
 
 @pytest.mark.parametrize("text, size", [("500MB", 500 * 10**6), ("64MiB", 64 * 2**20), ("1e6", 10**6),
@@ -26,7 +26,7 @@ def test_a_bad_size_is_a_value_error_naming_the_forms(text):
 def test_a_bad_size_option_is_one_line_naming_it(cli, tmp_path, option, value):
     proc = cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", tmp_path / "b", option, value)
     assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = said_lines(proc.stderr)
     assert len(lines) == 1 and option in lines[0] and "use bytes or a unit" in lines[0], lines
     assert not (tmp_path / "b").exists()
 
@@ -55,7 +55,7 @@ def test_a_hostile_recipe_file_is_one_line_and_costs_no_memory(cli, tmp_path, co
         recipe.write_text(content)
     proc = cli("build", "--source", "fashion-mnist", "--root", FMNIST, "--out", tmp_path / "b", "--recipe", recipe)
     assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = said_lines(proc.stderr)
     assert len(lines) == 1 and "--recipe" in lines[0] and must_say in lines[0], lines
     assert len(lines[0]) < 400
     assert not (tmp_path / "b").exists()

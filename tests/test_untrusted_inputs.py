@@ -22,7 +22,7 @@ import webdataset as wds
 
 from spp_curate.pipeline import STAGES
 
-from conftest import FMNIST, TEST_ENCODER, run_cli, run_cli_process
+from conftest import FMNIST, TEST_ENCODER, run_cli, run_cli_process, said_lines
 from images import fmnist_pictures, jpeg_bytes, png_bytes, write_imagefolder
 
 COMMON = (*TEST_ENCODER, "--workers", "0")
@@ -397,7 +397,7 @@ def test_a_full_disk_is_one_line_naming_the_stage_and_a_rerun_with_space_finishe
         args = ["build", "--source", "fashion-mnist", "--root", FMNIST, "--out", disk / "b", "--limit", "300",
                 "--encoder", "pixels:8", "--workers", "0"]
         proc = run_cli_process(*args)
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        lines = said_lines(proc.stderr)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, lines
         assert lines[-1].startswith("error: export: no space left on the device") and "bytes free" in lines[-1]
         assert "the stage writes about" in lines[-1]
