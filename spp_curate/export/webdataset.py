@@ -8,10 +8,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 
 from ..files import temp_path
 from .samples import PairSample
+
+
+def load_tar_writer() -> None:
+    """Import webdataset (and torch under it) once, before the export's workers fork, when tars are written:
+    each worker would otherwise import it again."""
+    import importlib
+
+    importlib.import_module("webdataset")
 
 
 class TarShardWriter:
@@ -24,6 +31,8 @@ class TarShardWriter:
         self.path = Path(path)
         self.tmp = temp_path(self.path)
         self.rows = 0
+        import webdataset as wds  # and torch under it: loaded by the writers that write tars, not on import
+
         self._fh = open(self.tmp, "wb")
         self._tar = wds.TarWriter(self._fh, mtime=0, user="spp", group="spp")
 
