@@ -172,16 +172,16 @@ def exclude_near(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     """Write ``exclusion.parquet`` and ``exclusion.json``; return how many images are excluded."""
     index = pq.read_table(build_dir / layout.INDEX, columns=["id", "key", "digest"])
     ids = index.column("id").to_numpy()
-    keys = index.column("key").to_pylist()
     n = len(ids)
+    refs = recipe.references
     best = np.full(n, -1.0, np.float32)
     best_set = np.full(n, -1, np.int64)
-    best_key = np.full(n, None, dtype=object)
+    best_key = np.full(n if refs else 0, None, dtype=object)
     same_digest = np.zeros(n, bool)
     per_set: list[tuple[np.ndarray, np.ndarray]] = []
     infos: list[dict[str, Any]] = []
-    refs = recipe.references
     if refs:
+        keys = index.column("key").to_pylist()
         pictures = build_descriptors(recipe, build_dir, keys, engine)
         digests = np.asarray(index.column("digest").to_pylist(), dtype=object)
         for s, ref in enumerate(refs):
@@ -206,11 +206,12 @@ def exclude_near(recipe: Recipe, build_dir: Path, engine) -> dict[str, int]:
     for info, (scores, digest_hit) in zip(infos, per_set):
         info["excluded"] = int(((scores >= threshold) | digest_hit).sum())
         info["same_digest"] = int(digest_hit.sum())
-    names = np.asarray([r.spec for r in refs] + [None], dtype=object)[best_set]
+    # with no reference set, no Python object per picture: the keys stay the index's column, the rest nulls
+    names = np.asarray([r.spec for r in refs] + [None], dtype=object)[best_set] if refs else None
     table = pa.table({
-        "id": pa.array(ids, pa.int64()), "key": keys,
-        "reference": pa.array(names.tolist(), pa.string()),
-        "reference_key": pa.array(best_key.tolist(), pa.string()),
+        "id": pa.array(ids, pa.int64()), "key": index.column("key"),
+        "reference": pa.array(names.tolist(), pa.string()) if refs else pa.nulls(n, pa.string()),
+        "reference_key": pa.array(best_key.tolist(), pa.string()) if refs else pa.nulls(n, pa.string()),
         "similarity": pa.array(best, pa.float32()), "same_digest": pa.array(same_digest, pa.bool_()),
         "excluded": pa.array(excluded, pa.bool_()),
     }, schema=EXCLUSION_SCHEMA)
