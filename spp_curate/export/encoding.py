@@ -24,8 +24,7 @@ def release_format(formats) -> str:
 
     # a Series's own array: pa.array(series) asks the Series for __arrow_array__, which pandas looks up in its
     # index, building a hash table of every key as a Python string (100 MB at 1.28M keys)
-    values = getattr(formats, "array", formats) if type(formats).__name__ == "Series" else formats
-    counts = pc.value_counts(pa.array(values, from_pandas=True))  # in the order first seen
+    counts = pc.value_counts(pa.array(getattr(formats, "array", formats), from_pandas=True))  # in the order first seen
     if not len(counts):
         return "PNG"
     common = counts.field("values")[int(np.argmax(counts.field("counts").to_numpy()))].as_py()

@@ -347,8 +347,10 @@ def verify_release(release: str | Path, workers: int = 0, engine=None,
                                                min(VERIFY_MIN_UNIT, unit_bytes), unit_bytes)))
     work = VerifyWork(release, manifest.image_ext, manifest.images == "embed")
     if any(e.kind in ("webdataset", "image-tars") for e in checked):  # loaded once, before workers fork
+        from .webdataset import load_webdataset
+
         with loading("verify: loading webdataset, whose reader the tars must suit"):
-            base_plus_ext("sample.json")
+            load_webdataset()
     with stage_progress("verify", total, unit="B") as (bar, task):
         if engine is None:  # in this process (the command passes an engine to spread the units)
             work.setup()

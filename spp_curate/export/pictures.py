@@ -358,9 +358,9 @@ def write_images_layout(inp, source: Source | None, final: Path, release: Path, 
     (release / layout.PARQUET_FOLDER).mkdir(parents=True, exist_ok=True)
     if with_tars:
         (release / layout.TAR_FOLDER).mkdir(parents=True, exist_ok=True)
-        from .webdataset import load_tar_writer
+        from .webdataset import load_webdataset
 
-        load_tar_writer()
+        load_webdataset()
     reused_bytes = 0
     for shard in reused:  # the same bytes under the same name: linked, never written again
         link_or_copy(shard.path, release / layout.image_shard(shard.name))

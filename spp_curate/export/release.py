@@ -46,7 +46,7 @@ from .versions import CHANGE_KINDS, index_digest, version_block, write_changelog
 from .parquet import PairParquetWriter, id_features, pair_features
 from .pictures import write_images_layout
 from .samples import PairSample
-from .webdataset import PairTarWriter, load_tar_writer
+from .webdataset import PairTarWriter, load_webdataset
 
 # A pair in a tar costs three 512-byte headers, padding of the two images to
 # 512 bytes (256 on average each) and a small JSON padded to 512: for small
@@ -390,7 +390,7 @@ def write_release(inp: ReleaseInput, source: Source | None, final: Path, engine,
         return _finish(inp, final, release, entries, counts, features, ext, option, reused)
     if not id_only:
         (release / layout.TAR_FOLDER).mkdir(parents=True, exist_ok=True)
-        load_tar_writer()
+        load_webdataset()
 
     features = id_features(inp.class_names) if id_only else pair_features(inp.class_names)
     row_group_rows = int(np.clip(64e6 / max(float(pair_bytes.mean()) if len(pairs) else 1.0, 1.0), 16, 10_000))

@@ -13,9 +13,9 @@ from ..files import temp_path
 from .samples import PairSample
 
 
-def load_tar_writer() -> None:
-    """Import webdataset (and torch under it) once, before the export's workers fork, when tars are written:
-    each worker would otherwise import it again."""
+def load_webdataset() -> None:
+    """Import webdataset (and torch under it) once in this process, before workers fork, where tars are written
+    or checked: each worker would otherwise import it again. A command that touches no tar never loads it."""
     import importlib
 
     importlib.import_module("webdataset")
