@@ -431,7 +431,7 @@ def study(
                                           "[default: 200 and 20]"),
     transfer: Optional[list[str]] = typer.Option(None, help="also evaluate on fashion-mnist[:ROOT] or imagefolder:ROOT "
                                                  "(ROOT/train and ROOT/test) (repeatable)"),
-    ablate: Optional[list[str]] = typer.Option(None, help="partner:random | partner:farthest | partners:N | "
+    ablate: Optional[list[str]] = typer.Option(None, help="partner:nearest|random|farthest | partners:N | "
                                                "self-pairs:SHARE, each trained as both with the first method "
                                                "(repeatable)"),
     label_pairs: Optional[bool] = typer.Option(None, "--label-pairs/--no-label-pairs", help="also the label pairs, "

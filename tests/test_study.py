@@ -18,7 +18,7 @@ from test_review import browser, wait_for  # noqa: F401 - the review tests' head
 
 TINY = ["--methods", "simsiam", "--modes", "augment,semantic,both", "--seeds", "2", "--epochs", "1",
         "--limit", "300", "--eval-limit", "300", "--k", "20", "--k", "5", "--workers", "0",
-        "--ablate", "partner:random", "--ablate", "self-pairs:0.5"]
+        "--ablate", "partner:nearest", "--ablate", "self-pairs:0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_every_planned_run_is_trained_and_evaluated_on_every_set(study):
                 assert ("pairs", pair_set, method, mode, 0.0) in kinds
         assert ("single", None, method, "augment", 0.0) in kinds
     assert ("supervised", None, "supervised", "labels", 0.0) in kinds
-    assert ("pairs", "label-partner-random", "simsiam", "both", 0.0) in kinds
+    assert ("pairs", "label-partner-nearest", "simsiam", "both", 0.0) in kinds
     assert ("pairs", "label", "simsiam", "both", 0.5) in kinds
     assert len(runs) == len(kinds) * 2  # every one over both seeds
     assert {r["seed"] for r in runs} == {0, 1}
@@ -92,7 +92,7 @@ def test_the_tables_are_the_runs_own_numbers_paired_by_seed(study):
     assert pixels["knn@20"] == _eval(runs[0]["folder"], "test")["pixel_knn_top1_at"]["20"]
     assert set(result["references"]["test"]["single"]) == {"simsiam"}
     assert result["references"]["test"]["supervised"]["linear"]["n"] == 2
-    assert {a["ablation"] for a in result["ablations"]} == {"partner:random", "self-pairs:0.5"}
+    assert {a["ablation"] for a in result["ablations"]} == {"partner:nearest", "self-pairs:0.5"}
 
 
 def test_the_controls_are_matched_and_the_releases_say_their_false_neighbours(study):
@@ -104,10 +104,13 @@ def test_the_controls_are_matched_and_the_releases_say_their_false_neighbours(st
     assert sampler["false_neighbour_rate"] == pytest.approx(1.0 - sampler["precision"])
     measured = pq.read_table(Path(sampler["build"]) / "pairs.parquet").to_pandas()
     assert sampler["pairs"] == len(measured) and sampler["anchors"] == measured.anchor_id.nunique()
-    # a random partner among the k is not always the nearest one
-    near = pq.read_table(Path(releases["label"]["build"]) / "pairs.parquet").to_pandas()
-    drawn = pq.read_table(Path(releases["label-partner-random"]["build"]) / "pairs.parquet").to_pandas()
-    assert drawn["rank"].mean() > near["rank"].mean()
+    # the label pairs: several partners an anchor, drawn at random among its same-label neighbours, so further
+    # down their ranking than the nearest ones (the ablation), and never of another label
+    drawn = pq.read_table(Path(releases["label"]["build"]) / "pairs.parquet").to_pandas()
+    near = pq.read_table(Path(releases["label-partner-nearest"]["build"]) / "pairs.parquet").to_pandas()
+    assert drawn.groupby("anchor_id").size().max() == 8 and len(drawn) > 4 * drawn.anchor_id.nunique()
+    assert (drawn["label"] == drawn["positive_label"]).all()
+    assert drawn["rank"].mean() > near["rank"].mean() + 3
     # the control and the pair runs of one release take the same steps of the same anchors
     steps = {}
     for r in result["runs"]:
@@ -163,7 +166,7 @@ def test_the_study_report_renders_with_its_plots(study, browser, tmp_path):  # n
                          for i in images))
     text = browser.find_element(By.TAG_NAME, "body").text
     for words in ("false-neighbour rate", "both - augment", "supervised, same backbone and budget", "raw pixels",
-                  "partner:random", "Budget: matched in steps"):
+                  "partner:nearest", "Budget: matched in steps"):
         assert words in text, words
 
 

@@ -35,8 +35,14 @@ from ..train.methods import METHODS
 #: the ceiling, only when asked for: they would add two thirds of the runs).
 QUICK = {"limit": 3_000, "eval_limit": 3_000, "epochs": 3, "label_pairs": False}
 #: The ablations a study takes (``--ablate AXIS:VALUE``): partner choice, partners per anchor, self-pair rate.
-ABLATIONS = {"partner": ("random", "farthest"), "partners": "a whole number from 2 to 16",
+ABLATIONS = {"partner": ("nearest", "random", "farthest"), "partners": "a whole number from 2 to 16",
              "self-pairs": "a share from 0 to 1"}
+#: The label pairs (the ceiling): each picture's partners drawn at random among its ``LABEL_K`` nearest of the
+#: same label, ``LABEL_PARTNERS`` of them, one drawn per epoch. Two different pictures of one class, as the
+#: papers' semantic pairs are; the nearest same-label picture alone adds little that augmentation does not
+#: (measured: BENCHMARKS.md, the study's label pairs).
+LABEL_K = 256
+LABEL_PARTNERS = 8
 
 
 @dataclass(frozen=True)
@@ -142,13 +148,16 @@ class StudyConfig:
                         f"semantic pairs: each picture's nearest neighbour by the sampler ({sampler_encoder}, "
                         "whitened), no labels used")]
         if labelled and self.label_pairs:
-            sets.append(PairSet("label", {"encoder": sampler_encoder, "category": "label"},
-                                "label pairs (the ceiling): each picture's nearest neighbour of the same label"))
+            sets.append(PairSet("label", {"encoder": sampler_encoder, "category": "label", "k": LABEL_K,
+                                          "partner": "random", "max_per_anchor": LABEL_PARTNERS},
+                                f"label pairs (the ceiling): {LABEL_PARTNERS} partners a picture, drawn at random "
+                                f"among its {LABEL_K} nearest of the same label (one drawn per epoch)"))
         base = sets[-1]
         for value in self.ablations:
             axis, arg = parse_ablation(value)
             if axis == "partner":
-                drawn = "at random among the k" if arg == "random" else "farthest of the k"
+                drawn = {"nearest": "nearest of the k", "random": "at random among the k",
+                         "farthest": "farthest of the k"}[arg]
                 sets.append(PairSet(f"{base.name}-partner-{arg}", {**base.options, "partner": arg},
                                     f"{base.name} pairs with the partner drawn {drawn}"))
             elif axis == "partners":
@@ -192,7 +201,7 @@ def with_quick(cfg: StudyConfig, given: set[str]) -> StudyConfig:
 
 def parse_ablation(value: str) -> tuple[str, str]:
     axis, _, arg = str(value).partition(":")
-    accepted = "partner:random, partner:farthest, partners:N (2 to 16), self-pairs:SHARE (0 to 1)"
+    accepted = "partner:nearest, partner:random, partner:farthest, partners:N (2 to 16), self-pairs:SHARE (0 to 1)"
     if axis == "partner" and arg in ABLATIONS["partner"]:
         return axis, arg
     if axis == "partners" and arg.isdigit() and 2 <= int(arg) <= 16:
