@@ -70,6 +70,11 @@ def test_the_tables_are_the_runs_own_numbers_paired_by_seed(study):
         e = _eval(r["folder"], where)  # the evaluation file the run folder holds
         return e["linear_top1"] if metric == "linear" else e["knn_top1_at"][metric.split("@")[1]]
 
+    def supervised(seed, metric):
+        r = next(r for r in runs if (r["kind"], r["seed"]) == ("supervised", seed))
+        e = _eval(r["folder"], "test")
+        return e["linear_top1"] if metric == "linear" else e["knn_top1_at"][metric.split("@")[1]]
+
     row = next(t for t in result["table"] if (t["eval"], t["pair_set"], t["method"], t["mode"])
                == ("test", "sampler", "simsiam", "both"))
     values = [at("simsiam", "sampler", "both", s) for s in (0, 1)]
@@ -82,11 +87,13 @@ def test_the_tables_are_the_runs_own_numbers_paired_by_seed(study):
         run_mode, control = p["comparison"].split(" - ")
         for metric in ("knn@20", "knn@5", "linear"):
             d = p[metric]
-            expected = [at(p["method"], p["pair_set"], run_mode, s, metric) -
+            expected = [(supervised(s, metric) if run_mode == "supervised" else
+                         at(p["method"], p["pair_set"], run_mode, s, metric)) -
                         at(p["method"], p["pair_set"], control, s, metric) for s in (0, 1)]
             assert d["values"] == pytest.approx(expected)
             assert d["low"] <= d["mean"] <= d["high"]
     comparisons = {(p["pair_set"], p["method"], p["comparison"]) for p in result["paired"]}
+    assert ("label", "simsiam", "supervised - augment") in comparisons  # the labels' own lead, the bound
     assert ("label", "simsiam", "both - augment") in comparisons and ("sampler", "simsiam", "both - semantic") in comparisons
     pixels = result["references"]["test"]["raw_pixels"]
     assert pixels["knn@20"] == _eval(runs[0]["folder"], "test")["pixel_knn_top1_at"]["20"]
@@ -165,7 +172,7 @@ def test_the_study_report_renders_with_its_plots(study, browser, tmp_path):  # n
     wait_for(lambda: all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 500", i)
                          for i in images))
     text = browser.find_element(By.TAG_NAME, "body").text
-    for words in ("false-neighbour rate", "both - augment", "supervised, same backbone and budget", "raw pixels",
+    for words in ("false-neighbour rate", "both - augment", "supervised - augment", "supervised, same backbone and budget", "raw pixels",
                   "partner:nearest", "Budget: matched in steps"):
         assert words in text, words
 

@@ -21,6 +21,9 @@ from .plan import EvalSet, StudyConfig
 
 #: The comparisons read from each method and pair set: the run minus its control, both on the same seed.
 COMPARISONS = (("semantic", "augment"), ("both", "augment"), ("both", "semantic"))
+#: The supervised run (same backbone, pictures and epochs) minus each pair set's ``augment``, paired by seed: the
+#: labels' own lead over the control at this budget, which bounds what any pairs can add to it.
+SUPERVISED_LEAD = "supervised - augment"
 
 
 def metric_names(cfg: StudyConfig) -> list[str]:
@@ -92,6 +95,13 @@ def summarise(cfg: StudyConfig, releases: dict[str, dict[str, Any]], runs: list[
                                        "comparison": f"{run_mode} - {control}",
                                        **{metric: difference(run_key, control_key, name, metric)
                                           for metric in metrics}})
+                supervised_key = ("supervised", None, "supervised", "labels", 0.0)
+                control_key = ("pairs", pair_set, method, "augment", 0.0)
+                if supervised_key in by and control_key in by:
+                    paired.append({"eval": name, "pair_set": pair_set, "method": method,
+                                   "comparison": SUPERVISED_LEAD,
+                                   **{metric: difference(supervised_key, control_key, name, metric)
+                                      for metric in metrics}})
         for ablation in cfg.ablations:
             chosen = [r for r in runs if r["ablation"] == ablation]
             if not chosen:
@@ -275,6 +285,10 @@ anchor), so it has the same pictures' class histogram and the same number of pai
                          f"</td><td>{e(p['comparison'])}</td>" +
                          "".join(f"<td>{_diff(p[m])} ({_above(p[m])})</td>" for m in metrics) + "</tr>")
         parts.append("</table>")
+        if any(p["comparison"] == SUPERVISED_LEAD for p in study["paired"] if p["eval"] == es.name):
+            parts.append(f"<p><code>{SUPERVISED_LEAD}</code> is the supervised run (labels, same backbone, pictures and "
+                         "epochs) against the same control: what the labels themselves add at this budget, which no "
+                         "pairs, label pairs included, can be expected to pass.</p>")
         chosen = [a for a in study["ablations"] if a["eval"] == es.name]
         if chosen:
             parts.append("<h3>Ablations (both minus its matched augment; and minus the plain both)</h3><table><tr>"
