@@ -24,6 +24,8 @@ COMPARISONS = (("semantic", "augment"), ("both", "augment"), ("both", "semantic"
 #: The supervised run (same backbone, pictures and epochs) minus each pair set's ``augment``, paired by seed: the
 #: labels' own lead over the control at this budget, which bounds what any pairs can add to it.
 SUPERVISED_LEAD = "supervised - augment"
+#: The supervised runs' key among the runs (kind, pair set, method, mode, self-pair rate).
+SUPERVISED_KEY = ("supervised", None, "supervised", "labels", 0.0)
 
 
 def metric_names(cfg: StudyConfig) -> list[str]:
@@ -76,9 +78,9 @@ def summarise(cfg: StudyConfig, releases: dict[str, dict[str, Any]], runs: list[
                                 if any_run else {}}
         refs["single"] = {m: {metric: spread(list(values(("single", None, m, "augment", 0.0), name, metric).values()))
                               for metric in metrics} for m in cfg.methods if ("single", None, m, "augment", 0.0) in by}
-        if ("supervised", None, "supervised", "labels", 0.0) in by:
-            refs["supervised"] = {metric: spread(list(values(("supervised", None, "supervised", "labels", 0.0), name,
-                                                             metric).values())) for metric in metrics}
+        if SUPERVISED_KEY in by:
+            refs["supervised"] = {metric: spread(list(values(SUPERVISED_KEY, name, metric).values()))
+                                  for metric in metrics}
         references[name] = refs
         for pair_set in (p for p in releases if p in ("sampler", "label")):
             for method in cfg.methods:
@@ -95,12 +97,11 @@ def summarise(cfg: StudyConfig, releases: dict[str, dict[str, Any]], runs: list[
                                        "comparison": f"{run_mode} - {control}",
                                        **{metric: difference(run_key, control_key, name, metric)
                                           for metric in metrics}})
-                supervised_key = ("supervised", None, "supervised", "labels", 0.0)
                 control_key = ("pairs", pair_set, method, "augment", 0.0)
-                if supervised_key in by and control_key in by:
+                if SUPERVISED_KEY in by and control_key in by:
                     paired.append({"eval": name, "pair_set": pair_set, "method": method,
                                    "comparison": SUPERVISED_LEAD,
-                                   **{metric: difference(supervised_key, control_key, name, metric)
+                                   **{metric: difference(SUPERVISED_KEY, control_key, name, metric)
                                       for metric in metrics}})
         for ablation in cfg.ablations:
             chosen = [r for r in runs if r["ablation"] == ablation]
