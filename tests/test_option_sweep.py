@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import pytest
-
-from conftest import said_lines
 import typer.main
 
 from spp_curate.cli import app
+
+from conftest import said_lines
 
 from images import write_imagefolder
 

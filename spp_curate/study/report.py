@@ -97,11 +97,11 @@ def summarise(cfg: StudyConfig, releases: dict[str, dict[str, Any]], runs: list[
                                        "comparison": f"{run_mode} - {control}",
                                        **{metric: difference(run_key, control_key, name, metric)
                                           for metric in metrics}})
-                control_key = ("pairs", pair_set, method, "augment", 0.0)
-                if SUPERVISED_KEY in by and control_key in by:
+                augment_key = ("pairs", pair_set, method, "augment", 0.0)
+                if SUPERVISED_KEY in by and augment_key in by:
                     paired.append({"eval": name, "pair_set": pair_set, "method": method,
                                    "comparison": SUPERVISED_LEAD,
-                                   **{metric: difference(SUPERVISED_KEY, control_key, name, metric)
+                                   **{metric: difference(SUPERVISED_KEY, augment_key, name, metric)
                                       for metric in metrics}})
         for ablation in cfg.ablations:
             chosen = [r for r in runs if r["ablation"] == ablation]
